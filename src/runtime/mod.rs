@@ -1,0 +1,1 @@
+//! ONNX Runtime: library discovery, environment, execution providers and session options.
