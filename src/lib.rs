@@ -3,6 +3,37 @@
 //! The library holds every concept in its own module; the two binaries
 //! (`diffusiond`, `diffusionctl`) are thin front ends over it.
 
+pub mod config;
 pub mod rng;
 pub mod runtime;
 pub mod scheduler;
+
+/// diffusiond's own version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The text `--version` prints: our version, ONNX Runtime's, and the execution
+/// providers (those the library offers, and those sessions will use).
+pub fn version_report(runtime: &runtime::Runtime) -> String {
+    let available = runtime::available_providers().unwrap_or_default();
+    let in_use: Vec<String> = runtime.providers().iter().map(|p| p.to_string()).collect();
+    format!(
+        "diffusiond {VERSION}\nONNX Runtime {} ({})\nexecution providers available: {}\nexecution providers in use: {}\n",
+        runtime.version(),
+        runtime.library().path.display(),
+        available.join(", "),
+        in_use.join(", "),
+    )
+}
+
+/// Logging setup shared by the binaries.
+pub mod logging {
+    /// Sends `tracing` output to stderr, filtered by `RUST_LOG` (default `warn`).
+    pub fn init() {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}

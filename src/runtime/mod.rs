@@ -1,1 +1,285 @@
-//! ONNX Runtime: library discovery, environment, execution providers and session options.
+//! ONNX Runtime: library discovery, environment, execution-provider choice and session options.
+//!
+//! [`Runtime::init`] finds and loads `libonnxruntime` once per process, creates the
+//! `ort` environment, and decides which execution providers to use. Every model session
+//! is then built through [`Runtime::session`], so the options live in one place.
+
+pub mod discovery;
+pub mod providers;
+pub mod settings;
+
+use std::ffi::CStr;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+
+pub use settings::{ProviderKind, RuntimeSettings, SessionSettings};
+
+use discovery::{Attempt, Candidate, Inputs};
+
+/// Errors from loading ONNX Runtime or creating sessions.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    /// No ONNX Runtime library could be loaded.
+    #[error(
+        "ONNX Runtime could not be loaded. Tried, in order:{tried}\nFix: run '{fix}' in the diffusiond source tree \
+         (installs onnxruntime==1.32.0 into runtime/), or set ORT_DYLIB_PATH to a libonnxruntime.so"
+    )]
+    NotFound {
+        /// Every place tried, with the reason it failed.
+        tried: String,
+        /// The command that fixes it.
+        fix: &'static str,
+    },
+    /// The runtime settings are invalid.
+    #[error("invalid runtime settings: {0}")]
+    InvalidSettings(String),
+    /// ONNX Runtime reported an error while setting up.
+    #[error("ONNX Runtime: {0}")]
+    Ort(#[from] ort::Error),
+    /// A session could not be created for a model file.
+    #[error("cannot load {path}: {message}")]
+    Session {
+        /// The model file.
+        path: PathBuf,
+        /// ONNX Runtime's message.
+        message: String,
+    },
+}
+
+/// The library that was loaded into this process (ONNX Runtime can be loaded only once).
+#[derive(Debug, Clone)]
+pub struct LoadedLibrary {
+    /// The file loaded.
+    pub path: PathBuf,
+    /// Which discovery step found it.
+    pub source: discovery::Source,
+    /// ONNX Runtime's version string, e.g. `1.32.0`.
+    pub version: String,
+}
+
+static LOADED: OnceLock<LoadedLibrary> = OnceLock::new();
+
+/// Finds and loads ONNX Runtime, once per process.
+pub fn load_library(settings: &RuntimeSettings) -> Result<&'static LoadedLibrary, RuntimeError> {
+    if let Some(loaded) = LOADED.get() {
+        return Ok(loaded);
+    }
+    let inputs =
+        Inputs::from_environment(settings.library_path.clone(), settings.project_dir.clone());
+    let loaded = load_first(&discovery::candidates(&inputs))?;
+    Ok(LOADED.get_or_init(|| loaded))
+}
+
+/// Tries candidates in order; stops at the first explicit one that fails.
+fn load_first(candidates: &[Candidate]) -> Result<LoadedLibrary, RuntimeError> {
+    let mut attempts = Vec::new();
+    for candidate in candidates {
+        let result = discovery::resolve(candidate).and_then(|file| {
+            ort::init_from(&file)
+                .map(|_| file)
+                .map_err(|e| e.to_string())
+        });
+        match result {
+            Ok(path) => {
+                let version = library_version(&path).unwrap_or_else(|| "unknown".into());
+                tracing::info!(path = %path.display(), source = %candidate.source, %version, "loaded ONNX Runtime");
+                return Ok(LoadedLibrary {
+                    path,
+                    source: candidate.source,
+                    version,
+                });
+            }
+            Err(reason) => {
+                tracing::debug!(path = %candidate.path.display(), %reason, "ONNX Runtime not loaded");
+                attempts.push(Attempt {
+                    candidate: candidate.clone(),
+                    reason,
+                });
+                if candidate.source.is_explicit() {
+                    break;
+                }
+            }
+        }
+    }
+    Err(RuntimeError::NotFound {
+        tried: discovery::describe_attempts(&attempts),
+        fix: discovery::FIX_COMMAND,
+    })
+}
+
+/// The loaded runtime: environment, chosen providers and session options.
+pub struct Runtime {
+    env: Environment,
+    settings: RuntimeSettings,
+    providers: Vec<ProviderKind>,
+    library: &'static LoadedLibrary,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("library", &self.library)
+            .field("providers", &self.providers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// Loads ONNX Runtime and prepares the environment and provider list.
+    pub fn init(settings: RuntimeSettings) -> Result<Runtime, RuntimeError> {
+        providers::validate(&settings).map_err(RuntimeError::InvalidSettings)?;
+        let library = load_library(&settings)?;
+        let available = available_providers()?;
+        let (chosen, skipped) = providers::plan(&settings.execution_providers, |p| {
+            available.iter().any(|a| a == p.ort_name())
+        });
+        for f in &skipped {
+            tracing::warn!(provider = %f.provider, reason = %f.reason, "execution provider unavailable, falling back");
+        }
+        let env = ort::init().with_name("diffusiond").build()?;
+        Ok(Runtime {
+            env,
+            settings,
+            providers: chosen,
+            library,
+        })
+    }
+
+    /// The execution providers sessions are created with, in order.
+    pub fn providers(&self) -> &[ProviderKind] {
+        &self.providers
+    }
+
+    /// The library file in use.
+    pub fn library(&self) -> &LoadedLibrary {
+        self.library
+    }
+
+    /// The settings this runtime was created with.
+    pub fn settings(&self) -> &RuntimeSettings {
+        &self.settings
+    }
+
+    /// ONNX Runtime's version, e.g. `1.32.0`.
+    pub fn version(&self) -> &str {
+        &self.library.version
+    }
+
+    /// A session builder with the configured options and providers applied.
+    pub fn session_builder(&self) -> Result<SessionBuilder, RuntimeError> {
+        let s = &self.settings.session;
+        let mut b = Session::builder(&self.env)?
+            .with_optimization_level(optimization_level(s))
+            .map_err(ort::Error::from)?
+            .with_memory_pattern(s.memory_pattern)
+            .map_err(ort::Error::from)?;
+        if s.intra_threads > 0 {
+            b = b
+                .with_intra_threads(s.intra_threads)
+                .map_err(ort::Error::from)?;
+        }
+        if s.inter_threads > 0 {
+            b = b
+                .with_inter_threads(s.inter_threads)
+                .map_err(ort::Error::from)?;
+        }
+        Ok(self.apply_providers(b))
+    }
+
+    /// Registers each chosen provider; one that fails to register is logged and skipped.
+    fn apply_providers(&self, mut builder: SessionBuilder) -> SessionBuilder {
+        for &kind in &self.providers {
+            let ep = providers::dispatch(kind, &self.settings);
+            builder = match builder.with_execution_providers([ep]) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(provider = %kind, error = %e, "execution provider failed to register, falling back");
+                    e.recover()
+                }
+            };
+        }
+        builder
+    }
+
+    /// Creates a session for one ONNX file.
+    pub fn session(&self, path: &Path) -> Result<Session, RuntimeError> {
+        let to_err = |message: String| RuntimeError::Session {
+            path: path.to_path_buf(),
+            message,
+        };
+        self.session_builder()?
+            .commit_from_file(path)
+            .map_err(|e| to_err(e.to_string()))
+    }
+}
+
+fn optimization_level(s: &SessionSettings) -> GraphOptimizationLevel {
+    use settings::OptimizationLevel::*;
+    match s.optimization_level {
+        Disable => GraphOptimizationLevel::Disable,
+        Basic => GraphOptimizationLevel::Level1,
+        Extended => GraphOptimizationLevel::Level2,
+        All => GraphOptimizationLevel::All,
+    }
+}
+
+/// Reads `OrtGetApiBase()->GetVersionString()` from an already loaded library.
+/// `ort` checks the version but does not expose it, so the library is opened once more
+/// (the loader returns the same handle) just to ask.
+fn library_version(path: &Path) -> Option<String> {
+    // SAFETY: the file was just loaded successfully by `ort`; opening it again only
+    // increments the loader's reference count.
+    let lib = unsafe { libloading::Library::new(path) }.ok()?;
+    // SAFETY: the symbol has this signature in every ONNX Runtime release.
+    let get_base: libloading::Symbol<unsafe extern "C" fn() -> *const ort::sys::OrtApiBase> =
+        unsafe { lib.get(b"OrtGetApiBase") }.ok()?;
+    // SAFETY: OrtGetApiBase returns a static table; GetVersionString a static C string.
+    let version = unsafe {
+        let base = get_base();
+        if base.is_null() {
+            return None;
+        }
+        CStr::from_ptr(((*base).GetVersionString)())
+    };
+    Some(version.to_string_lossy().into_owned())
+}
+
+/// The providers the loaded library offers (`GetAvailableProviders`).
+pub fn available_providers() -> Result<Vec<String>, RuntimeError> {
+    let api = ort::api();
+    let mut list: *mut *mut std::ffi::c_char = std::ptr::null_mut();
+    let mut len: std::ffi::c_int = 0;
+    // SAFETY: the API table comes from the loaded library; the function fills `list`
+    // with `len` C strings that stay valid until ReleaseAvailableProviders.
+    let status = unsafe { (api.GetAvailableProviders)(&mut list, &mut len) };
+    if !status.0.is_null() {
+        release_status(status);
+        return Err(RuntimeError::InvalidSettings(
+            "ONNX Runtime could not list its execution providers".into(),
+        ));
+    }
+    let names = (0..len.max(0) as usize)
+        .map(|i| {
+            // SAFETY: i < len, and each entry is a NUL-terminated string.
+            unsafe { CStr::from_ptr(*list.add(i)) }
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    // SAFETY: releases exactly what GetAvailableProviders returned.
+    release_status(unsafe { (api.ReleaseAvailableProviders)(list, len) });
+    Ok(names)
+}
+
+/// Frees an error status returned by the C API (a null status means success).
+fn release_status(status: ort::sys::OrtStatusPtr) {
+    if !status.0.is_null() {
+        // SAFETY: a non-null status is owned by the caller and released exactly once.
+        unsafe { (ort::api().ReleaseStatus)(status.0) };
+    }
+}

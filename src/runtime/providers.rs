@@ -1,0 +1,204 @@
+//! Execution-provider choice: the configured order, minus what this build or this
+//! ONNX Runtime library cannot do, with every fallback logged.
+
+use ort::ep::ExecutionProviderDispatch;
+
+use super::settings::{ProviderKind, RuntimeSettings};
+
+/// A provider that was asked for but will not be used, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fallback {
+    /// The provider skipped.
+    pub provider: ProviderKind,
+    /// Why, for the log.
+    pub reason: String,
+}
+
+/// Decides which of the requested providers to use, in order.
+///
+/// `library_has` says whether the loaded ONNX Runtime lists a provider. The CPU provider
+/// is always last, whether or not it was asked for, because ONNX Runtime runs any node
+/// the other providers reject on it anyway.
+pub fn plan(
+    requested: &[ProviderKind],
+    library_has: impl Fn(ProviderKind) -> bool,
+) -> (Vec<ProviderKind>, Vec<Fallback>) {
+    let mut chosen = Vec::new();
+    let mut skipped = Vec::new();
+    for &p in requested {
+        if chosen.contains(&p) {
+            continue;
+        }
+        let reason = if !p.compiled_in() {
+            Some(format!(
+                "this diffusiond was built without the '{p}' cargo feature"
+            ))
+        } else if !library_has(p) {
+            Some(format!(
+                "the loaded ONNX Runtime has no {} (install onnxruntime-gpu: scripts/setup --gpu)",
+                p.ort_name()
+            ))
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => skipped.push(Fallback {
+                provider: p,
+                reason,
+            }),
+            None => chosen.push(p),
+        }
+    }
+    if !chosen.contains(&ProviderKind::Cpu) {
+        chosen.push(ProviderKind::Cpu);
+    }
+    (chosen, skipped)
+}
+
+/// Builds the `ort` dispatch for one provider from the settings.
+pub fn dispatch(kind: ProviderKind, settings: &RuntimeSettings) -> ExecutionProviderDispatch {
+    match kind {
+        ProviderKind::Cpu => ort::ep::CPU::default()
+            .with_arena_allocator(settings.session.cpu_arena)
+            .build(),
+        #[cfg(feature = "cuda")]
+        ProviderKind::Cuda => cuda(settings),
+        #[cfg(feature = "tensorrt")]
+        ProviderKind::Tensorrt => tensorrt(settings),
+        // `plan` never chooses a provider that is not compiled in.
+        #[allow(unreachable_patterns)]
+        _ => ort::ep::CPU::default().build(),
+    }
+    .error_on_failure()
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(settings: &RuntimeSettings) -> ExecutionProviderDispatch {
+    use ort::ep::{ArenaExtendStrategy, cuda::ConvAlgorithmSearch};
+    let c = &settings.cuda;
+    let mut ep = ort::ep::CUDA::default()
+        .with_device_id(c.device_id)
+        .with_arena_extend_strategy(match c.arena_extend_strategy.as_str() {
+            "same_as_requested" => ArenaExtendStrategy::SameAsRequested,
+            _ => ArenaExtendStrategy::NextPowerOfTwo,
+        })
+        .with_conv_algorithm_search(match c.conv_algorithm_search.as_str() {
+            "heuristic" => ConvAlgorithmSearch::Heuristic,
+            "default" => ConvAlgorithmSearch::Default,
+            _ => ConvAlgorithmSearch::Exhaustive,
+        });
+    if c.memory_limit > 0 {
+        ep = ep.with_memory_limit(c.memory_limit);
+    }
+    ep.build()
+}
+
+#[cfg(feature = "tensorrt")]
+fn tensorrt(settings: &RuntimeSettings) -> ExecutionProviderDispatch {
+    let t = &settings.tensorrt;
+    let mut ep = ort::ep::TensorRT::default()
+        .with_device_id(t.device_id)
+        .with_fp16(t.fp16)
+        .with_builder_optimization_level(t.builder_optimization_level);
+    if let Some(dir) = &t.engine_cache_dir {
+        ep = ep
+            .with_engine_cache(true)
+            .with_engine_cache_path(dir.display());
+    }
+    if let Some(dir) = &t.timing_cache_dir {
+        ep = ep
+            .with_timing_cache(true)
+            .with_timing_cache_path(dir.display());
+    }
+    ep.build()
+}
+
+/// Checks the settings' free-form provider options, so a typo stops startup.
+pub fn validate(settings: &RuntimeSettings) -> Result<(), String> {
+    let c = &settings.cuda;
+    if !["next_power_of_two", "same_as_requested"].contains(&c.arena_extend_strategy.as_str()) {
+        return Err(format!(
+            "runtime.cuda.arena_extend_strategy: '{}' is not next_power_of_two or same_as_requested",
+            c.arena_extend_strategy
+        ));
+    }
+    if !["exhaustive", "heuristic", "default"].contains(&c.conv_algorithm_search.as_str()) {
+        return Err(format!(
+            "runtime.cuda.conv_algorithm_search: '{}' is not exhaustive, heuristic or default",
+            c.conv_algorithm_search
+        ));
+    }
+    if settings.tensorrt.builder_optimization_level > 5 {
+        return Err(format!(
+            "runtime.tensorrt.builder_optimization_level: {} is above 5",
+            settings.tensorrt.builder_optimization_level
+        ));
+    }
+    if settings.execution_providers.is_empty() {
+        return Err("runtime.execution_providers: the list is empty (use [\"cpu\"])".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ProviderKind::*;
+
+    #[test]
+    fn cpu_only_is_kept() {
+        let (chosen, skipped) = plan(&[Cpu], |_| true);
+        assert_eq!(chosen, vec![Cpu]);
+        assert!(skipped.is_empty());
+    }
+
+    #[test]
+    fn unavailable_gpu_providers_fall_back_to_cpu_in_order() {
+        let (chosen, skipped) = plan(&[Tensorrt, Cuda, Cpu], |p| p == Cpu);
+        assert_eq!(chosen, vec![Cpu]);
+        assert_eq!(
+            skipped.iter().map(|f| f.provider).collect::<Vec<_>>(),
+            vec![Tensorrt, Cuda]
+        );
+    }
+
+    #[test]
+    fn cpu_is_appended_when_not_requested() {
+        let (chosen, _) = plan(&[Cuda], |_| true);
+        assert_eq!(*chosen.last().unwrap(), Cpu);
+    }
+
+    #[test]
+    fn duplicates_are_ignored() {
+        let (chosen, skipped) = plan(&[Cpu, Cpu], |_| true);
+        assert_eq!(chosen, vec![Cpu]);
+        assert!(skipped.is_empty());
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn compiled_and_listed_provider_is_chosen_first() {
+        let (chosen, skipped) = plan(&[Tensorrt, Cuda, Cpu], |p| p != Tensorrt);
+        assert_eq!(chosen, vec![Cuda, Cpu]);
+        assert_eq!(skipped[0].provider, Tensorrt);
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn provider_missing_from_build_names_the_feature() {
+        let (_, skipped) = plan(&[Cuda], |_| true);
+        assert!(skipped[0].reason.contains("'cuda' cargo feature"));
+    }
+
+    #[test]
+    fn bad_options_name_the_key() {
+        let mut s = RuntimeSettings::default();
+        s.cuda.conv_algorithm_search = "fastest".into();
+        assert!(
+            validate(&s)
+                .unwrap_err()
+                .starts_with("runtime.cuda.conv_algorithm_search")
+        );
+        assert!(validate(&RuntimeSettings::default()).is_ok());
+    }
+}
