@@ -7,6 +7,7 @@ pub mod config;
 pub mod rng;
 pub mod runtime;
 pub mod scheduler;
+pub mod tokenizer;
 
 /// diffusiond's own version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,234 @@
+//! The CLIP tokenizer, on the `tokenizers` crate.
+//!
+//! A model folder's `tokenizer/` holds either `tokenizer.json` (fast tokenizer) or only
+//! the slow tokenizer's `vocab.json` + `merges.txt`, as real Stable Diffusion exports do.
+//! In the second case the fast tokenizer is assembled from them with the same
+//! normalizer, pre-tokenizer and post-processor that transformers' converter writes, so
+//! ids equal `CLIPTokenizerFast`'s. Prompts are padded and truncated to
+//! `model_max_length` (77) as `tokenizer_config.json` says.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tokenizers::{
+    PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection,
+    TruncationParams, TruncationStrategy,
+};
+
+/// Errors from loading a tokenizer or encoding a prompt.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenizerError {
+    /// A tokenizer file is missing or unreadable.
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The tokenizer library rejected the files or the text.
+    #[error("tokenizer: {0}")]
+    Tokenizers(String),
+}
+
+/// The parts of `tokenizer_config.json` that decide padding and length.
+#[derive(Debug, Deserialize)]
+struct TokenizerConfig {
+    #[serde(default = "default_max_length")]
+    model_max_length: f64,
+    #[serde(default)]
+    pad_token: Option<TokenSpec>,
+}
+
+/// transformers writes special tokens either as a string or as an object.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TokenSpec {
+    Plain(String),
+    Object { content: String },
+}
+
+impl TokenSpec {
+    fn content(&self) -> &str {
+        match self {
+            TokenSpec::Plain(s) => s,
+            TokenSpec::Object { content } => content,
+        }
+    }
+}
+
+fn default_max_length() -> f64 {
+    77.0
+}
+
+/// A CLIP tokenizer that pads and truncates every prompt to a fixed length.
+#[derive(Clone)]
+pub struct ClipTokenizer {
+    inner: Tokenizer,
+    max_length: usize,
+}
+
+impl std::fmt::Debug for ClipTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClipTokenizer")
+            .field("max_length", &self.max_length)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClipTokenizer {
+    /// Loads the tokenizer from a `tokenizer/` folder.
+    pub fn from_dir(dir: &Path) -> Result<ClipTokenizer, TokenizerError> {
+        let config = read_config(dir)?;
+        let json = dir.join("tokenizer.json");
+        let mut inner = if json.is_file() {
+            Tokenizer::from_file(&json).map_err(|e| TokenizerError::File {
+                path: json.clone(),
+                message: e.to_string(),
+            })?
+        } else {
+            from_vocab_and_merges(dir)?
+        };
+        // A huge model_max_length means "no limit" in transformers; CLIP always uses 77.
+        let max_length = if config.model_max_length > 0.0 && config.model_max_length < 1e6 {
+            config.model_max_length as usize
+        } else {
+            77
+        };
+        let pad_token = config
+            .pad_token
+            .as_ref()
+            .map(|t| t.content().to_string())
+            .unwrap_or_else(|| "<|endoftext|>".to_string());
+        let pad_id = inner
+            .token_to_id(&pad_token)
+            .ok_or_else(|| TokenizerError::File {
+                path: dir.join("tokenizer_config.json"),
+                message: format!("pad token '{pad_token}' is not in the vocabulary"),
+            })?;
+        inner.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::Fixed(max_length),
+            direction: PaddingDirection::Right,
+            pad_to_multiple_of: None,
+            pad_id,
+            pad_type_id: 0,
+            pad_token,
+        }));
+        inner
+            .with_truncation(Some(TruncationParams {
+                direction: TruncationDirection::Right,
+                max_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+            }))
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+        Ok(ClipTokenizer { inner, max_length })
+    }
+
+    /// The fixed sequence length (77 for CLIP).
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// Token ids of one prompt: start token, text, end token, padding; `max_length` long.
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>, TokenizerError> {
+        let encoding = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+        Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
+    }
+
+    /// How many tokens the prompt has before truncation (start and end tokens included),
+    /// so a caller can warn that a prompt was cut.
+    pub fn untruncated_len(&self, text: &str) -> Result<usize, TokenizerError> {
+        let mut plain = self.inner.clone();
+        plain.with_padding(None);
+        plain
+            .with_truncation(None)
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+        plain
+            .encode(text, true)
+            .map(|e| e.len())
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))
+    }
+}
+
+fn read_config(dir: &Path) -> Result<TokenizerConfig, TokenizerError> {
+    let path = dir.join("tokenizer_config.json");
+    if !path.is_file() {
+        return Ok(TokenizerConfig {
+            model_max_length: default_max_length(),
+            pad_token: None,
+        });
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| TokenizerError::File {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| TokenizerError::File {
+        path,
+        message: e.to_string(),
+    })
+}
+
+/// Assembles the fast tokenizer from `vocab.json` + `merges.txt`, with the same
+/// pipeline transformers' `CLIPConverter` produces. Written as the tokenizer.json
+/// document and parsed by `tokenizers`, so every component is the library's own.
+fn from_vocab_and_merges(dir: &Path) -> Result<Tokenizer, TokenizerError> {
+    let vocab_path = dir.join("vocab.json");
+    let merges_path = dir.join("merges.txt");
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).map_err(|e| TokenizerError::File {
+            path: p.to_path_buf(),
+            message: format!("{e} (a tokenizer folder needs tokenizer.json or vocab.json + merges.txt)"),
+        })
+    };
+    let vocab: serde_json::Value =
+        serde_json::from_str(&read(&vocab_path)?).map_err(|e| TokenizerError::File {
+            path: vocab_path.clone(),
+            message: e.to_string(),
+        })?;
+    let merges_text = read(&merges_path)?;
+    let merges: Vec<&str> = merges_text
+        .lines()
+        .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+        .collect();
+    let id = |token: &str| vocab.get(token).and_then(serde_json::Value::as_u64);
+    let (Some(bos), Some(eos)) = (id("<|startoftext|>"), id("<|endoftext|>")) else {
+        return Err(TokenizerError::File {
+            path: vocab_path,
+            message: "the CLIP start/end tokens are missing".into(),
+        });
+    };
+    let special = |id: u64, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": true, "special": true})
+    };
+    let document = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special(bos, "<|startoftext|>"), special(eos, "<|endoftext|>")],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Lowercase"}]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex":
+                "'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+"},
+             "behavior": "Removed", "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]},
+        "post_processor": {"type": "RobertaProcessing", "sep": ["<|endoftext|>", eos],
+            "cls": ["<|startoftext|>", bos], "trim_offsets": false, "add_prefix_space": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<|endoftext|>",
+            "continuing_subword_prefix": "", "end_of_word_suffix": "</w>", "fuse_unk": false,
+            "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges},
+    });
+    document
+        .to_string()
+        .parse::<Tokenizer>()
+        .map_err(|e| TokenizerError::Tokenizers(e.to_string()))
+}

@@ -1,0 +1,80 @@
+//! CLIP tokenizer parity with transformers' `CLIPTokenizerFast`, on the corpus in
+//! tests/golden/tokenizer/cases.json (unicode, punctuation, empty and over-long prompts),
+//! both from `tokenizer.json` and rebuilt from `vocab.json` + `merges.txt` alone.
+
+use std::path::{Path, PathBuf};
+
+use diffusiond::tokenizer::ClipTokenizer;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Golden {
+    tokenizer_dir: String,
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    id: usize,
+    text: String,
+    input_ids: Vec<i64>,
+}
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn golden() -> Golden {
+    let text = std::fs::read_to_string(root().join("tests/golden/tokenizer/cases.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn check_all(tokenizer: &ClipTokenizer, golden: &Golden) {
+    assert!(golden.cases.len() >= 30);
+    for case in &golden.cases {
+        let ids = tokenizer.encode(&case.text).unwrap();
+        assert_eq!(ids, case.input_ids, "case {} {:?}", case.id, case.text);
+    }
+}
+
+#[test]
+fn fast_tokenizer_json_matches_clip_tokenizer_fast() {
+    let g = golden();
+    let tok = ClipTokenizer::from_dir(&root().join(&g.tokenizer_dir)).unwrap();
+    assert_eq!(tok.max_length(), 77);
+    check_all(&tok, &g);
+}
+
+#[test]
+fn vocab_and_merges_alone_match_clip_tokenizer_fast() {
+    let g = golden();
+    let src: PathBuf = root().join(&g.tokenizer_dir);
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let tok = ClipTokenizer::from_dir(dir.path()).unwrap();
+    check_all(&tok, &g);
+}
+
+#[test]
+fn over_long_prompt_is_cut_to_77_with_end_token() {
+    let g = golden();
+    let tok = ClipTokenizer::from_dir(&root().join(&g.tokenizer_dir)).unwrap();
+    let long = "a photo of a cat ".repeat(40);
+    let ids = tok.encode(&long).unwrap();
+    assert_eq!(ids.len(), 77);
+    assert_eq!(ids[0], 49406);
+    assert_eq!(ids[76], 49407);
+    assert!(tok.untruncated_len(&long).unwrap() > 77);
+}
+
+#[test]
+fn missing_files_are_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = ClipTokenizer::from_dir(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("vocab.json"), "{err}");
+    std::fs::write(dir.path().join("tokenizer.json"), "{not json").unwrap();
+    let err = ClipTokenizer::from_dir(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("tokenizer.json"), "{err}");
+}
