@@ -271,8 +271,15 @@ def save_torch_pipeline(name: str, spec: dict, stage: Path, tok_cache: Path) -> 
     pipe.save_pretrained(str(stage), safe_serialization=True)
 
 
+def all_specs() -> dict:
+    """Committed fixtures plus the benchmark-scale pipelines of build_bench_models.py."""
+    from build_bench_models import BENCH
+
+    return {**PIPELINES, **BENCH}
+
+
 def build_pipeline(name: str, out_root: Path, tok_cache: Path, work: Path) -> None:
-    spec = PIPELINES[name]
+    spec = all_specs()[name]
     stage = work / "stage" / name
     export = work / "export" / name
     for d in (stage, export):
@@ -314,7 +321,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     if args.save_torch:
-        save_torch_pipeline(args.save_torch, PIPELINES[args.save_torch], args.stage, args.tok_cache)
+        save_torch_pipeline(args.save_torch, all_specs()[args.save_torch], args.stage, args.tok_cache)
         return
 
     only = [s for s in args.only.split(",") if s]

@@ -404,6 +404,8 @@ TOKENIZER_CORPUS = [
     " ".join(str(i) for i in range(60)),
     "Crème brûlée, café & naïve façade — 東京の夜景 🌃!!",
     "  A  red\tcube;   on (a) blue sphere... [highly detailed], 8K, f/1.8 ",
+    "blurry, low quality",
+    "ugly, deformed, watermark 👎",
 ]
 
 
