@@ -4,6 +4,9 @@
 //! (`diffusiond`, `diffusionctl`) are thin front ends over it.
 
 pub mod config;
+pub mod local;
+pub mod model;
+pub mod pipeline;
 pub mod rng;
 pub mod runtime;
 pub mod scheduler;

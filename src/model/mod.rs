@@ -1,0 +1,232 @@
+//! Model bundles in the Hugging Face Optimum export layout.
+//!
+//! ```text
+//! model_index.json
+//! scheduler/scheduler_config.json
+//! tokenizer/            (tokenizer_2/ for SDXL)
+//! text_encoder/model.onnx   (text_encoder_2/ for SDXL)
+//! unet/model.onnx (+ model.onnx_data)
+//! vae_decoder/model.onnx, vae_decoder/config.json
+//! ```
+//!
+//! [`ModelBundle::open`] reads and checks the JSON files; [`signature`] checks each
+//! session's inputs and outputs once it is loaded. Every error names the file.
+
+pub mod signature;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::scheduler::{self, SchedulerConfig};
+
+/// Errors from reading a model folder or checking its graphs.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// The folder does not exist.
+    #[error("model folder {0} does not exist")]
+    MissingFolder(PathBuf),
+    /// A required file is missing.
+    #[error("{0}: file is missing")]
+    MissingFile(PathBuf),
+    /// A file exists but cannot be read or parsed.
+    #[error("{path}: {message}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A graph's inputs or outputs are not what the pipeline needs.
+    #[error("{path}: {message}")]
+    Signature {
+        /// The ONNX file.
+        path: PathBuf,
+        /// The mismatch.
+        message: String,
+    },
+    /// The pipeline class is not one diffusiond runs.
+    #[error(
+        "{path}: pipeline class '{class}' is not supported (StableDiffusionPipeline, StableDiffusionXLPipeline)"
+    )]
+    UnsupportedPipeline {
+        /// model_index.json.
+        path: PathBuf,
+        /// The `_class_name`.
+        class: String,
+    },
+}
+
+/// Which family of pipeline a bundle is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipelineKind {
+    /// SD 1.x / 2.x: one CLIP text encoder.
+    StableDiffusion,
+    /// SDXL: two text encoders, pooled embeddings and micro-conditioning.
+    StableDiffusionXl,
+}
+
+#[derive(Debug, Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    class_name: String,
+    #[serde(default)]
+    scheduler: Option<(Option<String>, Option<String>)>,
+    #[serde(default)]
+    force_zeros_for_empty_prompt: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct VaeConfig {
+    #[serde(default = "default_scaling")]
+    scaling_factor: f64,
+    #[serde(default)]
+    shift_factor: Option<f64>,
+    #[serde(default)]
+    block_out_channels: Option<Vec<u32>>,
+}
+
+fn default_scaling() -> f64 {
+    0.18215
+}
+
+/// An opened, checked model folder.
+#[derive(Debug, Clone)]
+pub struct ModelBundle {
+    /// The folder.
+    pub dir: PathBuf,
+    /// Its pipeline family.
+    pub kind: PipelineKind,
+    /// The scheduler config the folder ships.
+    pub scheduler_config: SchedulerConfig,
+    /// The diffusiond name of the folder's own scheduler (the default), if it is one we know.
+    pub default_scheduler: Option<&'static str>,
+    /// `vae.config.scaling_factor` (0.18215 for SD1.x, 0.13025 for SDXL).
+    pub vae_scaling_factor: f64,
+    /// `vae.config.shift_factor`, when the VAE has one.
+    pub vae_shift_factor: Option<f64>,
+    /// Pixels per latent cell: 2^(number of VAE blocks − 1), 8 for every SD model.
+    pub vae_scale_factor: usize,
+    /// SDXL: use zero embeddings for an empty negative prompt.
+    pub force_zeros_for_empty_prompt: bool,
+    /// The default image size: `unet.config.sample_size × vae_scale_factor`, as diffusers.
+    pub default_size: usize,
+}
+
+#[derive(Debug, Deserialize)]
+struct UnetConfig {
+    #[serde(default)]
+    sample_size: Option<usize>,
+}
+
+impl ModelBundle {
+    /// Reads `model_index.json`, the scheduler and VAE configs, and checks that the
+    /// component folders exist.
+    pub fn open(dir: &Path) -> Result<ModelBundle, ModelError> {
+        if !dir.is_dir() {
+            return Err(ModelError::MissingFolder(dir.to_path_buf()));
+        }
+        let index_path = dir.join("model_index.json");
+        let index: ModelIndex = read_json(&index_path)?;
+        let kind = match index.class_name.as_str() {
+            "StableDiffusionXLPipeline" | "ORTStableDiffusionXLPipeline" => {
+                PipelineKind::StableDiffusionXl
+            }
+            c if c.starts_with("StableDiffusion")
+                || c.starts_with("ORTStableDiffusion")
+                || c.starts_with("OnnxStableDiffusion") =>
+            {
+                PipelineKind::StableDiffusion
+            }
+            other => {
+                return Err(ModelError::UnsupportedPipeline {
+                    path: index_path,
+                    class: other.to_string(),
+                });
+            }
+        };
+        let sched_path = dir.join("scheduler/scheduler_config.json");
+        let scheduler_config =
+            SchedulerConfig::from_file(&sched_path).map_err(|e| ModelError::Malformed {
+                path: sched_path.clone(),
+                message: e.to_string(),
+            })?;
+        let default_scheduler = index
+            .scheduler
+            .and_then(|(_, class)| class)
+            .and_then(|class| scheduler::name_for_class(&class));
+        let vae: VaeConfig = read_json(&dir.join("vae_decoder/config.json"))?;
+        let unet_config = dir.join("unet/config.json");
+        let unet: UnetConfig = if unet_config.is_file() {
+            read_json(&unet_config)?
+        } else {
+            UnetConfig { sample_size: None }
+        };
+        let vae_scale_factor = vae
+            .block_out_channels
+            .map_or(8, |b| 1 << b.len().saturating_sub(1));
+        let bundle = ModelBundle {
+            dir: dir.to_path_buf(),
+            kind,
+            scheduler_config,
+            default_scheduler,
+            vae_scaling_factor: vae.scaling_factor,
+            vae_shift_factor: vae.shift_factor,
+            vae_scale_factor,
+            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
+            default_size: unet.sample_size.unwrap_or(64) * vae_scale_factor,
+        };
+        for f in bundle.required_files() {
+            if !f.is_file() {
+                return Err(ModelError::MissingFile(f));
+            }
+        }
+        Ok(bundle)
+    }
+
+    /// The ONNX file of a component folder (`unet`, `text_encoder`, ...).
+    pub fn onnx(&self, component: &str) -> PathBuf {
+        self.dir.join(component).join("model.onnx")
+    }
+
+    /// The tokenizer folders, in text-encoder order.
+    pub fn tokenizer_dirs(&self) -> Vec<PathBuf> {
+        match self.kind {
+            PipelineKind::StableDiffusion => vec![self.dir.join("tokenizer")],
+            PipelineKind::StableDiffusionXl => {
+                vec![self.dir.join("tokenizer"), self.dir.join("tokenizer_2")]
+            }
+        }
+    }
+
+    /// The text-encoder components, in order.
+    pub fn text_encoders(&self) -> &'static [&'static str] {
+        match self.kind {
+            PipelineKind::StableDiffusion => &["text_encoder"],
+            PipelineKind::StableDiffusionXl => &["text_encoder", "text_encoder_2"],
+        }
+    }
+
+    fn required_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = self.text_encoders().iter().map(|c| self.onnx(c)).collect();
+        files.push(self.onnx("unet"));
+        files.push(self.onnx("vae_decoder"));
+        files
+    }
+}
+
+/// Reads and parses a JSON file, naming it in every error.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => ModelError::MissingFile(path.to_path_buf()),
+        _ => ModelError::Malformed {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        },
+    })?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Malformed {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}

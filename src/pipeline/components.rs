@@ -1,0 +1,305 @@
+//! The pipeline's ONNX components: each wraps a session whose signature was checked at
+//! load time, and converts between diffusiond's f32 arrays and what the graph declares.
+
+use std::path::{Path, PathBuf};
+
+use half::f16;
+use ndarray::{Array2, Array3, ArrayD, ArrayViewD, Axis, Ix3};
+use ort::session::{Session, SessionInputValue};
+use ort::value::{Tensor, TensorRef};
+
+use super::PipelineError;
+use crate::model::signature::{self, Elem, FLOATS, IDS, Side, Spec, TIMESTEP};
+use crate::runtime::Runtime;
+
+fn ort_err(path: &Path) -> impl Fn(ort::Error) -> PipelineError + '_ {
+    move |e| PipelineError::Inference {
+        component: component_name(path),
+        message: e.to_string(),
+    }
+}
+
+fn component_name(path: &Path) -> String {
+    path.parent().and_then(|p| p.file_name()).map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+/// Wraps an f32 view as a session input of the declared float type (no copy for f32).
+fn float_input<'v>(
+    view: ArrayViewD<'v, f32>,
+    elem: Elem,
+) -> Result<SessionInputValue<'v>, ort::Error> {
+    Ok(match elem {
+        Elem::F16 => Tensor::from_array(view.mapv(f16::from_f32))?.into(),
+        _ => TensorRef::from_array_view(view)?.into(),
+    })
+}
+
+/// Reads a float output as f32, whatever float type the graph produced.
+fn float_output(value: &ort::value::DynValue, elem: Elem) -> Result<ArrayD<f32>, ort::Error> {
+    Ok(match elem {
+        Elem::F16 => value.try_extract_array::<f16>()?.mapv(f16::to_f32),
+        _ => value.try_extract_array::<f32>()?.to_owned(),
+    })
+}
+
+/// A CLIP text encoder.
+pub struct TextEncoder {
+    session: Session,
+    path: PathBuf,
+    ids: Spec,
+    /// Output names this pipeline reads, with their types.
+    hidden: (String, Spec),
+    pooled: Option<(String, Spec)>,
+}
+
+impl TextEncoder {
+    /// Loads the encoder. `hidden` picks the embeddings to use: `last_hidden_state`
+    /// (SD1/2) or the second-to-last `hidden_states.N` (SDXL); `pooled` names the
+    /// pooled output SDXL's second encoder supplies (`text_embeds`).
+    pub fn load(
+        runtime: &Runtime,
+        path: &Path,
+        penultimate: bool,
+        pooled: Option<&str>,
+    ) -> Result<TextEncoder, PipelineError> {
+        let session = runtime.session(path)?;
+        let ids = signature::require(&session, path, Side::Input, "input_ids", IDS, &[2])?;
+        let hidden_name = if penultimate {
+            penultimate_hidden_state(&session, path)?
+        } else {
+            "last_hidden_state".to_string()
+        };
+        let hidden = signature::require(&session, path, Side::Output, &hidden_name, FLOATS, &[3])?;
+        let pooled = match pooled {
+            Some(name) => Some((
+                name.to_string(),
+                signature::require(&session, path, Side::Output, name, FLOATS, &[2])?,
+            )),
+            None => None,
+        };
+        Ok(TextEncoder {
+            session,
+            path: path.to_path_buf(),
+            ids,
+            hidden: (hidden_name, hidden),
+            pooled,
+        })
+    }
+
+    /// Encodes one batch of token ids: `[B, 77]` → (`[B, 77, D]`, pooled `[B, P]`).
+    pub fn encode(
+        &mut self,
+        ids: &[Vec<i64>],
+    ) -> Result<(Array3<f32>, Option<Array2<f32>>), PipelineError> {
+        let err = ort_err(&self.path);
+        let len = ids.first().map_or(0, Vec::len);
+        let flat: Vec<i64> = ids.iter().flatten().copied().collect();
+        let shape = [ids.len(), len];
+        let input: SessionInputValue = match self.ids.elem {
+            Elem::I32 => {
+                Tensor::from_array((shape, flat.iter().map(|&v| v as i32).collect::<Vec<_>>()))
+                    .map_err(&err)?
+                    .into()
+            }
+            _ => Tensor::from_array((shape, flat)).map_err(&err)?.into(),
+        };
+        let outputs = self
+            .session
+            .run(ort::inputs!["input_ids" => input])
+            .map_err(&err)?;
+        let hidden = float_output(&outputs[self.hidden.0.as_str()], self.hidden.1.elem)
+            .map_err(&err)?
+            .into_dimensionality::<Ix3>()
+            .map_err(|e| PipelineError::Inference {
+                component: component_name(&self.path),
+                message: e.to_string(),
+            })?;
+        let pooled = match &self.pooled {
+            Some((name, spec)) => Some(
+                float_output(&outputs[name.as_str()], spec.elem)
+                    .map_err(&err)?
+                    .into_dimensionality()
+                    .map_err(|e| PipelineError::Inference {
+                        component: component_name(&self.path),
+                        message: e.to_string(),
+                    })?,
+            ),
+            None => None,
+        };
+        Ok((hidden, pooled))
+    }
+}
+
+/// SDXL takes `hidden_states[-2]`: the second-highest `hidden_states.N` output.
+fn penultimate_hidden_state(session: &Session, path: &Path) -> Result<String, PipelineError> {
+    let mut layers: Vec<usize> = session
+        .outputs()
+        .iter()
+        .filter_map(|o| o.name().strip_prefix("hidden_states.")?.parse().ok())
+        .collect();
+    layers.sort_unstable();
+    match layers.len() {
+        0 | 1 => Err(crate::model::ModelError::Signature {
+            path: path.to_path_buf(),
+            message: format!(
+                "SDXL text encoders must output hidden_states.N (it has: {})",
+                signature::names(session, Side::Output)
+            ),
+        }
+        .into()),
+        n => Ok(format!("hidden_states.{}", layers[n - 2])),
+    }
+}
+
+/// Extra UNet inputs SDXL needs.
+pub struct AddedCond<'a> {
+    /// Pooled text embeddings `[B, P]`.
+    pub text_embeds: ArrayViewD<'a, f32>,
+    /// Micro-conditioning `[B, 6]`.
+    pub time_ids: ArrayViewD<'a, f32>,
+}
+
+/// The UNet.
+pub struct Unet {
+    session: Session,
+    path: PathBuf,
+    sample: Spec,
+    timestep: Spec,
+    /// Declared length of a rank-1 timestep (1 when fixed at 1, else the batch).
+    timestep_fixed_one: bool,
+    hidden: Spec,
+    added: Option<(Spec, Spec)>,
+    out: Spec,
+}
+
+impl Unet {
+    /// Loads the UNet and checks its signature; `sdxl` requires `text_embeds` and `time_ids`.
+    pub fn load(runtime: &Runtime, path: &Path, sdxl: bool) -> Result<Unet, PipelineError> {
+        let session = runtime.session(path)?;
+        let req = |side, name: &str, elems, ranks: &[usize]| {
+            signature::require(&session, path, side, name, elems, ranks)
+        };
+        let sample = req(Side::Input, "sample", FLOATS, &[4])?;
+        let timestep = req(Side::Input, "timestep", TIMESTEP, &[0, 1])?;
+        let hidden = req(Side::Input, "encoder_hidden_states", FLOATS, &[3])?;
+        let added = if sdxl {
+            Some((
+                req(Side::Input, "text_embeds", FLOATS, &[2])?,
+                req(Side::Input, "time_ids", FLOATS, &[2])?,
+            ))
+        } else {
+            None
+        };
+        let out = req(Side::Output, "out_sample", FLOATS, &[4])?;
+        if signature::find(&session, Side::Input, "timestep_cond").is_some() {
+            return Err(crate::model::ModelError::Signature {
+                path: path.to_path_buf(),
+                message: "UNets with a 'timestep_cond' input (LCM-distilled) are not supported yet"
+                    .into(),
+            }
+            .into());
+        }
+        let timestep_fixed_one = session
+            .inputs()
+            .iter()
+            .find(|o| o.name() == "timestep")
+            .and_then(|o| o.dtype().tensor_shape().map(|s| s.first() == Some(&1)))
+            .unwrap_or(false);
+        Ok(Unet {
+            session,
+            path: path.to_path_buf(),
+            sample,
+            timestep,
+            timestep_fixed_one,
+            hidden,
+            added,
+            out,
+        })
+    }
+
+    /// One UNet evaluation: returns `out_sample` with the shape of `sample`.
+    pub fn run(
+        &mut self,
+        sample: ArrayViewD<'_, f32>,
+        timestep: f64,
+        hidden: ArrayViewD<'_, f32>,
+        added: Option<&AddedCond<'_>>,
+    ) -> Result<ArrayD<f32>, PipelineError> {
+        let err = ort_err(&self.path);
+        let batch = sample.len_of(Axis(0));
+        let mut inputs = ort::inputs![
+            "sample" => float_input(sample, self.sample.elem).map_err(&err)?,
+            "timestep" => self.timestep_value(timestep, batch).map_err(&err)?,
+            "encoder_hidden_states" => float_input(hidden, self.hidden.elem).map_err(&err)?,
+        ];
+        if let (Some(a), Some((te, ti))) = (added, self.added) {
+            inputs.push((
+                "text_embeds".into(),
+                float_input(a.text_embeds.view(), te.elem).map_err(&err)?,
+            ));
+            inputs.push((
+                "time_ids".into(),
+                float_input(a.time_ids.view(), ti.elem).map_err(&err)?,
+            ));
+        }
+        let outputs = self.session.run(inputs).map_err(&err)?;
+        float_output(&outputs["out_sample"], self.out.elem).map_err(&err)
+    }
+
+    /// The timestep as the graph declares it. diffusers hands the scheduler's value to
+    /// Optimum, which casts it to the input's type (`astype`): float → f32, int → i64.
+    fn timestep_value(
+        &self,
+        t: f64,
+        batch: usize,
+    ) -> Result<SessionInputValue<'static>, ort::Error> {
+        let shape: Vec<usize> = match (self.timestep.rank, self.timestep_fixed_one) {
+            (0, _) => vec![],
+            (_, true) => vec![1],
+            _ => vec![batch],
+        };
+        let n = shape.iter().product::<usize>().max(1);
+        Ok(match self.timestep.elem {
+            Elem::I64 => Tensor::from_array((shape, vec![t as i64; n]))?.into(),
+            Elem::F16 => Tensor::from_array((shape, vec![f16::from_f32(t as f32); n]))?.into(),
+            _ => Tensor::from_array((shape, vec![t as f32; n]))?.into(),
+        })
+    }
+}
+
+/// The VAE decoder.
+pub struct VaeDecoder {
+    session: Session,
+    path: PathBuf,
+    input: Spec,
+    output: Spec,
+}
+
+impl VaeDecoder {
+    /// Loads the decoder and checks `latent_sample` → `sample`.
+    pub fn load(runtime: &Runtime, path: &Path) -> Result<VaeDecoder, PipelineError> {
+        let session = runtime.session(path)?;
+        let input = signature::require(&session, path, Side::Input, "latent_sample", FLOATS, &[4])?;
+        let output = signature::require(&session, path, Side::Output, "sample", FLOATS, &[4])?;
+        Ok(VaeDecoder {
+            session,
+            path: path.to_path_buf(),
+            input,
+            output,
+        })
+    }
+
+    /// Decodes scaled latents `[B,4,h,w]` into images `[B,3,H,W]` in [-1, 1].
+    pub fn decode(&mut self, latents: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>, PipelineError> {
+        let err = ort_err(&self.path);
+        let input = float_input(latents, self.input.elem).map_err(&err)?;
+        let outputs = self
+            .session
+            .run(ort::inputs!["latent_sample" => input])
+            .map_err(&err)?;
+        float_output(&outputs["sample"], self.output.elem).map_err(&err)
+    }
+}

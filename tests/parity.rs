@@ -1,0 +1,226 @@
+//! Pixel parity with the Python reference: every case in tests/golden/pipelines/manifest.json
+//! (written by onnx/make_references.py with Optimum's ORTDiffusionPipeline) is generated
+//! in-process from its seed (torch or numpy mode, no given latents) and compared:
+//! float images within 1e-3, PNG bytes within 1 level on ≥ 99.9% of values and never
+//! more than 2 apart, and the initial latents within 1e-6.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use diffusiond::pipeline::{GenerateParams, Pipeline};
+use diffusiond::rng::{self, RngKind};
+use diffusiond::runtime::{Runtime, RuntimeSettings};
+use diffusiond::scheduler;
+use ndarray::{Array3, ArrayD};
+use ndarray_npy::read_npy;
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize, Clone)]
+struct Case {
+    id: String,
+    model: String,
+    prompt: String,
+    negative_prompt: Option<String>,
+    scheduler: String,
+    steps: usize,
+    guidance_scale: f64,
+    guidance_rescale: f64,
+    width: usize,
+    height: usize,
+    num_images: usize,
+    seed: u64,
+    rng: String,
+    latents: String,
+    images: Vec<String>,
+    pngs: Vec<String>,
+    unet_timesteps: Vec<f64>,
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    cases: Vec<Case>,
+}
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn golden_dir() -> PathBuf {
+    root().join("tests/golden/pipelines")
+}
+
+fn cases() -> Vec<Case> {
+    let text = std::fs::read_to_string(golden_dir().join("manifest.json")).unwrap();
+    serde_json::from_str::<Manifest>(&text).unwrap().cases
+}
+
+fn runtime() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        let mut s = RuntimeSettings::default();
+        // The reference ran with one intra-op thread and deterministic kernels.
+        s.session.intra_threads = 1;
+        s.session.inter_threads = 1;
+        Runtime::init(s).expect("ONNX Runtime (run scripts/setup)")
+    })
+}
+
+fn pipelines() -> &'static Mutex<HashMap<String, Pipeline>> {
+    static P: OnceLock<Mutex<HashMap<String, Pipeline>>> = OnceLock::new();
+    P.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Worst differences seen in one case.
+#[derive(Debug, Default, Clone, Copy)]
+struct Diff {
+    float_max: f32,
+    pixel_max: u8,
+    pixel_over_1: usize,
+    pixels: usize,
+}
+
+fn params(case: &Case) -> GenerateParams {
+    GenerateParams {
+        prompt: case.prompt.clone(),
+        negative_prompt: case.negative_prompt.clone(),
+        steps: case.steps,
+        guidance_scale: case.guidance_scale,
+        guidance_rescale: case.guidance_rescale,
+        scheduler: Some(case.scheduler.clone()),
+        seed: case.seed,
+        rng: case.rng.parse().unwrap(),
+        latents: None,
+        width: case.width,
+        height: case.height,
+        num_images: case.num_images,
+    }
+}
+
+fn run_case(case: &Case) -> Diff {
+    let mut map = pipelines().lock().unwrap_or_else(|e| e.into_inner());
+    let pipeline = map
+        .entry(case.model.clone())
+        .or_insert_with(|| Pipeline::load(runtime(), &root().join(&case.model)).unwrap());
+    let result = pipeline
+        .generate(&params(case), &mut |_, _| true)
+        .unwrap_or_else(|e| panic!("{}: {e}", case.id));
+    assert_eq!(
+        result.timesteps, case.unet_timesteps,
+        "{}: UNet timesteps",
+        case.id
+    );
+    assert_eq!(result.images.len(), case.num_images);
+    let mut diff = Diff::default();
+    for (i, img) in result.images.iter().enumerate() {
+        let want: ArrayD<f32> = read_npy(golden_dir().join(&case.images[i])).unwrap();
+        let want = want.into_dimensionality::<ndarray::Ix3>().unwrap();
+        assert_eq!(img.float.shape(), want.shape(), "{}", case.id);
+        let fmax = (&img.float - &want)
+            .iter()
+            .fold(0f32, |m, d| m.max(d.abs()));
+        diff.float_max = diff.float_max.max(fmax);
+        let png = read_png(&golden_dir().join(&case.pngs[i]));
+        for (a, b) in img.rgb.iter().zip(png.iter()) {
+            let d = a.abs_diff(*b);
+            diff.pixel_max = diff.pixel_max.max(d);
+            diff.pixel_over_1 += usize::from(d > 1);
+        }
+        diff.pixels += png.len();
+    }
+    diff
+}
+
+fn read_png(path: &Path) -> Array3<u8> {
+    let img = image::open(path).unwrap().to_rgb8();
+    let (w, h) = img.dimensions();
+    Array3::from_shape_vec((h as usize, w as usize, 3), img.into_raw()).unwrap()
+}
+
+fn check_scheduler(name: &str) {
+    let selected: Vec<Case> = cases()
+        .into_iter()
+        .filter(|c| c.scheduler == name)
+        .collect();
+    assert!(!selected.is_empty(), "no golden cases for {name}");
+    for case in &selected {
+        let d = run_case(case);
+        eprintln!(
+            "{}: float max {:.2e}, pixel max {}, >1 level {}/{}",
+            case.id, d.float_max, d.pixel_max, d.pixel_over_1, d.pixels
+        );
+        assert!(
+            d.float_max <= 1e-3,
+            "{}: float diff {}",
+            case.id,
+            d.float_max
+        );
+        assert!(d.pixel_max <= 2, "{}: pixel diff {}", case.id, d.pixel_max);
+        assert!(
+            d.pixel_over_1 * 1000 <= d.pixels,
+            "{}: {} of {} values differ by more than 1",
+            case.id,
+            d.pixel_over_1,
+            d.pixels
+        );
+    }
+}
+
+macro_rules! parity_tests {
+    ($($test:ident => $name:literal),* $(,)?) => {
+        $(#[test] fn $test() { check_scheduler($name); })*
+
+        #[test]
+        fn every_scheduler_has_a_parity_test() {
+            let covered = [$($name),*];
+            for name in scheduler::NAMES {
+                assert!(covered.contains(name), "{name} has no parity test");
+            }
+        }
+    };
+}
+
+parity_tests! {
+    parity_pndm => "pndm",
+    parity_ddim => "ddim",
+    parity_ddpm => "ddpm",
+    parity_euler => "euler",
+    parity_euler_ancestral => "euler-a",
+    parity_heun => "heun",
+    parity_lms => "lms",
+    parity_dpmpp_2m => "dpm++2m",
+    parity_dpmpp_2m_karras => "dpm++2m-karras",
+    parity_unipc => "unipc",
+    parity_lcm => "lcm",
+}
+
+/// The initial latents the pipeline draws equal the reference's, in both seed modes.
+#[test]
+fn initial_latents_match_reference_draws() {
+    for case in cases().iter().filter(|c| c.num_images >= 1) {
+        let want: ArrayD<f32> = read_npy(golden_dir().join(&case.latents)).unwrap();
+        let mut got = vec![0f32; want.len()];
+        let kind: RngKind = case.rng.parse().unwrap();
+        rng::noise_source(kind, case.seed)
+            .unwrap()
+            .fill_randn(&mut got);
+        let sigma = scheduler_sigma(case);
+        let max = got
+            .iter()
+            .zip(want.iter())
+            .fold(0f32, |m, (g, w)| m.max((g * sigma - w).abs()));
+        assert!(max <= 1e-6, "{}: latents differ by {max}", case.id);
+    }
+}
+
+fn scheduler_sigma(case: &Case) -> f32 {
+    let config = scheduler::SchedulerConfig::from_file(
+        &root()
+            .join(&case.model)
+            .join("scheduler/scheduler_config.json"),
+    )
+    .unwrap();
+    scheduler::create(&case.scheduler, &config, case.steps)
+        .unwrap()
+        .init_noise_sigma()
+}
