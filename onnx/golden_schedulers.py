@@ -102,7 +102,7 @@ def base_config() -> dict:
 def configs() -> dict[str, tuple[dict, list[int]]]:
     base = base_config()
     return {
-        # name -> (config, step counts)
+        # name -> (config, step counts[, only these schedulers])
         "base": (base, [1, 4, 13, 20]),
         "vpred": ({**base, "prediction_type": "v_prediction"}, [4, 13]),
         "trailing": ({**base, "timestep_spacing": "trailing"}, [1, 4, 13]),
@@ -119,6 +119,8 @@ def configs() -> dict[str, tuple[dict, list[int]]]:
             },
             [4, 13],
         ),
+        # PNDM with its Runge-Kutta warm-up (diffusers' PNDM default).
+        "prk": ({**base, "skip_prk_steps": False}, [1, 4, 13], ["pndm"]),
     }
 
 
@@ -221,6 +223,16 @@ def common_json() -> dict:
             "betas": [float(v) for v in s.betas.tolist()],
             "alphas_cumprod": [float(v) for v in s.alphas_cumprod.tolist()],
         }
+    # np.log of the float32 training sigmas (numpy's own SIMD float32 log) and
+    # np.exp of float64 values (numpy's SIMD float64 exp), for emulating numpy.
+    s = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    sig = np.array(((1 - s.alphas_cumprod) / s.alphas_cumprod) ** 0.5)
+    out["numpy_log_f32"] = {
+        "x": [float(v) for v in sig.tolist()],
+        "log": [float(v) for v in np.log(sig).tolist()],
+    }
+    xs = np.linspace(-12.0, 6.0, 1001)
+    out["numpy_exp_f64"] = {"x": xs.tolist(), "exp": np.exp(xs).tolist()}
     # rescale_betas_zero_snr on scaled_linear (as DDIM/Euler compute it)
     s = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
     out["scaled_linear_zero_snr"] = {
@@ -269,12 +281,14 @@ def main() -> None:
     dump_json(refusals(configs()["base"][0]), OUT / "refusals.json")
 
     index = {"diffusers": diffusers.__version__, "torch": torch.__version__, "configs": {}}
-    for cfg_name, (cfg, step_counts) in configs().items():
+    for cfg_name, (cfg, step_counts, *only) in configs().items():
         d = OUT / cfg_name
         d.mkdir()
         dump_json(cfg, d / "scheduler_config.json")
         cases = []
         for name, (cls, extra) in SCHEDULERS.items():
+            if only and name not in only[0]:
+                continue
             for steps in step_counts:
                 meta, scaled, prev, noise = run_case(cls, extra, cfg, steps, x0, c)
                 meta["name"] = name
