@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use half::f16;
 use ndarray::{Array2, Array3, ArrayD, ArrayViewD, Axis, Ix3};
-use ort::session::{Session, SessionInputValue};
+use ort::session::{RunOptions, Session, SessionInputValue};
 use ort::value::{Tensor, TensorRef};
 
 use super::PipelineError;
@@ -227,6 +227,7 @@ impl Unet {
         timestep: f64,
         hidden: ArrayViewD<'_, f32>,
         added: Option<&AddedCond<'_>>,
+        run_options: &RunOptions,
     ) -> Result<ArrayD<f32>, PipelineError> {
         let err = ort_err(&self.path);
         let batch = sample.len_of(Axis(0));
@@ -245,7 +246,10 @@ impl Unet {
                 float_input(a.time_ids.view(), ti.elem).map_err(&err)?,
             ));
         }
-        let outputs = self.session.run(inputs).map_err(&err)?;
+        let outputs = self
+            .session
+            .run_with_options(inputs, run_options)
+            .map_err(&err)?;
         float_output(&outputs["out_sample"], self.out.elem).map_err(&err)
     }
 
@@ -293,12 +297,16 @@ impl VaeDecoder {
     }
 
     /// Decodes scaled latents `[B,4,h,w]` into images `[B,3,H,W]` in [-1, 1].
-    pub fn decode(&mut self, latents: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>, PipelineError> {
+    pub fn decode(
+        &mut self,
+        latents: ArrayViewD<'_, f32>,
+        run_options: &RunOptions,
+    ) -> Result<ArrayD<f32>, PipelineError> {
         let err = ort_err(&self.path);
         let input = float_input(latents, self.input.elem).map_err(&err)?;
         let outputs = self
             .session
-            .run(ort::inputs!["latent_sample" => input])
+            .run_with_options(ort::inputs!["latent_sample" => input], run_options)
             .map_err(&err)?;
         float_output(&outputs["sample"], self.output.elem).map_err(&err)
     }

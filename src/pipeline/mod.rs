@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ndarray::{Array2, Array3, Array4, ArrayD, Axis, IxDyn, Zip, concatenate, s};
+use ort::session::RunOptions;
 
 pub use image::GeneratedImage;
 pub use params::{GenerateParams, Limits};
@@ -179,84 +180,193 @@ impl Pipeline {
         params: &GenerateParams,
         progress: &mut ProgressFn<'_>,
     ) -> Result<Generation, PipelineError> {
-        params.validate_shape(self.bundle.vae_scale_factor)?;
-        let name = self.scheduler_name(params.scheduler.as_deref())?;
-        let mut sched = scheduler::create(name, &self.bundle.scheduler_config, params.steps)?;
+        let run_options = RunOptions::new().map_err(|e| PipelineError::Inference {
+            component: "runtime".into(),
+            message: e.to_string(),
+        })?;
+        let mut out = self.generate_batch(&[params], &run_options, progress)?;
+        Ok(out.remove(0))
+    }
+
+    /// Generates several compatible requests in one UNet batch (same size, steps,
+    /// scheduler and guidance on/off: see [`GenerateParams::batch_key`]). Each request
+    /// draws its own noise from its own seed, so its images are those it would get alone.
+    /// `run_options` lets another thread stop a session run in flight.
+    pub fn generate_batch(
+        &mut self,
+        batch: &[&GenerateParams],
+        run_options: &RunOptions,
+        progress: &mut ProgressFn<'_>,
+    ) -> Result<Vec<Generation>, PipelineError> {
+        let first = *batch
+            .first()
+            .ok_or_else(|| PipelineError::InvalidArgument {
+                param: "batch",
+                message: "empty batch".into(),
+            })?;
+        for p in batch {
+            p.validate_shape(self.bundle.vae_scale_factor)?;
+            if p.batch_key() != first.batch_key() {
+                return Err(PipelineError::InvalidArgument {
+                    param: "batch",
+                    message:
+                        "requests in one batch must share size, steps, scheduler and guidance mode"
+                            .into(),
+                });
+            }
+        }
+        let name = self.scheduler_name(first.scheduler.as_deref())?;
+        let mut sched = scheduler::create(name, &self.bundle.scheduler_config, first.steps)?;
         let mut timings = StageTimings::default();
 
         let t0 = Instant::now();
-        let cond = self.encode_prompts(params)?;
+        let cond = self.encode_prompts(batch)?;
         timings.text_encoder = t0.elapsed();
 
-        let (mut latents, mut noise) = self.initial_latents(params, sched.as_ref())?;
+        let (mut latents, mut noise) = self.initial_latents(batch, sched.as_ref())?;
+        let guidance = Guidance::for_batch(batch);
         self.denoise(
-            params,
             &cond,
+            &guidance,
             sched.as_mut(),
             &mut latents,
-            noise.as_mut(),
+            &mut noise,
+            run_options,
             &mut timings,
             progress,
         )?;
 
         let t0 = Instant::now();
-        let decoded = self.decode(latents)?;
+        let decoded = self.decode(latents, run_options)?;
         timings.vae = t0.elapsed();
         let t0 = Instant::now();
-        let images = image::postprocess(decoded.view());
+        let mut images = image::postprocess(decoded.view()).into_iter();
         timings.postprocess = t0.elapsed();
-        Ok(Generation {
-            images,
-            scheduler: name,
-            timesteps: sched.timesteps().to_vec(),
-            timings,
-        })
+        let timesteps = sched.timesteps().to_vec();
+        Ok(batch
+            .iter()
+            .map(|p| Generation {
+                images: images.by_ref().take(p.num_images).collect(),
+                scheduler: name,
+                timesteps: timesteps.clone(),
+                timings: timings.clone(),
+            })
+            .collect())
     }
 
-    /// Initial latents and the noise stream for stochastic steps.
+    /// Initial latents of every request, stacked, and the noise stream for stochastic steps.
     ///
     /// * torch: `torch.randn(shape, generator)`; the same generator feeds later steps.
     /// * numpy: `RandomState(seed).randn(shape)`; step noise from a torch generator with the
     ///   same seed (diffusers' ONNX pipeline leaves it undefined; this makes it reproducible).
-    /// * given latents (`--latents`) replace the draw, as diffusers' `latents=` does.
+    /// * given latents (`--latents`) replace the draw, as diffusers' `latents=` does; step
+    ///   noise then comes from a torch generator with the seed.
     ///
-    /// All are then multiplied by the scheduler's `init_noise_sigma` in f32.
+    /// All are multiplied by the scheduler's `init_noise_sigma` in f32.
     fn initial_latents(
         &self,
-        params: &GenerateParams,
+        batch: &[&GenerateParams],
         sched: &dyn Scheduler,
-    ) -> Result<(Array4<f32>, Box<dyn NoiseSource>), PipelineError> {
+    ) -> Result<(Array4<f32>, BatchNoise), PipelineError> {
         let f = self.bundle.vae_scale_factor;
-        let shape = (params.num_images, 4, params.height / f, params.width / f);
-        let invalid = |message: String| PipelineError::InvalidArgument {
-            param: "seed",
-            message,
-        };
-        let mut latents = match &params.latents {
-            Some(given) => given.clone().into_shape_with_order(shape).map_err(|_| {
-                PipelineError::InvalidArgument {
-                    param: "latents",
-                    message: format!("expected shape {shape:?}, got {:?}", given.shape()),
-                }
-            })?,
-            None => {
-                let mut l = Array4::<f32>::zeros(shape);
-                let mut first = rng::noise_source(params.rng, params.seed)
-                    .map_err(|e| invalid(e.to_string()))?;
-                first.fill_randn(l.as_slice_mut().unwrap_or(&mut []));
-                if params.rng == RngKind::Torch {
-                    let sigma = sched.init_noise_sigma();
-                    l.mapv_inplace(|x| x * sigma);
-                    return Ok((l, first));
-                }
-                l
-            }
-        };
+        let first = batch[0];
+        let (h, w) = (first.height / f, first.width / f);
+        let total: usize = batch.iter().map(|p| p.num_images).sum();
+        let mut latents = Array4::<f32>::zeros((total, 4, h, w));
+        let mut parts = Vec::with_capacity(batch.len());
+        let mut row = 0;
+        for p in batch {
+            let mut block = latents.slice_mut(s![row..row + p.num_images, .., .., ..]);
+            let noise = draw_latents(p, &mut block)?;
+            parts.push((noise, block.len()));
+            row += p.num_images;
+        }
         let sigma = sched.init_noise_sigma();
         latents.mapv_inplace(|x| x * sigma);
-        let noise =
-            rng::noise_source(RngKind::Torch, params.seed).map_err(|e| invalid(e.to_string()))?;
-        Ok((latents, noise))
+        Ok((latents, BatchNoise { parts }))
+    }
+}
+
+/// Fills one request's block of latents (unscaled) and returns its step-noise stream.
+fn draw_latents(
+    p: &GenerateParams,
+    block: &mut ndarray::ArrayViewMut4<'_, f32>,
+) -> Result<Box<dyn NoiseSource>, PipelineError> {
+    let invalid = |param, message: String| PipelineError::InvalidArgument { param, message };
+    let torch =
+        || rng::noise_source(RngKind::Torch, p.seed).map_err(|e| invalid("seed", e.to_string()));
+    if let Some(given) = &p.latents {
+        if given.shape() != block.shape() {
+            return Err(invalid(
+                "latents",
+                format!(
+                    "expected shape {:?}, got {:?}",
+                    block.shape(),
+                    given.shape()
+                ),
+            ));
+        }
+        block.assign(
+            &given
+                .view()
+                .into_dimensionality::<ndarray::Ix4>()
+                .map_err(shape_err)?,
+        );
+        return torch();
+    }
+    let mut source =
+        rng::noise_source(p.rng, p.seed).map_err(|e| invalid("seed", e.to_string()))?;
+    match block.as_slice_mut() {
+        Some(slice) => source.fill_randn(slice),
+        None => {
+            let mut buf = vec![0f32; block.len()];
+            source.fill_randn(&mut buf);
+            block.iter_mut().zip(buf).for_each(|(d, v)| *d = v);
+        }
+    }
+    match p.rng {
+        RngKind::Torch => Ok(source),
+        RngKind::Numpy => torch(),
+    }
+}
+
+/// Step noise for a batch: each request's rows come from its own generator, exactly as
+/// one `randn(rows.shape)` call would when it runs alone.
+struct BatchNoise {
+    parts: Vec<(Box<dyn NoiseSource>, usize)>,
+}
+
+impl NoiseSource for BatchNoise {
+    fn fill_randn(&mut self, out: &mut [f32]) {
+        let mut rest = out;
+        for (source, len) in &mut self.parts {
+            let (mine, tail) = rest.split_at_mut((*len).min(rest.len()));
+            source.fill_randn(mine);
+            rest = tail;
+        }
+    }
+}
+
+/// Per-row guidance settings of a batch (each request keeps its own scale).
+struct Guidance {
+    cfg: bool,
+    scale: Vec<f32>,
+    rescale: Vec<f32>,
+}
+
+impl Guidance {
+    fn for_batch(batch: &[&GenerateParams]) -> Guidance {
+        let rows = |f: fn(&GenerateParams) -> f64| {
+            batch
+                .iter()
+                .flat_map(|p| std::iter::repeat_n(f(p) as f32, p.num_images))
+                .collect()
+        };
+        Guidance {
+            cfg: batch[0].do_cfg(),
+            scale: rows(|p| p.guidance_scale),
+            rescale: rows(|p| p.guidance_rescale),
+        }
     }
 }
 
@@ -268,17 +378,56 @@ struct Conditioning {
     added: Option<(ArrayD<f32>, ArrayD<f32>)>,
 }
 
+/// One request's embeddings, each repeated for its images.
+struct Encoded {
+    cond: ArrayD<f32>,
+    cond_pooled: Option<ArrayD<f32>>,
+    uncond: Option<(ArrayD<f32>, Option<ArrayD<f32>>)>,
+}
+
 impl Pipeline {
-    /// Encodes prompt and negative prompt as diffusers' `encode_prompt` does, and repeats
-    /// each for `num_images` (uncond block first, then cond).
-    fn encode_prompts(&mut self, params: &GenerateParams) -> Result<Conditioning, PipelineError> {
-        let cfg = params.do_cfg();
+    /// Encodes every request's prompt and negative prompt as diffusers' `encode_prompt`
+    /// does, repeats each for its images, and stacks them: all uncond rows, then all cond.
+    fn encode_prompts(&mut self, batch: &[&GenerateParams]) -> Result<Conditioning, PipelineError> {
+        let encoded = batch
+            .iter()
+            .map(|p| self.encode_request(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let stack = |parts: Vec<ndarray::ArrayViewD<'_, f32>>| {
+            concatenate(Axis(0), &parts).map_err(shape_err)
+        };
+        let mut hidden_parts = Vec::new();
+        let mut pooled_parts = Vec::new();
+        for e in &encoded {
+            if let Some((u, up)) = &e.uncond {
+                hidden_parts.push(u.view());
+                pooled_parts.extend(up.as_ref().map(|a| a.view()));
+            }
+        }
+        for e in &encoded {
+            hidden_parts.push(e.cond.view());
+            pooled_parts.extend(e.cond_pooled.as_ref().map(|a| a.view()));
+        }
+        let hidden = stack(hidden_parts)?;
+        let added = if pooled_parts.is_empty() {
+            None
+        } else {
+            let pooled = stack(pooled_parts)?;
+            let rows = pooled.len_of(Axis(0));
+            let (h, w) = (batch[0].height as f32, batch[0].width as f32);
+            let ids = Array2::from_shape_fn((rows, 6), |(_, j)| [h, w, 0.0, 0.0, h, w][j]);
+            Some((pooled, ids.into_dyn()))
+        };
+        Ok(Conditioning { hidden, added })
+    }
+
+    fn encode_request(&mut self, params: &GenerateParams) -> Result<Encoded, PipelineError> {
+        let n = params.num_images;
         let (cond, cond_pooled) = self.encode_text(&params.prompt)?;
-        let negative = params.negative_prompt.as_deref().unwrap_or("");
         let zero_uncond = self.bundle.kind == PipelineKind::StableDiffusionXl
             && self.bundle.force_zeros_for_empty_prompt
             && params.negative_prompt.is_none();
-        let uncond = if !cfg {
+        let uncond = if !params.do_cfg() {
             None
         } else if zero_uncond {
             Some((
@@ -286,28 +435,15 @@ impl Pipeline {
                 cond_pooled.as_ref().map(|p| Array2::zeros(p.raw_dim())),
             ))
         } else {
-            Some(self.encode_text(negative)?)
+            Some(self.encode_text(params.negative_prompt.as_deref().unwrap_or(""))?)
         };
-        let n = params.num_images;
-        let repeat3 = |a: &Array3<f32>| repeat_rows(a.view().into_dyn(), n);
-        let repeat2 = |a: &Array2<f32>| repeat_rows(a.view().into_dyn(), n);
-        let mut hidden = repeat3(&cond);
-        let mut pooled = cond_pooled.as_ref().map(repeat2);
-        if let Some((u, up)) = &uncond {
-            hidden =
-                concatenate(Axis(0), &[repeat3(u).view(), hidden.view()]).map_err(shape_err)?;
-            if let (Some(p), Some(up)) = (&pooled, up) {
-                pooled =
-                    Some(concatenate(Axis(0), &[repeat2(up).view(), p.view()]).map_err(shape_err)?);
-            }
-        }
-        let added = pooled.map(|p| {
-            let rows = p.len_of(Axis(0));
-            let (h, w) = (params.height as f32, params.width as f32);
-            let ids = Array2::from_shape_fn((rows, 6), |(_, j)| [h, w, 0.0, 0.0, h, w][j]);
-            (p, ids.into_dyn())
-        });
-        Ok(Conditioning { hidden, added })
+        let rep3 = |a: &Array3<f32>| repeat_rows(a.view().into_dyn(), n);
+        let rep2 = |a: &Array2<f32>| repeat_rows(a.view().into_dyn(), n);
+        Ok(Encoded {
+            cond: rep3(&cond),
+            cond_pooled: cond_pooled.as_ref().map(rep2),
+            uncond: uncond.map(|(u, up)| (rep3(&u), up.as_ref().map(rep2))),
+        })
     }
 
     /// One prompt through every tokenizer and text encoder; SDXL concatenates the two
@@ -329,21 +465,22 @@ impl Pipeline {
         Ok((hidden, pooled))
     }
 
-    /// The denoise loop. The UNet input buffer is allocated once and refilled each step.
+    /// The denoise loop. The UNet input and guidance buffers are allocated once and
+    /// refilled each step.
     #[allow(clippy::too_many_arguments)]
     fn denoise(
         &mut self,
-        params: &GenerateParams,
         cond: &Conditioning,
+        guidance: &Guidance,
         sched: &mut dyn Scheduler,
         latents: &mut Array4<f32>,
         noise: &mut dyn NoiseSource,
+        run_options: &RunOptions,
         timings: &mut StageTimings,
         progress: &mut ProgressFn<'_>,
     ) -> Result<(), PipelineError> {
-        let cfg = params.do_cfg();
-        let n = params.num_images;
-        let (_, c, h, w) = latents.dim();
+        let cfg = guidance.cfg;
+        let (n, c, h, w) = latents.dim();
         let mut unet_in = Array4::<f32>::zeros((if cfg { 2 * n } else { n }, c, h, w));
         let mut guided = ArrayD::<f32>::zeros(IxDyn(&[n, c, h, w]));
         let mut sample = std::mem::take(latents).into_dyn();
@@ -366,18 +503,13 @@ impl Pipeline {
                 t,
                 cond.hidden.view(),
                 added.as_ref(),
+                run_options,
             )?;
             let t2 = Instant::now();
             timings.unet += t2 - t1;
             timings.unet_calls += 1;
             let model_output = if cfg {
-                guide(
-                    &out,
-                    n,
-                    params.guidance_scale as f32,
-                    params.guidance_rescale as f32,
-                    &mut guided,
-                );
+                guide(&out, guidance, &mut guided);
                 guided.view()
             } else {
                 out.view()
@@ -393,27 +525,38 @@ impl Pipeline {
     }
 
     /// `latents / scaling_factor (+ shift)` → VAE decoder.
-    fn decode(&mut self, mut latents: Array4<f32>) -> Result<ArrayD<f32>, PipelineError> {
+    fn decode(
+        &mut self,
+        mut latents: Array4<f32>,
+        run_options: &RunOptions,
+    ) -> Result<ArrayD<f32>, PipelineError> {
         let scale = self.bundle.vae_scaling_factor as f32;
         let shift = self.bundle.vae_shift_factor.unwrap_or(0.0) as f32;
         latents.mapv_inplace(|x| x / scale + shift);
-        self.vae.decode(latents.view().into_dyn())
+        self.vae.decode(latents.view().into_dyn(), run_options)
     }
 }
 
-/// Classifier-free guidance, into `out` (`[N,...]`):
+/// Classifier-free guidance, into `out` (`[N,...]`), row by row with each row's scale:
 /// `uncond + g * (text - uncond)`, then diffusers' `rescale_noise_cfg` when `rescale > 0`.
-fn guide(unet_out: &ArrayD<f32>, n: usize, g: f32, rescale: f32, out: &mut ArrayD<f32>) {
+fn guide(unet_out: &ArrayD<f32>, guidance: &Guidance, out: &mut ArrayD<f32>) {
+    let n = out.len_of(Axis(0));
     let uncond = unet_out.slice_axis(Axis(0), (..n).into());
     let text = unet_out.slice_axis(Axis(0), (n..).into());
-    Zip::from(&mut *out)
-        .and(&uncond)
-        .and(&text)
-        .for_each(|o, &u, &t| *o = u + g * (t - u));
-    if rescale > 0.0 {
-        for (mut cfg_row, text_row) in out.axis_iter_mut(Axis(0)).zip(text.axis_iter(Axis(0))) {
-            let factor = std_unbiased(text_row.iter()) / std_unbiased(cfg_row.iter());
-            cfg_row.mapv_inplace(|x| rescale * (x * factor) + (1.0 - rescale) * x);
+    let rows = out
+        .axis_iter_mut(Axis(0))
+        .zip(uncond.axis_iter(Axis(0)))
+        .zip(text.axis_iter(Axis(0)));
+    for (row, ((mut o, u), t)) in rows.enumerate() {
+        let g = guidance.scale[row];
+        Zip::from(&mut o)
+            .and(&u)
+            .and(&t)
+            .for_each(|o, &u, &t| *o = u + g * (t - u));
+        let rescale = guidance.rescale[row];
+        if rescale > 0.0 {
+            let factor = std_unbiased(t.iter()) / std_unbiased(o.iter());
+            o.mapv_inplace(|x| rescale * (x * factor) + (1.0 - rescale) * x);
         }
     }
 }

@@ -97,6 +97,18 @@ impl GenerateParams {
         self.guidance_scale > 1.0
     }
 
+    /// Requests with equal keys can share one UNet batch: same size, steps, scheduler,
+    /// and guidance on or off.
+    pub fn batch_key(&self) -> (usize, usize, usize, Option<String>, bool) {
+        (
+            self.width,
+            self.height,
+            self.steps,
+            self.scheduler.clone(),
+            self.do_cfg(),
+        )
+    }
+
     /// Checks values that no model accepts, and the size against the VAE's factor.
     pub fn validate_shape(&self, vae_scale_factor: usize) -> Result<(), PipelineError> {
         for (param, v) in [("width", self.width), ("height", self.height)] {
