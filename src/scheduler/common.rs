@@ -9,10 +9,10 @@
 //! * training sigmas are float32 (`((1 - ac) / ac) ** 0.5` on the torch tensor), and
 //!   interpolated sigmas are float64 (`np.interp`) until diffusers casts them to float32.
 
-use ndarray::{ArrayViewMutD, Axis};
+use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Axis, Zip};
 
 use super::SchedulerError;
-use super::config::{BetaSchedule, ResolvedConfig};
+use super::config::{BetaSchedule, ResolvedConfig, TimestepSpacing};
 
 /// `torch.linspace(start, end, steps, dtype=torch.float32)` on the CPU.
 ///
@@ -130,21 +130,22 @@ pub fn np_interp(x: f64, fp: &[f32]) -> f64 {
 /// `log(m)` comes from a (5,5) rational approximation in `m - 1` evaluated with fused
 /// multiply-adds, and `e * ln 2` is added with one more fused multiply-add.
 pub fn log_f32(x: f32) -> f32 {
+    // numpy's NPY_COEFF_{P,Q}{0..5}_LOGf, rounded to float32.
     const P: [f32; 6] = [
-        0.0,
-        9.999_999_999_999_998e-1,
-        2.112_677_543_073_053,
-        1.480_000_633_576_506_6,
-        3.808_837_741_388_408e-1,
-        2.589_979_117_907_922_7e-2,
+        f32::from_bits(0x00000000), // 0.000000000000000000000e+00
+        f32::from_bits(0x3F800000), // 9.999999999999998702752e-01
+        f32::from_bits(0x4007361C), // 2.112677543073053063722e+00
+        f32::from_bits(0x3FBD70A9), // 1.480000633576506585156e+00
+        f32::from_bits(0x3EC30333), // 3.808837741388407920751e-01
+        f32::from_bits(0x3CD42BCD), // 2.589979117907922693523e-02
     ];
     const Q: [f32; 6] = [
-        1.0,
-        2.612_677_543_073_109,
-        2.453_006_071_784_736,
-        9.864_942_958_519_419e-1,
-        1.546_476_374_983_906_7e-1,
-        5.875_095_403_124_574e-3,
+        f32::from_bits(0x3F800000), // 1.000000000000000000000e+00
+        f32::from_bits(0x4027361C), // 2.612677543073109236779e+00
+        f32::from_bits(0x401CFE0D), // 2.453006071784736363091e+00
+        f32::from_bits(0x3F7C8AE4), // 9.864942958519418960339e-01
+        f32::from_bits(0x3E1E5BF3), // 1.546476374983906719538e-01
+        f32::from_bits(0x3BC083DF), // 5.875095403124574342950e-03
     ];
     if x.is_nan() {
         return x;
@@ -359,6 +360,196 @@ pub fn linspace_timesteps_f32(num_train: usize, n: usize) -> Vec<f32> {
         .rev()
         .map(|t| t as f32)
         .collect()
+}
+
+/// Refuses a step count diffusiond does not run: 0, or more than `num_train_timesteps`
+/// (where diffusers either raises or builds a schedule with repeated timesteps).
+pub fn check_steps(
+    cfg: &ResolvedConfig,
+    scheduler: &'static str,
+    n: usize,
+) -> Result<(), SchedulerError> {
+    let message = if n == 0 {
+        "at least one step is needed".to_owned()
+    } else if n > cfg.num_train_timesteps {
+        format!(
+            "more steps than num_train_timesteps = {}",
+            cfg.num_train_timesteps
+        )
+    } else {
+        return Ok(());
+    };
+    Err(SchedulerError::InvalidSteps {
+        scheduler,
+        steps: n,
+        message,
+    })
+}
+
+/// The integer timestep schedule of DDIM / DDPM / PNDM-style classes for `timestep_spacing`,
+/// descending (`leading` adds `steps_offset`; `trailing` subtracts 1).
+pub fn spaced_timesteps_i64(cfg: &ResolvedConfig, n: usize) -> Vec<i64> {
+    let n_train = cfg.num_train_timesteps;
+    match cfg.timestep_spacing {
+        TimestepSpacing::Linspace => linspace_timesteps_rounded(n_train, n),
+        TimestepSpacing::Leading => leading_timesteps(n_train, n, cfg.steps_offset),
+        TimestepSpacing::Trailing => trailing_timesteps(n_train as f64, n_train, n),
+    }
+}
+
+/// The float32 timestep schedule of the Euler-family classes (Euler, Euler-a, Heun, LMS):
+/// `linspace` is not rounded; `leading`/`trailing` are the integer schedules as float32.
+pub fn spaced_timesteps_f32(cfg: &ResolvedConfig, n: usize) -> Vec<f32> {
+    match cfg.timestep_spacing {
+        TimestepSpacing::Linspace => linspace_timesteps_f32(cfg.num_train_timesteps, n),
+        _ => spaced_timesteps_i64(cfg, n)
+            .into_iter()
+            .map(|t| t as f32)
+            .collect(),
+    }
+}
+
+/// `np.interp(timesteps, np.arange(len(sigmas)), sigmas)` for float32 timesteps.
+pub fn interp_sigmas(timesteps: &[f32], train_sigmas: &[f32]) -> Vec<f64> {
+    timesteps
+        .iter()
+        .map(|&t| np_interp(f64::from(t), train_sigmas))
+        .collect()
+}
+
+/// How a sigma-based class spaces its sigmas (`use_karras_sigmas` and friends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SigmaSpacing {
+    /// Training sigmas interpolated at the spaced timesteps.
+    Interpolated,
+    /// Karras et al. (2022), rho = 7.
+    Karras,
+    /// Log-uniform between sigma_max and sigma_min.
+    Exponential,
+}
+
+impl SigmaSpacing {
+    /// Reads `use_karras_sigmas` / `use_exponential_sigmas` / `use_beta_sigmas`.
+    /// Beta sigmas (`scipy.stats.beta.ppf`) are not supported.
+    pub fn from_config(cfg: &ResolvedConfig) -> Result<Self, SchedulerError> {
+        let invalid = |message: &str| SchedulerError::InvalidConfig {
+            scheduler: cfg.class.class_name(),
+            message: message.to_owned(),
+        };
+        let flags = [
+            cfg.use_karras_sigmas,
+            cfg.use_exponential_sigmas,
+            cfg.use_beta_sigmas,
+        ];
+        if flags.iter().filter(|&&f| f).count() > 1 {
+            return Err(invalid(
+                "only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be used",
+            ));
+        }
+        if cfg.use_beta_sigmas {
+            return Err(invalid("use_beta_sigmas is not supported"));
+        }
+        Ok(if cfg.use_karras_sigmas {
+            Self::Karras
+        } else if cfg.use_exponential_sigmas {
+            Self::Exponential
+        } else {
+            Self::Interpolated
+        })
+    }
+
+    /// Converts the interpolated sigmas (descending, float64) to this spacing with `n`
+    /// entries; `sigma_min`/`sigma_max` default to the last/first input sigma.
+    pub fn convert(
+        self,
+        in_sigmas: Vec<f64>,
+        sigma_min: Option<f64>,
+        sigma_max: Option<f64>,
+        n: usize,
+    ) -> Vec<f64> {
+        let lo = sigma_min.unwrap_or_else(|| in_sigmas.last().copied().unwrap_or(0.0));
+        let hi = sigma_max.unwrap_or_else(|| in_sigmas.first().copied().unwrap_or(0.0));
+        match self {
+            Self::Interpolated => in_sigmas,
+            Self::Karras => karras_sigmas(lo, hi, n),
+            Self::Exponential => exponential_sigmas(lo, hi, n),
+        }
+    }
+}
+
+/// `sigma / sqrt(sigma^2 + 1)` scaling divisor of the Euler family, in float32:
+/// `(sigma**2 + 1) ** 0.5`.
+pub fn input_scale_divisor(sigma: f32) -> f32 {
+    (sigma * sigma + 1.0).sqrt()
+}
+
+/// The Euler family's `(max_sigma**2 + 1) ** 0.5` (leading) or `max_sigma`
+/// (linspace/trailing), in float32.
+pub fn euler_init_noise_sigma(sigmas: &[f32], spacing: TimestepSpacing) -> f32 {
+    let max = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    match spacing {
+        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
+        TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
+    }
+}
+
+/// Checks that `model_output` has the sample's shape.
+pub fn check_shapes(
+    scheduler: &'static str,
+    step_index: usize,
+    model_output: &ArrayViewD<'_, f32>,
+    sample: &ArrayD<f32>,
+) -> Result<(), SchedulerError> {
+    if model_output.shape() == sample.shape() {
+        return Ok(());
+    }
+    Err(SchedulerError::BadStep {
+        scheduler,
+        step_index,
+        message: format!(
+            "model output shape {:?} differs from sample shape {:?}",
+            model_output.shape(),
+            sample.shape()
+        ),
+    })
+}
+
+/// Applies `f(sample, model_output)` elementwise, in place on `sample`.
+pub fn zip_update(
+    sample: &mut ArrayD<f32>,
+    model_output: &ArrayViewD<'_, f32>,
+    f: impl Fn(f32, f32) -> f32,
+) {
+    Zip::from(sample)
+        .and(model_output)
+        .for_each(|x, &m| *x = f(*x, m));
+}
+
+/// Fills `buf` (resized to `len`) with one `randn` draw from `noise`.
+pub fn draw_noise(noise: &mut dyn crate::rng::NoiseSource, buf: &mut Vec<f32>, len: usize) {
+    buf.resize(len, 0.0);
+    noise.fill_randn(buf);
+}
+
+/// A `BadStep` error unless `step_index` is the expected one and within `len` steps.
+pub fn check_step_index(
+    scheduler: &'static str,
+    step_index: usize,
+    expected: Option<usize>,
+    len: usize,
+) -> Result<(), SchedulerError> {
+    let message = if step_index >= len {
+        format!("only {len} steps are scheduled")
+    } else if let Some(e) = expected.filter(|&e| e != step_index) {
+        format!("steps must run in order; expected step {e}")
+    } else {
+        return Ok(());
+    };
+    Err(SchedulerError::BadStep {
+        scheduler,
+        step_index,
+        message,
+    })
 }
 
 /// Karras et al. (2022) sigmas: `(max^(1/7) + ramp * (min^(1/7) - max^(1/7))) ** 7`

@@ -493,7 +493,9 @@ pub struct ResolvedConfig {
     pub use_lu_lambdas: bool,
     pub use_flow_sigmas: bool,
     pub flow_shift: f64,
+    /// From the file even when the class does not take it (diffusers' hidden config).
     pub sigma_min: Option<f64>,
+    /// From the file even when the class does not take it (diffusers' hidden config).
     pub sigma_max: Option<f64>,
     pub timestep_type: TimestepType,
     pub final_sigmas_type: FinalSigmasType,
@@ -764,8 +766,11 @@ impl SchedulerConfig {
             use_lu_lambdas: r.pick("use_lu_lambdas", self.use_lu_lambdas, d.use_lu_lambdas),
             use_flow_sigmas: r.pick("use_flow_sigmas", self.use_flow_sigmas, d.use_flow_sigmas),
             flow_shift: r.float("flow_shift", self.flow_shift, d.flow_shift),
-            sigma_min: r.optional_float("sigma_min", self.sigma_min),
-            sigma_max: r.optional_float("sigma_max", self.sigma_max),
+            // diffusers registers keys a class does not take as hidden config entries,
+            // and the Karras/exponential conversions read `self.config.sigma_min` via
+            // `hasattr`, so these come from the file whatever the class.
+            sigma_min: self.sigma_min.map(JsonFloatField::get),
+            sigma_max: self.sigma_max.map(JsonFloatField::get),
             timestep_type: r.choice(
                 "timestep_type",
                 &self.timestep_type,

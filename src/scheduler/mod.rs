@@ -105,6 +105,12 @@ pub trait Scheduler: Send {
         sample: &mut ArrayD<f32>,
         noise: &mut dyn NoiseSource,
     ) -> Result<(), SchedulerError>;
+
+    /// The scheduler's float32 sigma schedule (diffusers' `scheduler.sigmas`), for the
+    /// schedulers that have one; `None` otherwise.
+    fn sigmas(&self) -> Option<&[f32]> {
+        None
+    }
 }
 
 /// The diffusers class behind each diffusiond scheduler name, and whether the
@@ -165,6 +171,191 @@ pub fn create(
         SchedulerClass::DpmSolverMultistep => dpm_solver::create(&resolved, num_inference_steps),
         SchedulerClass::UniPcMultistep => unipc::create(&resolved, num_inference_steps),
         SchedulerClass::Lcm => lcm::create(&resolved, num_inference_steps),
+    }
+}
+
+/// Golden-trajectory checks shared by the scheduler tests: replays the fixed fake-model
+/// trajectories recorded by `onnx/golden_schedulers.py` from diffusers.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::path::{Path, PathBuf};
+
+    use ndarray::{ArrayD, Axis};
+    use ndarray_npy::read_npy;
+
+    use super::{SchedulerConfig, create};
+    use crate::rng::NoiseSource;
+
+    /// `tests/golden/schedulers`.
+    pub(crate) fn golden_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/schedulers")
+    }
+
+    fn read_json(path: &Path) -> serde_json::Value {
+        let text =
+            std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_json::from_str(&text).expect("valid golden json")
+    }
+
+    fn npy(path: &Path) -> ArrayD<f32> {
+        read_npy(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// Replays the noise tensors diffusers drew, in order.
+    pub(crate) struct ReplayNoise {
+        draws: Option<ArrayD<f32>>,
+        /// How many draws were taken so far.
+        pub(crate) taken: usize,
+    }
+
+    impl NoiseSource for ReplayNoise {
+        fn fill_randn(&mut self, out: &mut [f32]) {
+            let draws = self
+                .draws
+                .as_ref()
+                .expect("scheduler drew noise but diffusers did not");
+            let draw = draws.index_axis(Axis(0), self.taken);
+            assert_eq!(draw.len(), out.len(), "noise draw size");
+            for (o, v) in out.iter_mut().zip(draw.iter()) {
+                *o = *v;
+            }
+            self.taken += 1;
+        }
+    }
+
+    fn max_abs_diff(a: ndarray::ArrayViewD<'_, f32>, b: ndarray::ArrayViewD<'_, f32>) -> f32 {
+        assert_eq!(a.shape(), b.shape());
+        a.iter()
+            .zip(b.iter())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// Runs one golden case and returns the largest abs difference seen over sigmas,
+    /// init_noise_sigma, every scaled model input and every step output.
+    /// Timesteps must match exactly.
+    pub(crate) fn run_case(config: &str, name: &str, steps: usize) -> f32 {
+        let dir = golden_dir().join(config);
+        let cfg = SchedulerConfig::from_file(&dir.join("scheduler_config.json")).expect("config");
+        let meta = read_json(&dir.join(format!("{name}_{steps}.json")));
+        let label = format!("{name} {config}/{steps}");
+        if meta.get("error").is_some() {
+            assert!(
+                create(name, &cfg, steps).is_err(),
+                "{label}: diffusers refuses, we accept"
+            );
+            return 0.0;
+        }
+        let mut sched = create(name, &cfg, steps).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let want_ts: Vec<f64> = meta["timesteps"]
+            .as_array()
+            .expect("timesteps")
+            .iter()
+            .map(|v| v.as_f64().expect("number"))
+            .collect();
+        assert_eq!(sched.timesteps(), want_ts.as_slice(), "{label}: timesteps");
+        let mut worst = 0.0f32;
+        if let Some(sigmas) = meta.get("sigmas").and_then(|v| v.as_array()) {
+            let got = sched
+                .sigmas()
+                .unwrap_or_else(|| panic!("{label}: no sigmas"));
+            assert_eq!(got.len(), sigmas.len(), "{label}: sigma count");
+            for (g, w) in got.iter().zip(sigmas) {
+                worst = worst.max((g - w.as_f64().expect("number") as f32).abs());
+            }
+        }
+        let init = meta["init_noise_sigma"].as_f64().expect("init_noise_sigma") as f32;
+        worst = worst.max((sched.init_noise_sigma() - init).abs());
+
+        let root = golden_dir();
+        let c = npy(&root.join("c.npy"));
+        let mut sample = npy(&root.join("x0.npy")) * sched.init_noise_sigma();
+        let prev = npy(&dir.join(format!("{name}_{steps}_prev.npy")));
+        let scaled_is_input = meta["scaled_is_input"].as_bool().expect("scaled_is_input");
+        let scaled_golden =
+            (!scaled_is_input).then(|| npy(&dir.join(format!("{name}_{steps}_scaled.npy"))));
+        let noise_path = dir.join(format!("{name}_{steps}_noise.npy"));
+        let mut noise = ReplayNoise {
+            draws: noise_path.exists().then(|| npy(&noise_path)),
+            taken: 0,
+        };
+        let noise_calls: Vec<usize> = meta["noise_calls"]
+            .as_array()
+            .expect("noise_calls")
+            .iter()
+            .map(|v| v.as_u64().expect("index") as usize)
+            .collect();
+        let mut scaled = sample.clone();
+        for i in 0..want_ts.len() {
+            scaled.assign(&sample);
+            sched.scale_model_input(scaled.view_mut(), i);
+            match &scaled_golden {
+                Some(g) => worst = worst.max(max_abs_diff(scaled.view(), g.index_axis(Axis(0), i))),
+                None => assert_eq!(scaled, sample, "{label}: scale_model_input is the identity"),
+            }
+            let model_output = scaled.mapv(|v| 0.1f32 * v) + &c.index_axis(Axis(0), i);
+            sched
+                .step(model_output.view(), i, &mut sample, &mut noise)
+                .unwrap_or_else(|e| panic!("{label}: step {i}: {e}"));
+            let want_draws = noise_calls.iter().filter(|&&k| k <= i).count();
+            assert_eq!(
+                noise.taken, want_draws,
+                "{label}: noise draws after step {i}"
+            );
+            let d = max_abs_diff(sample.view(), prev.index_axis(Axis(0), i));
+            assert!(d.is_finite(), "{label}: step {i} not finite");
+            worst = worst.max(d);
+        }
+        worst
+    }
+
+    /// Runs every golden case of scheduler `name` and asserts max abs diff <= `tol`;
+    /// returns the largest difference seen.
+    pub(crate) fn check_all(name: &str, tol: f32) -> f32 {
+        let index = read_json(&golden_dir().join("index.json"));
+        let mut worst = 0.0f32;
+        let mut cases = 0;
+        for (config, list) in index["configs"].as_object().expect("configs") {
+            for case in list.as_array().expect("cases") {
+                if case["name"] != name {
+                    continue;
+                }
+                let steps = case["steps"].as_u64().expect("steps") as usize;
+                let d = run_case(config, name, steps);
+                assert!(
+                    d <= tol,
+                    "{name} {config}/{steps}: max abs diff {d} > {tol}"
+                );
+                worst = worst.max(d);
+                cases += 1;
+            }
+        }
+        assert!(cases > 0, "no golden cases for {name}");
+        eprintln!("{name}: {cases} golden cases, max abs diff {worst:e}");
+        worst
+    }
+
+    /// Checks that `create` refuses exactly the step counts diffusers refuses
+    /// (`refusals.json`, base config), and otherwise gives the same number of UNet calls.
+    /// diffusiond also refuses counts above `num_train_timesteps` (see each scheduler).
+    pub(crate) fn check_refusals(name: &str) {
+        let refusals = read_json(&golden_dir().join("refusals.json"));
+        let cfg = SchedulerConfig::from_file(&golden_dir().join("base/scheduler_config.json"))
+            .expect("config");
+        for (steps, row) in refusals[name].as_object().expect("scheduler row") {
+            let steps: usize = steps.parse().expect("step count");
+            let ours = create(name, &cfg, steps);
+            if row["ok"].as_bool() == Some(true) && steps > 0 && steps <= 1000 {
+                let calls = row["calls"].as_u64().expect("calls") as usize;
+                let ours = ours.unwrap_or_else(|e| panic!("{name} {steps}: {e}"));
+                assert_eq!(ours.timesteps().len(), calls, "{name} {steps}: calls");
+            } else if row["ok"].as_bool() == Some(false) {
+                assert!(
+                    ours.is_err(),
+                    "{name} {steps}: diffusers refuses, we accept"
+                );
+            }
+        }
     }
 }
 
