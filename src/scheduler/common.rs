@@ -296,6 +296,24 @@ impl NoiseSchedule {
         })
     }
 
+    /// Refuses a schedule with a timestep outside `0..num_train_timesteps` (diffusers
+    /// would fail with an index error in `step`).
+    pub fn check_timesteps(
+        &self,
+        timesteps: &[i64],
+        scheduler: &'static str,
+    ) -> Result<(), SchedulerError> {
+        let n = self.alphas_cumprod.len();
+        match timesteps.iter().find(|&&t| t < 0 || t >= n as i64) {
+            Some(&t) => Err(SchedulerError::InvalidSteps {
+                scheduler,
+                steps: timesteps.len(),
+                message: format!("timestep {t} is outside the {n} training timesteps"),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// `((1 - alphas_cumprod) / alphas_cumprod) ** 0.5` in float32, ascending in t.
     pub fn train_sigmas(&self) -> Vec<f32> {
         self.alphas_cumprod
@@ -632,6 +650,48 @@ pub fn threshold_sample(
             .max(1.0)
             .min(max_value as f32);
         item.mapv_inplace(|v| v.max(-s).min(s) / s);
+    }
+}
+
+/// What DDIM, DDPM and LCM do to the predicted `x0`: dynamic thresholding wins over
+/// `clip_sample`, as in diffusers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum X0Clip {
+    /// Leave it.
+    None,
+    /// `clip_sample`: clamp to `[-range, range]`.
+    Clip(f64),
+    /// `thresholding`: `_threshold_sample` with `dynamic_thresholding_ratio`, `sample_max_value`.
+    Threshold {
+        /// `dynamic_thresholding_ratio`.
+        ratio: f64,
+        /// `sample_max_value`.
+        max_value: f64,
+    },
+}
+
+impl X0Clip {
+    /// Reads `thresholding` / `clip_sample` from the config.
+    pub fn from_config(cfg: &ResolvedConfig) -> Self {
+        if cfg.thresholding {
+            Self::Threshold {
+                ratio: cfg.dynamic_thresholding_ratio,
+                max_value: cfg.sample_max_value,
+            }
+        } else if cfg.clip_sample {
+            Self::Clip(cfg.clip_sample_range)
+        } else {
+            Self::None
+        }
+    }
+
+    /// Applies it to `x0` in place; `scratch` is reused by thresholding.
+    pub fn apply(self, x0: ArrayViewMutD<'_, f32>, scratch: &mut Vec<f32>) {
+        match self {
+            Self::None => {}
+            Self::Clip(range) => clip_sample(x0, range),
+            Self::Threshold { ratio, max_value } => threshold_sample(x0, ratio, max_value, scratch),
+        }
     }
 }
 
