@@ -1,10 +1,12 @@
 //! Configuration: a TOML file plus `DIFFUSIOND_*` environment overrides, read with the
 //! `config` crate and validated into typed settings in one step.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::pipeline::Limits;
 use crate::runtime::RuntimeSettings;
 
 /// Errors from reading or validating the configuration. Each names the key or file.
@@ -25,6 +27,53 @@ pub enum ConfigError {
 pub struct Settings {
     /// ONNX Runtime: library, execution providers, session options.
     pub runtime: RuntimeSettings,
+    /// The model used when a request names none.
+    pub default_model: Option<String>,
+    /// Models by name. Relative paths are relative to the config file's folder.
+    pub models: BTreeMap<String, ModelEntry>,
+    /// Request limits.
+    pub limits: Limits,
+    /// Queue and job lifetime.
+    pub jobs: JobSettings,
+}
+
+/// One `[models.NAME]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    /// The model folder (Optimum ONNX layout).
+    pub path: PathBuf,
+}
+
+/// The `[jobs]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobSettings {
+    /// Most jobs queued or running at once; more get `QueueFull`.
+    pub queue_depth: usize,
+    /// Most jobs one caller (Unix user) may have queued or running.
+    pub jobs_per_caller: usize,
+    /// Most images in one UNet batch (1 turns batching off).
+    pub max_batch_images: usize,
+    /// Seconds a finished job stays on the bus before it is removed.
+    pub retention_secs: u64,
+    /// Seconds a loaded model may stay unused before it is unloaded (0 = never).
+    pub idle_unload_secs: u64,
+    /// Seconds running jobs get to finish on SIGTERM before they are cancelled.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for JobSettings {
+    fn default() -> Self {
+        JobSettings {
+            queue_depth: 64,
+            jobs_per_caller: 16,
+            max_batch_images: 4,
+            retention_secs: 300,
+            idle_unload_secs: 600,
+            shutdown_grace_secs: 10,
+        }
+    }
 }
 
 impl Settings {
@@ -41,14 +90,48 @@ impl Settings {
             .list_separator(",")
             .with_list_parse_key("runtime.execution_providers")
             .try_parsing(true);
-        let settings: Settings = builder.add_source(env).build()?.try_deserialize()?;
+        let mut settings: Settings = builder.add_source(env).build()?.try_deserialize()?;
+        if let Some(dir) = file.and_then(Path::parent) {
+            for entry in settings.models.values_mut() {
+                if entry.path.is_relative() {
+                    entry.path = dir.join(&entry.path);
+                }
+            }
+        }
         settings.validate()?;
         Ok(settings)
     }
 
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        crate::runtime::providers::validate(&self.runtime).map_err(ConfigError::Invalid)
+        crate::runtime::providers::validate(&self.runtime).map_err(ConfigError::Invalid)?;
+        if let Some(name) = &self.default_model {
+            if !self.models.contains_key(name) {
+                return Err(ConfigError::Invalid(format!(
+                    "default_model: '{name}' is not one of the [models] tables"
+                )));
+            }
+        }
+        let j = &self.jobs;
+        for (key, v) in [
+            ("jobs.queue_depth", j.queue_depth),
+            ("jobs.jobs_per_caller", j.jobs_per_caller),
+            ("jobs.max_batch_images", j.max_batch_images),
+            ("limits.max_steps", self.limits.max_steps),
+            ("limits.max_images", self.limits.max_images),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!("{key}: must be at least 1")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The default model's name: `default_model`, else the only model configured.
+    pub fn default_model_name(&self) -> Option<&str> {
+        self.default_model.as_deref().or_else(|| {
+            (self.models.len() == 1).then(|| self.models.keys().next().map(String::as_str))?
+        })
     }
 }
 

@@ -4,6 +4,9 @@
 //! (`diffusiond`, `diffusionctl`) are thin front ends over it.
 
 pub mod config;
+pub mod jobs;
+pub mod dbus;
+pub mod daemon;
 pub mod local;
 pub mod model;
 pub mod pipeline;

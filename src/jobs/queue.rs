@@ -1,0 +1,180 @@
+//! The job queue: priorities, FIFO within a priority, per-caller limits, and the choice
+//! of the next batch. Pure data structure, no threads, so it is tested on its own.
+
+use std::collections::BTreeMap;
+
+use super::{JobId, QueuedJob};
+
+/// Why a job was not queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    /// The queue holds `queue_depth` jobs already.
+    #[error("the queue is full ({0} jobs); retry later")]
+    Full(usize),
+    /// This caller has `jobs_per_caller` jobs already.
+    #[error("you have {0} jobs queued or running, the most allowed; retry later")]
+    CallerFull(usize),
+}
+
+/// Queued jobs ordered by (priority descending, arrival ascending).
+#[derive(Default)]
+pub struct Queue {
+    jobs: BTreeMap<(std::cmp::Reverse<i32>, JobId), QueuedJob>,
+}
+
+impl Queue {
+    /// Number of queued jobs.
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// Adds a job.
+    pub fn push(&mut self, job: QueuedJob) {
+        self.jobs
+            .insert((std::cmp::Reverse(job.priority), job.id), job);
+    }
+
+    /// Removes one job by id.
+    pub fn remove(&mut self, id: JobId) -> Option<QueuedJob> {
+        let key = *self.jobs.keys().find(|(_, j)| *j == id)?;
+        self.jobs.remove(&key)
+    }
+
+    /// Removes every job matching `pred`.
+    pub fn drain_where(&mut self, mut pred: impl FnMut(&QueuedJob) -> bool) -> Vec<QueuedJob> {
+        let keys: Vec<_> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| pred(j))
+            .map(|(k, _)| *k)
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| self.jobs.remove(&k))
+            .collect()
+    }
+
+    /// Jobs in run order.
+    pub fn iter(&self) -> impl Iterator<Item = &QueuedJob> {
+        self.jobs.values()
+    }
+
+    /// The next batch: the first job (in run order) whose model `ready` says is loaded,
+    /// plus later jobs with the same model and batch key, up to `max_images` images.
+    /// Jobs skipped over keep their place.
+    pub fn take_batch(
+        &mut self,
+        ready: impl Fn(&str) -> bool,
+        max_images: usize,
+    ) -> Vec<QueuedJob> {
+        let Some(lead) = self.jobs.values().find(|j| ready(&j.model)) else {
+            return Vec::new();
+        };
+        let (model, key) = (lead.model.clone(), lead.params.batch_key());
+        let mut images = 0;
+        let mut keys = Vec::new();
+        for (k, j) in &self.jobs {
+            if j.model == model && j.params.batch_key() == key {
+                if !keys.is_empty() && images + j.params.num_images > max_images {
+                    break;
+                }
+                images += j.params.num_images;
+                keys.push(*k);
+            }
+        }
+        keys.into_iter()
+            .filter_map(|k| self.jobs.remove(&k))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::GenerateParams;
+
+    fn job(id: JobId, priority: i32, model: &str, steps: usize) -> QueuedJob {
+        QueuedJob {
+            id,
+            priority,
+            model: model.into(),
+            owner: 1000,
+            sender: None,
+            params: GenerateParams {
+                steps,
+                width: 64,
+                height: 64,
+                ..GenerateParams::default()
+            },
+            output_fds: Vec::new(),
+            queued_at: std::time::Instant::now(),
+        }
+    }
+
+    #[test]
+    fn priority_first_then_fifo() {
+        let mut q = Queue::default();
+        q.push(job(1, 0, "a", 4));
+        q.push(job(2, 5, "a", 8));
+        q.push(job(3, 0, "a", 8));
+        q.push(job(4, 5, "a", 9));
+        let order: Vec<_> = q.iter().map(|j| j.id).collect();
+        assert_eq!(order, vec![2, 4, 1, 3]);
+    }
+
+    #[test]
+    fn batch_takes_compatible_jobs_up_to_the_image_limit() {
+        let mut q = Queue::default();
+        for id in 1..=5 {
+            q.push(job(id, 0, "a", 4));
+        }
+        q.push(job(6, 0, "a", 8));
+        let batch: Vec<_> = q.take_batch(|_| true, 3).iter().map(|j| j.id).collect();
+        assert_eq!(batch, vec![1, 2, 3]);
+        let batch: Vec<_> = q.take_batch(|_| true, 3).iter().map(|j| j.id).collect();
+        assert_eq!(batch, vec![4, 5]);
+        let batch: Vec<_> = q.take_batch(|_| true, 3).iter().map(|j| j.id).collect();
+        assert_eq!(batch, vec![6]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn jobs_on_a_loaded_model_pass_jobs_waiting_for_a_load() {
+        let mut q = Queue::default();
+        q.push(job(1, 9, "cold", 4));
+        q.push(job(2, 0, "warm", 4));
+        let batch: Vec<_> = q
+            .take_batch(|m| m == "warm", 4)
+            .iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(batch, vec![2]);
+        assert_eq!(q.len(), 1);
+        assert!(q.take_batch(|m| m == "warm", 4).is_empty());
+    }
+
+    #[test]
+    fn a_large_job_still_runs_alone() {
+        let mut q = Queue::default();
+        let mut big = job(1, 0, "a", 4);
+        big.params.num_images = 8;
+        q.push(big);
+        assert_eq!(q.take_batch(|_| true, 4).len(), 1);
+    }
+
+    #[test]
+    fn remove_and_drain() {
+        let mut q = Queue::default();
+        q.push(job(1, 0, "a", 4));
+        q.push(job(2, 0, "b", 4));
+        q.push(job(3, 0, "a", 4));
+        assert_eq!(q.remove(2).map(|j| j.id), Some(2));
+        assert_eq!(q.remove(2).map(|j| j.id), None);
+        assert_eq!(q.drain_where(|j| j.model == "a").len(), 2);
+        assert!(q.is_empty());
+    }
+}

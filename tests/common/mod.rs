@@ -1,0 +1,198 @@
+//! Shared harness for end-to-end tests: a private dbus-daemon and a real diffusiond
+//! process on it. Both are killed when dropped. No mocks.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A private session-type dbus-daemon listening on a socket in a temp folder.
+pub struct PrivateBus {
+    child: Child,
+    address: String,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateBus {
+    /// Starts `dbus-daemon` with a permissive session policy and reads its address.
+    pub fn start() -> PrivateBus {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("bus.conf");
+        std::fs::write(
+            &config,
+            format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:dir={}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+"#,
+                dir.path().display()
+            ),
+        )
+        .expect("bus config");
+        let mut child = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", config.display()))
+            .args(["--nofork", "--print-address=1"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("dbus-daemon (apt-get install dbus)");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("bus address");
+        PrivateBus {
+            child,
+            address: line.trim().to_string(),
+            _dir: dir,
+        }
+    }
+
+    /// The bus address, for `--address` and zbus.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// A new zbus connection to this bus.
+    pub async fn connect(&self) -> zbus::Connection {
+        zbus::connection::Builder::address(self.address())
+            .expect("address")
+            .build()
+            .await
+            .expect("connect to the private bus")
+    }
+}
+
+impl Drop for PrivateBus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A diffusiond process on a private bus, serving the tiny model as `tiny` (default).
+pub struct Daemon {
+    child: Option<Child>,
+    config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts `diffusiond --address ADDR --config FILE`; `extra` is appended to the TOML.
+    /// Waits until the bus name is owned.
+    pub fn start(bus: &PrivateBus, extra: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("diffusiond.toml");
+        std::fs::write(&config, config_text(extra)).expect("config");
+        let child = Command::new(env!("CARGO_BIN_EXE_diffusiond"))
+            .arg("--address")
+            .arg(bus.address())
+            .arg("--config")
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .spawn()
+            .expect("start diffusiond");
+        let mut daemon = Daemon {
+            child: Some(child),
+            config,
+            _dir: dir,
+        };
+        daemon.wait_for_name(bus.address());
+        daemon
+    }
+
+    /// The config file the daemon was started with.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends a signal and waits for the exit status (up to `timeout`).
+    pub fn signal_and_wait(
+        &mut self,
+        signal: &str,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let pid = self.pid().to_string();
+        let _ = Command::new("kill").args([signal, &pid]).status();
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The daemon config used in tests: the tiny model, one ORT thread, short retention.
+pub fn config_text(extra: &str) -> String {
+    format!(
+        r#"default_model = "tiny"
+
+[models.tiny]
+path = "{}"
+
+[runtime.session]
+intra_threads = 1
+inter_threads = 1
+
+{extra}
+"#,
+        root().join("onnx/tiny-sd15").display()
+    )
+}
+
+impl Daemon {
+    fn wait_for_name(&mut self, address: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("diffusiond exited during startup: {status}");
+            }
+            let out = Command::new("busctl")
+                .args(["--address", address, "status", "io.github.Diffusiond1"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            if out.map(|s| s.success()).unwrap_or(false) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("diffusiond did not take its bus name within 60 s");
+    }
+}
