@@ -121,6 +121,26 @@ def configs() -> dict[str, tuple[dict, list[int]]]:
         ),
         # PNDM with its Runge-Kutta warm-up (diffusers' PNDM default).
         "prk": ({**base, "skip_prk_steps": False}, [1, 4, 13], ["pndm"]),
+        # Karras / exponential sigma spacing for the Euler family.
+        "karras": ({**base, "use_karras_sigmas": True}, [4, 13], ["euler", "heun", "lms"]),
+        "exponential": ({**base, "use_exponential_sigmas": True}, [4], ["euler", "heun", "lms"]),
+        # Dynamic thresholding of x0 (Imagen); sample_max_value > 1 so it differs from clipping.
+        "threshold": (
+            {**base, "thresholding": True, "sample_max_value": 1.5},
+            [4, 13],
+            ["ddim", "ddpm", "lcm"],
+        ),
+        # SD 2.x-style zero terminal SNR with v-prediction and trailing spacing.
+        "zero_snr": (
+            {
+                **base,
+                "rescale_betas_zero_snr": True,
+                "prediction_type": "v_prediction",
+                "timestep_spacing": "trailing",
+            },
+            [4, 13],
+            ["ddim", "ddpm", "lcm"],
+        ),
     }
 
 
@@ -212,6 +232,11 @@ def run_case(cls: type, extra: dict, cfg: dict, steps: int, x0: np.ndarray, c: n
     return meta, scaled, np.stack(prev_out), noise
 
 
+def f32_list(values) -> list[float]:
+    """float32 values as the shortest decimals that round-trip through float32."""
+    return [float(str(np.float32(v))) for v in values]
+
+
 def common_json() -> dict:
     out = {}
     for sched_name in ["linear", "scaled_linear", "squaredcos_cap_v2"]:
@@ -220,27 +245,24 @@ def common_json() -> dict:
             "beta_start": 0.00085,
             "beta_end": 0.012,
             "num_train_timesteps": 1000,
-            "betas": [float(v) for v in s.betas.tolist()],
-            "alphas_cumprod": [float(v) for v in s.alphas_cumprod.tolist()],
+            "betas": f32_list(s.betas.tolist()),
+            "alphas_cumprod": f32_list(s.alphas_cumprod.tolist()),
         }
-    # np.log of the float32 training sigmas (numpy's own SIMD float32 log) and
-    # np.exp of float64 values (numpy's SIMD float64 exp), for emulating numpy.
+    # np.log of the float32 training sigmas (numpy's own SIMD float32 log).
     s = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     sig = np.array(((1 - s.alphas_cumprod) / s.alphas_cumprod) ** 0.5)
     out["numpy_log_f32"] = {
-        "x": [float(v) for v in sig.tolist()],
-        "log": [float(v) for v in np.log(sig).tolist()],
+        "x": f32_list(sig.tolist()),
+        "log": f32_list(np.log(sig).tolist()),
     }
-    xs = np.linspace(-12.0, 6.0, 1001)
-    out["numpy_exp_f64"] = {"x": xs.tolist(), "exp": np.exp(xs).tolist()}
     # rescale_betas_zero_snr on scaled_linear (as DDIM/Euler compute it)
     s = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
     out["scaled_linear_zero_snr"] = {
         "beta_start": 0.00085,
         "beta_end": 0.012,
         "num_train_timesteps": 1000,
-        "betas": [float(v) for v in s.betas.tolist()],
-        "alphas_cumprod": [float(v) for v in s.alphas_cumprod.tolist()],
+        "betas": f32_list(s.betas.tolist()),
+        "alphas_cumprod": f32_list(s.alphas_cumprod.tolist()),
     }
     return out
 
