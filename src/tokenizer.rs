@@ -182,7 +182,9 @@ fn from_vocab_and_merges(dir: &Path) -> Result<Tokenizer, TokenizerError> {
     let read = |p: &Path| {
         std::fs::read_to_string(p).map_err(|e| TokenizerError::File {
             path: p.to_path_buf(),
-            message: format!("{e} (a tokenizer folder needs tokenizer.json or vocab.json + merges.txt)"),
+            message: format!(
+                "{e} (a tokenizer folder needs tokenizer.json or vocab.json + merges.txt)"
+            ),
         })
     };
     let vocab: serde_json::Value =

@@ -50,7 +50,12 @@ fn vocab_and_merges_alone_match_clip_tokenizer_fast() {
     let g = golden();
     let src: PathBuf = root().join(&g.tokenizer_dir);
     let dir = tempfile::tempdir().unwrap();
-    for f in ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"] {
+    for f in [
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
         std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
     }
     let tok = ClipTokenizer::from_dir(dir.path()).unwrap();
