@@ -12,6 +12,7 @@
 //! [`ModelBundle::open`] reads and checks the JSON files; [`signature`] checks each
 //! session's inputs and outputs once it is loaded. Every error names the file.
 
+pub mod safety;
 pub mod signature;
 
 use std::path::{Path, PathBuf};
@@ -46,6 +47,9 @@ pub enum ModelError {
         /// The mismatch.
         message: String,
     },
+    /// A graph refers to external data diffusiond will not let ONNX Runtime open.
+    #[error(transparent)]
+    Unsafe(#[from] safety::SafetyError),
     /// The pipeline class is not one diffusiond runs.
     #[error(
         "{path}: pipeline class '{class}' is not supported (StableDiffusionPipeline, StableDiffusionXLPipeline)"
@@ -121,8 +125,9 @@ struct UnetConfig {
 }
 
 impl ModelBundle {
-    /// Reads `model_index.json`, the scheduler and VAE configs, and checks that the
-    /// component folders exist.
+    /// Reads `model_index.json`, the scheduler and VAE configs, checks that the
+    /// component folders exist and that their graphs' external data is safe
+    /// ([`safety::check_file`]).
     pub fn open(dir: &Path) -> Result<ModelBundle, ModelError> {
         if !dir.is_dir() {
             return Err(ModelError::MissingFolder(dir.to_path_buf()));
@@ -181,6 +186,10 @@ impl ModelBundle {
             if !f.is_file() {
                 return Err(ModelError::MissingFile(f));
             }
+        }
+        // Only ever files inside the configured folder: refuse unsafe external data.
+        for f in bundle.required_files() {
+            safety::check_file(&f)?;
         }
         Ok(bundle)
     }
