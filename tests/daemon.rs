@@ -552,3 +552,65 @@ fn shipped_document(interfaces: &str) -> String {
         "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n<!-- diffusiond D-Bus API v1: the Manager (at /io/github/Diffusiond1) and Job (at /io/github/Diffusiond1/job/N) interfaces, as served. See docs/dbus-api.md. -->\n<node>\n{interfaces}</node>\n"
     )
 }
+
+#[test]
+fn output_fds_receive_the_pngs_and_a_slow_reader_does_not_stall_the_worker() {
+    use std::io::Read;
+    use std::os::fd::OwnedFd;
+    let bus = PrivateBus::start();
+    let _d = Daemon::start(&bus, "");
+    runtime().block_on(async {
+        let conn = bus.connect().await;
+        let dir = tempfile::tempdir().unwrap();
+        let file_path = dir.path().join("out.png");
+        let file = std::fs::File::create(&file_path).unwrap();
+        // The PNGs are larger than a pipe buffer and nobody reads the pipe yet.
+        let (mut reader, writer) = std::io::pipe().unwrap();
+        let fds: Vec<zbus::zvariant::Fd<'static>> =
+            vec![OwnedFd::from(file).into(), OwnedFd::from(writer).into()];
+        let mut req = request(&[
+            ("prompt", Value::from("to fds")),
+            ("width", Value::U32(512)),
+            ("height", Value::U32(512)),
+            ("steps", Value::U32(1)),
+            ("num_images", Value::U32(2)),
+        ]);
+        req.insert(
+            "output_fds".into(),
+            Value::from(fds).try_to_owned().unwrap(),
+        );
+        let to_fds = generate(&conn, req).await.unwrap();
+        // Another job still runs and finishes while that pipe is full.
+        let other = generate(
+            &conn,
+            request(&[("prompt", Value::from("other")), ("steps", Value::U32(1))]),
+        )
+        .await
+        .unwrap();
+        let done = tokio::time::timeout(Duration::from_secs(120), wait(&conn, &other)).await;
+        assert_eq!(pngs(&done.unwrap().unwrap()).len(), 1);
+        // Now read the pipe while waiting for the first job.
+        let read = tokio::task::spawn_blocking(move || {
+            let mut bytes = Vec::new();
+            reader.read_to_end(&mut bytes).map(|_| bytes)
+        });
+        let result = tokio::time::timeout(Duration::from_secs(120), wait(&conn, &to_fds))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            pngs(&result).is_empty(),
+            "images go to the fds, not the reply"
+        );
+        let from_pipe = read.await.unwrap().unwrap();
+        let from_file = std::fs::read(&file_path).unwrap();
+        for png in [&from_file, &from_pipe] {
+            let img = image::load_from_memory(png).unwrap();
+            assert_eq!((img.width(), img.height()), (512, 512));
+        }
+        assert!(
+            from_pipe.len() > 65536,
+            "the test needs a PNG larger than a pipe buffer"
+        );
+    });
+}

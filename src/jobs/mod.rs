@@ -494,13 +494,37 @@ impl Engine {
             );
             if let Some(first) = batch.first() {
                 let model = first.model.clone();
-                if let Some(Slot::Ready { pipeline, .. }) = st.slots.insert(model, Slot::InUse) {
-                    st.running = Some(Running {
-                        run_options: Arc::new(RunOptions::new().ok()?),
-                        jobs: batch.iter().map(|j| j.id).collect(),
-                        cancelled: HashSet::new(),
-                    });
-                    return Some((batch, pipeline));
+                match (
+                    st.slots.insert(model.clone(), Slot::InUse),
+                    RunOptions::new(),
+                ) {
+                    (Some(Slot::Ready { pipeline, .. }), Ok(run_options)) => {
+                        st.running = Some(Running {
+                            run_options: Arc::new(run_options),
+                            jobs: batch.iter().map(|j| j.id).collect(),
+                            cancelled: HashSet::new(),
+                        });
+                        return Some((batch, pipeline));
+                    }
+                    (slot, result) => {
+                        // Only out of memory makes RunOptions fail: fail these jobs, keep serving.
+                        if let Some(slot) = slot {
+                            st.slots.insert(model, slot);
+                        }
+                        let message = result
+                            .err()
+                            .map_or_else(|| "model not ready".into(), |e| e.to_string());
+                        for j in batch {
+                            Self::retire(&mut st, j.id);
+                            self.send(Event::Finished(
+                                j.id,
+                                Outcome::Failed {
+                                    message: message.clone(),
+                                    model_load: false,
+                                },
+                            ));
+                        }
+                    }
                 }
             }
             if st.shutting_down && st.queue.is_empty() {
@@ -646,11 +670,16 @@ impl Engine {
                 },
             };
             Self::retire(&mut self.lock(), job.id);
-            self.send(Event::Finished(job.id, outcome));
+            match outcome {
+                Outcome::Succeeded(out) if !job.output_fds.is_empty() => {
+                    self.write_to_fds(job, out)
+                }
+                other => self.send(Event::Finished(job.id, other)),
+            }
         }
     }
 
-    /// Encodes the PNGs and writes them to the caller's fds, if any.
+    /// Encodes the PNGs.
     fn deliver(
         &self,
         queued_at: Instant,
@@ -676,15 +705,6 @@ impl Engine {
                 }
             }
         }
-        if !job.output_fds.is_empty() {
-            if let Err(e) = write_fds(&job.output_fds, &pngs) {
-                return Outcome::Failed {
-                    message: format!("writing to output_fds: {e}"),
-                    model_load: false,
-                };
-            }
-            pngs.clear();
-        }
         Outcome::Succeeded(Arc::new(JobOutput {
             pngs,
             scheduler: g.scheduler.to_string(),
@@ -694,6 +714,40 @@ impl Engine {
             total_secs: started.elapsed().as_secs_f64(),
             batch_images,
         }))
+    }
+}
+
+impl Engine {
+    /// Writes the PNGs to the caller's fds on a thread of their own (a pipe the caller
+    /// has not started reading must not stall the worker), then reports the job.
+    fn write_to_fds(&self, job: QueuedJob, out: Arc<JobOutput>) {
+        let engine = self.clone();
+        let id = job.id;
+        let spawned = std::thread::Builder::new()
+            .name(format!("fds-{}", job.id))
+            .spawn(move || {
+                let outcome = match write_fds(&job.output_fds, &out.pngs) {
+                    Ok(()) => Outcome::Succeeded(Arc::new(JobOutput {
+                        pngs: Vec::new(),
+                        ..(*out).clone()
+                    })),
+                    Err(e) => Outcome::Failed {
+                        message: format!("writing to output_fds: {e}"),
+                        model_load: false,
+                    },
+                };
+                engine.send(Event::Finished(job.id, outcome));
+            });
+        if let Err(e) = spawned {
+            let message = format!("cannot start a thread to write output fds: {e}");
+            self.send(Event::Finished(
+                id,
+                Outcome::Failed {
+                    message,
+                    model_load: false,
+                },
+            ));
+        }
     }
 }
 
