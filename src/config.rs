@@ -31,6 +31,8 @@ pub struct Settings {
     pub default_model: Option<String>,
     /// Models by name. Relative paths are relative to the config file's folder.
     pub models: BTreeMap<String, ModelEntry>,
+    /// Models loaded at startup, before the daemon reports ready (others load on first use).
+    pub preload: Vec<String>,
     /// Request limits.
     pub limits: Limits,
     /// Queue and job lifetime.
@@ -89,6 +91,7 @@ impl Settings {
             .separator("__")
             .list_separator(",")
             .with_list_parse_key("runtime.execution_providers")
+            .with_list_parse_key("preload")
             .try_parsing(true);
         let mut settings: Settings = builder.add_source(env).build()?.try_deserialize()?;
         if let Some(dir) = file.and_then(Path::parent) {
@@ -109,6 +112,13 @@ impl Settings {
             if !self.models.contains_key(name) {
                 return Err(ConfigError::Invalid(format!(
                     "default_model: '{name}' is not one of the [models] tables"
+                )));
+            }
+        }
+        for name in &self.preload {
+            if !self.models.contains_key(name) {
+                return Err(ConfigError::Invalid(format!(
+                    "preload: '{name}' is not one of the [models] tables"
                 )));
             }
         }

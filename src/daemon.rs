@@ -52,6 +52,61 @@ pub fn notify(state: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
+/// Starts sending WATCHDOG=1 at half the interval systemd asked for (`WatchdogSec=`, seen
+/// as `WATCHDOG_USEC`/`WATCHDOG_PID`). The pings come from a task on the daemon's tokio
+/// runtime, so a stalled runtime stops them and systemd restarts the service.
+fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return None;
+    }
+    let period = Duration::from_micros(usec / 2).max(Duration::from_millis(1));
+    tracing::info!(?period, "systemd watchdog enabled");
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+    }))
+}
+
+/// Loads the `preload` models before the daemon reports ready, extending systemd's start
+/// timeout (EXTEND_TIMEOUT_USEC) every few seconds while a load runs. A model that fails
+/// to load is logged; the daemon still serves the others.
+async fn preload(engine: &Engine, names: &[String]) {
+    const EXTEND: Duration = Duration::from_secs(30);
+    for name in names {
+        let status = format!("loading model '{name}'");
+        let ping = || {
+            notify(&[
+                sd_notify::NotifyState::Status(&status),
+                sd_notify::NotifyState::ExtendTimeoutUsec(EXTEND.as_micros() as u32),
+            ])
+        };
+        let rx = match engine.load_model(name) {
+            Ok(rx) => rx,
+            Err(e) => {
+                tracing::error!(model = %name, error = %e, "cannot preload");
+                continue;
+            }
+        };
+        tokio::pin!(rx);
+        let mut tick = tokio::time::interval(EXTEND / 3);
+        let result = loop {
+            tokio::select! {
+                r = &mut rx => break r,
+                _ = tick.tick() => ping(),
+            }
+        };
+        match result {
+            Ok(Ok(())) => tracing::info!(model = %name, "preloaded"),
+            Ok(Err(e)) => tracing::error!(model = %name, error = %e, "preload failed"),
+            Err(_) => tracing::error!(model = %name, "preload abandoned"),
+        }
+    }
+}
+
 async fn connect(bus: &Bus, manager: Manager) -> Result<Connection, DaemonError> {
     let builder = match bus {
         Bus::Session => zbus::connection::Builder::session()?,
@@ -81,6 +136,7 @@ pub async fn run(
             "no [models] configured; add [models.NAME] path = \"DIR\"".into(),
         ));
     }
+    let watchdog = spawn_watchdog();
     notify(&[sd_notify::NotifyState::Status("loading ONNX Runtime")]);
     let runtime = Arc::new(Runtime::init(settings.runtime.clone())?);
     let providers = runtime.providers().iter().map(|p| p.to_string()).collect();
@@ -100,14 +156,16 @@ pub async fn run(
         runtime.version().to_string(),
         providers,
     );
+    notify(&[sd_notify::NotifyState::Status("taking the bus name")]);
     let conn = connect(&bus, manager).await?;
+    preload(&engine, &settings.preload).await;
     let retention = Duration::from_secs(settings.jobs.retention_secs);
     let pump = tokio::spawn(dbus::pump_events(conn.clone(), registry, rx, retention));
     let watcher = tokio::spawn(dbus::watch_disconnects(conn.clone(), engine.clone()));
     tracing::info!(bus = ?bus, "serving {BUS_NAME}");
     notify(&[
         sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status("ready"),
+        sd_notify::NotifyState::Status("ready: serving io.github.Diffusiond1"),
     ]);
 
     shutdown.await;
@@ -117,6 +175,10 @@ pub async fn run(
         sd_notify::NotifyState::Status("finishing running jobs"),
     ]);
     let grace = Duration::from_secs(settings.jobs.shutdown_grace_secs);
+    let stop_budget = grace + Duration::from_secs(15);
+    notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(
+        u32::try_from(stop_budget.as_micros()).unwrap_or(u32::MAX),
+    )]);
     let draining = engine.clone();
     let _ = tokio::task::spawn_blocking(move || {
         draining.shutdown(grace);
@@ -126,6 +188,9 @@ pub async fn run(
     engine.flush_events().await;
     watcher.abort();
     pump.abort();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     let _ = conn.release_name(BUS_NAME).await;
     Ok(())
 }
