@@ -1,9 +1,11 @@
-//! diffusionctl: the command-line client. `generate --local` runs the pipeline in-process.
+//! diffusionctl: the command-line client of diffusiond (src/client.rs does the D-Bus work);
+//! `generate --local` runs the pipeline in-process.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use diffusiond::client::{self, Bus, Client, ClientError, GenerateRequest, OnInterrupt};
 use diffusiond::config::{self, Settings};
 use diffusiond::local;
 use diffusiond::pipeline::GenerateParams;
@@ -19,8 +21,47 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Generate images from a prompt.
+    /// Generate images from a prompt (through the daemon, or in-process with --local).
     Generate(GenerateArgs),
+    /// Show the daemon's version, ONNX Runtime, execution providers, queue and models.
+    Status(BusArgs),
+    /// List the configured models.
+    Models(BusArgs),
+    /// List the jobs with their state and progress.
+    Jobs(BusArgs),
+    /// Cancel a job.
+    Cancel(CancelArgs),
+    /// Wait for a job to end, optionally writing its images.
+    Wait(WaitArgs),
+}
+
+/// Which bus the daemon is on (at most one).
+#[derive(Debug, Clone, Args)]
+#[group(id = "bus", multiple = false)]
+struct BusArgs {
+    /// Use the session bus (the default).
+    #[arg(long)]
+    session: bool,
+    /// Use the system bus.
+    #[arg(long)]
+    system: bool,
+    /// Use the bus at this D-Bus address.
+    #[arg(long, value_name = "ADDR")]
+    address: Option<String>,
+}
+
+impl BusArgs {
+    fn bus(&self) -> Bus {
+        match (&self.address, self.system) {
+            (Some(a), _) => Bus::Address(a.clone()),
+            (None, true) => Bus::System,
+            (None, false) => Bus::Session,
+        }
+    }
+
+    fn given(&self) -> bool {
+        self.session || self.system || self.address.is_some()
+    }
 }
 
 /// Flags of `generate` (a contract: scripts call them by these names).
@@ -32,68 +73,263 @@ struct GenerateArgs {
     /// Model folder (Optimum ONNX layout), with --local.
     #[arg(long, value_name = "DIR", required_if_eq("local", "true"))]
     model_dir: Option<PathBuf>,
+    /// Model name from the daemon's config (default: the daemon's default model).
+    #[arg(long, value_name = "NAME", conflicts_with = "local")]
+    model: Option<String>,
     /// The prompt.
     #[arg(long)]
     prompt: String,
     /// The negative prompt.
     #[arg(long)]
     negative_prompt: Option<String>,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
-    /// Classifier-free guidance scale (≤ 1 turns guidance off).
-    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
-    guidance: f64,
-    /// Guidance rescale, 0..1 (diffusers' guidance_rescale).
-    #[arg(long, default_value_t = 0.0)]
-    guidance_rescale: f64,
-    /// Scheduler (default: the model folder's own).
+    /// Denoising steps [default: 20].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale (≤ 1 turns guidance off) [default: 7.5].
+    #[arg(long, allow_negative_numbers = true)]
+    guidance: Option<f64>,
+    /// Guidance rescale, 0..1 (diffusers' guidance_rescale) [default: 0].
+    #[arg(long)]
+    guidance_rescale: Option<f64>,
+    /// Scheduler (default: the model's own).
     #[arg(long, value_name = "NAME")]
     scheduler: Option<String>,
-    /// Seed (default: a random one, printed).
+    /// Seed (default: a random one).
     #[arg(long)]
     seed: Option<u64>,
-    /// Which reference generator the seed follows.
-    #[arg(long, default_value = "torch", value_name = "torch|numpy")]
-    rng: RngKind,
-    /// Initial latents from a .npy file (float32, [K,4,H/8,W/8]), instead of the seed's.
+    /// Which reference generator the seed follows [default: torch].
+    #[arg(long, value_name = "torch|numpy")]
+    rng: Option<RngKind>,
+    /// Initial latents from a .npy file (float32, [K,4,H/8,W/8]), instead of the seed's
+    /// (--local only).
     #[arg(long, value_name = "FILE.npy")]
     latents: Option<PathBuf>,
-    /// Width in pixels (default: the model's native size).
-    #[arg(long)]
+    /// Width in pixels, a multiple of 8 (default: the model's native size).
+    #[arg(long, value_parser = positive)]
     width: Option<usize>,
-    /// Height in pixels (default: the model's native size).
-    #[arg(long)]
+    /// Height in pixels, a multiple of 8 (default: the model's native size).
+    #[arg(long, value_parser = positive)]
     height: Option<usize>,
-    /// Number of images; with K > 1, files are OUT-0.png, OUT-1.png, ...
-    #[arg(long, default_value_t = 1)]
-    num_images: usize,
+    /// Number of images; with K > 1, files are OUT-0.png, OUT-1.png, ... [default: 1].
+    #[arg(long)]
+    num_images: Option<usize>,
+    /// Job priority: higher runs first (daemon only) [default: 0].
+    #[arg(long, allow_negative_numbers = true, conflicts_with = "local")]
+    priority: Option<i32>,
     /// Output PNG path.
     #[arg(long, value_name = "OUT.png")]
     output: PathBuf,
-    /// Config file (runtime settings).
+    /// Config file (runtime settings), with --local.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    bus: BusArgs,
+}
+
+#[derive(Debug, Args)]
+struct CancelArgs {
+    /// The job: its number or its object path.
+    job: String,
+    #[command(flatten)]
+    bus: BusArgs,
+}
+
+#[derive(Debug, Args)]
+struct WaitArgs {
+    /// The job: its number or its object path.
+    job: String,
+    /// Write the job's images here (OUT.png, or OUT-0.png, OUT-1.png, ... for several).
+    #[arg(long, value_name = "OUT.png")]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    bus: BusArgs,
 }
 
 fn main() -> ExitCode {
     diffusiond::logging::init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // One line, like every other error of ours; `--help` has the details.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("diffusionctl: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
-        Command::Generate(args) => generate(args),
+        Command::Generate(args) if args.local => generate_local(args),
+        Command::Generate(args) => match request(&args) {
+            Ok(request) => daemon(&args.bus.bus(), |c| generate(c, request, args.output)),
+            Err(message) => Err(Failure::Other(message)),
+        },
+        Command::Status(bus) => daemon(&bus.bus(), status),
+        Command::Models(bus) => daemon(&bus.bus(), models),
+        Command::Jobs(bus) => daemon(&bus.bus(), jobs),
+        Command::Cancel(args) => daemon(&args.bus.bus(), |c| cancel(c, args.job)),
+        Command::Wait(args) => daemon(&args.bus.bus(), |c| wait(c, args.job, args.output)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
+        Err(Failure::Interrupted(message)) => {
+            eprintln!("diffusionctl: {message}");
+            ExitCode::from(130)
+        }
+        Err(Failure::Other(message)) => {
             eprintln!("diffusionctl: {message}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn generate(args: GenerateArgs) -> Result<(), String> {
-    if !args.local {
-        return Err("talking to the daemon is not part of this build yet; use --local".into());
+/// How a command failed: the line to print, and whether the user interrupted.
+enum Failure {
+    Interrupted(String),
+    Other(String),
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure::Other(message)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(message: &str) -> Self {
+        Failure::Other(message.to_string())
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Interrupted { .. } => Failure::Interrupted(e.to_string()),
+            e => Failure::Other(e.to_string()),
+        }
+    }
+}
+
+/// A daemon command: connects to `bus` on a small tokio runtime and runs `command`.
+fn daemon<F>(bus: &Bus, command: impl FnOnce(Client) -> F) -> Result<(), Failure>
+where
+    F: Future<Output = Result<(), Failure>>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async {
+        let client = Client::connect(bus).await?;
+        command(client).await
+    })
+}
+
+/// Parses a size that must be at least 1 (0 would mean "the model's size" inside).
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be a positive multiple of 8".into()),
+        Ok(v) => Ok(v),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A count for the D-Bus request (`u`).
+fn to_u32(flag: &str, v: Option<usize>) -> Result<Option<u32>, String> {
+    v.map(|v| u32::try_from(v).map_err(|_| format!("{flag}: {v} is too large")))
+        .transpose()
+}
+
+/// Checks the flags of a daemon `generate` and builds its request (only the keys set).
+fn request(args: &GenerateArgs) -> Result<GenerateRequest, String> {
+    if args.latents.is_some() {
+        return Err("--latents needs --local (the daemon draws latents from the seed)".into());
+    }
+    if args.model_dir.is_some() {
+        return Err("--model-dir needs --local; with the daemon, name a model with --model".into());
+    }
+    if args.config.is_some() {
+        return Err("--config needs --local (the daemon reads its own configuration)".into());
+    }
+    Ok(GenerateRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        model: args.model.clone(),
+        width: to_u32("--width", args.width)?,
+        height: to_u32("--height", args.height)?,
+        steps: to_u32("--steps", args.steps)?,
+        guidance_scale: args.guidance,
+        guidance_rescale: args.guidance_rescale,
+        seed: args.seed,
+        rng: args.rng.map(|r| r.as_str().to_string()),
+        scheduler: args.scheduler.clone(),
+        num_images: to_u32("--num-images", args.num_images)?,
+        priority: args.priority,
+    })
+}
+
+/// `generate` through the daemon: queue, show progress, write the PNGs, print their paths.
+async fn generate(
+    client: Client,
+    request: GenerateRequest,
+    output: PathBuf,
+) -> Result<(), Failure> {
+    let (_, _, written) = client::generate_to_files(&client, &request, &output).await?;
+    for path in written {
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+async fn status(client: Client) -> Result<(), Failure> {
+    print!("{}", client::format_status(&client.status().await?));
+    Ok(())
+}
+
+async fn models(client: Client) -> Result<(), Failure> {
+    print!("{}", client::format_models(&client.models().await?));
+    Ok(())
+}
+
+async fn jobs(client: Client) -> Result<(), Failure> {
+    print!("{}", client::format_jobs(&client.jobs().await?));
+    Ok(())
+}
+
+async fn cancel(client: Client, job: String) -> Result<(), Failure> {
+    let path = client.cancel(&job).await?;
+    println!("cancelled {path}");
+    Ok(())
+}
+
+/// `wait`: Ctrl-C stops waiting but leaves the job alone (it may not be ours).
+async fn wait(client: Client, job: String, output: Option<PathBuf>) -> Result<(), Failure> {
+    let path = client::job_path(&job)?;
+    let interrupt = client::ctrl_c();
+    let (result, written) = client::wait_with_progress(
+        &client,
+        &path,
+        output.as_deref(),
+        interrupt,
+        OnInterrupt::Detach,
+    )
+    .await?;
+    if written.is_empty() {
+        let state = result.state.as_deref().unwrap_or("succeeded");
+        println!("{state}: {}", client::describe_result(&result));
+    }
+    for path in written {
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+fn generate_local(args: GenerateArgs) -> Result<(), Failure> {
+    if args.bus.given() {
+        return Err(
+            "--session, --system and --address choose the daemon's bus; not with --local".into(),
+        );
     }
     let model_dir = args
         .model_dir
@@ -103,19 +339,20 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         Some(path) => Some(local::read_latents(path).map_err(|e| e.to_string())?),
         None => None,
     };
+    let defaults = GenerateParams::default();
     let params = GenerateParams {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
-        steps: args.steps,
-        guidance_scale: args.guidance,
-        guidance_rescale: args.guidance_rescale,
+        steps: args.steps.unwrap_or(defaults.steps),
+        guidance_scale: args.guidance.unwrap_or(defaults.guidance_scale),
+        guidance_rescale: args.guidance_rescale.unwrap_or(defaults.guidance_rescale),
         scheduler: args.scheduler,
         seed: args.seed.unwrap_or_else(local::random_seed),
-        rng: args.rng,
+        rng: args.rng.unwrap_or(defaults.rng),
         latents,
         width: args.width.unwrap_or(0),
         height: args.height.unwrap_or(0),
-        num_images: args.num_images,
+        num_images: args.num_images.unwrap_or(defaults.num_images),
     };
     let file = args.config.or_else(|| config::default_file(false));
     let settings = Settings::load(file.as_deref()).map_err(|e| e.to_string())?;
