@@ -1,0 +1,226 @@
+//! The systemd files in systemd/: `systemd-analyze verify` accepts the unit (alone, with
+//! the GPU drop-in, with a MemoryMax drop-in), `systemd-analyze security --offline=yes`
+//! scores it below the threshold, and systemd-sysusers/systemd-tmpfiles accept their
+//! files in a scratch root. Skips only when systemd-analyze is missing and `CI` is unset.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::root;
+
+/// Highest exposure `systemd-analyze security` may give the unit (docs/systemd.md records
+/// the measured score: 0.4 for the CPU unit, 0.5 with gpu.conf).
+const MAX_EXPOSURE: f64 = 1.0;
+
+/// Whether `tool` is on PATH; when it is not, the test skips, or fails under CI.
+fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{tool} is missing under CI (apt-get install systemd)"
+        );
+        eprintln!("SKIPPED: {tool} is not installed (apt-get install systemd)");
+    }
+    found
+}
+
+/// The unit in a scratch folder, with ExecStart pointing at the built diffusiond, and
+/// the given drop-ins (name, text) in diffusiond.service.d/.
+fn staged_unit(dropins: &[(&str, String)]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root().join("systemd/diffusiond.service")).unwrap();
+    assert!(text.contains("ExecStart=/usr/bin/diffusiond --system"));
+    let text = text.replace("/usr/bin/diffusiond", env!("CARGO_BIN_EXE_diffusiond"));
+    let unit = dir.path().join("diffusiond.service");
+    std::fs::write(&unit, text).unwrap();
+    if !dropins.is_empty() {
+        let d = dir.path().join("diffusiond.service.d");
+        std::fs::create_dir(&d).unwrap();
+        for (name, text) in dropins {
+            std::fs::write(d.join(name), text).unwrap();
+        }
+    }
+    (dir, unit)
+}
+
+fn gpu_dropin() -> (&'static str, String) {
+    (
+        "gpu.conf",
+        std::fs::read_to_string(root().join("systemd/gpu.conf")).unwrap(),
+    )
+}
+
+fn memory_dropin() -> (&'static str, String) {
+    ("memory.conf", "[Service]\nMemoryMax=75%\n".to_string())
+}
+
+fn verify(unit: &Path) {
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(unit)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Lines about our unit or its drop-ins are errors; others are about the host.
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("diffusiond"))
+        .collect();
+    assert!(
+        out.status.success() && ours.is_empty(),
+        "systemd-analyze verify {}: {}\n{stderr}",
+        unit.display(),
+        out.status
+    );
+}
+
+#[test]
+fn units_pass_systemd_analyze_verify() {
+    if !have("systemd-analyze") {
+        return;
+    }
+    for dropins in [
+        vec![],
+        vec![gpu_dropin()],
+        vec![gpu_dropin(), memory_dropin()],
+    ] {
+        let (_dir, unit) = staged_unit(&dropins);
+        verify(&unit);
+    }
+}
+
+/// `systemd-analyze security --offline=yes` on the unit: the overall exposure.
+fn exposure(unit: &Path) -> f64 {
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(unit)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no exposure level in:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    line.split(':')
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the score in: {line}"))
+}
+
+#[test]
+fn exposure_score_is_below_the_threshold() {
+    if !have("systemd-analyze") {
+        return;
+    }
+    let (_a, cpu) = staged_unit(&[memory_dropin()]);
+    let (_b, gpu) = staged_unit(&[gpu_dropin(), memory_dropin()]);
+    let (cpu, gpu) = (exposure(&cpu), exposure(&gpu));
+    println!("exposure: cpu {cpu}, gpu {gpu}");
+    assert!(cpu < MAX_EXPOSURE, "CPU unit exposure {cpu}");
+    assert!(gpu < MAX_EXPOSURE, "GPU unit exposure {gpu}");
+    assert!(cpu < 2.0 && gpu < 2.0);
+}
+
+#[test]
+fn the_unit_keeps_its_key_settings() {
+    let text = std::fs::read_to_string(root().join("systemd/diffusiond.service")).unwrap();
+    for line in [
+        "Type=notify",
+        "WatchdogSec=",
+        "BusName=io.github.Diffusiond1",
+        "User=diffusiond",
+        "StateDirectory=diffusiond",
+        "CacheDirectory=diffusiond",
+        "ConfigurationDirectory=diffusiond",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "NoNewPrivileges=yes",
+        "RestrictAddressFamilies=AF_UNIX",
+        "PrivateNetwork=yes",
+        "SystemCallFilter=@system-service",
+        "DevicePolicy=closed",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(line)),
+            "diffusiond.service lacks {line}"
+        );
+    }
+    assert!(
+        !text.contains("DynamicUser=yes"),
+        "a dynamic user cannot own a bus name"
+    );
+    let activation =
+        std::fs::read_to_string(root().join("systemd/io.github.Diffusiond1.service")).unwrap();
+    for line in [
+        "[D-BUS Service]",
+        "Name=io.github.Diffusiond1",
+        "SystemdService=diffusiond.service",
+        "User=diffusiond",
+        "Exec=/usr/bin/diffusiond --system",
+    ] {
+        assert!(
+            activation.lines().any(|l| l == line),
+            "activation file lacks {line}"
+        );
+    }
+}
+
+#[test]
+fn sysusers_and_tmpfiles_apply_in_a_scratch_root() {
+    if !have("systemd-sysusers") || !have("systemd-tmpfiles") {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let r = scratch.path();
+    std::fs::create_dir_all(r.join("etc")).unwrap();
+    let out = Command::new("systemd-sysusers")
+        .arg(format!("--root={}", r.display()))
+        .arg(root().join("systemd/sysusers.conf"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let passwd = std::fs::read_to_string(r.join("etc/passwd")).unwrap();
+    let group = std::fs::read_to_string(r.join("etc/group")).unwrap();
+    let user = passwd
+        .lines()
+        .find(|l| l.starts_with("diffusiond:"))
+        .unwrap_or_else(|| panic!("no diffusiond user in {passwd}"));
+    assert!(user.contains(":/var/lib/diffusiond:"), "{user}");
+    assert!(
+        group.lines().any(|l| l.starts_with("diffusiond:")),
+        "{group}"
+    );
+    let uid: u32 = user.split(':').nth(2).unwrap().parse().unwrap();
+    assert!(uid > 0 && uid < 1000, "a system uid: {uid}");
+
+    let out = Command::new("systemd-tmpfiles")
+        .args(["--create", &format!("--root={}", r.display())])
+        .arg(root().join("systemd/tmpfiles.conf"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    use std::os::unix::fs::MetadataExt;
+    for (path, mode, owner) in [
+        ("etc/diffusiond", 0o755, 0),
+        ("var/lib/diffusiond", 0o750, uid),
+        ("var/cache/diffusiond/trt", 0o750, uid),
+    ] {
+        let m = std::fs::metadata(r.join(path)).unwrap();
+        assert!(m.is_dir(), "{path}");
+        assert_eq!(m.mode() & 0o7777, mode, "{path}");
+        assert_eq!(m.uid(), owner, "{path}");
+    }
+}
