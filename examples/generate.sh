@@ -11,10 +11,9 @@
 # file. (gdbus prints GVariant text, which needs a real parser to decode.)
 # The API is in docs/dbus-api.md.
 #
-# Caveat: each busctl call is a separate bus connection, so the connection that called
-# Generate has left the bus when Wait() is called; a daemon that cancels the jobs of
-# callers that leave (docs/dbus-api.md) answers Wait() with Cancelled. Clients that stay
-# connected (examples/generate.rs, examples/generate.py, diffusionctl) do not have this.
+# Each busctl call is its own bus connection, and the daemon cancels the jobs of callers
+# that leave the bus; so the request sets cancel_on_disconnect=false, and Wait() (same
+# Unix user) collects the job from a second connection.
 set -euo pipefail
 
 if [ $# -ne 2 ] && [ $# -ne 4 ]; then
@@ -32,9 +31,9 @@ service=io.github.Diffusiond1
 
 # The request is an a{sv}: the number of entries, then KEY TYPE VALUE for each.
 # Only the keys we set; the daemon fills in the rest.
-request=(1 prompt s "$prompt")
+request=(2 prompt s "$prompt" cancel_on_disconnect b false)
 if [ $# -eq 4 ]; then
-  request=(3 prompt s "$prompt" width u "$3" height u "$4")
+  request=(4 prompt s "$prompt" cancel_on_disconnect b false width u "$3" height u "$4")
 fi
 
 # Reply: o "/io/github/Diffusiond1/job/N"

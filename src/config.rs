@@ -108,12 +108,12 @@ impl Settings {
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
         crate::runtime::providers::validate(&self.runtime).map_err(ConfigError::Invalid)?;
-        if let Some(name) = &self.default_model {
-            if !self.models.contains_key(name) {
-                return Err(ConfigError::Invalid(format!(
-                    "default_model: '{name}' is not one of the [models] tables"
-                )));
-            }
+        if let Some(name) = &self.default_model
+            && !self.models.contains_key(name)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "default_model: '{name}' is not one of the [models] tables"
+            )));
         }
         for name in &self.preload {
             if !self.models.contains_key(name) {

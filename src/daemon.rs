@@ -45,10 +45,10 @@ pub enum DaemonError {
 
 /// Tells systemd (when started by it) what the service is doing.
 pub fn notify(state: &[sd_notify::NotifyState<'_>]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_some() {
-        if let Err(e) = sd_notify::notify(false, state) {
-            tracing::warn!(error = %e, "sd_notify failed");
-        }
+    if std::env::var_os("NOTIFY_SOCKET").is_some()
+        && let Err(e) = sd_notify::notify(false, state)
+    {
+        tracing::warn!(error = %e, "sd_notify failed");
     }
 }
 

@@ -19,10 +19,10 @@ pub fn generate_to_files(
     if !model_dir.is_dir() {
         return Err(crate::model::ModelError::MissingFolder(model_dir.to_path_buf()).into());
     }
-    if let Some(name) = &params.scheduler {
-        if !crate::scheduler::NAMES.contains(&name.as_str()) {
-            return Err(crate::scheduler::SchedulerError::Unknown(name.clone()).into());
-        }
+    if let Some(name) = &params.scheduler
+        && !crate::scheduler::NAMES.contains(&name.as_str())
+    {
+        return Err(crate::scheduler::SchedulerError::Unknown(name.clone()).into());
     }
     // Cheap checks first, so a bad flag fails before models load.
     let probe = GenerateParams {

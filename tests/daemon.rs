@@ -296,7 +296,7 @@ fn every_bad_option_gets_its_typed_error_and_the_daemon_keeps_serving() {
     let bus = PrivateBus::start();
     let _d = Daemon::start(
         &bus,
-        "[limits]\nmax_steps = 50\nmax_width = 512\nmax_height = 512\nmax_images = 4\nmax_prompt_bytes = 100\n",
+        "[limits]\nmax_steps = 60\nmax_width = 512\nmax_height = 512\nmax_images = 4\nmax_prompt_bytes = 100\n",
     );
     let invalid = "io.github.Diffusiond1.Error.InvalidArgument";
     let p = || ("prompt", Value::from("p"));
@@ -337,9 +337,14 @@ fn every_bad_option_gets_its_typed_error_and_the_daemon_keeps_serving() {
         (vec![p(), ("height", Value::U32(0))], invalid, "at least 1"),
         (vec![p(), ("steps", Value::U32(0))], invalid, "'steps'"),
         (
-            vec![p(), ("steps", Value::U32(51))],
+            vec![p(), ("steps", Value::U32(61))],
             invalid,
             "above the limit",
+        ),
+        (
+            vec![p(), ("scheduler", Value::from("lcm")), ("steps", Value::U32(55))],
+            invalid,
+            "'steps'",
         ),
         (vec![p(), ("steps", Value::F64(4.0))], invalid, "'steps'"),
         (

@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Generate images from a prompt (through the daemon, or in-process with --local).
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Show the daemon's version, ONNX Runtime, execution providers, queue and models.
     Status(BusArgs),
     /// List the configured models.

@@ -352,6 +352,14 @@ impl Manager {
         }
         p.validate_shape(bundle.vae_scale_factor)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        // The scheduler refuses step counts it cannot run: say so now, not mid-run.
+        let name = p.scheduler.as_deref().ok_or_else(|| {
+            Error::InvalidArgument(
+                "'scheduler': the model's own scheduler is not one diffusiond knows; name one".into(),
+            )
+        })?;
+        crate::scheduler::create(name, &bundle.scheduler_config, p.steps)
+            .map_err(|e| Error::InvalidArgument(format!("'steps': {e}")))?;
         p.check_limits(&self.settings.limits)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let owner = caller_uid(conn, &header).await?;
@@ -391,7 +399,10 @@ impl Manager {
             priority: req.priority,
             model,
             owner,
-            sender: header.sender().map(|s| s.to_string()),
+            sender: header
+                .sender()
+                .filter(|_| req.cancel_on_disconnect)
+                .map(|s| s.to_string()),
             params: req.params,
             output_fds: req.output_fds,
             queued_at: std::time::Instant::now(),

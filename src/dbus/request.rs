@@ -22,6 +22,8 @@ pub struct Request {
     pub output_fds: Vec<OwnedFd>,
     /// Whether the caller chose the seed.
     pub seed_given: bool,
+    /// Cancel the job when the caller leaves the bus (default true).
+    pub cancel_on_disconnect: bool,
 }
 
 /// Every key `Generate` accepts, with its D-Bus type.
@@ -40,6 +42,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("num_images", "u"),
     ("priority", "i"),
     ("output_fds", "ah"),
+    ("cancel_on_disconnect", "b"),
 ];
 
 fn type_error(key: &str, want: &str, got: &Value<'_>) -> String {
@@ -100,6 +103,7 @@ pub fn parse(raw: &HashMap<String, OwnedValue>, limits: &Limits) -> Result<Reque
         priority: 0,
         output_fds: Vec::new(),
         seed_given: false,
+        cancel_on_disconnect: true,
     };
     let mut prompt = None;
     for (key, value) in raw {
@@ -155,6 +159,10 @@ fn apply(
             other => return Err(type_error(key, "i", other)),
         },
         "output_fds" => req.output_fds = fds(key, v)?,
+        "cancel_on_disconnect" => match v {
+            Value::Bool(b) => req.cancel_on_disconnect = *b,
+            other => return Err(type_error(key, "b", other)),
+        },
         other => {
             let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
             return Err(format!(

@@ -577,11 +577,11 @@ impl Engine {
             return;
         }
         for (name, slot) in st.slots.iter_mut() {
-            if let Slot::Ready { last_used, .. } = slot {
-                if last_used.elapsed() >= Duration::from_secs(idle) {
-                    tracing::info!(model = %name, "unloading idle model");
-                    *slot = Slot::Unloaded;
-                }
+            if let Slot::Ready { last_used, .. } = slot
+                && last_used.elapsed() >= Duration::from_secs(idle)
+            {
+                tracing::info!(model = %name, "unloading idle model");
+                *slot = Slot::Unloaded;
             }
         }
     }
