@@ -1,0 +1,20 @@
+# Install locations shared by scripts/install and scripts/uninstall (sourced, needs
+# PREFIX). Units, sysusers and tmpfiles go below $PREFIX/lib when systemd searches there
+# (/usr, /usr/local), else in /usr/lib; SYSTEMD_UNIT_DIR, SYSUSERS_DIR and TMPFILES_DIR
+# override them. dbus-daemon reads system-bus policies only from /usr/share/dbus-1.
+BINDIR=$PREFIX/bin
+LIBDIR=$PREFIX/lib/diffusiond
+DATADIR=$PREFIX/share/diffusiond
+MODELDIR=$DATADIR/models/tiny
+DOCDIR=$PREFIX/share/doc/diffusiond
+MANIFEST=$DATADIR/install-manifest.txt
+case "$PREFIX" in
+  /usr|/usr/local) syslib=$PREFIX/lib ;;
+  *) syslib=/usr/lib ;;
+esac
+UNITDIR=${SYSTEMD_UNIT_DIR:-$syslib/systemd/system}
+SYSUSERSDIR=${SYSUSERS_DIR:-$syslib/sysusers.d}
+TMPFILESDIR=${TMPFILES_DIR:-$syslib/tmpfiles.d}
+DBUS_POLICY_DIR=/usr/share/dbus-1/system.d
+DBUS_SERVICES_DIR=/usr/share/dbus-1/system-services
+CONFIG=/etc/diffusiond/diffusiond.toml
