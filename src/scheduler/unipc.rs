@@ -3,8 +3,10 @@
 //!
 //! Numerics follow diffusers 0.39.0 exactly as in [`super::dpm_solver`]: float64
 //! schedule stored as float32, float32 step scalars, float32 tensor ops in Python's
-//! evaluation order. The small linear systems for the predictor/corrector weights
-//! (orders above 2) are solved in float32 with partial pivoting, like `torch.linalg.solve`.
+//! evaluation order. The small linear systems for the predictor/corrector weights are
+//! solved in float32 as MKL's `sgesv` does for 2x2 systems (bit-exact for the default
+//! `solver_order=2`); for `solver_order >= 3` MKL's 3x3 path rounds differently, which
+//! shows as ~1e-6 per step. The einsum over the history uses torch's FMA accumulation.
 
 use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD};
 
@@ -380,19 +382,23 @@ fn torch_pow(x: f32, n: usize) -> f32 {
     }
 }
 
-/// `sum_k rhos[k] * (m[k + 1][j] - m[0][j]) / rks[k]` (the einsum over `D1s`).
+/// `sum_k rhos[k] * (m[k + 1][j] - m[0][j]) / rks[k]`: torch's einsum over `D1s`, which
+/// accumulates with fused multiply-adds (`acc = fma(rho_k, D1_k, acc)`).
 fn weighted_differences(rhos: &[f32], rks: &[f32], m: &[&[f32]], j: usize) -> f32 {
     let mut terms = rhos
         .iter()
         .zip(rks)
         .enumerate()
-        .map(|(k, (&rho, &rk))| rho * ((m[k + 1][j] - m[0][j]) / rk));
-    let first = terms.next().unwrap_or(0.0);
-    terms.fold(first, |acc, v| acc + v)
+        .map(|(k, (&rho, &rk))| (rho, (m[k + 1][j] - m[0][j]) / rk));
+    let Some((rho, d1)) = terms.next() else {
+        return 0.0;
+    };
+    terms.fold(rho * d1, |acc, (rho, d1)| rho.mul_add(d1, acc))
 }
 
-/// Solves `a x = b` in float32 (Gaussian elimination with partial pivoting, as LAPACK's
-/// `sgesv`); `None` when a pivot is zero.
+/// Solves `a x = b` in float32 as `torch.linalg.solve` does on the CPU (LAPACK `sgesv`
+/// from MKL): partial pivoting, multipliers and back-substitution through reciprocals
+/// of the pivots, fused multiply-adds in the updates. `None` when a pivot is zero.
 fn solve(a: &[Vec<f32>], b: &[f32]) -> Option<Vec<f32>> {
     let n = b.len();
     let mut a: Vec<Vec<f32>> = a.to_vec();
@@ -410,15 +416,15 @@ fn solve(a: &[Vec<f32>], b: &[f32]) -> Option<Vec<f32>> {
         for (offset, row) in rest.iter_mut().enumerate() {
             let l = row[col] * inv;
             for (v, &p) in row[col + 1..].iter_mut().zip(&pivot_row[col + 1..]) {
-                *v -= l * p;
+                *v = (-l).mul_add(p, *v);
             }
-            x[col + 1 + offset] -= l * x[col];
+            x[col + 1 + offset] = (-l).mul_add(x[col], x[col + 1 + offset]);
         }
     }
     for col in (0..n).rev() {
-        x[col] /= a[col][col];
+        x[col] *= 1.0 / a[col][col];
         for row in 0..col {
-            x[row] -= x[col] * a[row][col];
+            x[row] = (-x[col]).mul_add(a[row][col], x[row]);
         }
     }
     Some(x)
@@ -450,6 +456,13 @@ mod tests {
     fn unipc_matches_diffusers() {
         let mut failures = Vec::new();
         for case in golden::cases(NAME) {
+            let refused = || {
+                let cfg = golden::resolved(&case, SchedulerClass::UniPcMultistep);
+                UniPcMultistep::new(&cfg, case.steps).is_err()
+            };
+            if golden::skip_refused(&case, refused) {
+                continue;
+            }
             let mut sched = build(&case);
             let sigma_diff = golden::check_schedule(&case, &sched, sched.sigmas());
             let free = golden::run_trajectory(&case, NAME, &mut sched, false);
