@@ -159,7 +159,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Generate(args) if args.local => generate_local(args),
+        Command::Generate(args) if args.local => generate_local(*args),
         Command::Generate(args) => match request(&args) {
             Ok(request) => daemon(&args.bus.bus(), |c| generate(c, request, args.output)),
             Err(message) => Err(Failure::Other(message)),
