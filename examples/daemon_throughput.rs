@@ -211,6 +211,7 @@ fn main() {
                 .arg(&out)
                 .env("DIFFUSIOND_RUNTIME__SESSION__INTRA_THREADS", "1")
                 .env("DIFFUSIOND_RUNTIME__SESSION__INTER_THREADS", "1")
+                .stdout(Stdio::null())
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false);
