@@ -147,7 +147,9 @@ async fn twenty_jobs(address: &str) -> (f64, u32) {
         let conn = connect(address).await;
         for i in 0..5u64 {
             let conn = conn.clone();
-            tasks.push(tokio::spawn(async move { run_job(&conn, client * 10 + i).await }));
+            tasks.push(tokio::spawn(async move {
+                run_job(&conn, client * 10 + i).await
+            }));
         }
     }
     let mut largest = 0;
@@ -164,7 +166,10 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() {
-    let rounds: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5);
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(5);
     let dir = tempfile::tempdir().expect("temp dir");
     let (_bus, address) = start_bus(dir.path());
     let rt = tokio::runtime::Runtime::new().expect("tokio");
@@ -197,7 +202,9 @@ fn main() {
         run_job(&conn, 0).await; // load the model
         for r in 0..rounds as u64 {
             let t0 = Instant::now();
-            pipeline.generate(&params(r), &mut |_, _| true).expect("generate");
+            pipeline
+                .generate(&params(r), &mut |_, _| true)
+                .expect("generate");
             in_process.push(t0.elapsed().as_secs_f64());
             let t0 = Instant::now();
             run_job(&conn, r).await;
@@ -207,7 +214,17 @@ fn main() {
             let ok = Command::new(root().join("target/release/diffusionctl"))
                 .args(["generate", "--local", "--model-dir"])
                 .arg(root().join("onnx/tiny-sd15"))
-                .args(["--prompt", "benchmark", "--steps", "13", "--scheduler", "pndm", "--seed", "1", "--output"])
+                .args([
+                    "--prompt",
+                    "benchmark",
+                    "--steps",
+                    "13",
+                    "--scheduler",
+                    "pndm",
+                    "--seed",
+                    "1",
+                    "--output",
+                ])
                 .arg(&out)
                 .env("DIFFUSIOND_RUNTIME__SESSION__INTRA_THREADS", "1")
                 .env("DIFFUSIOND_RUNTIME__SESSION__INTER_THREADS", "1")

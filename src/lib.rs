@@ -5,9 +5,9 @@
 
 pub mod client;
 pub mod config;
-pub mod jobs;
-pub mod dbus;
 pub mod daemon;
+pub mod dbus;
+pub mod jobs;
 pub mod local;
 pub mod model;
 pub mod pipeline;

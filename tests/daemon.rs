@@ -342,7 +342,11 @@ fn every_bad_option_gets_its_typed_error_and_the_daemon_keeps_serving() {
             "above the limit",
         ),
         (
-            vec![p(), ("scheduler", Value::from("lcm")), ("steps", Value::U32(55))],
+            vec![
+                p(),
+                ("scheduler", Value::from("lcm")),
+                ("steps", Value::U32(55)),
+            ],
             invalid,
             "'steps'",
         ),

@@ -355,7 +355,8 @@ impl Manager {
         // The scheduler refuses step counts it cannot run: say so now, not mid-run.
         let name = p.scheduler.as_deref().ok_or_else(|| {
             Error::InvalidArgument(
-                "'scheduler': the model's own scheduler is not one diffusiond knows; name one".into(),
+                "'scheduler': the model's own scheduler is not one diffusiond knows; name one"
+                    .into(),
             )
         })?;
         crate::scheduler::create(name, &bundle.scheduler_config, p.steps)
