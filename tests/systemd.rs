@@ -224,3 +224,118 @@ fn sysusers_and_tmpfiles_apply_in_a_scratch_root() {
         assert_eq!(m.uid(), owner, "{path}");
     }
 }
+
+/// Every file below `dir`, relative to it.
+fn files_below(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn install_and_uninstall_into_a_destdir() {
+    let dest = tempfile::tempdir().unwrap();
+    let d = dest.path();
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_diffusiond"))
+        .parent()
+        .unwrap();
+    let run = |script: &str, args: &[&str]| {
+        let out = Command::new(root().join("scripts").join(script))
+            .args(args)
+            .env("DESTDIR", d)
+            .env("PREFIX", "/usr")
+            .env("MEMORY_MAX", "6G")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{script} {args:?}: {out:?}");
+    };
+    run(
+        "install",
+        &[
+            "--no-build",
+            "--bin-dir",
+            bin_dir.to_str().unwrap(),
+            "--gpu",
+        ],
+    );
+    let files = files_below(d);
+    for f in [
+        "usr/bin/diffusiond",
+        "usr/bin/diffusionctl",
+        "usr/lib/systemd/system/diffusiond.service",
+        "usr/lib/systemd/system/diffusiond.service.d/memory.conf",
+        "usr/lib/systemd/system/diffusiond.service.d/gpu.conf",
+        "usr/lib/sysusers.d/diffusiond.conf",
+        "usr/lib/tmpfiles.d/diffusiond.conf",
+        "usr/share/dbus-1/system.d/io.github.Diffusiond1.conf",
+        "usr/share/dbus-1/system-services/io.github.Diffusiond1.service",
+        "usr/share/diffusiond/models/tiny/model_index.json",
+        "usr/share/diffusiond/models/tiny/unet/model.onnx",
+        "etc/diffusiond/diffusiond.toml",
+    ] {
+        assert!(
+            files.iter().any(|x| x == f),
+            "{f} not installed: {files:#?}"
+        );
+    }
+    assert!(
+        files
+            .iter()
+            .any(|f| f.starts_with("usr/lib/diffusiond/libonnxruntime.so")),
+        "ONNX Runtime not installed: {files:#?}"
+    );
+    let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+    assert!(
+        read("usr/lib/systemd/system/diffusiond.service.d/memory.conf").contains("MemoryMax=6G")
+    );
+    // The installed config is valid, and names the installed model as default.
+    let config = d.join("etc/diffusiond/diffusiond.toml");
+    let settings = diffusiond::config::Settings::load(Some(&config)).unwrap();
+    assert_eq!(settings.default_model_name(), Some("tiny"));
+    assert_eq!(
+        settings.models["tiny"].path,
+        Path::new("/usr/share/diffusiond/models/tiny")
+    );
+    assert_eq!(settings.runtime.execution_providers.len(), 3);
+    // The installed unit, drop-ins included, keeps its score.
+    if have("systemd-analyze") {
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--no-pager"])
+            .arg(format!("--root={}", d.display()))
+            .arg("diffusiond.service")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let score: f64 = stdout
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{stdout}"));
+        assert!(score < MAX_EXPOSURE, "installed unit exposure {score}");
+    }
+    // A reinstall keeps an edited config.
+    std::fs::write(&config, "# mine\n").unwrap();
+    run(
+        "install",
+        &["--no-build", "--bin-dir", bin_dir.to_str().unwrap()],
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), "# mine\n");
+    // Uninstall removes everything but the config; --purge removes that too.
+    run("uninstall", &[]);
+    assert_eq!(files_below(d), vec!["etc/diffusiond/diffusiond.toml"]);
+    run("uninstall", &["--purge"]);
+    assert!(files_below(d).is_empty(), "{:#?}", files_below(d));
+}

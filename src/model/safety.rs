@@ -175,7 +175,9 @@ pub fn check_location(dir: &Path, root: &Path, location: &str) -> Result<(), Rul
         return Err(Rule::MemoryAddress);
     }
     let path = Path::new(location);
-    if path.is_absolute() || location.starts_with('\\') || location.get(1..2) == Some(":") {
+    let drive = location.as_bytes();
+    let drive_letter = drive.len() >= 2 && drive[0].is_ascii_alphabetic() && drive[1] == b':';
+    if path.is_absolute() || location.starts_with('\\') || drive_letter {
         return Err(Rule::Absolute);
     }
     if location.split(['/', '\\']).any(|c| c == "..") {
@@ -471,6 +473,11 @@ mod tests {
         assert_eq!(check_location(d, &root, "w.bin"), Ok(()));
         assert_eq!(check_location(d, &root, "./w.bin"), Ok(()));
         assert_eq!(check_location(d, &root, "/etc/passwd"), Err(Rule::Absolute));
+        assert_eq!(check_location(d, &root, "C:\\w.bin"), Err(Rule::Absolute));
+        assert_eq!(
+            check_location(d, &root, "\\\\host\\w.bin"),
+            Err(Rule::Absolute)
+        );
         assert_eq!(check_location(d, &root, "a/../w.bin"), Err(Rule::ParentDir));
         assert_eq!(check_location(d, &root, "..\\w.bin"), Err(Rule::ParentDir));
         assert_eq!(
