@@ -198,16 +198,17 @@ impl SystemBus {
         let config = self.dir.path().join("diffusiond.toml");
         std::fs::write(&config, common::config_text("[limits]\nmax_steps = 5000\n")).unwrap();
         std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let mut child = as_user(who, None)
+        let child = as_user(who, None)
             .arg(env!("CARGO_BIN_EXE_diffusiond"))
             .args(["--address", &self.address, "--config"])
             .arg(&config)
             .env("RUST_LOG", "warn")
             .spawn()
             .unwrap();
+        let mut guard = KillOnDrop(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
+            if let Ok(Some(status)) = guard.0.try_wait() {
                 panic!("diffusiond exited during startup: {status}");
             }
             let owned = Command::new("busctl")
@@ -217,7 +218,7 @@ impl SystemBus {
                 .status()
                 .is_ok_and(|s| s.success());
             if owned {
-                return KillOnDrop(child);
+                return guard;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
