@@ -11,7 +11,7 @@ use std::process::Command;
 use common::root;
 
 /// Highest exposure `systemd-analyze security` may give the unit (docs/systemd.md records
-/// the measured score: 0.4 for the CPU unit, 0.5 with gpu.conf).
+/// the measured score: 0.3 for the CPU unit, 0.5 with gpu.conf).
 const MAX_EXPOSURE: f64 = 1.0;
 
 /// Whether `tool` is on PATH; when it is not, the test skips, or fails under CI.
