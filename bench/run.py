@@ -368,18 +368,11 @@ def machine() -> dict:
                           "--format=csv,noheader"]).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         pass
-    vers = {}
-    for mod in ("onnxruntime", "torch", "diffusers", "transformers", "numpy"):
-        try:
-            vers[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001
-            vers[mod] = f"unavailable: {e}"
-    try:
-        from importlib.metadata import version
-
-        vers["optimum-onnx"] = version("optimum-onnx")
-    except Exception:  # noqa: BLE001
-        pass
+    # in a child: importing torch here would inflate the forked runners' ru_maxrss
+    vers = json.loads(sh([PY, "-c", "import json, importlib.metadata as m\nv = {}\n"
+                          "for p in ('onnxruntime', 'torch', 'diffusers', 'transformers', 'numpy', 'optimum-onnx'):\n"
+                          "    try: v[p] = m.version(p)\n    except Exception as e: v[p] = str(e)\n"
+                          "print(json.dumps(v))"]).stdout)
     vers["python"] = platform.python_version()
     vers["rustc"] = sh(["rustc", "--version"]).stdout.strip()
     vers["diffusiond"] = sh([ROOT / "target/release/diffusiond", "--version"]).stdout.strip()

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use half::f16;
 use ndarray::{Array2, Array3, ArrayD, ArrayViewD, Axis, Ix3};
-use ort::session::{RunOptions, Session, SessionInputValue};
+use ort::memory::Allocator;
+use ort::session::{IoBinding, RunOptions, Session, SessionInputValue};
 use ort::value::{Tensor, TensorRef};
 
 use super::PipelineError;
@@ -173,6 +174,20 @@ pub struct Unet {
     hidden: Spec,
     added: Option<(Spec, Spec)>,
     out: Spec,
+    /// Reused input/output buffers of the current batch shape (all-f32 graphs).
+    bound: Option<Bound>,
+}
+
+/// An f32 UNet's I/O for one batch shape, kept across steps and generations: the input
+/// and output tensors are allocated once and bound with an [`IoBinding`], so a step
+/// writes the scaled latents straight into ONNX Runtime's input, runs, and reads the
+/// prediction in place; nothing is allocated or copied per step.
+struct Bound {
+    dims: Vec<usize>,
+    binding: IoBinding,
+    sample: Tensor<f32>,
+    timestep: Tensor<f32>,
+    out: Tensor<f32>,
 }
 
 impl Unet {
@@ -217,7 +232,102 @@ impl Unet {
             hidden,
             added,
             out,
+            bound: None,
         })
+    }
+
+    /// Whether every tensor the UNet exchanges is f32, so buffers can be bound in place.
+    fn all_f32(&self) -> bool {
+        let f32s = |s: &Spec| s.elem == Elem::F32;
+        f32s(&self.sample)
+            && f32s(&self.timestep)
+            && f32s(&self.hidden)
+            && f32s(&self.out)
+            && self.added.as_ref().is_none_or(|(a, b)| f32s(a) && f32s(b))
+    }
+
+    /// Prepares bound buffers for a generation whose UNet batch is `dims` (`[B, 4, h, w]`)
+    /// with this conditioning (bound once, for every step). Returns `false` when the graph
+    /// is not all-f32: the caller then uses [`Unet::run`].
+    pub fn bind(
+        &mut self,
+        dims: &[usize],
+        hidden: ArrayViewD<'_, f32>,
+        added: Option<&AddedCond<'_>>,
+    ) -> Result<bool, PipelineError> {
+        if !self.all_f32() {
+            self.bound = None;
+            return Ok(false);
+        }
+        let err = ort_err(&self.path);
+        if self.bound.as_ref().is_none_or(|b| b.dims != dims) {
+            self.bound = None;
+            let alloc = Allocator::default();
+            let ts_dims: Vec<usize> = match (self.timestep.rank, self.timestep_fixed_one) {
+                (0, _) => vec![],
+                (_, true) => vec![1],
+                _ => vec![dims[0]],
+            };
+            let sample = Tensor::<f32>::new(&alloc, dims.to_vec()).map_err(&err)?;
+            let timestep = Tensor::<f32>::new(&alloc, ts_dims).map_err(&err)?;
+            let mut out = Tensor::<f32>::new(&alloc, dims.to_vec()).map_err(&err)?;
+            let mut binding = self.session.create_binding().map_err(&err)?;
+            binding.bind_output("out_sample", &mut out).map_err(&err)?;
+            self.bound = Some(Bound {
+                dims: dims.to_vec(),
+                binding,
+                sample,
+                timestep,
+                out,
+            });
+        }
+        let Some(b) = self.bound.as_mut() else {
+            return Ok(false);
+        };
+        // The conditioning is copied into an owned tensor once per generation, not per step
+        // (binding a borrowed `TensorRef` would make ort clone it through a helper session).
+        let bind = |b: &mut Bound, name: &str, v: ArrayViewD<'_, f32>| {
+            let value = Tensor::from_array(v.to_owned()).map_err(&err)?;
+            b.binding.bind_input(name, &value).map_err(&err)
+        };
+        bind(b, "encoder_hidden_states", hidden)?;
+        if let Some(a) = added {
+            bind(b, "text_embeds", a.text_embeds.view())?;
+            bind(b, "time_ids", a.time_ids.view())?;
+        }
+        Ok(true)
+    }
+
+    /// The bound `sample` input, to fill before [`Unet::run_bound`].
+    pub fn input_mut(&mut self) -> Option<ndarray::ArrayViewMutD<'_, f32>> {
+        self.bound.as_mut().map(|b| b.sample.extract_array_mut())
+    }
+
+    /// One UNet evaluation on the bound buffers: returns a view of `out_sample`.
+    pub fn run_bound(
+        &mut self,
+        timestep: f64,
+        run_options: &RunOptions,
+    ) -> Result<ArrayViewD<'_, f32>, PipelineError> {
+        let err = ort_err(&self.path);
+        let b = self
+            .bound
+            .as_mut()
+            .ok_or_else(|| PipelineError::Inference {
+                component: component_name(&self.path),
+                message: "UNet buffers are not bound".into(),
+            })?;
+        b.timestep.extract_array_mut().fill(timestep as f32);
+        b.binding.bind_input("sample", &b.sample).map_err(&err)?;
+        b.binding
+            .bind_input("timestep", &b.timestep)
+            .map_err(&err)?;
+        drop(
+            self.session
+                .run_binding_with_options(&b.binding, run_options)
+                .map_err(&err)?,
+        );
+        Ok(b.out.extract_array())
     }
 
     /// One UNet evaluation: returns `out_sample` with the shape of `sample`.

@@ -481,35 +481,63 @@ impl Pipeline {
     ) -> Result<(), PipelineError> {
         let cfg = guidance.cfg;
         let (n, c, h, w) = latents.dim();
-        let mut unet_in = Array4::<f32>::zeros((if cfg { 2 * n } else { n }, c, h, w));
+        let rows = if cfg { 2 * n } else { n };
+        let added = cond.added.as_ref().map(|(te, ti)| AddedCond {
+            text_embeds: te.view(),
+            time_ids: ti.view(),
+        });
+        // f32 graphs: ONNX Runtime's own input/output buffers, bound once (no per-step
+        // allocation or copy). Other graphs: our input buffer, converted per run.
+        let bound = self
+            .unet
+            .bind(&[rows, c, h, w], cond.hidden.view(), added.as_ref())?;
+        let mut own_in = (!bound).then(|| Array4::<f32>::zeros((rows, c, h, w)));
         let mut guided = ArrayD::<f32>::zeros(IxDyn(&[n, c, h, w]));
         let mut sample = std::mem::take(latents).into_dyn();
         let timesteps = sched.timesteps().to_vec();
         let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
             let t0 = Instant::now();
-            unet_in.slice_mut(s![..n, .., .., ..]).assign(&sample);
-            if cfg {
-                unet_in.slice_mut(s![n.., .., .., ..]).assign(&sample);
+            {
+                let mut unet_in = match (self.unet.input_mut(), own_in.as_mut()) {
+                    (Some(v), _) => v,
+                    (None, Some(a)) => a.view_mut().into_dyn(),
+                    (None, None) => unreachable!("one UNet input buffer exists"),
+                };
+                // The scaling is elementwise with one factor: scale the first half, then
+                // duplicate it for the unconditional rows.
+                let (mut first, second) = unet_in.view_mut().split_at(Axis(0), n);
+                first.assign(&sample);
+                sched.scale_model_input(first.view_mut(), i);
+                if cfg {
+                    let mut second = second;
+                    second.assign(&first);
+                }
             }
-            sched.scale_model_input(unet_in.view_mut().into_dyn(), i);
             let t1 = Instant::now();
-            let added = cond.added.as_ref().map(|(te, ti)| AddedCond {
-                text_embeds: te.view(),
-                time_ids: ti.view(),
-            });
-            let out = self.unet.run(
-                unet_in.view().into_dyn(),
-                t,
-                cond.hidden.view(),
-                added.as_ref(),
-                run_options,
-            )?;
+            let owned_out;
+            let out = if bound {
+                self.unet.run_bound(t, run_options)?
+            } else {
+                let input = own_in.as_ref().map(|a| a.view().into_dyn());
+                owned_out = self.unet.run(
+                    input.ok_or_else(|| {
+                        shape_err(ndarray::ShapeError::from_kind(
+                            ndarray::ErrorKind::IncompatibleShape,
+                        ))
+                    })?,
+                    t,
+                    cond.hidden.view(),
+                    added.as_ref(),
+                    run_options,
+                )?;
+                owned_out.view()
+            };
             let t2 = Instant::now();
             timings.unet += t2 - t1;
             timings.unet_calls += 1;
             let model_output = if cfg {
-                guide(&out, guidance, &mut guided);
+                guide(out.view(), guidance, &mut guided);
                 guided.view()
             } else {
                 out.view()
@@ -539,7 +567,7 @@ impl Pipeline {
 
 /// Classifier-free guidance, into `out` (`[N,...]`), row by row with each row's scale:
 /// `uncond + g * (text - uncond)`, then diffusers' `rescale_noise_cfg` when `rescale > 0`.
-fn guide(unet_out: &ArrayD<f32>, guidance: &Guidance, out: &mut ArrayD<f32>) {
+fn guide(unet_out: ndarray::ArrayViewD<'_, f32>, guidance: &Guidance, out: &mut ArrayD<f32>) {
     let n = out.len_of(Axis(0));
     let uncond = unet_out.slice_axis(Axis(0), (..n).into());
     let text = unet_out.slice_axis(Axis(0), (n..).into());
