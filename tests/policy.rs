@@ -493,6 +493,32 @@ fn one_caller_cannot_cancel_another_callers_job() {
             "bob {method}: {err}"
         );
     }
+    // The request holds alice's prompt: bob may not read it, nor load or unload models.
+    let err = bus
+        .call(
+            cast.bob,
+            Some(cast.group),
+            &job,
+            "org.freedesktop.DBus.Properties.Get",
+            &["io.github.Diffusiond1.Job", "Request"],
+        )
+        .unwrap_err();
+    assert!(err.contains("AccessDenied"), "bob reads Request: {err}");
+    for method in ["LoadModel", "UnloadModel"] {
+        let err = bus
+            .call(
+                cast.bob,
+                Some(cast.group),
+                "/io/github/Diffusiond1",
+                &format!("io.github.Diffusiond1.Manager.{method}"),
+                &["tiny"],
+            )
+            .unwrap_err();
+        assert!(
+            err.contains("io.github.Diffusiond1.Error.AccessDenied"),
+            "bob {method}: {err}"
+        );
+    }
     let state = |bus: &SystemBus| {
         bus.call(
             cast.bob,

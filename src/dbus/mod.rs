@@ -106,6 +106,21 @@ async fn check_owner(conn: &Connection, header: &Header<'_>, owner: u32) -> Resu
     }
 }
 
+/// Loading and unloading models affects every caller: only root or the daemon's own
+/// user (on a session bus, the user) may do it.
+async fn check_admin(conn: &Connection, header: &Header<'_>) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = caller_uid(conn, header).await?;
+    let own = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    if uid == 0 || Some(uid) == own {
+        Ok(())
+    } else {
+        Err(Error::AccessDenied(
+            "only root or the service user may load or unload models".into(),
+        ))
+    }
+}
+
 /// The caller's Unix uid, from the bus (never from the message body).
 async fn caller_uid(conn: &Connection, header: &Header<'_>) -> Result<u32, Error> {
     let sender = header
@@ -143,14 +158,29 @@ impl Job {
         self.view().error.clone()
     }
 
-    /// The validated request with defaults filled in.
-    #[zbus(property)]
-    fn request(&self) -> HashMap<String, OwnedValue> {
-        self.view()
+    /// The validated request with defaults filled in; only its owner or root may read it
+    /// (it holds the prompt).
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn request(
+        &self,
+        #[zbus(header)] header: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<HashMap<String, OwnedValue>> {
+        let owner = self.view().owner;
+        if let Some(header) = &header {
+            check_owner(conn, header, owner)
+                .await
+                .map_err(|e| match e {
+                    Error::AccessDenied(m) => zbus::fdo::Error::AccessDenied(m),
+                    other => zbus::fdo::Error::Failed(other.to_string()),
+                })?;
+        }
+        Ok(self
+            .view()
             .request
             .iter()
             .filter_map(|(k, v)| v.try_clone().ok().map(|v| (k.clone(), v)))
-            .collect()
+            .collect())
     }
 
     /// The Unix uid of the caller that created the job.
@@ -451,7 +481,13 @@ impl Manager {
     }
 
     /// Loads a model now and keeps it warm.
-    async fn load_model(&self, name: String) -> Result<(), Error> {
+    async fn load_model(
+        &self,
+        name: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), Error> {
+        check_admin(conn, &header).await?;
         let rx = self.engine.load_model(&name)?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
@@ -461,7 +497,13 @@ impl Manager {
     }
 
     /// Frees a loaded model; it reloads on next use.
-    fn unload_model(&self, name: String) -> Result<(), Error> {
+    async fn unload_model(
+        &self,
+        name: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), Error> {
+        check_admin(conn, &header).await?;
         Ok(self.engine.unload_model(&name)?)
     }
 
