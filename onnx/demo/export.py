@@ -181,6 +181,11 @@ def main() -> None:
             if default is None:
                 default = (st, g, acc, results, images)
     st, g, acc, results, images = default
+    # wider check: every trained combo (66), two other seeds each (1000 + 2k, 1001 + 2k)
+    wide = [dict(index=2 * k + j, seed=1000 + 2 * k + j, prompt=S.caption(*c), shape=c[0], fg=c[1], bg=c[2])
+            for k, c in enumerate(S.combos()) for j in range(2)]
+    wide_acc, _, wide_images = verify(pipe, wide, g, st)
+    print(f"ONNX all combos x 2 seeds: {wide_acc}", flush=True)
     from PIL import Image
 
     args.report_dir.mkdir(parents=True, exist_ok=True)
@@ -225,6 +230,11 @@ def main() -> None:
         ),
         accuracy_onnx={k: round(v, 4) for k, v in acc.items()},
         accuracy_sweep_onnx=sweep,
+        accuracy_all_combos_onnx=dict(
+            what="all 66 trained (shape, fg, bg) combos x 2 seeds (image 2k+j: combo k in shapes.combos() order, "
+            "seed 1000+2k+j), default steps and guidance",
+            **{k: round(v, 4) for k, v in wide_acc.items()},
+        ),
         model=info or old.get("model", {}),
         cases=[dict(**c, got=dict(shape=r["shape"], fg=r["fg"], bg=r["bg"]),
                     ok=all(r[k] == c[k] for k in ("shape", "fg", "bg"))) for c, r in zip(cases, results)],
