@@ -2,6 +2,8 @@
 //! process on it. Both are killed when dropped. No mocks.
 #![allow(dead_code)]
 
+pub mod checker;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
