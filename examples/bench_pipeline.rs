@@ -157,12 +157,12 @@ fn local(
             .map_err(|e| e.to_string())?;
         let png_s = tp.elapsed().as_secs_f64();
         let total_s = t.elapsed().as_secs_f64();
-        if i == 0 {
-            if let Some(out) = &req.png_out {
-                let paths = diffusiond::local::output_paths(out, pngs.len());
-                for (bytes, path) in pngs.iter().zip(&paths) {
-                    image::write_file(path, bytes).map_err(|e| e.to_string())?;
-                }
+        if i == 0
+            && let Some(out) = &req.png_out
+        {
+            let paths = diffusiond::local::output_paths(out, pngs.len());
+            for (bytes, path) in pngs.iter().zip(&paths) {
+                image::write_file(path, bytes).map_err(|e| e.to_string())?;
             }
         }
         let tm = &g.timings;
@@ -259,12 +259,12 @@ async fn dbus_runs(address: &str, model: &str, req: &Request) -> Result<Json, St
             .get("images")
             .and_then(|v| Vec::<Vec<u8>>::try_from(v.try_clone().ok()?).ok())
             .unwrap_or_default();
-        if i == 0 {
-            if let Some(out) = &req.png_out {
-                let paths = diffusiond::local::output_paths(out, images.len());
-                for (bytes, path) in images.iter().zip(&paths) {
-                    std::fs::write(path, bytes).map_err(|e| e.to_string())?;
-                }
+        if i == 0
+            && let Some(out) = &req.png_out
+        {
+            let paths = diffusiond::local::output_paths(out, images.len());
+            for (bytes, path) in images.iter().zip(&paths) {
+                std::fs::write(path, bytes).map_err(|e| e.to_string())?;
             }
         }
         let get = |k: &str| timings.get(k).copied().unwrap_or(f64::NAN);

@@ -73,11 +73,14 @@ fn start_daemon(dir: &Path, address: &str, max_batch: usize) -> Proc {
         ),
     )
     .expect("config");
-    let child = Command::new(root().join("target/release/diffusiond"))
-        .args(["--address", address, "--config"])
-        .arg(&conf)
-        .spawn()
-        .expect("diffusiond (cargo build --release --bins)");
+    // Owned by `Proc` at once, so it is killed and reaped on every path.
+    let daemon = Proc(
+        Command::new(root().join("target/release/diffusiond"))
+            .args(["--address", address, "--config"])
+            .arg(&conf)
+            .spawn()
+            .expect("diffusiond (cargo build --release --bins)"),
+    );
     for _ in 0..600 {
         let ok = Command::new("busctl")
             .args(["--address", address, "status", "io.github.Diffusiond1"])
@@ -87,7 +90,7 @@ fn start_daemon(dir: &Path, address: &str, max_batch: usize) -> Proc {
             .map(|s| s.success())
             .unwrap_or(false);
         if ok {
-            return Proc(child);
+            return daemon;
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -19,6 +19,13 @@ const JOB: &str = "io.github.Diffusiond1.Job";
 
 type Dict = HashMap<String, OwnedValue>;
 
+/// A bad request, the error name it must get, and a phrase its message must hold.
+type BadCase = (
+    Vec<(&'static str, Value<'static>)>,
+    &'static str,
+    &'static str,
+);
+
 fn request(pairs: &[(&str, Value<'_>)]) -> Dict {
     pairs
         .iter()
@@ -300,7 +307,7 @@ fn every_bad_option_gets_its_typed_error_and_the_daemon_keeps_serving() {
     );
     let invalid = "io.github.Diffusiond1.Error.InvalidArgument";
     let p = || ("prompt", Value::from("p"));
-    let cases: Vec<(Vec<(&str, Value<'static>)>, &str, &str)> = vec![
+    let cases: Vec<BadCase> = vec![
         (vec![], invalid, "'prompt' is required"),
         (
             vec![("prompt", Value::U32(3))],
