@@ -501,6 +501,19 @@ pub fn input_scale_divisor(sigma: f32) -> f32 {
     (sigma * sigma + 1.0).sqrt()
 }
 
+/// The sigma-based schedulers' `scale_model_input`: divides `sample` in place by
+/// `(sigma**2 + 1) ** 0.5` for the step's sigma (a step past the end is left as is).
+pub fn scale_by_sigma(
+    mut sample: ndarray::ArrayViewMutD<'_, f32>,
+    sigmas: &[f32],
+    step_index: usize,
+) {
+    if let Some(&sigma) = sigmas.get(step_index) {
+        let d = input_scale_divisor(sigma);
+        sample.mapv_inplace(|x| x / d);
+    }
+}
+
 /// The Euler family's `(max_sigma**2 + 1) ** 0.5` (leading) or `max_sigma`
 /// (linspace/trailing), in float32.
 pub fn euler_init_noise_sigma(sigmas: &[f32], spacing: TimestepSpacing) -> f32 {

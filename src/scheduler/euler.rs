@@ -9,7 +9,7 @@ use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD};
 
 use super::common::{
     NoiseSchedule, SigmaSpacing, ZeroSnrTail, check_shapes, check_step_index, check_steps,
-    draw_noise, euler_init_noise_sigma, input_scale_divisor, interp_sigmas, log_f32, log_sigmas,
+    draw_noise, euler_init_noise_sigma, interp_sigmas, log_f32, log_sigmas, scale_by_sigma,
     sigma_to_t, spaced_timesteps_f32, torch_linspace_f32, zip_update,
 };
 use super::config::{
@@ -146,11 +146,8 @@ impl Scheduler for EulerDiscrete {
         self.init_noise_sigma
     }
 
-    fn scale_model_input(&self, mut sample: ArrayViewMutD<'_, f32>, step_index: usize) {
-        if let Some(&sigma) = self.sigmas.get(step_index) {
-            let d = input_scale_divisor(sigma);
-            sample.mapv_inplace(|x| x / d);
-        }
+    fn scale_model_input(&self, sample: ArrayViewMutD<'_, f32>, step_index: usize) {
+        scale_by_sigma(sample, &self.sigmas, step_index);
     }
 
     /// Euler step without churn (`s_churn = 0`, the pipeline default): no noise is drawn.
@@ -225,11 +222,8 @@ impl Scheduler for EulerAncestral {
         self.init_noise_sigma
     }
 
-    fn scale_model_input(&self, mut sample: ArrayViewMutD<'_, f32>, step_index: usize) {
-        if let Some(&sigma) = self.sigmas.get(step_index) {
-            let d = input_scale_divisor(sigma);
-            sample.mapv_inplace(|x| x / d);
-        }
+    fn scale_model_input(&self, sample: ArrayViewMutD<'_, f32>, step_index: usize) {
+        scale_by_sigma(sample, &self.sigmas, step_index);
     }
 
     /// Draws one `randn(sample.shape)` every step (also the last, where it is scaled by 0).

@@ -8,7 +8,7 @@ use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Zip};
 
 use super::common::{
     NoiseSchedule, SigmaSpacing, ZeroSnrTail, check_shapes, check_step_index, check_steps,
-    euler_init_noise_sigma, input_scale_divisor, interp_sigmas, log_sigmas, sigma_to_t,
+    euler_init_noise_sigma, interp_sigmas, log_sigmas, scale_by_sigma, sigma_to_t,
     spaced_timesteps_f32,
 };
 use super::config::{PredictionType, ResolvedConfig};
@@ -128,11 +128,8 @@ impl Scheduler for HeunDiscrete {
         self.init_noise_sigma
     }
 
-    fn scale_model_input(&self, mut sample: ArrayViewMutD<'_, f32>, step_index: usize) {
-        if let Some(&sigma) = self.sigmas.get(step_index) {
-            let d = input_scale_divisor(sigma);
-            sample.mapv_inplace(|x| x / d);
-        }
+    fn scale_model_input(&self, sample: ArrayViewMutD<'_, f32>, step_index: usize) {
+        scale_by_sigma(sample, &self.sigmas, step_index);
     }
 
     fn step(
