@@ -19,11 +19,12 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
+use diffusiond::client::JobResult;
 use diffusiond::config::Settings;
 use diffusiond::pipeline::{GenerateParams, Pipeline, image};
 use diffusiond::runtime::Runtime;
 use serde_json::{Value as Json, json};
-use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
+use zbus::zvariant::{OwnedObjectPath, Value};
 
 #[derive(Debug, Parser)]
 struct Cli {
@@ -207,7 +208,7 @@ trait Manager {
     default_service = "io.github.Diffusiond1"
 )]
 trait Job {
-    fn wait(&self) -> zbus::Result<HashMap<String, OwnedValue>>;
+    fn wait(&self) -> zbus::Result<JobResult>;
 }
 
 fn dbus(address: &str, model: &str, req: &Request) -> Result<Json, String> {
@@ -251,14 +252,8 @@ async fn dbus_runs(address: &str, model: &str, req: &Request) -> Result<Json, St
             .map_err(e)?;
         let result = job.wait().await.map_err(e)?;
         let total_s = t.elapsed().as_secs_f64();
-        let timings: HashMap<String, f64> = result
-            .get("timings")
-            .and_then(|v| HashMap::<String, f64>::try_from(v.try_clone().ok()?).ok())
-            .unwrap_or_default();
-        let images: Vec<Vec<u8>> = result
-            .get("images")
-            .and_then(|v| Vec::<Vec<u8>>::try_from(v.try_clone().ok()?).ok())
-            .unwrap_or_default();
+        let timings = result.timings.unwrap_or_default();
+        let images = result.images.unwrap_or_default();
         if i == 0
             && let Some(out) = &req.png_out
         {

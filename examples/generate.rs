@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::process::ExitCode;
 
-use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
+use zbus::zvariant::{DeserializeDict, OwnedObjectPath, Type, Value};
 
 /// The daemon's manager object.
 #[zbus::proxy(
@@ -29,7 +29,16 @@ trait Manager {
     default_service = "io.github.Diffusiond1"
 )]
 trait Job {
-    fn wait(&self) -> zbus::Result<HashMap<String, OwnedValue>>;
+    fn wait(&self) -> zbus::Result<WaitResult>;
+}
+
+/// The keys of `Wait()`'s `a{sv}` this example reads; the others are ignored. Reading the
+/// dict into a struct decodes each PNG as one byte array (a `HashMap<String, OwnedValue>`
+/// would hold one `Value` per byte).
+#[derive(DeserializeDict, Type)]
+#[zvariant(signature = "a{sv}")]
+struct WaitResult {
+    images: Option<Vec<Vec<u8>>>,
 }
 
 #[tokio::main]
@@ -84,13 +93,7 @@ async fn run() -> Result<String, String> {
         .map_err(|e| e.to_string())?;
     let result = job.wait().await.map_err(describe)?;
 
-    let images: Vec<Vec<u8>> = result
-        .get("images")
-        .ok_or("the result has no images")?
-        .try_clone()
-        .map_err(|e| e.to_string())?
-        .try_into()
-        .map_err(|e: zbus::zvariant::Error| e.to_string())?;
+    let images = result.images.unwrap_or_default();
     let png = images.first().ok_or("the result has no images")?;
     std::fs::write(output, png).map_err(|e| format!("{output}: {e}"))?;
     Ok(output.clone())

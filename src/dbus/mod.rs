@@ -5,6 +5,7 @@
 //! their signals, wakes `Wait()` callers and retires finished jobs.
 
 pub mod request;
+pub mod result;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -195,7 +196,7 @@ impl Job {
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> Result<HashMap<String, OwnedValue>, Error> {
+    ) -> Result<result::WaitResult, Error> {
         let owner = self.view().owner;
         check_owner(conn, &header, owner).await?;
         let mut done = self.done.clone();
@@ -203,7 +204,7 @@ impl Job {
         let _ = done.wait_for(|d| *d).await;
         let view = self.view();
         match view.outcome.clone() {
-            Some(Outcome::Succeeded(out)) => Ok(result_dict(&view, &out)),
+            Some(Outcome::Succeeded(out)) => Ok(wait_result(&view, &out)),
             Some(Outcome::Cancelled) | None => {
                 Err(Error::Cancelled("the job was cancelled".into()))
             }
@@ -237,36 +238,19 @@ impl Job {
 }
 
 /// The `Wait()` reply.
-fn result_dict(view: &JobView, out: &JobOutput) -> HashMap<String, OwnedValue> {
-    let mut d = HashMap::new();
-    let mut put = |k: &str, v: Value<'_>| {
-        if let Ok(owned) = v.try_to_owned() {
-            d.insert(k.to_string(), owned);
-        }
-    };
-    put("state", Value::from(view.state.as_str()));
-    put("images", Value::from(out.pngs.clone()));
-    put("seed", Value::U64(view.seed));
-    put("scheduler", Value::from(out.scheduler.as_str()));
-    put("model", Value::from(view.model.as_str()));
-    put("width", Value::U32(view.width));
-    put("height", Value::U32(view.height));
-    put("steps", Value::U32(view.steps));
-    put("batch_size", Value::U32(out.batch_images as u32));
-    let t = &out.timings;
-    let timings: HashMap<&str, f64> = [
-        ("queued", out.queued_secs),
-        ("text_encoder", t.text_encoder.as_secs_f64()),
-        ("unet", t.unet.as_secs_f64()),
-        ("scheduler", t.scheduler.as_secs_f64()),
-        ("vae", t.vae.as_secs_f64()),
-        ("png", out.png_secs),
-        ("total", out.total_secs),
-    ]
-    .into_iter()
-    .collect();
-    put("timings", Value::from(timings));
-    d
+fn wait_result(view: &JobView, out: &Arc<JobOutput>) -> result::WaitResult {
+    result::WaitResult {
+        state: view.state.as_str().to_string(),
+        images: result::Pngs(out.clone()),
+        seed: view.seed,
+        scheduler: out.scheduler.clone(),
+        model: view.model.clone(),
+        width: view.width,
+        height: view.height,
+        steps: view.steps,
+        batch_size: out.batch_images as u32,
+        timings: result::timings(out),
+    }
 }
 
 /// A job's handles, kept by the registry until the job is retired.
@@ -592,6 +576,8 @@ async fn apply_event(
     let iface = conn.object_server().interface::<_, Job>(&path).await?;
     let emitter = iface.signal_emitter();
     let job = iface.get().await;
+    // TotalSteps is announced only when it changes, not with every step.
+    let mut total_changed = false;
     {
         let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
         if v.state.is_final() {
@@ -601,6 +587,7 @@ async fn apply_event(
             Event::Started(..) => v.state = JobState::Running,
             Event::Progress(_, step, total) => {
                 v.step = *step;
+                total_changed = v.total != *total;
                 v.total = *total;
             }
             Event::Barrier(_) => {}
@@ -618,7 +605,9 @@ async fn apply_event(
         Event::Started(..) => job.state_changed(emitter).await?,
         Event::Progress(_, step, total) => {
             job.step_changed(emitter).await?;
-            job.total_steps_changed(emitter).await?;
+            if total_changed {
+                job.total_steps_changed(emitter).await?;
+            }
             Job::progress(emitter, step, total).await?;
         }
         Event::Finished(_, outcome) => {
