@@ -170,6 +170,10 @@ class Runners:
         self.req = ["--steps", self.steps, "--guidance", GUIDANCE, "--seed", SEED, "--width", self.size,
                     "--height", self.size, "--num-images", batch]
         self.env = dict(os.environ, RUST_LOG="warn")
+        self.cpu: int | None = None  # --pair: the core this runner's processes are pinned to
+
+    def pin(self, cmd: list) -> list:
+        return ["taskset", "-c", str(self.cpu), *cmd] if self.cpu is not None else cmd
 
     def png(self, runner: str, rnd: int) -> Path:
         return self.tmp / f"{self.scale}-b{self.batch}-{runner}-r{rnd}.png"
@@ -178,16 +182,16 @@ class Runners:
         out = self.png("cold", rnd)
         if self.args.no_cold_cli:
             return self.inproc_warm(rnd, None)
-        wall, rss, _, _ = timed_child(
+        wall, rss, _, _ = timed_child(self.pin(
             [self.bin / "diffusionctl", "generate", "--local", "--model-dir", self.model, "--config", self.config,
-             "--prompt", PROMPT, *self.req, "--output", out], env=self.env)
+             "--prompt", PROMPT, *self.req, "--output", out]), env=self.env)
         return self.inproc_warm(rnd, dict(cold_s=wall, peak_rss_kib=rss, png=str(out)))
 
     def inproc_warm(self, rnd: int, cold: dict | None) -> dict:
         warm_png = self.png("inproc", rnd)
-        wall, rss, so, _ = timed_child(
+        wall, rss, so, _ = timed_child(self.pin(
             [self.bin / "examples/bench_pipeline", "local", "--model-dir", self.model, "--config", self.config,
-             "--prompt", PROMPT, *self.req, "--repeats", self.repeats, "--png-out", warm_png], env=self.env)
+             "--prompt", PROMPT, *self.req, "--repeats", self.repeats, "--png-out", warm_png]), env=self.env)
         res = last_json(so)
         if cold is None:
             # --no-cold-cli: process start to first image of bench_pipeline (load + first generation)
@@ -199,7 +203,7 @@ class Runners:
     def dbus(self, rnd: int) -> dict:
         t0 = time.monotonic()
         daemon = subprocess.Popen(
-            [self.bin / "diffusiond", "--address", self.bus.address, "--config", self.config],
+            self.pin([self.bin / "diffusiond", "--address", self.bus.address, "--config", self.config]),
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             while True:
@@ -212,9 +216,9 @@ class Runners:
                 time.sleep(0.02)
             t_name = time.monotonic() - t0
             png = self.png("dbus", rnd)
-            _, _, so, _ = timed_child(
+            _, _, so, _ = timed_child(self.pin(
                 [self.bin / "examples/bench_pipeline", "dbus", "--address", self.bus.address, "--model", "bench",
-                 "--prompt", PROMPT, *self.req, "--repeats", self.repeats, "--png-out", png], env=self.env)
+                 "--prompt", PROMPT, *self.req, "--repeats", self.repeats, "--png-out", png]), env=self.env)
             res = last_json(so)
             res["daemon_start_to_name_s"] = t_name
             res["cold_s"] = t_name + res["runs"][0]["total_s"]
@@ -239,7 +243,7 @@ class Runners:
         if self.args.py_io_binding:
             cmd += ["--io-binding"]
         t0 = time.monotonic()
-        wall, rss, so, _ = timed_child(cmd, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        wall, rss, so, _ = timed_child(self.pin(cmd), env=dict(os.environ, PYTHONWARNINGS="ignore"))
         res = last_json(so)
         # interpreter start to the first image encoded: everything before run 0 plus run 0
         res["cold_s"] = wall - sum(r["total_s"] for r in res["runs"][1:])
@@ -404,12 +408,17 @@ def main() -> None:
     ap.add_argument("--no-cold-cli", action="store_true",
                     help="in-process cold start from bench_pipeline's own first image instead of a separate "
                          "`diffusionctl generate --local` run (saves one generation per round at large scales)")
+    ap.add_argument("--pair", action="store_true",
+                    help="run two runners at the same time, each pinned to its own core (taskset), cores "
+                         "swapped every round: a machine whose speed drifts slows both alike")
     ap.add_argument("--keep", type=Path, default=None, help="keep PNGs and configs here")
     args = ap.parse_args()
 
     scales = [s for s in args.scales.split(",") if s]
     batches = [int(b) for b in args.batches.split(",")]
     runners = [r for r in args.runners.split(",") if r]
+    if args.pair and (len(runners) != 2 or (os.cpu_count() or 1) < 2):
+        raise SystemExit("--pair takes exactly two runners and needs two cores")
     tmp = Path(tempfile.mkdtemp(prefix="diffusiond-bench-"))
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
@@ -426,6 +435,9 @@ def main() -> None:
                 key = f"{scale}-b{batch}"
                 rounds = []
                 for rnd in range(args.rounds):
+                    if args.pair:
+                        rounds.append(run_pair(args, scale, batch, tmp, bus, runners, rnd, key))
+                        continue
                     order = runners[rnd % len(runners):] + runners[:rnd % len(runners)]
                     got = {}
                     for name in order:
@@ -457,6 +469,37 @@ def main() -> None:
     path = save(args, results)
     print_table(results)
     print(f"\nwrote {path}")
+
+
+def run_pair(args, scale: str, batch: int, tmp: Path, bus: Bus, runners: list[str], rnd: int, key: str) -> dict:
+    """One round of --pair: both runners at once on cores 0 and 1 (swapped on odd rounds)."""
+    import threading
+
+    got: dict = {}
+    errors: list = []
+
+    def one(name: str, r: Runners) -> None:
+        cpu = r.cpu
+        t = time.monotonic()
+        try:
+            got[name] = getattr(r, name)(rnd)
+        except Exception as e:  # reported after both finish
+            errors.append(f"{name}: {e}")
+        print(f"[{key} round {rnd}] {name} on cpu {cpu}: {time.monotonic() - t:.1f}s", flush=True)
+
+    pinned = []
+    for i, name in enumerate(runners):
+        r = Runners(args, scale, batch, tmp, bus)  # writes the (same) config before anything starts
+        r.cpu = (i + rnd) % 2
+        pinned.append((name, r))
+    threads = [threading.Thread(target=one, args=p) for p in pinned]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return got
 
 
 def save(args, results) -> Path:

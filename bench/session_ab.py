@@ -170,6 +170,8 @@ def report(part: str, runs: dict) -> None:
         base = base if base is not None else med
         print(f"{part:12} {r:11} median {med:9.2f} ms  min {min(ms):9.2f}  max {max(ms):9.2f}  "
               f"n {len(ms):3}  vs first runner {med / base:.3f}  load {statistics.median(x['load_s'] for x in rs):.2f}s")
+        per_process = sorted(statistics.median(x["run_ms"]) for x in rs)
+        print(f"{'':12} {'':11} per-process medians: {' '.join(f'{m:.2f}' for m in per_process)}")
 
 
 if __name__ == "__main__":
