@@ -100,6 +100,14 @@ fn read_inputs(session: &Session, dir: &Path) -> Result<Vec<(String, DynValue)>,
     Ok(out)
 }
 
+/// The inputs as `Session::run` arguments, by reference.
+fn borrowed(inputs: &[(String, DynValue)]) -> Vec<(String, SessionInputValue<'_>)> {
+    inputs
+        .iter()
+        .map(|(n, v)| (n.clone(), SessionInputValue::from(v.view())))
+        .collect()
+}
+
 /// `Session::run` with the inputs passed by reference each time; outputs allocated by ORT.
 fn time_plain(
     session: &mut Session,
@@ -108,10 +116,7 @@ fn time_plain(
 ) -> Result<Vec<f64>, String> {
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
-        let args: Vec<(String, SessionInputValue<'_>)> = inputs
-            .iter()
-            .map(|(n, v)| (n.clone(), SessionInputValue::from(v.view())))
-            .collect();
+        let args = borrowed(inputs);
         let started = Instant::now();
         let outputs = session.run(args).map_err(|e| e.to_string())?;
         times.push(started.elapsed().as_secs_f64() * 1e3);
@@ -120,7 +125,7 @@ fn time_plain(
     Ok(times)
 }
 
-/// Inputs bound once, outputs bound to the session's allocator, then run repeatedly.
+/// Inputs and outputs (allocated once, ORT's default allocator) bound once, then run repeatedly.
 fn time_bound(
     session: &mut Session,
     inputs: &[(String, DynValue)],
@@ -131,10 +136,7 @@ fn time_bound(
         binding.bind_input(name, value).map_err(|e| e.to_string())?;
     }
     // One plain run gives the output shapes; the outputs are then allocated once and bound.
-    let args: Vec<(String, SessionInputValue<'_>)> = inputs
-        .iter()
-        .map(|(n, v)| (n.clone(), SessionInputValue::from(v.view())))
-        .collect();
+    let args = borrowed(inputs);
     let shapes: Vec<(String, Vec<usize>)> = session
         .run(args)
         .map_err(|e| e.to_string())?
