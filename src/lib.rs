@@ -35,11 +35,15 @@ pub fn version_report(runtime: &runtime::Runtime) -> String {
 
 /// Logging setup shared by the binaries.
 pub mod logging {
-    /// Sends `tracing` output to stderr, filtered by `RUST_LOG` (default `warn`).
+    /// Sends `tracing` output to stderr, filtered by `RUST_LOG` (default `warn`). Enabled
+    /// spans log their duration when they close (`RUST_LOG=diffusiond=debug`: one line per
+    /// pipeline stage; `trace`: per step and UNet run).
     pub fn init() {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
         let _ = tracing_subscriber::fmt()
+            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
             .try_init();

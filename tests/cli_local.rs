@@ -144,6 +144,38 @@ fn seeded_case_matches_reference_png_and_records_parameters() {
 }
 
 #[test]
+fn debug_logging_shows_each_stage_as_a_timed_span() {
+    let c = find(|c| c.scheduler == "pndm" && c.steps == 4 && c.num_images == 1);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_diffusionctl"))
+        .args(case_args(&c, &out))
+        .env("RUST_LOG", "diffusiond=trace")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !log.contains('\x1b'),
+        "no colour codes when stderr is not a terminal"
+    );
+    let closed = |span: &str| {
+        log.lines()
+            .filter(|l| l.contains(&format!("{span}: ")) && l.contains("close time.busy="))
+            .count()
+    };
+    for stage in ["text_encoder", "denoise", "vae", "postprocess"] {
+        assert_eq!(closed(stage), 1, "one closed {stage} span in:\n{log}");
+    }
+    // PNDM runs steps + 1 UNet calls, each in a step span holding a unet span.
+    assert_eq!(closed("unet"), c.steps + 1, "{log}");
+    assert!(
+        log.contains("stage timings") && log.contains("unet_calls=5"),
+        "{log}"
+    );
+}
+
+#[test]
 fn several_images_are_numbered_and_match() {
     let c = find(|c| c.num_images == 2 && c.scheduler == "euler-a" && c.rng == "numpy");
     let dir = tempfile::tempdir().unwrap();

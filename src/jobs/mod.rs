@@ -592,6 +592,8 @@ impl Engine {
         let model = batch[0].model.clone();
         let run_options = self.lock().running.as_ref().map(|r| r.run_options.clone());
         let images: usize = batch.iter().map(|j| j.params.num_images).sum();
+        let _batch =
+            tracing::info_span!("batch", model = %model, jobs = batch.len(), images).entered();
         for j in &batch {
             self.send(Event::Started(j.id, images as u32));
         }
@@ -688,6 +690,7 @@ impl Engine {
         g: Generation,
         batch_images: usize,
     ) -> Outcome {
+        let _png = tracing::debug_span!("png", job = job.id).entered();
         let t0 = Instant::now();
         let ort_version = self.shared.runtime.version();
         let text = job

@@ -79,6 +79,22 @@ pub struct StageTimings {
     pub unet_calls: usize,
 }
 
+impl StageTimings {
+    /// Logs the stage times at debug level (the job result carries them too).
+    fn log(&self) {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        tracing::debug!(
+            text_encoder_ms = ms(self.text_encoder),
+            unet_ms = ms(self.unet),
+            unet_calls = self.unet_calls,
+            scheduler_ms = ms(self.scheduler),
+            vae_ms = ms(self.vae),
+            postprocess_ms = ms(self.postprocess),
+            "stage timings"
+        );
+    }
+}
+
 /// The result of one generation.
 #[derive(Debug, Clone)]
 pub struct Generation {
@@ -218,30 +234,47 @@ impl Pipeline {
         let name = self.scheduler_name(first.scheduler.as_deref())?;
         let mut sched = scheduler::create(name, &self.bundle.scheduler_config, first.steps)?;
         let mut timings = StageTimings::default();
+        // Stage spans: with RUST_LOG=diffusiond=debug each stage's duration is logged as it
+        // closes (trace adds one span per step and per UNet run). Disabled spans cost an
+        // atomic load.
+        let _generate = tracing::info_span!(
+            "generate",
+            scheduler = name,
+            steps = first.steps,
+            width = first.width,
+            height = first.height,
+            requests = batch.len()
+        )
+        .entered();
 
         let t0 = Instant::now();
-        let cond = self.encode_prompts(batch)?;
+        let cond = tracing::debug_span!("text_encoder").in_scope(|| self.encode_prompts(batch))?;
         timings.text_encoder = t0.elapsed();
 
         let (mut latents, mut noise) = self.initial_latents(batch, sched.as_ref())?;
         let guidance = Guidance::for_batch(batch);
-        self.denoise(
-            &cond,
-            &guidance,
-            sched.as_mut(),
-            &mut latents,
-            &mut noise,
-            run_options,
-            &mut timings,
-            progress,
-        )?;
+        tracing::debug_span!("denoise").in_scope(|| {
+            self.denoise(
+                &cond,
+                &guidance,
+                sched.as_mut(),
+                &mut latents,
+                &mut noise,
+                run_options,
+                &mut timings,
+                progress,
+            )
+        })?;
 
         let t0 = Instant::now();
-        let decoded = self.decode(latents, run_options)?;
+        let decoded = tracing::debug_span!("vae").in_scope(|| self.decode(latents, run_options))?;
         timings.vae = t0.elapsed();
         let t0 = Instant::now();
-        let mut images = image::postprocess(decoded.view()).into_iter();
+        let mut images = tracing::debug_span!("postprocess")
+            .in_scope(|| image::postprocess(decoded.view()))
+            .into_iter();
         timings.postprocess = t0.elapsed();
+        timings.log();
         let timesteps = sched.timesteps().to_vec();
         Ok(batch
             .iter()
@@ -497,6 +530,7 @@ impl Pipeline {
         let timesteps = sched.timesteps().to_vec();
         let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
+            let _step = tracing::trace_span!("step", i).entered();
             let t0 = Instant::now();
             {
                 let mut unet_in = match (self.unet.input_mut(), own_in.as_mut()) {
@@ -515,6 +549,7 @@ impl Pipeline {
                 }
             }
             let t1 = Instant::now();
+            let unet_span = tracing::trace_span!("unet").entered();
             let owned_out;
             let out = if bound {
                 self.unet.run_bound(t, run_options)?
@@ -533,6 +568,7 @@ impl Pipeline {
                 )?;
                 owned_out.view()
             };
+            drop(unet_span);
             let t2 = Instant::now();
             timings.unet += t2 - t1;
             timings.unet_calls += 1;
