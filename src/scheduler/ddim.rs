@@ -1,7 +1,7 @@
 //! `ddim`: diffusers' `DDIMScheduler` with `eta = 0` (the pipeline default), so no
 //! noise is drawn. The UNet gets integer timesteps (diffusers passes int64).
 
-use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Zip};
+use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use super::common::{
     NoiseSchedule, X0Clip, ZeroSnrTail, check_shapes, check_step_index, check_steps,
@@ -95,12 +95,6 @@ impl Scheduler for Ddim {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
-
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, _sample: ArrayViewMutD<'_, f32>, _step_index: usize) {}
 
     fn step(
         &mut self,

@@ -1,7 +1,7 @@
 //! `ddpm`: diffusers' `DDPMScheduler` (ancestral sampling). One `randn` is drawn every
 //! step whose timestep is above 0. The UNet gets integer timesteps (int64 in diffusers).
 
-use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Zip};
+use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use super::common::{
     NoiseSchedule, X0Clip, ZeroSnrTail, check_shapes, check_step_index, check_steps, draw_noise,
@@ -123,12 +123,6 @@ impl Scheduler for Ddpm {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
-
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, _sample: ArrayViewMutD<'_, f32>, _step_index: usize) {}
 
     fn step(
         &mut self,

@@ -133,12 +133,6 @@ impl Scheduler for Lcm {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, _sample: ArrayViewMutD<'_, f32>, _step_index: usize) {}
-
     fn step(
         &mut self,
         model_output: ArrayViewD<'_, f32>,

@@ -89,11 +89,17 @@ pub trait Scheduler: Send {
     /// (Heun and PNDM repeat entries). Values are what diffusers passes to the UNet.
     fn timesteps(&self) -> &[f64];
 
-    /// The factor diffusers multiplies the initial noise by.
-    fn init_noise_sigma(&self) -> f32;
+    /// The factor diffusers multiplies the initial noise by (1 unless the scheduler
+    /// works in sigma space).
+    fn init_noise_sigma(&self) -> f32 {
+        1.0
+    }
 
-    /// Scales the UNet input for step `step_index`, in place (diffusers' `scale_model_input`).
-    fn scale_model_input(&self, sample: ArrayViewMutD<'_, f32>, step_index: usize);
+    /// Scales the UNet input for step `step_index`, in place (diffusers' `scale_model_input`);
+    /// the identity unless the scheduler works in sigma space.
+    fn scale_model_input(&self, sample: ArrayViewMutD<'_, f32>, step_index: usize) {
+        let _ = (sample, step_index);
+    }
 
     /// Advances `sample` by one step, given the guided model output for step `step_index`.
     /// Stochastic schedulers draw their noise from `noise`, one `randn(sample.shape)` call

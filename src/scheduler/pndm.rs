@@ -5,7 +5,7 @@
 //! first three steps are Runge–Kutta (four UNet calls each). The UNet gets integer
 //! timesteps (int64 in diffusers). Deterministic: no noise is drawn.
 
-use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Zip};
+use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use super::common::{
     NoiseSchedule, ZeroSnrTail, check_shapes, check_step_index, check_steps,
@@ -304,12 +304,6 @@ impl Scheduler for Pndm {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
-
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, _sample: ArrayViewMutD<'_, f32>, _step_index: usize) {}
 
     fn step(
         &mut self,

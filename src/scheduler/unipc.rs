@@ -8,7 +8,7 @@
 //! `solver_order=2`); for `solver_order >= 3` MKL's 3x3 path rounds differently, which
 //! shows as ~1e-6 per step. The einsum over the history uses torch's FMA accumulation.
 
-use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD};
+use ndarray::{ArrayD, ArrayViewD};
 
 use super::common::{NoiseSchedule, ZeroSnrTail};
 use super::config::{FinalSigmasType, PredictionType, ResolvedConfig, SolverType};
@@ -241,12 +241,6 @@ impl Scheduler for UniPcMultistep {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
-
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, _sample: ArrayViewMutD<'_, f32>, _step_index: usize) {}
 
     fn step(
         &mut self,
