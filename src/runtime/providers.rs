@@ -72,34 +72,29 @@ pub fn dispatch(kind: ProviderKind, settings: &RuntimeSettings) -> ExecutionProv
     .error_on_failure()
 }
 
+/// The CUDA provider with the `[runtime.cuda]` options (already typed and checked when
+/// the config was loaded, so nothing here can fall back).
 #[cfg(feature = "cuda")]
 fn cuda(settings: &RuntimeSettings) -> ExecutionProviderDispatch {
-    use ort::ep::{ArenaExtendStrategy, cuda::ConvAlgorithmSearch};
     let c = &settings.cuda;
     let mut ep = ort::ep::CUDA::default()
         .with_device_id(c.device_id)
-        .with_arena_extend_strategy(match c.arena_extend_strategy.as_str() {
-            "same_as_requested" => ArenaExtendStrategy::SameAsRequested,
-            _ => ArenaExtendStrategy::NextPowerOfTwo,
-        })
-        .with_conv_algorithm_search(match c.conv_algorithm_search.as_str() {
-            "heuristic" => ConvAlgorithmSearch::Heuristic,
-            "default" => ConvAlgorithmSearch::Default,
-            _ => ConvAlgorithmSearch::Exhaustive,
-        });
+        .with_arena_extend_strategy(c.arena_extend_strategy.to_ort())
+        .with_conv_algorithm_search(c.conv_algorithm_search.to_ort());
     if c.memory_limit > 0 {
         ep = ep.with_memory_limit(c.memory_limit);
     }
     ep.build()
 }
 
+/// The TensorRT provider with the `[runtime.tensorrt]` options.
 #[cfg(feature = "tensorrt")]
 fn tensorrt(settings: &RuntimeSettings) -> ExecutionProviderDispatch {
     let t = &settings.tensorrt;
     let mut ep = ort::ep::TensorRT::default()
         .with_device_id(t.device_id)
         .with_fp16(t.fp16)
-        .with_builder_optimization_level(t.builder_optimization_level);
+        .with_builder_optimization_level(t.builder_optimization_level.get());
     if let Some(dir) = &t.engine_cache_dir {
         ep = ep
             .with_engine_cache(true)
@@ -113,27 +108,10 @@ fn tensorrt(settings: &RuntimeSettings) -> ExecutionProviderDispatch {
     ep.build()
 }
 
-/// Checks the settings' free-form provider options, so a typo stops startup.
+/// Checks what the types of [`RuntimeSettings`] cannot: that the provider list is not
+/// empty. Provider options (`runtime.cuda.*`, `runtime.tensorrt.*`) are typed and are
+/// refused, naming their key, when the config is deserialized.
 pub fn validate(settings: &RuntimeSettings) -> Result<(), String> {
-    let c = &settings.cuda;
-    if !["next_power_of_two", "same_as_requested"].contains(&c.arena_extend_strategy.as_str()) {
-        return Err(format!(
-            "runtime.cuda.arena_extend_strategy: '{}' is not next_power_of_two or same_as_requested",
-            c.arena_extend_strategy
-        ));
-    }
-    if !["exhaustive", "heuristic", "default"].contains(&c.conv_algorithm_search.as_str()) {
-        return Err(format!(
-            "runtime.cuda.conv_algorithm_search: '{}' is not exhaustive, heuristic or default",
-            c.conv_algorithm_search
-        ));
-    }
-    if settings.tensorrt.builder_optimization_level > 5 {
-        return Err(format!(
-            "runtime.tensorrt.builder_optimization_level: {} is above 5",
-            settings.tensorrt.builder_optimization_level
-        ));
-    }
     if settings.execution_providers.is_empty() {
         return Err("runtime.execution_providers: the list is empty (use [\"cpu\"])".into());
     }
@@ -190,15 +168,35 @@ mod tests {
         assert!(skipped[0].reason.contains("'cuda' cargo feature"));
     }
 
+    /// Bad provider option values (`runtime.cuda.*`, `runtime.tensorrt.*`) no longer reach
+    /// `validate`: they are refused at load, naming the key (see the tests in `settings`).
     #[test]
     fn bad_options_name_the_key() {
         let mut s = RuntimeSettings::default();
-        s.cuda.conv_algorithm_search = "fastest".into();
+        s.execution_providers.clear();
         assert!(
             validate(&s)
                 .unwrap_err()
-                .starts_with("runtime.cuda.conv_algorithm_search")
+                .starts_with("runtime.execution_providers:")
         );
         assert!(validate(&RuntimeSettings::default()).is_ok());
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn typed_cuda_options_build_a_dispatch() {
+        use crate::runtime::settings::{ArenaExtendStrategy, ConvAlgorithmSearch};
+        let mut s = RuntimeSettings::default();
+        s.cuda.arena_extend_strategy = ArenaExtendStrategy::SameAsRequested;
+        s.cuda.conv_algorithm_search = ConvAlgorithmSearch::Heuristic;
+        assert_eq!(dispatch(Cuda, &s).name(), "CUDAExecutionProvider");
+    }
+
+    #[cfg(feature = "tensorrt")]
+    #[test]
+    fn typed_tensorrt_options_build_a_dispatch() {
+        let mut s = RuntimeSettings::default();
+        s.tensorrt.builder_optimization_level = 5.try_into().unwrap();
+        assert_eq!(dispatch(Tensorrt, &s).name(), "TensorrtExecutionProvider");
     }
 }

@@ -1,5 +1,11 @@
 //! Runtime settings: the `[runtime]` table of the config file.
+//!
+//! Every provider option is typed, so a bad value is refused once, when the config is
+//! loaded, with an error that names its key (the `config` crate appends
+//! `for key `runtime.cuda.conv_algorithm_search`` to serde's message). Nothing downstream
+//! re-parses these values or falls back silently.
 
+use std::fmt;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -89,28 +95,136 @@ impl Default for SessionSettings {
     }
 }
 
+/// How the CUDA memory arena grows when it runs out (`runtime.cuda.arena_extend_strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArenaExtendStrategy {
+    /// `next_power_of_two`: each extension is a power of two larger (ONNX Runtime's default).
+    #[default]
+    NextPowerOfTwo,
+    /// `same_as_requested`: extend by exactly the amount requested (less memory held).
+    SameAsRequested,
+}
+
+impl ArenaExtendStrategy {
+    /// The same strategy as `ort` spells it.
+    pub fn to_ort(self) -> ort::ep::ArenaExtendStrategy {
+        match self {
+            ArenaExtendStrategy::NextPowerOfTwo => ort::ep::ArenaExtendStrategy::NextPowerOfTwo,
+            ArenaExtendStrategy::SameAsRequested => ort::ep::ArenaExtendStrategy::SameAsRequested,
+        }
+    }
+}
+
+impl fmt::Display for ArenaExtendStrategy {
+    /// The config file's spelling.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ArenaExtendStrategy::NextPowerOfTwo => "next_power_of_two",
+            ArenaExtendStrategy::SameAsRequested => "same_as_requested",
+        })
+    }
+}
+
+/// How cuDNN picks a convolution algorithm (`runtime.cuda.conv_algorithm_search`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConvAlgorithmSearch {
+    /// `exhaustive`: benchmark every algorithm on first run (slow first run, fastest after).
+    #[default]
+    Exhaustive,
+    /// `heuristic`: take cuDNN's heuristic ranking without benchmarking.
+    Heuristic,
+    /// `default`: always use cuDNN's default algorithm (least memory; not ONNX Runtime's
+    /// default search, which is `exhaustive`).
+    Default,
+}
+
+impl ConvAlgorithmSearch {
+    /// The same search as `ort` spells it.
+    #[cfg(feature = "cuda")]
+    pub fn to_ort(self) -> ort::ep::cuda::ConvAlgorithmSearch {
+        match self {
+            ConvAlgorithmSearch::Exhaustive => ort::ep::cuda::ConvAlgorithmSearch::Exhaustive,
+            ConvAlgorithmSearch::Heuristic => ort::ep::cuda::ConvAlgorithmSearch::Heuristic,
+            ConvAlgorithmSearch::Default => ort::ep::cuda::ConvAlgorithmSearch::Default,
+        }
+    }
+}
+
+impl fmt::Display for ConvAlgorithmSearch {
+    /// The config file's spelling.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConvAlgorithmSearch::Exhaustive => "exhaustive",
+            ConvAlgorithmSearch::Heuristic => "heuristic",
+            ConvAlgorithmSearch::Default => "default",
+        })
+    }
+}
+
 /// CUDA execution provider options (passed through to ONNX Runtime).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CudaSettings {
     /// GPU index.
     pub device_id: i32,
     /// Arena memory limit in bytes; 0 means no limit.
     pub memory_limit: usize,
-    /// `next_power_of_two` or `same_as_requested`.
-    pub arena_extend_strategy: String,
-    /// cuDNN convolution algorithm search: `exhaustive`, `heuristic` or `default`.
-    pub conv_algorithm_search: String,
+    /// How the memory arena grows.
+    pub arena_extend_strategy: ArenaExtendStrategy,
+    /// How cuDNN picks convolution algorithms.
+    pub conv_algorithm_search: ConvAlgorithmSearch,
 }
 
-impl Default for CudaSettings {
+/// A TensorRT builder optimization level that is known to be in TensorRT's range, 0–5
+/// (`runtime.tensorrt.builder_optimization_level`; default 3, TensorRT's own default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(try_from = "u8", into = "u8")]
+pub struct BuilderOptimizationLevel(u8);
+
+impl BuilderOptimizationLevel {
+    /// The highest level TensorRT takes.
+    pub const MAX: u8 = 5;
+
+    /// The level as TensorRT takes it.
+    pub fn get(self) -> u8 {
+        self.0
+    }
+}
+
+impl Default for BuilderOptimizationLevel {
     fn default() -> Self {
-        CudaSettings {
-            device_id: 0,
-            memory_limit: 0,
-            arena_extend_strategy: "next_power_of_two".into(),
-            conv_algorithm_search: "exhaustive".into(),
+        BuilderOptimizationLevel(3)
+    }
+}
+
+/// A builder optimization level above [`BuilderOptimizationLevel::MAX`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("builder optimization level {0} is above 5 (TensorRT takes 0-5)")]
+pub struct BuilderOptimizationLevelError(pub u8);
+
+impl TryFrom<u8> for BuilderOptimizationLevel {
+    type Error = BuilderOptimizationLevelError;
+
+    fn try_from(level: u8) -> Result<Self, Self::Error> {
+        if level > Self::MAX {
+            Err(BuilderOptimizationLevelError(level))
+        } else {
+            Ok(BuilderOptimizationLevel(level))
         }
+    }
+}
+
+impl From<BuilderOptimizationLevel> for u8 {
+    fn from(level: BuilderOptimizationLevel) -> u8 {
+        level.0
+    }
+}
+
+impl fmt::Display for BuilderOptimizationLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
     }
 }
 
@@ -127,7 +241,7 @@ pub struct TensorRtSettings {
     /// Where the timing cache lives; empty disables it.
     pub timing_cache_dir: Option<PathBuf>,
     /// Builder optimization level, 0–5 (TensorRT's default is 3).
-    pub builder_optimization_level: u8,
+    pub builder_optimization_level: BuilderOptimizationLevel,
 }
 
 impl Default for TensorRtSettings {
@@ -137,7 +251,7 @@ impl Default for TensorRtSettings {
             fp16: true,
             engine_cache_dir: None,
             timing_cache_dir: None,
-            builder_optimization_level: 3,
+            builder_optimization_level: BuilderOptimizationLevel::default(),
         }
     }
 }
@@ -171,5 +285,241 @@ impl Default for RuntimeSettings {
             cuda: CudaSettings::default(),
             tensorrt: TensorRtSettings::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    /// Loads `toml` through [`Settings::load`] from a temporary file; the error as shown.
+    fn load_err(toml: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("diffusiond.toml");
+        std::fs::write(&file, toml).unwrap();
+        Settings::load(Some(&file)).unwrap_err().to_string()
+    }
+
+    fn load(toml: &str) -> Settings {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("diffusiond.toml");
+        std::fs::write(&file, toml).unwrap();
+        Settings::load(Some(&file)).unwrap()
+    }
+
+    #[test]
+    fn bad_arena_extend_strategy_names_the_key() {
+        let err = load_err("[runtime.cuda]\narena_extend_strategy = \"double\"\n");
+        assert!(
+            err.contains("`runtime.cuda.arena_extend_strategy`"),
+            "{err}"
+        );
+        assert!(err.contains("double"), "{err}");
+    }
+
+    #[test]
+    fn bad_conv_algorithm_search_names_the_key() {
+        let err = load_err("[runtime.cuda]\nconv_algorithm_search = \"fastest\"\n");
+        assert!(
+            err.contains("`runtime.cuda.conv_algorithm_search`"),
+            "{err}"
+        );
+        assert!(err.contains("fastest"), "{err}");
+    }
+
+    #[test]
+    fn builder_optimization_level_above_five_names_the_key() {
+        let err = load_err("[runtime.tensorrt]\nbuilder_optimization_level = 7\n");
+        assert!(
+            err.contains("builder optimization level 7 is above 5 (TensorRT takes 0-5)"),
+            "{err}"
+        );
+        assert!(
+            err.contains("`runtime.tensorrt.builder_optimization_level`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn builder_optimization_level_out_of_u8_names_the_key() {
+        let err = load_err("[runtime.tensorrt]\nbuilder_optimization_level = 300\n");
+        assert!(
+            err.contains("`runtime.tensorrt.builder_optimization_level`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn existing_spellings_still_load() {
+        let s = load(
+            "[runtime.cuda]\n\
+             arena_extend_strategy = \"same_as_requested\"\n\
+             conv_algorithm_search = \"default\"\n\
+             [runtime.tensorrt]\n\
+             builder_optimization_level = 5\n",
+        );
+        assert_eq!(
+            s.runtime.cuda.arena_extend_strategy,
+            ArenaExtendStrategy::SameAsRequested
+        );
+        assert_eq!(
+            s.runtime.cuda.conv_algorithm_search,
+            ConvAlgorithmSearch::Default
+        );
+        assert_eq!(s.runtime.tensorrt.builder_optimization_level.get(), 5);
+        let s = load(
+            "[runtime.cuda]\n\
+             arena_extend_strategy = \"next_power_of_two\"\n\
+             conv_algorithm_search = \"heuristic\"\n\
+             [runtime.tensorrt]\n\
+             builder_optimization_level = 0\n",
+        );
+        assert_eq!(
+            s.runtime.cuda.arena_extend_strategy,
+            ArenaExtendStrategy::NextPowerOfTwo
+        );
+        assert_eq!(
+            s.runtime.cuda.conv_algorithm_search,
+            ConvAlgorithmSearch::Heuristic
+        );
+        assert_eq!(s.runtime.tensorrt.builder_optimization_level.get(), 0);
+    }
+
+    /// Environment overrides, through the same `config::Environment` settings as
+    /// [`Settings::load`] but fed from a map, so no process-global variable is set (that
+    /// would race every other test that loads a config).
+    #[test]
+    fn environment_overrides_parse() {
+        let vars = [
+            (
+                "DIFFUSIOND_RUNTIME__CUDA__CONV_ALGORITHM_SEARCH",
+                "heuristic",
+            ),
+            (
+                "DIFFUSIOND_RUNTIME__CUDA__ARENA_EXTEND_STRATEGY",
+                "same_as_requested",
+            ),
+            (
+                "DIFFUSIOND_RUNTIME__TENSORRT__BUILDER_OPTIMIZATION_LEVEL",
+                "4",
+            ),
+        ];
+        let env = config::Environment::with_prefix("DIFFUSIOND")
+            .prefix_separator("_")
+            .separator("__")
+            .list_separator(",")
+            .with_list_parse_key("runtime.execution_providers")
+            .with_list_parse_key("preload")
+            .try_parsing(true)
+            .source(Some(
+                vars.iter()
+                    .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect(),
+            ));
+        let s: Settings = config::Config::builder()
+            .add_source(env)
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        let r = &s.runtime;
+        assert_eq!(r.cuda.conv_algorithm_search, ConvAlgorithmSearch::Heuristic);
+        assert_eq!(
+            r.cuda.arena_extend_strategy,
+            ArenaExtendStrategy::SameAsRequested
+        );
+        assert_eq!(r.tensorrt.builder_optimization_level.get(), 4);
+    }
+
+    #[test]
+    fn builder_optimization_level_range() {
+        assert_eq!(BuilderOptimizationLevel::default().get(), 3);
+        for level in 0..=5u8 {
+            assert_eq!(
+                BuilderOptimizationLevel::try_from(level).map(u8::from),
+                Ok(level)
+            );
+        }
+        assert_eq!(
+            BuilderOptimizationLevel::try_from(6),
+            Err(BuilderOptimizationLevelError(6))
+        );
+        assert_eq!(
+            BuilderOptimizationLevelError(7).to_string(),
+            "builder optimization level 7 is above 5 (TensorRT takes 0-5)"
+        );
+    }
+
+    #[test]
+    fn display_is_the_config_spelling() {
+        for (v, s) in [
+            (ArenaExtendStrategy::NextPowerOfTwo, "next_power_of_two"),
+            (ArenaExtendStrategy::SameAsRequested, "same_as_requested"),
+        ] {
+            assert_eq!(v.to_string(), s);
+            let json = serde_json::to_string(&v).unwrap();
+            assert_eq!(json, format!("\"{s}\""));
+            assert_eq!(
+                serde_json::from_str::<ArenaExtendStrategy>(&json).unwrap(),
+                v
+            );
+        }
+        for (v, s) in [
+            (ConvAlgorithmSearch::Exhaustive, "exhaustive"),
+            (ConvAlgorithmSearch::Heuristic, "heuristic"),
+            (ConvAlgorithmSearch::Default, "default"),
+        ] {
+            assert_eq!(v.to_string(), s);
+            let json = serde_json::to_string(&v).unwrap();
+            assert_eq!(json, format!("\"{s}\""));
+            assert_eq!(
+                serde_json::from_str::<ConvAlgorithmSearch>(&json).unwrap(),
+                v
+            );
+        }
+        assert_eq!(BuilderOptimizationLevel::default().to_string(), "3");
+    }
+
+    #[test]
+    fn defaults_are_onnx_runtime_defaults() {
+        let c = CudaSettings::default();
+        assert_eq!(c.arena_extend_strategy, ArenaExtendStrategy::NextPowerOfTwo);
+        assert_eq!(c.conv_algorithm_search, ConvAlgorithmSearch::Exhaustive);
+        assert_eq!(
+            TensorRtSettings::default().builder_optimization_level.get(),
+            3
+        );
+    }
+
+    #[test]
+    fn arena_extend_strategy_maps_to_ort() {
+        use ort::ep::ArenaExtendStrategy as Ort;
+        assert!(matches!(
+            ArenaExtendStrategy::NextPowerOfTwo.to_ort(),
+            Ort::NextPowerOfTwo
+        ));
+        assert!(matches!(
+            ArenaExtendStrategy::SameAsRequested.to_ort(),
+            Ort::SameAsRequested
+        ));
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn conv_algorithm_search_maps_to_ort() {
+        use ort::ep::cuda::ConvAlgorithmSearch as Ort;
+        assert!(matches!(
+            ConvAlgorithmSearch::Exhaustive.to_ort(),
+            Ort::Exhaustive
+        ));
+        assert!(matches!(
+            ConvAlgorithmSearch::Heuristic.to_ort(),
+            Ort::Heuristic
+        ));
+        assert!(matches!(
+            ConvAlgorithmSearch::Default.to_ort(),
+            Ort::Default
+        ));
     }
 }
