@@ -137,11 +137,10 @@ fn local(
         num_images: req.num_images,
         ..GenerateParams::default()
     };
-    let text = params.png_parameters(
-        pipeline.scheduler_name(None).unwrap_or("?"),
-        &model_dir.display().to_string(),
-        pipeline.ort_version(),
-    );
+    let text = pipeline
+        .resolve(&params)
+        .map_err(|e| e.to_string())?
+        .png_parameters(pipeline.ort_version());
     let mut runs = Vec::new();
     for i in 0..=req.repeats {
         let t = Instant::now();
@@ -161,7 +160,7 @@ fn local(
         if i == 0
             && let Some(out) = &req.png_out
         {
-            let paths = diffusiond::local::output_paths(out, pngs.len());
+            let paths = output_paths(out, pngs.len());
             for (bytes, path) in pngs.iter().zip(&paths) {
                 image::write_file(path, bytes).map_err(|e| e.to_string())?;
             }
@@ -257,7 +256,7 @@ async fn dbus_runs(address: &str, model: &str, req: &Request) -> Result<Json, St
         if i == 0
             && let Some(out) = &req.png_out
         {
-            let paths = diffusiond::local::output_paths(out, images.len());
+            let paths = output_paths(out, images.len());
             for (bytes, path) in images.iter().zip(&paths) {
                 std::fs::write(path, bytes).map_err(|e| e.to_string())?;
             }
@@ -277,4 +276,17 @@ async fn dbus_runs(address: &str, model: &str, req: &Request) -> Result<Json, St
         }));
     }
     Ok(json!({ "runner": "diffusiond-dbus", "runs": runs }))
+}
+
+/// `OUT.png` for one image; `OUT-0.png`, `OUT-1.png`, ... for several (as diffusionctl).
+fn output_paths(output: &std::path::Path, n: usize) -> Vec<PathBuf> {
+    if n == 1 {
+        return vec![output.to_path_buf()];
+    }
+    let stem = output
+        .file_stem()
+        .map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
+    (0..n)
+        .map(|i| output.with_file_name(format!("{stem}-{i}.png")))
+        .collect()
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::Limits;
+use crate::request::Limits;
 use crate::runtime::RuntimeSettings;
 
 /// Errors from reading or validating the configuration. Each names the key or file.

@@ -1,7 +1,6 @@
 //! The daemon: loads the runtime, starts the job engine, serves the D-Bus API, and stops
 //! cleanly when its shutdown future resolves (SIGTERM/SIGINT in the binary).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,20 +9,12 @@ use zbus::Connection;
 use zbus::fdo::{RequestNameFlags, RequestNameReply};
 
 use crate::config::Settings;
-use crate::dbus::{self, BUS_NAME, MANAGER_PATH, Manager, Registry};
-use crate::jobs::Engine;
+use crate::dbus::{self, Manager, Registry};
+use crate::jobs::{Engine, OrtBackend};
+use crate::model::Catalog;
 use crate::runtime::{Runtime, RuntimeError};
-
-/// Which bus to serve on.
-#[derive(Debug, Clone)]
-pub enum Bus {
-    /// The user's session bus.
-    Session,
-    /// The system bus.
-    System,
-    /// Any D-Bus address.
-    Address(String),
-}
+pub use crate::wire::Bus;
+use crate::wire::{BUS_NAME, MANAGER_PATH};
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +32,9 @@ pub enum DaemonError {
     /// The configuration is unusable.
     #[error("configuration: {0}")]
     Config(String),
+    /// A thread or task could not be started.
+    #[error("cannot start the job engine: {0}")]
+    Start(String),
 }
 
 /// Tells systemd (when started by it) what the service is doing.
@@ -108,11 +102,7 @@ async fn preload(engine: &Engine, names: &[String]) {
 }
 
 async fn connect(bus: &Bus, manager: Manager) -> Result<Connection, DaemonError> {
-    let builder = match bus {
-        Bus::Session => zbus::connection::Builder::session()?,
-        Bus::System => zbus::connection::Builder::system()?,
-        Bus::Address(a) => zbus::connection::Builder::address(a.as_str())?,
-    };
+    let builder = bus.builder()?;
     // Serve the objects first, then take the name: activated callers arrive at once.
     let conn = builder.serve_at(MANAGER_PATH, manager)?.build().await?;
     let reply = conn
@@ -140,18 +130,29 @@ pub async fn run(
     notify(&[sd_notify::NotifyState::Status("loading ONNX Runtime")]);
     let runtime = Arc::new(Runtime::init(settings.runtime.clone())?);
     let providers = runtime.providers().iter().map(|p| p.to_string()).collect();
-    let models: HashMap<_, _> = settings
+    notify(&[sd_notify::NotifyState::Status("opening the model folders")]);
+    // Each folder is read and checked once, off the async threads; requests are resolved
+    // against this catalog without touching the disk.
+    let models: Vec<_> = settings
         .models
         .iter()
         .map(|(k, v)| (k.clone(), v.path.clone()))
         .collect();
+    let default = settings.default_model.clone();
+    let catalog = tokio::task::spawn_blocking(move || Catalog::open(models, default))
+        .await
+        .map(Arc::new)
+        .map_err(|e| DaemonError::Start(e.to_string()))?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let (engine, worker) = Engine::start(runtime.clone(), models, settings.jobs.clone(), tx);
+    let backend = Arc::new(OrtBackend::new(runtime.clone()));
+    let (engine, worker) = Engine::start(backend, catalog.clone(), settings.jobs.clone(), tx)
+        .map_err(|e| DaemonError::Start(e.to_string()))?;
     let settings = Arc::new(settings);
     let registry = Registry::default();
     let manager = Manager::new(
         engine.clone(),
-        settings.clone(),
+        catalog,
+        settings.limits.clone(),
         registry.clone(),
         runtime.version().to_string(),
         providers,

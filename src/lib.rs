@@ -11,10 +11,12 @@ pub mod jobs;
 pub mod local;
 pub mod model;
 pub mod pipeline;
+pub mod request;
 pub mod rng;
 pub mod runtime;
 pub mod scheduler;
 pub mod tokenizer;
+pub mod wire;
 
 /// diffusiond's own version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

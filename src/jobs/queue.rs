@@ -36,7 +36,7 @@ impl Queue {
     /// Adds a job.
     pub fn push(&mut self, job: QueuedJob) {
         self.jobs
-            .insert((std::cmp::Reverse(job.priority), job.id), job);
+            .insert((std::cmp::Reverse(job.request.priority), job.id), job);
     }
 
     /// Removes one job by id.
@@ -71,18 +71,18 @@ impl Queue {
         ready: impl Fn(&str) -> bool,
         max_images: usize,
     ) -> Vec<QueuedJob> {
-        let Some(lead) = self.jobs.values().find(|j| ready(&j.model)) else {
+        let Some(lead) = self.jobs.values().find(|j| ready(&j.request.model)) else {
             return Vec::new();
         };
-        let (model, key) = (lead.model.clone(), lead.params.batch_key());
+        let (model, key) = (lead.request.model.as_str(), lead.request.batch_key());
         let mut images = 0;
         let mut keys = Vec::new();
         for (k, j) in &self.jobs {
-            if j.model == model && j.params.batch_key() == key {
-                if !keys.is_empty() && images + j.params.num_images > max_images {
+            if j.request.model == model && j.request.batch_key() == key {
+                if !keys.is_empty() && images + j.request.num_images > max_images {
                     break;
                 }
-                images += j.params.num_images;
+                images += j.request.num_images;
                 keys.push(*k);
             }
         }
@@ -95,21 +95,16 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::GenerateParams;
+    use crate::jobs::tests::resolved;
 
     fn job(id: JobId, priority: i32, model: &str, steps: usize) -> QueuedJob {
+        let mut request = resolved(model, steps);
+        request.priority = priority;
         QueuedJob {
             id,
-            priority,
-            model: model.into(),
             owner: 1000,
             sender: None,
-            params: GenerateParams {
-                steps,
-                width: 64,
-                height: 64,
-                ..GenerateParams::default()
-            },
+            request,
             output_fds: Vec::new(),
             queued_at: std::time::Instant::now(),
         }
@@ -161,7 +156,7 @@ mod tests {
     fn a_large_job_still_runs_alone() {
         let mut q = Queue::default();
         let mut big = job(1, 0, "a", 4);
-        big.params.num_images = 8;
+        big.request.num_images = 8;
         q.push(big);
         assert_eq!(q.take_batch(|_| true, 4).len(), 1);
     }
@@ -174,7 +169,7 @@ mod tests {
         q.push(job(3, 0, "a", 4));
         assert_eq!(q.remove(2).map(|j| j.id), Some(2));
         assert_eq!(q.remove(2).map(|j| j.id), None);
-        assert_eq!(q.drain_where(|j| j.model == "a").len(), 2);
+        assert_eq!(q.drain_where(|j| j.request.model == "a").len(), 2);
         assert!(q.is_empty());
     }
 }

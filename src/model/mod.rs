@@ -12,8 +12,11 @@
 //! [`ModelBundle::open`] reads and checks the JSON files; [`signature`] checks each
 //! session's inputs and outputs once it is loaded. Every error names the file.
 
+mod catalog;
 pub mod safety;
 pub mod signature;
+
+pub use catalog::{Catalog, CatalogEntry};
 
 use std::path::{Path, PathBuf};
 
@@ -90,6 +93,11 @@ struct VaeConfig {
     #[serde(default)]
     block_out_channels: Option<Vec<u32>>,
 }
+
+/// The largest VAE scale factor accepted from a config (SD models use 8).
+const MAX_VAE_SCALE_FACTOR: usize = 64;
+/// The largest native size accepted from a config, in pixels per side.
+const MAX_DEFAULT_SIZE: usize = 16384;
 
 fn default_scaling() -> f64 {
     0.18215
@@ -168,9 +176,31 @@ impl ModelBundle {
         } else {
             UnetConfig { sample_size: None }
         };
-        let vae_scale_factor = vae
-            .block_out_channels
-            .map_or(8, |b| 1 << b.len().saturating_sub(1));
+        let vae_path = dir.join("vae_decoder/config.json");
+        let vae_scale_factor = match vae.block_out_channels {
+            None => 8,
+            Some(b) => u32::try_from(b.len().saturating_sub(1))
+                .ok()
+                .and_then(|shift| 1usize.checked_shl(shift))
+                .filter(|&f| f <= MAX_VAE_SCALE_FACTOR)
+                .ok_or_else(|| ModelError::Malformed {
+                    path: vae_path.clone(),
+                    message: format!(
+                        "block_out_channels has {} entries: a scale factor above {MAX_VAE_SCALE_FACTOR}",
+                        b.len()
+                    ),
+                })?,
+        };
+        let sample_size = unet.sample_size.unwrap_or(64);
+        let default_size = sample_size
+            .checked_mul(vae_scale_factor)
+            .filter(|&s| s > 0 && s <= MAX_DEFAULT_SIZE)
+            .ok_or_else(|| ModelError::Malformed {
+                path: unet_config.clone(),
+                message: format!(
+                    "sample_size {sample_size} x VAE factor {vae_scale_factor} is not a size between 1 and {MAX_DEFAULT_SIZE} pixels"
+                ),
+            })?;
         let bundle = ModelBundle {
             dir: dir.to_path_buf(),
             kind,
@@ -180,18 +210,26 @@ impl ModelBundle {
             vae_shift_factor: vae.shift_factor,
             vae_scale_factor,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
-            default_size: unet.sample_size.unwrap_or(64) * vae_scale_factor,
+            default_size,
         };
-        for f in bundle.required_files() {
+        bundle.check_files()?;
+        Ok(bundle)
+    }
+
+    /// Checks that every graph the pipeline loads exists and that its external data is
+    /// safe ([`safety::check_file`]). [`ModelBundle::open`] runs it; a model load runs it
+    /// again, so a folder changed since it was opened is never loaded unchecked.
+    pub fn check_files(&self) -> Result<(), ModelError> {
+        for f in self.required_files() {
             if !f.is_file() {
                 return Err(ModelError::MissingFile(f));
             }
         }
         // Only ever files inside the configured folder: refuse unsafe external data.
-        for f in bundle.required_files() {
+        for f in self.required_files() {
             safety::check_file(&f)?;
         }
-        Ok(bundle)
+        Ok(())
     }
 
     /// The ONNX file of a component folder (`unet`, `text_encoder`, ...).

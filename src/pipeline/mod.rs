@@ -4,18 +4,19 @@
 
 pub mod components;
 pub mod image;
-mod params;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ndarray::{Array2, Array3, Array4, ArrayD, Axis, IxDyn, Zip, concatenate, s};
 use ort::session::RunOptions;
 
+pub use crate::request::{GenerateParams, Limits};
 pub use image::GeneratedImage;
-pub use params::{GenerateParams, Limits};
 
 use crate::model::{ModelBundle, ModelError, PipelineKind};
+use crate::request::{self, ModelRef, RequestError, ResolvedRequest};
 use crate::rng::{self, NoiseSource, RngKind};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::scheduler::{self, Scheduler, SchedulerError};
@@ -34,6 +35,9 @@ pub enum PipelineError {
         /// Why.
         message: String,
     },
+    /// The request was refused by the resolve step.
+    #[error(transparent)]
+    Request(#[from] RequestError),
     /// The model folder is missing, malformed or has the wrong graphs.
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -113,7 +117,7 @@ pub type ProgressFn<'a> = dyn FnMut(usize, usize) -> bool + Send + 'a;
 
 /// A loaded text-to-image pipeline: sessions stay open between generations.
 pub struct Pipeline {
-    bundle: ModelBundle,
+    bundle: Arc<ModelBundle>,
     tokenizers: Vec<ClipTokenizer>,
     encoders: Vec<TextEncoder>,
     unet: Unet,
@@ -133,7 +137,14 @@ impl std::fmt::Debug for Pipeline {
 impl Pipeline {
     /// Opens a model folder and loads every session it needs.
     pub fn load(runtime: &Runtime, dir: &Path) -> Result<Pipeline, PipelineError> {
-        let bundle = ModelBundle::open(dir)?;
+        Pipeline::from_bundle(runtime, Arc::new(ModelBundle::open(dir)?))
+    }
+
+    /// Loads every session of an opened model folder.
+    pub fn from_bundle(
+        runtime: &Runtime,
+        bundle: Arc<ModelBundle>,
+    ) -> Result<Pipeline, PipelineError> {
         let sdxl = bundle.kind == PipelineKind::StableDiffusionXl;
         let tokenizers = bundle
             .tokenizer_dirs()
@@ -171,23 +182,18 @@ impl Pipeline {
         &self.ort_version
     }
 
-    /// Resolves the scheduler name: the request's, else the model folder's own.
-    pub fn scheduler_name(&self, requested: Option<&str>) -> Result<&'static str, PipelineError> {
-        match requested {
-            Some(name) => scheduler::NAMES
-                .iter()
-                .copied()
-                .find(|n| *n == name)
-                .ok_or_else(|| SchedulerError::Unknown(name.to_string()).into()),
-            None => self
-                .bundle
-                .default_scheduler
-                .ok_or_else(|| PipelineError::InvalidArgument {
-                    param: "scheduler",
-                    message: "the model folder's scheduler is not one diffusiond knows; name one"
-                        .into(),
-                }),
-        }
+    /// Resolves explicit parameters against this model, as any request is resolved
+    /// (no daemon limits: the caller owns the machine).
+    pub fn resolve(&self, params: &GenerateParams) -> Result<ResolvedRequest, PipelineError> {
+        let name = self.bundle.dir.display().to_string();
+        let model = ModelRef {
+            name: &name,
+            bundle: &self.bundle,
+        };
+        let resolved = request::resolve(&params.to_request(), model, &Limits::unbounded(), || {
+            params.seed
+        })?;
+        Ok(resolved.with_latents(params.latents.clone(), &self.bundle)?)
     }
 
     /// Generates `params.num_images` images.
@@ -196,42 +202,46 @@ impl Pipeline {
         params: &GenerateParams,
         progress: &mut ProgressFn<'_>,
     ) -> Result<Generation, PipelineError> {
+        let resolved = self.resolve(params)?;
         let run_options = RunOptions::new().map_err(|e| PipelineError::Inference {
             component: "runtime".into(),
             message: e.to_string(),
         })?;
-        let mut out = self.generate_batch(&[params], &run_options, progress)?;
+        let mut out = self.run(&[&resolved], &run_options, progress)?;
         Ok(out.remove(0))
     }
 
-    /// Generates several compatible requests in one UNet batch (same size, steps,
-    /// scheduler and guidance on/off: see [`GenerateParams::batch_key`]). Each request
-    /// draws its own noise from its own seed, so its images are those it would get alone.
-    /// `run_options` lets another thread stop a session run in flight.
+    /// Resolves several explicit requests and runs them as one batch ([`Pipeline::run`]).
     pub fn generate_batch(
         &mut self,
         batch: &[&GenerateParams],
         run_options: &RunOptions,
         progress: &mut ProgressFn<'_>,
     ) -> Result<Vec<Generation>, PipelineError> {
-        let first = *batch
-            .first()
-            .ok_or_else(|| PipelineError::InvalidArgument {
-                param: "batch",
-                message: "empty batch".into(),
-            })?;
-        for p in batch {
-            p.validate_shape(self.bundle.vae_scale_factor)?;
-            if p.batch_key() != first.batch_key() {
-                return Err(PipelineError::InvalidArgument {
-                    param: "batch",
-                    message:
-                        "requests in one batch must share size, steps, scheduler and guidance mode"
-                            .into(),
-                });
-            }
-        }
-        let name = self.scheduler_name(first.scheduler.as_deref())?;
+        let resolved = batch
+            .iter()
+            .map(|p| self.resolve(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let refs: Vec<&ResolvedRequest> = resolved.iter().collect();
+        self.run(&refs, run_options, progress)
+    }
+
+    /// Generates resolved requests in one UNet batch. They must share a batch key (same
+    /// size, steps, scheduler and guidance on/off: [`ResolvedRequest::batch_key`]); each
+    /// draws its own noise from its own seed, so its images are those it would get alone.
+    /// `run_options` lets another thread stop a session run in flight. Nothing is checked
+    /// here: the resolve step did that.
+    pub fn run(
+        &mut self,
+        batch: &[&ResolvedRequest],
+        run_options: &RunOptions,
+        progress: &mut ProgressFn<'_>,
+    ) -> Result<Vec<Generation>, PipelineError> {
+        let Some(&first) = batch.first() else {
+            return Ok(Vec::new());
+        };
+        debug_assert!(batch.iter().all(|p| p.batch_key() == first.batch_key()));
+        let name = first.scheduler;
         let mut sched = scheduler::create(name, &self.bundle.scheduler_config, first.steps)?;
         let mut timings = StageTimings::default();
         // Stage spans: with RUST_LOG=diffusiond=debug each stage's duration is logged as it
@@ -298,7 +308,7 @@ impl Pipeline {
     /// All are multiplied by the scheduler's `init_noise_sigma` in f32.
     fn initial_latents(
         &self,
-        batch: &[&GenerateParams],
+        batch: &[&ResolvedRequest],
         sched: &dyn Scheduler,
     ) -> Result<(Array4<f32>, BatchNoise), PipelineError> {
         let f = self.bundle.vae_scale_factor;
@@ -322,23 +332,14 @@ impl Pipeline {
 
 /// Fills one request's block of latents (unscaled) and returns its step-noise stream.
 fn draw_latents(
-    p: &GenerateParams,
+    p: &ResolvedRequest,
     block: &mut ndarray::ArrayViewMut4<'_, f32>,
 ) -> Result<Box<dyn NoiseSource>, PipelineError> {
     let invalid = |param, message: String| PipelineError::InvalidArgument { param, message };
     let torch =
         || rng::noise_source(RngKind::Torch, p.seed).map_err(|e| invalid("seed", e.to_string()));
     if let Some(given) = &p.latents {
-        if given.shape() != block.shape() {
-            return Err(invalid(
-                "latents",
-                format!(
-                    "expected shape {:?}, got {:?}",
-                    block.shape(),
-                    given.shape()
-                ),
-            ));
-        }
+        // The resolve step checked the shape.
         block.assign(
             &given
                 .view()
@@ -388,8 +389,8 @@ struct Guidance {
 }
 
 impl Guidance {
-    fn for_batch(batch: &[&GenerateParams]) -> Guidance {
-        let rows = |f: fn(&GenerateParams) -> f64| {
+    fn for_batch(batch: &[&ResolvedRequest]) -> Guidance {
+        let rows = |f: fn(&ResolvedRequest) -> f64| {
             batch
                 .iter()
                 .flat_map(|p| std::iter::repeat_n(f(p) as f32, p.num_images))
@@ -421,7 +422,10 @@ struct Encoded {
 impl Pipeline {
     /// Encodes every request's prompt and negative prompt as diffusers' `encode_prompt`
     /// does, repeats each for its images, and stacks them: all uncond rows, then all cond.
-    fn encode_prompts(&mut self, batch: &[&GenerateParams]) -> Result<Conditioning, PipelineError> {
+    fn encode_prompts(
+        &mut self,
+        batch: &[&ResolvedRequest],
+    ) -> Result<Conditioning, PipelineError> {
         let encoded = batch
             .iter()
             .map(|p| self.encode_request(p))
@@ -454,7 +458,7 @@ impl Pipeline {
         Ok(Conditioning { hidden, added })
     }
 
-    fn encode_request(&mut self, params: &GenerateParams) -> Result<Encoded, PipelineError> {
+    fn encode_request(&mut self, params: &ResolvedRequest) -> Result<Encoded, PipelineError> {
         let n = params.num_images;
         let (cond, cond_pooled) = self.encode_text(&params.prompt)?;
         let zero_uncond = self.bundle.kind == PipelineKind::StableDiffusionXl

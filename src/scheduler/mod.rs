@@ -180,6 +180,18 @@ pub fn create(
     }
 }
 
+/// Whether scheduler `name` can run `num_inference_steps` with `config`: the request
+/// resolver's check. The scheduler's own constructor decides (a few microseconds of
+/// timestep arithmetic); the pipeline builds its own scheduler per batch, since a
+/// scheduler holds the state of one denoising run.
+pub fn check_steps(
+    name: &str,
+    config: &SchedulerConfig,
+    num_inference_steps: usize,
+) -> Result<(), SchedulerError> {
+    create(name, config, num_inference_steps).map(drop)
+}
+
 /// Golden-trajectory checks shared by the scheduler tests: replays the fixed fake-model
 /// trajectories recorded by `onnx/golden_schedulers.py` from diffusers.
 #[cfg(test)]

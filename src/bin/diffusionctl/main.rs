@@ -1,14 +1,18 @@
-//! diffusionctl: the command-line client of diffusiond (src/client.rs does the D-Bus work);
-//! `generate --local` runs the pipeline in-process.
+//! diffusionctl: the command-line client of diffusiond. The library's `client` module
+//! does the D-Bus work; this binary parses flags, shows progress and tables
+//! ([`progress`], [`output`]) and names the output files. `generate --local` runs the
+//! pipeline in-process (`diffusiond::local`).
+
+mod output;
+mod progress;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use diffusiond::client::{self, Bus, Client, ClientError, GenerateRequest, OnInterrupt};
+use diffusiond::client::{Bus, Client, ClientError, GenerateRequest, OnInterrupt};
 use diffusiond::config::{self, Settings};
 use diffusiond::local;
-use diffusiond::pipeline::GenerateParams;
 use diffusiond::rng::RngKind;
 
 /// Client for the diffusiond image-generation daemon.
@@ -84,7 +88,7 @@ struct GenerateArgs {
     negative_prompt: Option<String>,
     /// Denoising steps [default: 20].
     #[arg(long)]
-    steps: Option<usize>,
+    steps: Option<u32>,
     /// Classifier-free guidance scale (≤ 1 turns guidance off) [default: 7.5].
     #[arg(long, allow_negative_numbers = true)]
     guidance: Option<f64>,
@@ -105,14 +109,14 @@ struct GenerateArgs {
     #[arg(long, value_name = "FILE.npy")]
     latents: Option<PathBuf>,
     /// Width in pixels, a multiple of 8 (default: the model's native size).
-    #[arg(long, value_parser = positive)]
-    width: Option<usize>,
+    #[arg(long)]
+    width: Option<u32>,
     /// Height in pixels, a multiple of 8 (default: the model's native size).
-    #[arg(long, value_parser = positive)]
-    height: Option<usize>,
+    #[arg(long)]
+    height: Option<u32>,
     /// Number of images; with K > 1, files are OUT-0.png, OUT-1.png, ... [default: 1].
     #[arg(long)]
-    num_images: Option<usize>,
+    num_images: Option<u32>,
     /// Job priority: higher runs first (daemon only) [default: 0].
     #[arg(long, allow_negative_numbers = true, conflicts_with = "local")]
     priority: Option<i32>,
@@ -160,8 +164,10 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Generate(args) if args.local => generate_local(*args),
-        Command::Generate(args) => match request(&args) {
-            Ok(request) => daemon(&args.bus.bus(), |c| generate(c, request, args.output)),
+        Command::Generate(args) => match check_daemon_flags(&args) {
+            Ok(()) => daemon(&args.bus.bus(), |c| {
+                generate(c, request(&args), args.output)
+            }),
             Err(message) => Err(Failure::Other(message)),
         },
         Command::Status(bus) => daemon(&bus.bus(), status),
@@ -226,23 +232,28 @@ where
     })
 }
 
-/// Parses a size that must be at least 1 (0 would mean "the model's size" inside).
-fn positive(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(0) => Err("must be a positive multiple of 8".into()),
-        Ok(v) => Ok(v),
-        Err(e) => Err(e.to_string()),
+/// The request the flags of `generate` make: only the keys given, for the daemon or the
+/// local resolve step to fill in.
+fn request(args: &GenerateArgs) -> GenerateRequest {
+    GenerateRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        model: args.model.clone(),
+        width: args.width,
+        height: args.height,
+        steps: args.steps,
+        guidance_scale: args.guidance,
+        guidance_rescale: args.guidance_rescale,
+        seed: args.seed,
+        rng: args.rng,
+        scheduler: args.scheduler.clone(),
+        num_images: args.num_images,
+        priority: args.priority,
     }
 }
 
-/// A count for the D-Bus request (`u`).
-fn to_u32(flag: &str, v: Option<usize>) -> Result<Option<u32>, String> {
-    v.map(|v| u32::try_from(v).map_err(|_| format!("{flag}: {v} is too large")))
-        .transpose()
-}
-
-/// Checks the flags of a daemon `generate` and builds its request (only the keys set).
-fn request(args: &GenerateArgs) -> Result<GenerateRequest, String> {
+/// Flags that only `--local` takes.
+fn check_daemon_flags(args: &GenerateArgs) -> Result<(), String> {
     if args.latents.is_some() {
         return Err("--latents needs --local (the daemon draws latents from the seed)".into());
     }
@@ -252,21 +263,7 @@ fn request(args: &GenerateArgs) -> Result<GenerateRequest, String> {
     if args.config.is_some() {
         return Err("--config needs --local (the daemon reads its own configuration)".into());
     }
-    Ok(GenerateRequest {
-        prompt: args.prompt.clone(),
-        negative_prompt: args.negative_prompt.clone(),
-        model: args.model.clone(),
-        width: to_u32("--width", args.width)?,
-        height: to_u32("--height", args.height)?,
-        steps: to_u32("--steps", args.steps)?,
-        guidance_scale: args.guidance,
-        guidance_rescale: args.guidance_rescale,
-        seed: args.seed,
-        rng: args.rng.map(|r| r.as_str().to_string()),
-        scheduler: args.scheduler.clone(),
-        num_images: to_u32("--num-images", args.num_images)?,
-        priority: args.priority,
-    })
+    Ok(())
 }
 
 /// `generate` through the daemon: queue, show progress, write the PNGs, print their paths.
@@ -275,7 +272,7 @@ async fn generate(
     request: GenerateRequest,
     output: PathBuf,
 ) -> Result<(), Failure> {
-    let (_, _, written) = client::generate_to_files(&client, &request, &output).await?;
+    let (_, _, written) = progress::generate_to_files(&client, &request, &output).await?;
     for path in written {
         println!("{}", path.display());
     }
@@ -283,17 +280,17 @@ async fn generate(
 }
 
 async fn status(client: Client) -> Result<(), Failure> {
-    print!("{}", client::format_status(&client.status().await?));
+    print!("{}", output::format_status(&client.status().await?));
     Ok(())
 }
 
 async fn models(client: Client) -> Result<(), Failure> {
-    print!("{}", client::format_models(&client.models().await?));
+    print!("{}", output::format_models(&client.models().await?));
     Ok(())
 }
 
 async fn jobs(client: Client) -> Result<(), Failure> {
-    print!("{}", client::format_jobs(&client.jobs().await?));
+    print!("{}", output::format_jobs(&client.jobs().await?));
     Ok(())
 }
 
@@ -305,9 +302,9 @@ async fn cancel(client: Client, job: String) -> Result<(), Failure> {
 
 /// `wait`: Ctrl-C stops waiting but leaves the job alone (it may not be ours).
 async fn wait(client: Client, job: String, output: Option<PathBuf>) -> Result<(), Failure> {
-    let path = client::job_path(&job)?;
-    let interrupt = client::ctrl_c();
-    let (result, written) = client::wait_with_progress(
+    let path = diffusiond::client::job_path(&job)?;
+    let interrupt = progress::ctrl_c();
+    let (result, written) = progress::wait_with_progress(
         &client,
         &path,
         output.as_deref(),
@@ -317,7 +314,7 @@ async fn wait(client: Client, job: String, output: Option<PathBuf>) -> Result<()
     .await?;
     if written.is_empty() {
         let state = result.state.as_deref().unwrap_or("succeeded");
-        println!("{state}: {}", client::describe_result(&result));
+        println!("{state}: {}", output::describe_result(&result));
     }
     for path in written {
         println!("{}", path.display());
@@ -339,25 +336,11 @@ fn generate_local(args: GenerateArgs) -> Result<(), Failure> {
         Some(path) => Some(local::read_latents(path).map_err(|e| e.to_string())?),
         None => None,
     };
-    let defaults = GenerateParams::default();
-    let params = GenerateParams {
-        prompt: args.prompt,
-        negative_prompt: args.negative_prompt,
-        steps: args.steps.unwrap_or(defaults.steps),
-        guidance_scale: args.guidance.unwrap_or(defaults.guidance_scale),
-        guidance_rescale: args.guidance_rescale.unwrap_or(defaults.guidance_rescale),
-        scheduler: args.scheduler,
-        seed: args.seed.unwrap_or_else(local::random_seed),
-        rng: args.rng.unwrap_or(defaults.rng),
-        latents,
-        width: args.width.unwrap_or(0),
-        height: args.height.unwrap_or(0),
-        num_images: args.num_images.unwrap_or(defaults.num_images),
-    };
-    let file = args.config.or_else(|| config::default_file(false));
+    let file = args.config.clone().or_else(|| config::default_file(false));
     let settings = Settings::load(file.as_deref()).map_err(|e| e.to_string())?;
-    let written = local::generate_to_files(settings.runtime, &model_dir, params, &args.output)
+    let pngs = local::generate(settings.runtime, &model_dir, &request(&args), latents)
         .map_err(|e| e.to_string())?;
+    let written = output::write_pngs(&pngs, &args.output)?;
     for path in written {
         println!("{}", path.display());
     }

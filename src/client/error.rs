@@ -1,0 +1,124 @@
+//! Client errors: every failure as one readable line; the daemon's own errors
+//! (`io.github.Diffusiond1.Error.X`) read as `X: message`.
+
+use std::path::PathBuf;
+
+use super::CALL_TIMEOUT;
+use crate::wire::{BUS_NAME, Bus, ERROR_PREFIX};
+
+/// A client failure, displayed as one line.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// No connection to the bus.
+    #[error("cannot connect to {bus}: {message}")]
+    Connect {
+        /// The bus tried.
+        bus: Bus,
+        /// Why.
+        message: String,
+    },
+    /// Nobody owns `io.github.Diffusiond1` on the bus.
+    #[error("diffusiond is not running on {0} (no owner for {BUS_NAME})")]
+    NotRunning(Bus),
+    /// The daemon answered with one of its errors (`io.github.Diffusiond1.Error.<name>`).
+    #[error("{name}: {message}")]
+    Daemon {
+        /// The short error name, e.g. `UnknownModel`.
+        name: String,
+        /// The daemon's message.
+        message: String,
+    },
+    /// The job reference names no job (anymore).
+    #[error("no such job: {0}")]
+    NoSuchJob(String),
+    /// A call took longer than [`CALL_TIMEOUT`].
+    #[error("diffusiond did not answer {0} within {secs} s", secs = CALL_TIMEOUT.as_secs())]
+    Timeout(&'static str),
+    /// The user interrupted (Ctrl-C); `cancelled` says whether the job was cancelled.
+    #[error("interrupted{}", if *.cancelled { "; job cancelled" } else { "" })]
+    Interrupted {
+        /// Whether `Cancel()` was called and succeeded.
+        cancelled: bool,
+    },
+    /// A bad argument caught before asking the daemon.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The daemon's reply lacks something the API promises.
+    #[error("unexpected reply from diffusiond: {0}")]
+    Protocol(String),
+    /// Writing an output file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// Any other D-Bus failure.
+    #[error("D-Bus: {0}")]
+    DBus(String),
+}
+
+/// Result of client operations.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+impl ClientError {
+    /// Maps a zbus error from a call on `bus` to a readable error.
+    pub fn from_zbus(bus: &Bus, e: zbus::Error) -> ClientError {
+        match e {
+            zbus::Error::MethodError(name, message, _) => {
+                let message = message.unwrap_or_default();
+                let name = name.as_str();
+                if let Some(short) = name.strip_prefix(ERROR_PREFIX) {
+                    return ClientError::Daemon {
+                        name: short.to_string(),
+                        message,
+                    };
+                }
+                match name {
+                    "org.freedesktop.DBus.Error.ServiceUnknown"
+                    | "org.freedesktop.DBus.Error.NameHasNoOwner" => {
+                        ClientError::NotRunning(bus.clone())
+                    }
+                    "org.freedesktop.DBus.Error.NoReply" => ClientError::DBus(format!(
+                        "diffusiond went away without replying ({message})"
+                    )),
+                    _ => {
+                        let short = name.rsplit('.').next().unwrap_or(name);
+                        ClientError::DBus(format!("{short}: {message}"))
+                    }
+                }
+            }
+            zbus::Error::FDO(fdo) => match *fdo {
+                zbus::fdo::Error::ServiceUnknown(_) | zbus::fdo::Error::NameHasNoOwner(_) => {
+                    ClientError::NotRunning(bus.clone())
+                }
+                other => ClientError::DBus(other.to_string()),
+            },
+            other => ClientError::DBus(other.to_string()),
+        }
+    }
+}
+
+/// `true` for the errors a call on a job path gives when the job does not exist.
+pub(super) fn is_unknown_object(e: &zbus::Error) -> bool {
+    let name = match e {
+        zbus::Error::MethodError(name, _, _) => name.as_str().to_string(),
+        zbus::Error::FDO(fdo) => match **fdo {
+            zbus::fdo::Error::UnknownObject(_) => return true,
+            zbus::fdo::Error::UnknownInterface(_) => return true,
+            zbus::fdo::Error::UnknownMethod(_) => return true,
+            zbus::fdo::Error::UnknownProperty(_) => return true,
+            _ => return false,
+        },
+        _ => return false,
+    };
+    matches!(
+        name.as_str(),
+        "org.freedesktop.DBus.Error.UnknownObject"
+            | "org.freedesktop.DBus.Error.UnknownInterface"
+            | "org.freedesktop.DBus.Error.UnknownMethod"
+            | "org.freedesktop.DBus.Error.UnknownProperty"
+    )
+}

@@ -1,0 +1,156 @@
+//! Engine events applied to Job objects (state, progress, signals, `Wait()` wake-ups),
+//! finished jobs retired after the retention time, and the jobs of callers that leave the
+//! bus cancelled.
+
+use std::time::Duration;
+
+use zbus::Connection;
+
+use super::{Job, Manager, Registry};
+use crate::jobs::{Engine, Event, JobId, JobState, Outcome};
+use crate::wire::{MANAGER_PATH, job_path};
+
+/// Applies engine events to Job objects until the channel closes.
+pub async fn pump_events(
+    conn: Connection,
+    registry: Registry,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    retention: Duration,
+) {
+    while let Some(event) = events.recv().await {
+        if let Err(e) = apply_event(&conn, &registry, event, retention).await {
+            tracing::warn!(error = %e, "could not publish a job event");
+        }
+    }
+}
+
+async fn apply_event(
+    conn: &Connection,
+    registry: &Registry,
+    event: Event,
+    retention: Duration,
+) -> zbus::Result<()> {
+    let id = match &event {
+        Event::Started(id, _) | Event::Progress(id, _, _) | Event::Finished(id, _) => *id,
+        Event::Barrier(reply) => {
+            let _ = reply.send(());
+            return Ok(());
+        }
+    };
+    let Some(view) = registry.lock().get(&id).map(|e| e.view.clone()) else {
+        return Ok(());
+    };
+    let path = job_path(id);
+    let iface = conn.object_server().interface::<_, Job>(&path).await?;
+    let emitter = iface.signal_emitter();
+    let job = iface.get().await;
+    // TotalSteps is announced only when it changes, not with every step.
+    let mut total_changed = false;
+    {
+        let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
+        if v.state.is_final() {
+            return Ok(()); // Late progress from a batch this job already left.
+        }
+        match &event {
+            Event::Started(..) => v.state = JobState::Running,
+            Event::Progress(_, step, total) => {
+                v.step = *step;
+                total_changed = v.total != *total;
+                v.total = *total;
+            }
+            Event::Barrier(_) => {}
+            Event::Finished(_, outcome) => {
+                v.state = outcome.state();
+                if let Outcome::Failed(failure) = outcome {
+                    v.error = failure.to_string();
+                }
+                v.outcome = Some(outcome.clone());
+            }
+        }
+    }
+    match event {
+        Event::Barrier(_) => {}
+        Event::Started(..) => job.state_changed(emitter).await?,
+        Event::Progress(_, step, total) => {
+            job.step_changed(emitter).await?;
+            if total_changed {
+                job.total_steps_changed(emitter).await?;
+            }
+            Job::progress(emitter, step, total).await?;
+        }
+        Event::Finished(_, outcome) => {
+            job.state_changed(emitter).await?;
+            job.error_changed(emitter).await?;
+            Job::finished(emitter, outcome.state().as_str()).await?;
+            if let Some(e) = registry.lock().get(&id) {
+                let _ = e.done.send(true);
+            }
+            publish_queue_length(conn).await?;
+            schedule_retirement(
+                conn.clone(),
+                registry.clone(),
+                id,
+                outcome.state(),
+                retention,
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn publish_queue_length(conn: &Connection) -> zbus::Result<()> {
+    let manager = conn
+        .object_server()
+        .interface::<_, Manager>(MANAGER_PATH)
+        .await?;
+    manager
+        .get()
+        .await
+        .queue_length_changed(manager.signal_emitter())
+        .await
+}
+
+/// Removes a finished job from the bus after the retention time.
+fn schedule_retirement(
+    conn: Connection,
+    registry: Registry,
+    id: JobId,
+    state: JobState,
+    retention: Duration,
+) {
+    tokio::spawn(async move {
+        tokio::time::sleep(retention).await;
+        retire(&conn, &registry, id, state).await;
+    });
+}
+
+async fn retire(conn: &Connection, registry: &Registry, id: JobId, state: JobState) {
+    registry.lock().remove(&id);
+    let path = job_path(id);
+    let _ = conn.object_server().remove::<Job, _>(&path).await;
+    if let Ok(manager) = conn
+        .object_server()
+        .interface::<_, Manager>(MANAGER_PATH)
+        .await
+    {
+        let _ = Manager::job_removed(manager.signal_emitter(), path.as_ref(), state.as_str()).await;
+    }
+}
+
+/// Cancels the jobs of callers that leave the bus.
+pub async fn watch_disconnects(conn: Connection, engine: Engine) -> zbus::Result<()> {
+    use futures_lite::StreamExt;
+    let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
+    let mut changes = dbus.receive_name_owner_changed().await?;
+    while let Some(signal) = changes.next().await {
+        let Ok(args) = signal.args() else { continue };
+        let name = args.name().to_string();
+        if name.starts_with(':') && args.new_owner().is_none() {
+            let n = engine.cancel_sender(&name);
+            if n > 0 {
+                tracing::info!(caller = %name, jobs = n, "caller left the bus; its jobs were cancelled");
+            }
+        }
+    }
+    Ok(())
+}

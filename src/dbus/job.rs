@@ -1,0 +1,192 @@
+//! Job objects (`/io/github/Diffusiond1/job/<n>`): what each shows, `Wait()` and `Cancel()`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::OwnedValue;
+use zbus::{Connection, interface};
+
+use super::{Error, check_owner};
+use crate::jobs::{Engine, JobId, JobOutput, JobState, Outcome};
+use crate::request::ResolvedRequest;
+use crate::wire::keys;
+use crate::wire::reply::{self, WaitResult};
+
+/// What a Job object shows; shared between the object and the event pump.
+pub(super) struct JobView {
+    pub state: JobState,
+    pub step: u32,
+    pub total: u32,
+    pub error: String,
+    pub request: HashMap<String, OwnedValue>,
+    pub owner: u32,
+    pub outcome: Option<Outcome>,
+    pub model: String,
+    pub seed: u64,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+}
+
+impl JobView {
+    /// A queued job's view of its resolved request.
+    pub fn queued(owner: u32, request: &ResolvedRequest) -> JobView {
+        JobView {
+            state: JobState::Queued,
+            step: 0,
+            total: request.steps as u32,
+            error: String::new(),
+            request: keys::to_owned_dict(&request.to_request()),
+            owner,
+            outcome: None,
+            model: request.model.clone(),
+            seed: request.seed,
+            width: request.width as u32,
+            height: request.height as u32,
+            steps: request.steps as u32,
+        }
+    }
+}
+
+/// A job's handles, kept by the registry until the job is retired.
+pub(super) struct Entry {
+    pub view: Arc<Mutex<JobView>>,
+    pub done: watch::Sender<bool>,
+}
+
+/// One job on the bus.
+pub struct Job {
+    pub(super) view: Arc<Mutex<JobView>>,
+    pub(super) done: watch::Receiver<bool>,
+    pub(super) engine: Engine,
+    pub(super) id: JobId,
+}
+
+impl Job {
+    pub(super) fn view(&self) -> std::sync::MutexGuard<'_, JobView> {
+        self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[interface(name = "io.github.Diffusiond1.Job")]
+impl Job {
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    #[zbus(property)]
+    fn state(&self) -> String {
+        self.view().state.as_str().to_string()
+    }
+
+    /// Denoising steps done.
+    #[zbus(property)]
+    fn step(&self) -> u32 {
+        self.view().step
+    }
+
+    /// Denoising steps in all.
+    #[zbus(property)]
+    fn total_steps(&self) -> u32 {
+        self.view().total
+    }
+
+    /// The failure message; empty unless the job failed.
+    #[zbus(property)]
+    fn error(&self) -> String {
+        self.view().error.clone()
+    }
+
+    /// The validated request with defaults filled in; only its owner or root may read it
+    /// (it holds the prompt).
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn request(
+        &self,
+        #[zbus(header)] header: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<HashMap<String, OwnedValue>> {
+        let owner = self.view().owner;
+        if let Some(header) = &header {
+            check_owner(conn, header, owner)
+                .await
+                .map_err(|e| match e {
+                    Error::AccessDenied(m) => zbus::fdo::Error::AccessDenied(m),
+                    other => zbus::fdo::Error::Failed(other.to_string()),
+                })?;
+        }
+        Ok(self
+            .view()
+            .request
+            .iter()
+            .filter_map(|(k, v)| v.try_clone().ok().map(|v| (k.clone(), v)))
+            .collect())
+    }
+
+    /// The Unix uid of the caller that created the job.
+    #[zbus(property)]
+    fn owner(&self) -> u32 {
+        self.view().owner
+    }
+
+    /// Replies when the job ends, with its result (or its error).
+    #[zbus(out_args("result"))]
+    async fn wait(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<WaitResult, Error> {
+        let owner = self.view().owner;
+        check_owner(conn, &header, owner).await?;
+        let mut done = self.done.clone();
+        // The sender is kept alive by the pump until the job is retired.
+        let _ = done.wait_for(|d| *d).await;
+        let view = self.view();
+        match view.outcome.clone() {
+            Some(Outcome::Succeeded(out)) => Ok(wait_result(&view, &out)),
+            Some(Outcome::Cancelled) | None => {
+                Err(Error::Cancelled("the job was cancelled".into()))
+            }
+            Some(Outcome::Failed(failure)) => Err(failure.into()),
+        }
+    }
+
+    /// Stops the job within one denoising step (a queued job at once).
+    async fn cancel(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), Error> {
+        let owner = self.view().owner;
+        check_owner(conn, &header, owner).await?;
+        self.engine.cancel(self.id);
+        Ok(())
+    }
+
+    /// After each denoising step.
+    #[zbus(signal)]
+    pub(super) async fn progress(
+        emitter: &SignalEmitter<'_>,
+        step: u32,
+        total: u32,
+    ) -> zbus::Result<()>;
+
+    /// Once, when the job ends.
+    #[zbus(signal)]
+    pub(super) async fn finished(emitter: &SignalEmitter<'_>, state: &str) -> zbus::Result<()>;
+}
+
+/// The `Wait()` reply.
+fn wait_result(view: &JobView, out: &Arc<JobOutput>) -> WaitResult {
+    WaitResult {
+        state: view.state.as_str().to_string(),
+        images: reply::Pngs(out.clone()),
+        seed: view.seed,
+        scheduler: out.scheduler.clone(),
+        model: view.model.clone(),
+        width: view.width,
+        height: view.height,
+        steps: view.steps,
+        batch_size: out.batch_images as u32,
+        timings: reply::timings(out),
+    }
+}

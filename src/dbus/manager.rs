@@ -1,0 +1,234 @@
+//! The Manager object (`/io/github/Diffusiond1`): `Generate`, the model commands, the
+//! job list and the daemon's properties. Each method reads, resolves once, and hands over.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::{ObjectPath, OwnedObjectPath, OwnedValue};
+use zbus::{Connection, interface};
+
+use super::job::{Entry, JobView};
+use super::{Error, Job, Registry, caller_uid};
+use crate::jobs::{Engine, JobId, QueuedJob};
+use crate::model::{Catalog, PipelineKind};
+use crate::request::Limits;
+use crate::wire::reply::ModelInfo;
+use crate::wire::{job_path, keys};
+
+/// The Manager object.
+pub struct Manager {
+    engine: Engine,
+    catalog: Arc<Catalog>,
+    limits: Limits,
+    registry: Registry,
+    next_id: AtomicU64,
+    runtime_version: String,
+    providers: Vec<String>,
+    /// The daemon's own uid: it may load and unload models, as root may.
+    own_uid: Option<u32>,
+}
+
+impl Manager {
+    /// A Manager over an engine and the opened models.
+    pub fn new(
+        engine: Engine,
+        catalog: Arc<Catalog>,
+        limits: Limits,
+        registry: Registry,
+        runtime_version: String,
+        providers: Vec<String>,
+    ) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let own_uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+        Manager {
+            engine,
+            catalog,
+            limits,
+            registry,
+            next_id: AtomicU64::new(1),
+            runtime_version,
+            providers,
+            own_uid,
+        }
+    }
+
+    /// Loading and unloading models affects every caller: only root or the daemon's own
+    /// user (on a session bus, the user) may do it.
+    async fn check_admin(&self, conn: &Connection, header: &Header<'_>) -> Result<(), Error> {
+        let uid = caller_uid(conn, header).await?;
+        if uid == 0 || Some(uid) == self.own_uid {
+            Ok(())
+        } else {
+            Err(Error::AccessDenied(
+                "only root or the service user may load or unload models".into(),
+            ))
+        }
+    }
+}
+
+#[interface(name = "io.github.Diffusiond1.Manager")]
+impl Manager {
+    /// Validates the request, queues a job, returns its object path at once.
+    #[zbus(out_args("job"))]
+    async fn generate(
+        &self,
+        request: HashMap<String, OwnedValue>,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<OwnedObjectPath, Error> {
+        let incoming = keys::parse(&request).map_err(Error::InvalidArgument)?;
+        let resolved = self.catalog.resolve(&incoming.request, &self.limits)?;
+        incoming
+            .check_delivery(resolved.num_images)
+            .map_err(Error::InvalidArgument)?;
+        let owner = caller_uid(conn, &header).await?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let path = job_path(id);
+        let (done_tx, done_rx) = watch::channel(false);
+        let view = Arc::new(Mutex::new(JobView::queued(owner, &resolved)));
+        let job = Job {
+            view: view.clone(),
+            done: done_rx,
+            engine: self.engine.clone(),
+            id,
+        };
+        server.at(&path, job).await?;
+        self.registry.lock().insert(
+            id,
+            Entry {
+                view,
+                done: done_tx,
+            },
+        );
+        let queued = QueuedJob {
+            id,
+            owner,
+            sender: header
+                .sender()
+                .filter(|_| incoming.cancel_on_disconnect)
+                .map(|s| s.to_string()),
+            request: resolved,
+            output_fds: incoming.output_fds,
+            queued_at: std::time::Instant::now(),
+        };
+        if let Err(e) = self.engine.submit(queued) {
+            self.registry.lock().remove(&id);
+            server.remove::<Job, _>(&path).await?;
+            return Err(e.into());
+        }
+        Self::job_added(&emitter, path.as_ref()).await?;
+        self.queue_length_changed(&emitter).await?;
+        Ok(path)
+    }
+
+    /// One dict per configured model.
+    #[zbus(out_args("models"))]
+    fn list_models(&self) -> Vec<ModelInfo> {
+        let default = self.catalog.default_name();
+        self.catalog
+            .entries()
+            .map(|(name, entry)| {
+                let bundle = entry.bundle.as_ref().ok();
+                ModelInfo {
+                    name: name.to_string(),
+                    path: entry.path.display().to_string(),
+                    loaded: self.engine.is_loaded(name),
+                    default: default == Some(name),
+                    kind: match bundle.map(|b| b.kind) {
+                        Some(PipelineKind::StableDiffusionXl) => "sdxl",
+                        Some(PipelineKind::StableDiffusion) => "sd",
+                        None => "unreadable",
+                    }
+                    .to_string(),
+                    scheduler: bundle
+                        .and_then(|b| b.default_scheduler)
+                        .unwrap_or("")
+                        .to_string(),
+                }
+            })
+            .collect()
+    }
+
+    /// Loads a model now and keeps it warm.
+    async fn load_model(
+        &self,
+        name: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), Error> {
+        self.check_admin(conn, &header).await?;
+        let rx = self.engine.load_model(&name)?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(failure)) => Err(Error::ModelLoadFailed(format!("model '{name}': {failure}"))),
+            Err(_) => Err(Error::ShuttingDown("diffusiond is shutting down".into())),
+        }
+    }
+
+    /// Frees a loaded model; it reloads on next use.
+    async fn unload_model(
+        &self,
+        name: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), Error> {
+        self.check_admin(conn, &header).await?;
+        Ok(self.engine.unload_model(&name)?)
+    }
+
+    /// The jobs that exist now.
+    #[zbus(out_args("jobs"))]
+    fn list_jobs(&self) -> Vec<OwnedObjectPath> {
+        let mut ids: Vec<JobId> = self.registry.lock().keys().copied().collect();
+        ids.sort_unstable();
+        ids.into_iter().map(job_path).collect()
+    }
+
+    /// diffusiond's version.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn version(&self) -> String {
+        crate::VERSION.to_string()
+    }
+
+    /// ONNX Runtime's version.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn runtime_version(&self) -> String {
+        self.runtime_version.clone()
+    }
+
+    /// Execution providers in use, in order.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn execution_providers(&self) -> Vec<String> {
+        self.providers.clone()
+    }
+
+    /// Jobs queued or running.
+    #[zbus(property)]
+    fn queue_length(&self) -> u32 {
+        self.engine.queue_length() as u32
+    }
+
+    /// Configured model names.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn models(&self) -> Vec<String> {
+        self.catalog.names().map(str::to_string).collect()
+    }
+
+    /// A job was created.
+    #[zbus(signal)]
+    async fn job_added(emitter: &SignalEmitter<'_>, job: ObjectPath<'_>) -> zbus::Result<()>;
+
+    /// A finished job was removed from the bus.
+    #[zbus(signal)]
+    pub(super) async fn job_removed(
+        emitter: &SignalEmitter<'_>,
+        job: ObjectPath<'_>,
+        final_state: &str,
+    ) -> zbus::Result<()>;
+}

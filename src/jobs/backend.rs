@@ -1,0 +1,134 @@
+//! What the worker needs from a pipeline: load a model, run a batch of resolved requests.
+//! [`OrtBackend`] is the real one (ONNX Runtime sessions through [`Pipeline`]); the engine's
+//! unit tests use a fake.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use ort::session::RunOptions;
+
+use crate::model::ModelBundle;
+use crate::pipeline::{Generation, Pipeline, PipelineError, ProgressFn};
+use crate::request::ResolvedRequest;
+use crate::runtime::Runtime;
+
+/// Loads models. Called on a loading thread of its own.
+pub trait Backend: Send + Sync + 'static {
+    /// Loads the model `name` from its opened folder; the error says why not.
+    fn load(&self, name: &str, bundle: &Arc<ModelBundle>) -> Result<Box<dyn Model>, String>;
+
+    /// A run control for one batch.
+    fn run_control(&self) -> Result<RunControl, String>;
+
+    /// The ONNX Runtime version, for PNG metadata.
+    fn runtime_version(&self) -> &str;
+}
+
+/// A loaded model.
+pub trait Model: Send {
+    /// Runs compatible requests (equal [`ResolvedRequest::batch_key`]) as one batch: one
+    /// [`Generation`] per request, in order. `progress` is called after each step and
+    /// returns false to stop; `control` is terminated from another thread when every job
+    /// of the batch is cancelled.
+    fn generate(
+        &mut self,
+        batch: &[&ResolvedRequest],
+        control: &RunControl,
+        progress: &mut ProgressFn<'_>,
+    ) -> Result<Vec<Generation>, PipelineError>;
+}
+
+/// Stops a batch in flight: a flag for the step loop, and ONNX Runtime's run options,
+/// which end a session run at once.
+#[derive(Default)]
+pub struct RunControl {
+    options: Option<RunOptions>,
+    terminated: AtomicBool,
+}
+
+impl std::fmt::Debug for RunControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunControl")
+            .field("options", &self.options.is_some())
+            .field("terminated", &self.is_terminated())
+            .finish()
+    }
+}
+
+impl RunControl {
+    /// A control with ONNX Runtime run options.
+    pub fn with_options(options: RunOptions) -> RunControl {
+        RunControl {
+            options: Some(options),
+            terminated: AtomicBool::new(false),
+        }
+    }
+
+    /// ONNX Runtime's run options, when this control has them.
+    pub fn options(&self) -> Option<&RunOptions> {
+        self.options.as_ref()
+    }
+
+    /// Stops the batch: session runs in flight end with an error, the loop stops.
+    pub fn terminate(&self) {
+        self.terminated.store(true, Ordering::SeqCst);
+        if let Some(o) = &self.options {
+            let _ = o.terminate();
+        }
+    }
+
+    /// Whether [`RunControl::terminate`] was called.
+    pub fn is_terminated(&self) -> bool {
+        self.terminated.load(Ordering::SeqCst)
+    }
+}
+
+/// Models as ONNX Runtime sessions on one [`Runtime`].
+pub struct OrtBackend {
+    runtime: Arc<Runtime>,
+    version: String,
+}
+
+impl OrtBackend {
+    /// A backend over a loaded runtime.
+    pub fn new(runtime: Arc<Runtime>) -> OrtBackend {
+        let version = runtime.version().to_string();
+        OrtBackend { runtime, version }
+    }
+}
+
+impl Backend for OrtBackend {
+    fn load(&self, _name: &str, bundle: &Arc<ModelBundle>) -> Result<Box<dyn Model>, String> {
+        // The folder was checked when it was opened; check its graphs again in case they
+        // changed since, then load.
+        bundle.check_files().map_err(|e| e.to_string())?;
+        Pipeline::from_bundle(&self.runtime, bundle.clone())
+            .map(|p| Box::new(p) as Box<dyn Model>)
+            .map_err(|e| e.to_string())
+    }
+
+    fn run_control(&self) -> Result<RunControl, String> {
+        RunOptions::new()
+            .map(RunControl::with_options)
+            .map_err(|e| format!("cannot create run options: {e}"))
+    }
+
+    fn runtime_version(&self) -> &str {
+        &self.version
+    }
+}
+
+impl Model for Pipeline {
+    fn generate(
+        &mut self,
+        batch: &[&ResolvedRequest],
+        control: &RunControl,
+        progress: &mut ProgressFn<'_>,
+    ) -> Result<Vec<Generation>, PipelineError> {
+        let options = control.options().ok_or_else(|| PipelineError::Inference {
+            component: "runtime".into(),
+            message: "no run options".into(),
+        })?;
+        self.run(batch, options, progress)
+    }
+}

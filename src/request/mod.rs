@@ -1,0 +1,113 @@
+//! A generation request, from what a caller says to what runs.
+//!
+//! * [`GenerateRequest`]: the keys a caller sends, every one optional but the prompt.
+//!   D-Bus (`wire::keys`), `diffusionctl` flags and, later, batch manifests fill it in.
+//! * [`resolve`]: the one place where defaults are filled in, values are checked against
+//!   the model and the [`Limits`], and the scheduler name is resolved.
+//! * [`ResolvedRequest`]: every value present and checked, no sentinels. The pipeline and
+//!   the job engine take only these, and check nothing again.
+//!
+//! [`GenerateParams`] is the library's explicit form (every value given, as tests and
+//! benchmarks write it); [`crate::pipeline::Pipeline::generate`] resolves it the same way.
+
+mod limits;
+mod params;
+mod resolve;
+
+pub use limits::Limits;
+pub use params::GenerateParams;
+pub use resolve::{ModelRef, ResolvedRequest, random_seed, resolve};
+
+use crate::rng::RngKind;
+
+/// Defaults for keys a request leaves out (the model's own size and scheduler are
+/// defaults too; they come from the model folder).
+pub mod defaults {
+    /// Denoising steps.
+    pub const STEPS: u32 = 20;
+    /// Classifier-free guidance scale.
+    pub const GUIDANCE_SCALE: f64 = 7.5;
+    /// diffusers' `guidance_rescale` (off).
+    pub const GUIDANCE_RESCALE: f64 = 0.0;
+    /// Images per request.
+    pub const NUM_IMAGES: u32 = 1;
+    /// Queue priority.
+    pub const PRIORITY: i32 = 0;
+}
+
+/// What a caller asks for. `None` means "the default": the model's native size, the
+/// model's own scheduler, a random seed, [`defaults`] for the rest.
+///
+/// Adding a request key: a field here, one row in `wire::keys::KEYS`, and its default
+/// and checks in [`resolve`] (docs/architecture.md).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerateRequest {
+    /// The prompt (required on the wire; may be empty).
+    pub prompt: String,
+    /// The negative prompt; `None` is diffusers' default (empty prompt, or zeros on SDXL).
+    pub negative_prompt: Option<String>,
+    /// Configured model name (daemon); the default model when `None`.
+    pub model: Option<String>,
+    /// Width in pixels.
+    pub width: Option<u32>,
+    /// Height in pixels.
+    pub height: Option<u32>,
+    /// Denoising steps.
+    pub steps: Option<u32>,
+    /// Classifier-free guidance scale; ≤ 1 skips the unconditional pass.
+    pub guidance_scale: Option<f64>,
+    /// diffusers' `guidance_rescale`, 0..1.
+    pub guidance_rescale: Option<f64>,
+    /// The seed.
+    pub seed: Option<u64>,
+    /// Which reference generator the seed means.
+    pub rng: Option<RngKind>,
+    /// Scheduler name (`crate::scheduler::NAMES`).
+    pub scheduler: Option<String>,
+    /// Images from the prompt.
+    pub num_images: Option<u32>,
+    /// Queue priority: higher runs first (daemon only).
+    pub priority: Option<i32>,
+}
+
+/// Why a request was refused. Each message names the key or the model.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// A value is out of range, or not one the model or scheduler takes.
+    #[error("'{key}': {message}")]
+    Invalid {
+        /// The request key (as D-Bus and the CLI name it).
+        key: &'static str,
+        /// Why, and what would be accepted.
+        message: String,
+    },
+    /// The model name is not configured.
+    #[error("unknown model '{name}' (configured: {known})")]
+    UnknownModel {
+        /// The name asked for.
+        name: String,
+        /// The configured names, comma-separated.
+        known: String,
+    },
+    /// No model was named and there is no default.
+    #[error("no model named and no default_model configured")]
+    NoDefaultModel,
+    /// The model is configured but its folder could not be opened or checked.
+    #[error("model '{name}': {message}")]
+    ModelUnavailable {
+        /// The model's name.
+        name: String,
+        /// Why (names the file).
+        message: String,
+    },
+}
+
+impl RequestError {
+    pub(crate) fn invalid(key: &'static str, message: impl Into<String>) -> RequestError {
+        RequestError::Invalid {
+            key,
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! [`GenerateParams`]: a request with every value written out, as library callers (tests,
+//! benchmarks, examples) build it. It is resolved like any other request.
+
+use ndarray::ArrayD;
+
+use super::GenerateRequest;
+use crate::rng::RngKind;
+
+/// Everything one text-to-image request says, every value given.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt; `None` is diffusers' default (empty prompt, or zeros on SDXL).
+    pub negative_prompt: Option<String>,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale; ≤ 1 skips the unconditional pass.
+    pub guidance_scale: f64,
+    /// diffusers' `guidance_rescale` (0 = off).
+    pub guidance_rescale: f64,
+    /// Scheduler name; `None` uses the model folder's own.
+    pub scheduler: Option<String>,
+    /// The seed.
+    pub seed: u64,
+    /// Which reference generator the seed means.
+    pub rng: RngKind,
+    /// Initial latents instead of drawing them (`[num_images, 4, h/8, w/8]`, unscaled).
+    pub latents: Option<ArrayD<f32>>,
+    /// Image width in pixels.
+    pub width: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// Images to generate from the prompt.
+    pub num_images: usize,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            prompt: String::new(),
+            negative_prompt: None,
+            steps: super::defaults::STEPS as usize,
+            guidance_scale: super::defaults::GUIDANCE_SCALE,
+            guidance_rescale: super::defaults::GUIDANCE_RESCALE,
+            scheduler: None,
+            seed: 0,
+            rng: RngKind::Torch,
+            latents: None,
+            width: 512,
+            height: 512,
+            num_images: 1,
+        }
+    }
+}
+
+/// A count as a request key: values past `u32` saturate, and the limits refuse them.
+fn count(v: usize) -> Option<u32> {
+    Some(u32::try_from(v).unwrap_or(u32::MAX))
+}
+
+impl GenerateParams {
+    /// Whether classifier-free guidance runs (diffusers: `guidance_scale > 1`).
+    pub fn do_cfg(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+
+    /// Requests with equal keys can share one UNet batch: same size, steps, scheduler,
+    /// and guidance on or off.
+    pub fn batch_key(&self) -> (usize, usize, usize, Option<String>, bool) {
+        (
+            self.width,
+            self.height,
+            self.steps,
+            self.scheduler.clone(),
+            self.do_cfg(),
+        )
+    }
+
+    /// The same request as keys (every key set but the model and priority); the latents
+    /// travel separately.
+    pub fn to_request(&self) -> GenerateRequest {
+        GenerateRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            model: None,
+            width: count(self.width),
+            height: count(self.height),
+            steps: count(self.steps),
+            guidance_scale: Some(self.guidance_scale),
+            guidance_rescale: Some(self.guidance_rescale),
+            seed: Some(self.seed),
+            rng: Some(self.rng),
+            scheduler: self.scheduler.clone(),
+            num_images: count(self.num_images),
+            priority: None,
+        }
+    }
+}

@@ -1,0 +1,520 @@
+//! [`resolve`]: defaults filled in, values checked against the model and the limits, the
+//! scheduler name resolved. Pure: the model's facts come in as an opened
+//! [`ModelBundle`], the random seed from the caller.
+
+use ndarray::ArrayD;
+
+use super::{GenerateRequest, Limits, RequestError, defaults};
+use crate::model::ModelBundle;
+use crate::rng::RngKind;
+use crate::scheduler;
+
+/// The model a request runs on: its configured name (or folder, in-process) and its
+/// opened bundle.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelRef<'a> {
+    /// The name requests and results use.
+    pub name: &'a str,
+    /// The opened, checked folder.
+    pub bundle: &'a ModelBundle,
+}
+
+/// A request with every value present and checked; build it with [`resolve`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct ResolvedRequest {
+    /// The model's name.
+    pub model: String,
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt; `None` is diffusers' default (empty prompt, or zeros on SDXL).
+    pub negative_prompt: Option<String>,
+    /// Image width in pixels, a multiple of the model's VAE factor.
+    pub width: usize,
+    /// Image height in pixels, a multiple of the model's VAE factor.
+    pub height: usize,
+    /// Denoising steps, a count the scheduler accepts.
+    pub steps: usize,
+    /// Classifier-free guidance scale (finite); ≤ 1 skips the unconditional pass.
+    pub guidance_scale: f64,
+    /// diffusers' `guidance_rescale`, in 0..=1.
+    pub guidance_rescale: f64,
+    /// The scheduler, by its diffusiond name.
+    pub scheduler: &'static str,
+    /// The seed (below 2^32 for numpy).
+    pub seed: u64,
+    /// Which reference generator the seed means.
+    pub rng: RngKind,
+    /// Images from the prompt, at least 1.
+    pub num_images: usize,
+    /// Queue priority.
+    pub priority: i32,
+    /// Initial latents instead of drawing them (`[num_images, 4, h/f, w/f]`, unscaled).
+    pub latents: Option<ArrayD<f32>>,
+}
+
+/// What makes two requests share one UNet batch: size, steps, scheduler, guidance on/off.
+pub type BatchKey = (usize, usize, usize, &'static str, bool);
+
+impl ResolvedRequest {
+    /// Whether classifier-free guidance runs (diffusers: `guidance_scale > 1`).
+    pub fn do_cfg(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+
+    /// Requests with equal keys can share one UNet batch.
+    pub fn batch_key(&self) -> BatchKey {
+        (
+            self.width,
+            self.height,
+            self.steps,
+            self.scheduler,
+            self.do_cfg(),
+        )
+    }
+
+    /// Uses `latents` instead of the seed's draw; their shape must be
+    /// `[num_images, 4, height/f, width/f]` for the model's VAE factor `f`.
+    pub fn with_latents(
+        mut self,
+        latents: Option<ArrayD<f32>>,
+        bundle: &ModelBundle,
+    ) -> Result<ResolvedRequest, RequestError> {
+        if let Some(l) = &latents {
+            let f = bundle.vae_scale_factor;
+            let want = [self.num_images, 4, self.height / f, self.width / f];
+            if l.shape() != want {
+                return Err(RequestError::invalid(
+                    "latents",
+                    format!("expected shape {want:?}, got {:?}", l.shape()),
+                ));
+            }
+        }
+        self.latents = latents;
+        Ok(self)
+    }
+
+    /// The request as keys, every one set (what the Job's `Request` property shows).
+    pub fn to_request(&self) -> GenerateRequest {
+        GenerateRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            model: Some(self.model.clone()),
+            width: u32::try_from(self.width).ok(),
+            height: u32::try_from(self.height).ok(),
+            steps: u32::try_from(self.steps).ok(),
+            guidance_scale: Some(self.guidance_scale),
+            guidance_rescale: Some(self.guidance_rescale),
+            seed: Some(self.seed),
+            rng: Some(self.rng),
+            scheduler: Some(self.scheduler.to_string()),
+            num_images: u32::try_from(self.num_images).ok(),
+            priority: Some(self.priority),
+        }
+    }
+
+    /// The `parameters` text stored in PNGs.
+    pub fn png_parameters(&self, ort_version: &str) -> String {
+        format!(
+            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Guidance rescale: {}, Seed: {}, RNG: {}, Size: {}x{}, Model: {}, ONNX Runtime: {}, diffusiond: {}",
+            self.prompt,
+            self.negative_prompt.as_deref().unwrap_or(""),
+            self.steps,
+            self.scheduler,
+            self.guidance_scale,
+            self.guidance_rescale,
+            self.seed,
+            self.rng,
+            self.width,
+            self.height,
+            self.model,
+            ort_version,
+            crate::VERSION
+        )
+    }
+}
+
+/// A seed from the clock and process id, for requests that give none.
+pub fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (nanos ^ (u64::from(std::process::id()) << 32)) & 0xffff_ffff
+}
+
+/// Fills in defaults and checks `req` against `model` and `limits`. `fresh_seed` is called
+/// only when the request has no seed. The one place requests are checked: the pipeline
+/// and the engine take the result as it is.
+pub fn resolve(
+    req: &GenerateRequest,
+    model: ModelRef<'_>,
+    limits: &Limits,
+    fresh_seed: impl FnOnce() -> u64,
+) -> Result<ResolvedRequest, RequestError> {
+    let bundle = model.bundle;
+    fn invalid(key: &'static str, message: impl Into<String>) -> RequestError {
+        RequestError::invalid(key, message)
+    }
+    let over = |key, v: usize, max: usize| -> Result<usize, RequestError> {
+        if v > max {
+            Err(invalid(key, format!("{v} is above the limit of {max}")))
+        } else {
+            Ok(v)
+        }
+    };
+    let at_least_one = |key, v: u32| -> Result<usize, RequestError> {
+        if v == 0 {
+            Err(invalid(key, "must be at least 1"))
+        } else {
+            Ok(v as usize)
+        }
+    };
+
+    over("prompt", req.prompt.len(), limits.max_prompt_bytes)?;
+    let negative_len = req.negative_prompt.as_ref().map_or(0, String::len);
+    over("negative_prompt", negative_len, limits.max_prompt_bytes)?;
+
+    let factor = bundle.vae_scale_factor;
+    let side = |key, v: Option<u32>, max: usize| -> Result<usize, RequestError> {
+        let v = match v {
+            Some(v) => at_least_one(key, v)?,
+            None => bundle.default_size,
+        };
+        if v % factor != 0 {
+            return Err(invalid(
+                key,
+                format!("{v} is not a multiple of {factor} (the model's VAE scale factor)"),
+            ));
+        }
+        over(key, v, max)
+    };
+    let width = side("width", req.width, limits.max_width)?;
+    let height = side("height", req.height, limits.max_height)?;
+    let pixels = width.saturating_mul(height);
+    over("width*height", pixels, limits.max_pixels)?;
+
+    let steps = at_least_one("steps", req.steps.unwrap_or(defaults::STEPS))?;
+    let steps = over("steps", steps, limits.max_steps)?;
+    let num_images = at_least_one("num_images", req.num_images.unwrap_or(defaults::NUM_IMAGES))?;
+    let num_images = over("num_images", num_images, limits.max_images)?;
+
+    let guidance_scale = req.guidance_scale.unwrap_or(defaults::GUIDANCE_SCALE);
+    if !guidance_scale.is_finite() {
+        return Err(invalid(
+            "guidance_scale",
+            format!("{guidance_scale} is not finite"),
+        ));
+    }
+    let guidance_rescale = req.guidance_rescale.unwrap_or(defaults::GUIDANCE_RESCALE);
+    if !guidance_rescale.is_finite() || !(0.0..=1.0).contains(&guidance_rescale) {
+        return Err(invalid(
+            "guidance_rescale",
+            format!("{guidance_rescale} is not between 0 and 1"),
+        ));
+    }
+
+    let rng = req.rng.unwrap_or_default();
+    let seed = match req.seed {
+        Some(s) => s,
+        None => fresh_seed(),
+    };
+    if rng == RngKind::Numpy && seed > u64::from(u32::MAX) {
+        return Err(invalid(
+            "seed",
+            format!("{seed} is above 2^32-1, the most numpy's RandomState takes"),
+        ));
+    }
+
+    let scheduler = match req.scheduler.as_deref() {
+        Some(name) => scheduler::NAMES
+            .iter()
+            .copied()
+            .find(|n| *n == name)
+            .ok_or_else(|| {
+                invalid(
+                    "scheduler",
+                    scheduler::SchedulerError::Unknown(name.into()).to_string(),
+                )
+            })?,
+        None => bundle.default_scheduler.ok_or_else(|| {
+            invalid(
+                "scheduler",
+                "the model folder's scheduler is not one diffusiond knows; name one",
+            )
+        })?,
+    };
+    // The scheduler's own rules decide which step counts it can run.
+    scheduler::check_steps(scheduler, &bundle.scheduler_config, steps)
+        .map_err(|e| invalid("steps", e.to_string()))?;
+
+    Ok(ResolvedRequest {
+        model: model.name.to_string(),
+        prompt: req.prompt.clone(),
+        negative_prompt: req.negative_prompt.clone(),
+        width,
+        height,
+        steps,
+        guidance_scale,
+        guidance_rescale,
+        scheduler,
+        seed,
+        rng,
+        num_images,
+        priority: req.priority.unwrap_or(defaults::PRIORITY),
+        latents: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::PipelineKind;
+    use crate::scheduler::SchedulerConfig;
+    use std::path::PathBuf;
+
+    fn bundle() -> ModelBundle {
+        ModelBundle {
+            dir: PathBuf::from("/m"),
+            kind: PipelineKind::StableDiffusion,
+            scheduler_config: SchedulerConfig::default(),
+            default_scheduler: Some("pndm"),
+            vae_scaling_factor: 0.18215,
+            vae_shift_factor: None,
+            vae_scale_factor: 8,
+            force_zeros_for_empty_prompt: true,
+            default_size: 64,
+        }
+    }
+
+    fn run(req: GenerateRequest, limits: &Limits) -> Result<ResolvedRequest, RequestError> {
+        let b = bundle();
+        resolve(
+            &req,
+            ModelRef {
+                name: "tiny",
+                bundle: &b,
+            },
+            limits,
+            || 99,
+        )
+    }
+
+    fn prompt() -> GenerateRequest {
+        GenerateRequest {
+            prompt: "a cat".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_come_from_the_model_and_the_defaults_table() {
+        let r = run(prompt(), &Limits::default()).unwrap();
+        assert_eq!((r.width, r.height), (64, 64));
+        assert_eq!(r.scheduler, "pndm");
+        assert_eq!(r.steps, 20);
+        assert_eq!(r.seed, 99);
+        assert_eq!(r.guidance_scale, 7.5);
+        assert_eq!((r.num_images, r.priority), (1, 0));
+        assert_eq!(r.rng, RngKind::Torch);
+        assert_eq!(r.model, "tiny");
+    }
+
+    #[test]
+    fn given_values_win() {
+        let req = GenerateRequest {
+            width: Some(96),
+            height: Some(32),
+            steps: Some(4),
+            seed: Some(7),
+            scheduler: Some("ddim".into()),
+            rng: Some(RngKind::Numpy),
+            num_images: Some(2),
+            priority: Some(-3),
+            ..prompt()
+        };
+        let r = run(req, &Limits::default()).unwrap();
+        assert_eq!((r.width, r.height, r.steps, r.seed), (96, 32, 4, 7));
+        assert_eq!((r.scheduler, r.num_images, r.priority), ("ddim", 2, -3));
+        let keys = r.to_request();
+        assert_eq!(keys.scheduler.as_deref(), Some("ddim"));
+        assert_eq!(keys.model.as_deref(), Some("tiny"));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let limits = Limits {
+            max_steps: 60,
+            max_prompt_bytes: 10,
+            ..Limits::default()
+        };
+        let cases: Vec<(GenerateRequest, &str, &str)> = vec![
+            (
+                GenerateRequest {
+                    width: Some(65),
+                    ..prompt()
+                },
+                "width",
+                "not a multiple of 8",
+            ),
+            (
+                GenerateRequest {
+                    height: Some(0),
+                    ..prompt()
+                },
+                "height",
+                "at least 1",
+            ),
+            (
+                GenerateRequest {
+                    width: Some(4096),
+                    ..prompt()
+                },
+                "width",
+                "above the limit",
+            ),
+            (
+                GenerateRequest {
+                    steps: Some(0),
+                    ..prompt()
+                },
+                "steps",
+                "at least 1",
+            ),
+            (
+                GenerateRequest {
+                    steps: Some(61),
+                    ..prompt()
+                },
+                "steps",
+                "above the limit of 60",
+            ),
+            (
+                GenerateRequest {
+                    scheduler: Some("lcm".into()),
+                    steps: Some(55),
+                    ..prompt()
+                },
+                "steps",
+                "cannot run 55 steps",
+            ),
+            (
+                GenerateRequest {
+                    num_images: Some(0),
+                    ..prompt()
+                },
+                "num_images",
+                "at least 1",
+            ),
+            (
+                GenerateRequest {
+                    num_images: Some(17),
+                    ..prompt()
+                },
+                "num_images",
+                "above",
+            ),
+            (
+                GenerateRequest {
+                    guidance_scale: Some(f64::INFINITY),
+                    ..prompt()
+                },
+                "guidance_scale",
+                "not finite",
+            ),
+            (
+                GenerateRequest {
+                    guidance_rescale: Some(1.5),
+                    ..prompt()
+                },
+                "guidance_rescale",
+                "between 0 and 1",
+            ),
+            (
+                GenerateRequest {
+                    rng: Some(RngKind::Numpy),
+                    seed: Some(1 << 40),
+                    ..prompt()
+                },
+                "seed",
+                "2^32-1",
+            ),
+            (
+                GenerateRequest {
+                    scheduler: Some("warp".into()),
+                    ..prompt()
+                },
+                "scheduler",
+                "unknown scheduler 'warp'",
+            ),
+            (
+                GenerateRequest {
+                    prompt: "x".repeat(11),
+                    ..prompt()
+                },
+                "prompt",
+                "above the limit",
+            ),
+        ];
+        for (req, key, needle) in cases {
+            let err = run(req.clone(), &limits).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                matches!(&err, RequestError::Invalid { key: k, .. } if *k == key),
+                "{req:?}: {err:?}"
+            );
+            assert!(text.starts_with(&format!("'{key}': ")), "{text}");
+            assert!(text.contains(needle), "{req:?}: {text}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_model_scheduler_must_be_named() {
+        let mut b = bundle();
+        b.default_scheduler = None;
+        let err = resolve(
+            &prompt(),
+            ModelRef {
+                name: "m",
+                bundle: &b,
+            },
+            &Limits::default(),
+            || 1,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("name one"), "{err}");
+    }
+
+    #[test]
+    fn latents_must_fit_the_resolved_shape() {
+        let b = bundle();
+        let r = run(prompt(), &Limits::default()).unwrap();
+        let ok = ArrayD::<f32>::zeros(ndarray::IxDyn(&[1, 4, 8, 8]));
+        assert!(r.clone().with_latents(Some(ok), &b).is_ok());
+        let bad = ArrayD::<f32>::zeros(ndarray::IxDyn(&[1, 4, 8, 9]));
+        let err = r.with_latents(Some(bad), &b).unwrap_err();
+        assert!(
+            err.to_string().starts_with("'latents': expected shape"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn png_parameters_name_every_setting() {
+        let r = run(
+            GenerateRequest {
+                seed: Some(5),
+                ..prompt()
+            },
+            &Limits::default(),
+        )
+        .unwrap();
+        let text = r.png_parameters("1.32.0");
+        assert!(
+            text.starts_with("a cat\nNegative prompt: \nSteps: 20, Sampler: pndm"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Seed: 5, RNG: torch, Size: 64x64, Model: tiny, ONNX Runtime: 1.32.0")
+        );
+    }
+}

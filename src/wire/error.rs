@@ -1,0 +1,84 @@
+//! The daemon's D-Bus errors (`io.github.Diffusiond1.Error.<Name>`), and the one place
+//! where the typed failures of the request resolver and the job engine become them.
+
+use crate::jobs::{EngineError, Failure};
+use crate::request::RequestError;
+
+/// Typed errors on the wire: `io.github.Diffusiond1.Error.<Name>`.
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "io.github.Diffusiond1.Error")]
+pub enum Error {
+    /// A zbus failure.
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    /// Unknown key, wrong type or bad value.
+    InvalidArgument(String),
+    /// The model is not configured.
+    UnknownModel(String),
+    /// The queue or the caller's share of it is full.
+    QueueFull(String),
+    /// The job was cancelled.
+    Cancelled(String),
+    /// The model could not be loaded.
+    ModelLoadFailed(String),
+    /// ONNX Runtime failed.
+    InferenceFailed(String),
+    /// The caller does not own the job.
+    AccessDenied(String),
+    /// The daemon is stopping.
+    ShuttingDown(String),
+}
+
+impl From<RequestError> for Error {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::UnknownModel { .. } | RequestError::NoDefaultModel => {
+                Error::UnknownModel(e.to_string())
+            }
+            RequestError::ModelUnavailable { .. } => Error::ModelLoadFailed(e.to_string()),
+            _ => Error::InvalidArgument(e.to_string()),
+        }
+    }
+}
+
+impl From<EngineError> for Error {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Queue(q) => Error::QueueFull(q.to_string()),
+            EngineError::ShuttingDown => Error::ShuttingDown(e.to_string()),
+            EngineError::UnknownModel(_) => Error::UnknownModel(e.to_string()),
+            EngineError::Failed(f) => f.into(),
+        }
+    }
+}
+
+impl From<Failure> for Error {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::ModelLoad(m) => Error::ModelLoadFailed(m),
+            Failure::Inference(m) | Failure::Output(m) => Error::InferenceFailed(m),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zbus::DBusError;
+
+    #[test]
+    fn names_carry_the_prefix() {
+        let e = Error::from(RequestError::NoDefaultModel);
+        assert_eq!(
+            e.name().as_str(),
+            format!("{}UnknownModel", super::super::ERROR_PREFIX)
+        );
+        let e = Error::from(Failure::ModelLoad("x".into()));
+        assert_eq!(
+            e.name().as_str(),
+            "io.github.Diffusiond1.Error.ModelLoadFailed"
+        );
+        let e = Error::from(RequestError::invalid("width", "bad"));
+        assert_eq!(e.description(), Some("'width': bad"));
+    }
+}

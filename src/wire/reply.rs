@@ -1,0 +1,247 @@
+//! The reply dicts of the D-Bus API: `Job.Wait()`'s result and `Manager.ListModels()`'s
+//! model entries. The daemon writes them ([`WaitResult`], [`ModelInfo`]); the client reads
+//! them ([`JobResult`], [`ModelInfo`]); tests read one as the other.
+//!
+//! `WaitResult` is serialized field by field: building it as a `HashMap<String, OwnedValue>`
+//! would turn every byte of every PNG into a `Value` of its own (zvariant's arrays hold one
+//! `Value` per element), megabytes of enum values per job at 512×512. Here each field is
+//! written as a variant straight from the job's output, and each PNG as one `ay` block.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::ser::{SerializeSeq, Serializer};
+use zbus::zvariant::{DeserializeDict, Signature, Type, as_value};
+
+use crate::jobs::JobOutput;
+
+/// What `Wait()` returns for a job that succeeded.
+#[derive(Debug, serde::Serialize, Type)]
+#[zvariant(signature = "a{sv}")]
+pub struct WaitResult {
+    /// Always `succeeded`.
+    #[serde(with = "as_value")]
+    pub state: String,
+    /// The PNG files (none when they went to `output_fds`).
+    #[serde(with = "as_value")]
+    pub images: Pngs,
+    /// The seed used.
+    #[serde(with = "as_value")]
+    pub seed: u64,
+    /// The scheduler used.
+    #[serde(with = "as_value")]
+    pub scheduler: String,
+    /// The model's name.
+    #[serde(with = "as_value")]
+    pub model: String,
+    /// Image width.
+    #[serde(with = "as_value")]
+    pub width: u32,
+    /// Image height.
+    #[serde(with = "as_value")]
+    pub height: u32,
+    /// Denoising steps.
+    #[serde(with = "as_value")]
+    pub steps: u32,
+    /// Images in the UNet batch the job ran in.
+    #[serde(with = "as_value")]
+    pub batch_size: u32,
+    /// Seconds per phase.
+    #[serde(with = "as_value")]
+    pub timings: HashMap<String, f64>,
+}
+
+/// A job's PNGs, serialized as `aay` from the shared output without copying.
+#[derive(Debug)]
+pub struct Pngs(pub Arc<JobOutput>);
+
+impl serde::Serialize for Pngs {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let pngs = &self.0.pngs;
+        let mut seq = serializer.serialize_seq(Some(pngs.len()))?;
+        for png in pngs {
+            seq.serialize_element(&Bytes(png))?;
+        }
+        seq.end()
+    }
+}
+
+impl Type for Pngs {
+    const SIGNATURE: &'static Signature = <Vec<Vec<u8>> as Type>::SIGNATURE;
+}
+
+/// One PNG written as a single byte block (`serialize_bytes`), not byte by byte.
+struct Bytes<'a>(&'a [u8]);
+
+impl serde::Serialize for Bytes<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.0)
+    }
+}
+
+/// The `timings` entry: seconds per phase.
+pub fn timings(out: &JobOutput) -> HashMap<String, f64> {
+    let t = &out.timings;
+    [
+        ("queued", out.queued_secs),
+        ("text_encoder", t.text_encoder.as_secs_f64()),
+        ("unet", t.unet.as_secs_f64()),
+        ("scheduler", t.scheduler.as_secs_f64()),
+        ("vae", t.vae.as_secs_f64()),
+        ("png", out.png_secs),
+        ("total", out.total_secs),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// What `Job.Wait()` returns, as the client reads it (keys the daemon leaves out read as
+/// `None`).
+#[derive(Debug, Clone, Default, DeserializeDict, Type)]
+#[zvariant(signature = "a{sv}")]
+pub struct JobResult {
+    /// The job's final state.
+    pub state: Option<String>,
+    /// The PNG files (empty when `output_fds` was given).
+    pub images: Option<Vec<Vec<u8>>>,
+    /// The seed used.
+    pub seed: Option<u64>,
+    /// The scheduler used.
+    pub scheduler: Option<String>,
+    /// The model used.
+    pub model: Option<String>,
+    /// Image width.
+    pub width: Option<u32>,
+    /// Image height.
+    pub height: Option<u32>,
+    /// Denoising steps.
+    pub steps: Option<u32>,
+    /// Seconds per phase (`queued`, `text_encoder`, `unet`, `scheduler`, `vae`, `png`, `total`).
+    pub timings: Option<HashMap<String, f64>>,
+    /// Images in the UNet batch this job ran in.
+    pub batch_size: Option<u32>,
+}
+
+/// One configured model, as `ListModels` describes it. Keys a reader does not find read
+/// as empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, Type)]
+#[zvariant(signature = "a{sv}")]
+#[serde(default)]
+pub struct ModelInfo {
+    /// Its name in the config.
+    #[serde(with = "as_value")]
+    pub name: String,
+    /// Its folder.
+    #[serde(with = "as_value")]
+    pub path: String,
+    /// Whether it is loaded now.
+    #[serde(with = "as_value")]
+    pub loaded: bool,
+    /// Whether requests without `model` use it.
+    #[serde(with = "as_value")]
+    pub default: bool,
+    /// `sd`, `sdxl`, or `unreadable` when its folder could not be opened.
+    #[serde(with = "as_value")]
+    pub kind: String,
+    /// Its default scheduler (empty when the folder's is not one diffusiond knows).
+    #[serde(with = "as_value")]
+    pub scheduler: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::StageTimings;
+    use std::time::Duration;
+    use zbus::zvariant::{LE, OwnedValue, serialized::Context, to_bytes};
+
+    fn output() -> Arc<JobOutput> {
+        Arc::new(JobOutput {
+            pngs: vec![vec![0x89, b'P', b'N', b'G', 0, 255], vec![], vec![7; 1000]],
+            scheduler: "pndm".into(),
+            timings: StageTimings {
+                unet: Duration::from_millis(1500),
+                ..Default::default()
+            },
+            queued_secs: 0.25,
+            png_secs: 0.5,
+            total_secs: 2.0,
+            batch_images: 3,
+        })
+    }
+
+    fn result(out: Arc<JobOutput>) -> WaitResult {
+        WaitResult {
+            state: "succeeded".into(),
+            timings: timings(&out),
+            images: Pngs(out),
+            seed: 42,
+            scheduler: "pndm".into(),
+            model: "tiny".into(),
+            width: 64,
+            height: 96,
+            steps: 13,
+            batch_size: 3,
+        }
+    }
+
+    #[test]
+    fn reads_back_as_a_plain_dict_of_variants() {
+        let out = output();
+        let ctxt = Context::new_dbus(LE, 0);
+        let bytes = to_bytes(ctxt, &result(out.clone())).expect("serializes");
+        let (dict, _): (HashMap<String, OwnedValue>, _) =
+            bytes.deserialize().expect("reads back as a{sv}");
+        assert_eq!(WaitResult::SIGNATURE.to_string(), "a{sv}");
+        let images: Vec<Vec<u8>> = dict["images"].try_clone().unwrap().try_into().unwrap();
+        assert_eq!(images, out.pngs);
+        let get_u32 = |k: &str| u32::try_from(&dict[k]).unwrap();
+        assert_eq!(
+            (get_u32("width"), get_u32("height"), get_u32("steps")),
+            (64, 96, 13)
+        );
+        assert_eq!(get_u32("batch_size"), 3);
+        assert_eq!(u64::try_from(&dict["seed"]).unwrap(), 42);
+        assert_eq!(<&str>::try_from(&dict["state"]).unwrap(), "succeeded");
+        assert_eq!(<&str>::try_from(&dict["scheduler"]).unwrap(), "pndm");
+        assert_eq!(<&str>::try_from(&dict["model"]).unwrap(), "tiny");
+        let t: HashMap<String, f64> = dict["timings"].try_clone().unwrap().try_into().unwrap();
+        assert_eq!(t["unet"], 1.5);
+        assert_eq!(t["total"], 2.0);
+        assert_eq!(t["queued"], 0.25);
+        assert_eq!(t.len(), 7);
+        assert_eq!(dict.len(), 10);
+    }
+
+    #[test]
+    fn reads_back_as_the_clients_struct() {
+        let out = output();
+        let ctxt = Context::new_dbus(LE, 0);
+        let bytes = to_bytes(ctxt, &result(out.clone())).expect("serializes");
+        let (r, _): (JobResult, _) = bytes.deserialize().expect("reads back");
+        assert_eq!(r.images.as_deref(), Some(&out.pngs[..]));
+        assert_eq!(r.seed, Some(42));
+        assert_eq!(r.batch_size, Some(3));
+        assert_eq!(r.timings.map(|t| t["png"]), Some(0.5));
+    }
+    #[test]
+    fn model_info_reads_back_as_a_plain_dict() {
+        let info = ModelInfo {
+            name: "tiny".into(),
+            path: "/m".into(),
+            loaded: true,
+            default: false,
+            kind: "sd".into(),
+            scheduler: "pndm".into(),
+        };
+        let ctxt = Context::new_dbus(LE, 0);
+        let bytes = to_bytes(ctxt, &vec![info.clone()]).expect("serializes");
+        let (dicts, _): (Vec<HashMap<String, OwnedValue>>, _) = bytes.deserialize().unwrap();
+        assert_eq!(<&str>::try_from(&dicts[0]["name"]).unwrap(), "tiny");
+        assert!(bool::try_from(&dicts[0]["loaded"]).unwrap());
+        assert_eq!(dicts[0].len(), 6);
+        let (back, _): (Vec<ModelInfo>, _) = bytes.deserialize().unwrap();
+        assert_eq!(back, vec![info]);
+    }
+}
