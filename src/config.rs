@@ -86,14 +86,10 @@ impl Settings {
         if let Some(file) = file {
             builder = builder.add_source(config::File::from(file.to_path_buf()).required(true));
         }
-        let env = config::Environment::with_prefix("DIFFUSIOND")
-            .prefix_separator("_")
-            .separator("__")
-            .list_separator(",")
-            .with_list_parse_key("runtime.execution_providers")
-            .with_list_parse_key("preload")
-            .try_parsing(true);
-        let mut settings: Settings = builder.add_source(env).build()?.try_deserialize()?;
+        let mut settings: Settings = builder
+            .add_source(environment())
+            .build()?
+            .try_deserialize()?;
         if let Some(dir) = file.and_then(Path::parent) {
             for entry in settings.models.values_mut() {
                 if entry.path.is_relative() {
@@ -143,6 +139,17 @@ impl Settings {
             (self.models.len() == 1).then(|| self.models.keys().next().map(String::as_str))?
         })
     }
+}
+
+/// The `DIFFUSIOND_*` environment overrides: `__` separates keys, lists are comma-separated.
+pub(crate) fn environment() -> config::Environment {
+    config::Environment::with_prefix("DIFFUSIOND")
+        .prefix_separator("_")
+        .separator("__")
+        .list_separator(",")
+        .with_list_parse_key("runtime.execution_providers")
+        .with_list_parse_key("preload")
+        .try_parsing(true)
 }
 
 /// The config file used when none is given: `/etc/diffusiond/diffusiond.toml` on the

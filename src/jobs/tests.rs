@@ -11,11 +11,10 @@ use ndarray::Array3;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::*;
-use crate::model::{CatalogEntry, ModelBundle, PipelineKind};
+use crate::model::{CatalogEntry, ModelBundle};
 use crate::pipeline::{GeneratedImage, Generation, PipelineError, ProgressFn};
 use crate::request::ResolvedRequest;
 use crate::rng::RngKind;
-use crate::scheduler::SchedulerConfig;
 
 /// A resolved request on `model` (64×64, pndm, guidance 7.5).
 pub(crate) fn resolved(model: &str, steps: usize) -> ResolvedRequest {
@@ -131,17 +130,7 @@ impl Model for FakeModel {
 }
 
 fn bundle() -> Arc<ModelBundle> {
-    Arc::new(ModelBundle {
-        dir: PathBuf::from("/fake"),
-        kind: PipelineKind::StableDiffusion,
-        scheduler_config: SchedulerConfig::default(),
-        default_scheduler: Some("pndm"),
-        vae_scaling_factor: 0.18215,
-        vae_shift_factor: None,
-        vae_scale_factor: 8,
-        force_zeros_for_empty_prompt: true,
-        default_size: 64,
-    })
+    Arc::new(crate::model::test_bundle())
 }
 
 struct Harness {

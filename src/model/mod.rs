@@ -277,3 +277,20 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T
         message: e.to_string(),
     })
 }
+
+/// A bundle that needs no folder, for unit tests of what reads bundles (64×64 SD model,
+/// PNDM, VAE factor 8).
+#[cfg(test)]
+pub(crate) fn test_bundle() -> ModelBundle {
+    ModelBundle {
+        dir: PathBuf::from("/test-model"),
+        kind: PipelineKind::StableDiffusion,
+        scheduler_config: SchedulerConfig::default(),
+        default_scheduler: Some("pndm"),
+        vae_scaling_factor: 0.18215,
+        vae_shift_factor: None,
+        vae_scale_factor: 8,
+        force_zeros_for_empty_prompt: true,
+        default_size: 64,
+    }
+}

@@ -268,22 +268,9 @@ pub fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::PipelineKind;
-    use crate::scheduler::SchedulerConfig;
-    use std::path::PathBuf;
 
     fn bundle() -> ModelBundle {
-        ModelBundle {
-            dir: PathBuf::from("/m"),
-            kind: PipelineKind::StableDiffusion,
-            scheduler_config: SchedulerConfig::default(),
-            default_scheduler: Some("pndm"),
-            vae_scaling_factor: 0.18215,
-            vae_shift_factor: None,
-            vae_scale_factor: 8,
-            force_zeros_for_empty_prompt: true,
-            default_size: 64,
-        }
+        crate::model::test_bundle()
     }
 
     fn run(req: GenerateRequest, limits: &Limits) -> Result<ResolvedRequest, RequestError> {

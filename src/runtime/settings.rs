@@ -405,18 +405,11 @@ mod tests {
                 "4",
             ),
         ];
-        let env = config::Environment::with_prefix("DIFFUSIOND")
-            .prefix_separator("_")
-            .separator("__")
-            .list_separator(",")
-            .with_list_parse_key("runtime.execution_providers")
-            .with_list_parse_key("preload")
-            .try_parsing(true)
-            .source(Some(
-                vars.iter()
-                    .map(|&(k, v)| (k.to_owned(), v.to_owned()))
-                    .collect(),
-            ));
+        let env = crate::config::environment().source(Some(
+            vars.iter()
+                .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        ));
         let s: Settings = config::Config::builder()
             .add_source(env)
             .build()
