@@ -5,7 +5,7 @@
 BINDIR=$PREFIX/bin
 LIBDIR=$PREFIX/lib/diffusiond
 DATADIR=$PREFIX/share/diffusiond
-MODELDIR=$DATADIR/models/tiny
+MODELDIR=$DATADIR/models/demo
 DOCDIR=$PREFIX/share/doc/diffusiond
 MANIFEST=$DATADIR/install-manifest.txt
 case "$PREFIX" in
@@ -17,4 +17,5 @@ SYSUSERSDIR=${SYSUSERS_DIR:-$syslib/sysusers.d}
 TMPFILESDIR=${TMPFILES_DIR:-$syslib/tmpfiles.d}
 DBUS_POLICY_DIR=/usr/share/dbus-1/system.d
 DBUS_SERVICES_DIR=/usr/share/dbus-1/system-services
+DBUS_SESSION_SERVICES_DIR=$PREFIX/share/dbus-1/services
 CONFIG=/etc/diffusiond/diffusiond.toml

@@ -8,10 +8,11 @@ use std::time::Duration;
 use zbus::Connection;
 use zbus::fdo::{RequestNameFlags, RequestNameReply};
 
+use crate::config::JobSettings;
 use crate::config::Settings;
 use crate::dbus::{self, Manager, Registry};
 use crate::jobs::{Engine, OrtBackend};
-use crate::model::Catalog;
+use crate::model::{Catalog, ModelSpec};
 use crate::runtime::{Runtime, RuntimeError};
 pub use crate::wire::Bus;
 use crate::wire::{BUS_NAME, MANAGER_PATH};
@@ -114,8 +115,42 @@ async fn connect(bus: &Bus, manager: Manager) -> Result<Connection, DaemonError>
     Ok(conn)
 }
 
-/// Runs the daemon until `shutdown` resolves, then drains: queued jobs are cancelled,
-/// running ones get `jobs.shutdown_grace_secs` to finish, final signals go out.
+/// How long without jobs before the daemon exits: `jobs.idle_exit_secs` (0 = never), else
+/// 300 s when the bus started the daemon on a session bus (D-Bus activation sets
+/// `DBUS_STARTER_BUS_TYPE`), else never.
+fn idle_exit_after(jobs: &JobSettings) -> Option<Duration> {
+    let activated = std::env::var("DBUS_STARTER_BUS_TYPE").is_ok_and(|t| t == "session");
+    let secs = jobs
+        .idle_exit_secs
+        .unwrap_or(if activated { DEFAULT_IDLE_EXIT_SECS } else { 0 });
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+/// The idle exit of a session-activated daemon.
+pub const DEFAULT_IDLE_EXIT_SECS: u64 = 300;
+
+/// Resolves once no job has existed on the bus for `after` (never when `None`): woken by
+/// every change of the job count, never polled.
+async fn idle(mut jobs: tokio::sync::watch::Receiver<usize>, after: Option<Duration>) {
+    let Some(after) = after else {
+        return std::future::pending().await;
+    };
+    loop {
+        if jobs.wait_for(|n| *n == 0).await.is_err() {
+            return std::future::pending().await;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(after) => return,
+            changed = jobs.changed() => if changed.is_err() {
+                return std::future::pending().await;
+            },
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` resolves (or, with an idle exit, until it has had no
+/// jobs for that long), then drains: queued jobs are cancelled, running ones get
+/// `jobs.shutdown_grace_secs` to finish, final signals go out.
 pub async fn run(
     settings: Settings,
     bus: Bus,
@@ -126,6 +161,7 @@ pub async fn run(
             "no [models] configured; add [models.NAME] path = \"DIR\"".into(),
         ));
     }
+    let idle_exit = idle_exit_after(&settings.jobs);
     let watchdog = spawn_watchdog();
     notify(&[sd_notify::NotifyState::Status("loading ONNX Runtime")]);
     let runtime = Arc::new(Runtime::init(settings.runtime.clone())?);
@@ -136,10 +172,15 @@ pub async fn run(
     let models: Vec<_> = settings
         .models
         .iter()
-        .map(|(k, v)| (k.clone(), v.path.clone()))
+        .map(|(name, entry)| ModelSpec {
+            name: name.clone(),
+            path: entry.path.clone(),
+            defaults: entry.defaults(),
+        })
         .collect();
     let default = settings.default_model.clone();
-    let catalog = tokio::task::spawn_blocking(move || Catalog::open(models, default))
+    let limits = settings.limits.clone();
+    let catalog = tokio::task::spawn_blocking(move || Catalog::open(models, default, &limits))
         .await
         .map(Arc::new)
         .map_err(|e| DaemonError::Start(e.to_string()))?;
@@ -161,6 +202,7 @@ pub async fn run(
     let conn = connect(&bus, manager).await?;
     preload(&engine, &settings.preload).await;
     let retention = Duration::from_secs(settings.jobs.retention_secs);
+    let jobs = registry.job_count();
     let pump = tokio::spawn(dbus::pump_events(conn.clone(), registry, rx, retention));
     let watcher = tokio::spawn(dbus::watch_disconnects(conn.clone(), engine.clone()));
     tracing::info!(bus = ?bus, "serving {BUS_NAME}");
@@ -169,8 +211,13 @@ pub async fn run(
         sd_notify::NotifyState::Status("ready: serving io.github.Diffusiond1"),
     ]);
 
-    shutdown.await;
-    tracing::info!("shutting down");
+    tokio::select! {
+        () = shutdown => tracing::info!("shutting down"),
+        () = idle(jobs, idle_exit) => tracing::info!(
+            secs = idle_exit.map_or(0, |d| d.as_secs()),
+            "no jobs for jobs.idle_exit_secs: exiting"
+        ),
+    }
     notify(&[
         sd_notify::NotifyState::Stopping,
         sd_notify::NotifyState::Status("finishing running jobs"),

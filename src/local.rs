@@ -8,7 +8,7 @@ use ndarray::ArrayD;
 
 use crate::model::ModelBundle;
 use crate::pipeline::{Pipeline, PipelineError, image};
-use crate::request::{self, GenerateRequest, Limits, ModelRef};
+use crate::request::{self, GenerateRequest, Limits, ModelDefaults, ModelRef};
 use crate::runtime::{Runtime, RuntimeSettings};
 
 /// Opens `model_dir`, resolves `request` against it (no daemon limits: the caller owns
@@ -26,6 +26,7 @@ pub fn generate(
     let model = ModelRef {
         name: &name,
         bundle: &bundle,
+        defaults: &ModelDefaults::NONE,
     };
     let resolved = request::resolve(request, model, &Limits::unbounded(), request::random_seed)?
         .with_latents(latents, &bundle)?;

@@ -56,6 +56,22 @@ fn assert_one_line_error(o: &Output, prefix: &str) {
     );
 }
 
+/// A usage error: clap's whole message, its first line `diffusionctl: ` + `prefix`, then
+/// the usage line.
+fn assert_usage_error(o: &Output, prefix: &str) {
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(o));
+    let err = stderr(o);
+    let want = format!("diffusionctl: {prefix}");
+    assert!(
+        err.starts_with(&want),
+        "{err:?} does not start with {want:?}"
+    );
+    assert!(
+        err.contains("\nUsage: diffusionctl "),
+        "no usage line: {err:?}"
+    );
+}
+
 fn rgb(path: &Path) -> image::RgbImage {
     image::open(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -508,7 +524,7 @@ fn local_only_flags_are_refused_with_the_daemon() {
         "--output",
         out,
     ]);
-    assert_one_line_error(&o, "the argument '--local' cannot be used with '--model");
+    assert_usage_error(&o, "the argument '--local' cannot be used with '--model");
     let o = ctl(&[
         "generate",
         "--local",
@@ -525,5 +541,5 @@ fn local_only_flags_are_refused_with_the_daemon() {
         "--session, --system and --address choose the daemon's bus",
     );
     let o = ctl(&["status", "--system", "--address", "unix:path=/x"]);
-    assert_one_line_error(&o, "the argument '--system' cannot be used with '--address");
+    assert_usage_error(&o, "the argument '--system' cannot be used with '--address");
 }

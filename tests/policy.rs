@@ -193,13 +193,21 @@ impl SystemBus {
         }
     }
 
-    /// diffusiond as `who`, waiting until it owns the name.
+    /// diffusiond as `who`, waiting until it owns the name. The checkout may be private
+    /// (a 0700 home folder), so what the service user needs is staged in the bus's
+    /// world-readable folder first.
     fn start_daemon(&self, who: Account) -> KillOnDrop {
+        let (bin, model) = stage_for_other_users(self.dir.path());
         let config = self.dir.path().join("diffusiond.toml");
-        std::fs::write(&config, common::config_text("[limits]\nmax_steps = 5000\n")).unwrap();
+        let text = common::config_text("[limits]\nmax_steps = 5000\n").replace(
+            &root().join("onnx/tiny-sd15").display().to_string(),
+            &model.display().to_string(),
+        );
+        assert!(text.contains(&model.display().to_string()));
+        std::fs::write(&config, text).unwrap();
         std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
         let child = as_user(who, None)
-            .arg(env!("CARGO_BIN_EXE_diffusiond"))
+            .arg(&bin)
             .args(["--address", &self.address, "--config"])
             .arg(&config)
             .env("RUST_LOG", "warn")
@@ -252,6 +260,52 @@ impl SystemBus {
             .unwrap();
         result(out)
     }
+}
+
+/// Puts the daemon binary with the ONNX Runtime library beside it (where discovery looks
+/// first) and the tiny model under `dir`, readable by every uid. Hard links where the file
+/// system allows (the binary is large), copies otherwise. Returns the binary and model.
+fn stage_for_other_users(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let place = |from: &Path, to: &Path, mode: u32| {
+        use std::os::unix::fs::MetadataExt;
+        let from = std::fs::canonicalize(from).unwrap();
+        // A link keeps the file's own mode: only for files every uid may read already.
+        let readable = std::fs::metadata(&from).unwrap().mode() & 0o004 != 0;
+        if !readable || std::fs::hard_link(&from, to).is_err() {
+            std::fs::copy(&from, to).unwrap();
+            std::fs::set_permissions(to, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+    };
+    let open_dir = |d: &Path| {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    let bin_dir = dir.join("bin");
+    open_dir(&bin_dir);
+    let bin = bin_dir.join("diffusiond");
+    place(Path::new(env!("CARGO_BIN_EXE_diffusiond")), &bin, 0o755);
+    for entry in std::fs::read_dir(root().join("runtime/lib")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("libonnxruntime") && name.contains(".so") {
+            place(&path, &bin_dir.join(&name), 0o644);
+        }
+    }
+    let model = dir.join("model");
+    let src = root().join("onnx/tiny-sd15");
+    let mut stack = vec![src.clone()];
+    while let Some(d) = stack.pop() {
+        open_dir(&model.join(d.strip_prefix(&src).unwrap()));
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                place(&path, &model.join(path.strip_prefix(&src).unwrap()), 0o644);
+            }
+        }
+    }
+    (bin, model)
 }
 
 fn result(out: Output) -> Result<String, String> {

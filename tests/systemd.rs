@@ -280,8 +280,9 @@ fn install_and_uninstall_into_a_destdir() {
         "usr/lib/tmpfiles.d/diffusiond.conf",
         "usr/share/dbus-1/system.d/io.github.Diffusiond1.conf",
         "usr/share/dbus-1/system-services/io.github.Diffusiond1.service",
-        "usr/share/diffusiond/models/tiny/model_index.json",
-        "usr/share/diffusiond/models/tiny/unet/model.onnx",
+        "usr/share/dbus-1/services/io.github.Diffusiond1.service",
+        "usr/share/diffusiond/models/demo/model_index.json",
+        "usr/share/diffusiond/models/demo/unet/model.onnx",
         "etc/diffusiond/diffusiond.toml",
     ] {
         assert!(
@@ -302,10 +303,16 @@ fn install_and_uninstall_into_a_destdir() {
     // The installed config is valid, and names the installed model as default.
     let config = d.join("etc/diffusiond/diffusiond.toml");
     let settings = diffusiond::config::Settings::load(Some(&config)).unwrap();
-    assert_eq!(settings.default_model_name(), Some("tiny"));
-    assert_eq!(
-        settings.models["tiny"].path,
-        Path::new("/usr/share/diffusiond/models/tiny")
+    assert_eq!(settings.default_model_name(), Some("demo"));
+    let demo = &settings.models["demo"];
+    assert_eq!(demo.path, Path::new("/usr/share/diffusiond/models/demo"));
+    // The bundled model's measured defaults, as the zero-config daemon uses them.
+    assert_eq!((demo.steps, demo.guidance_scale), (Some(20), Some(5.0)));
+    // Session activation starts the installed binary.
+    let session = read("usr/share/dbus-1/services/io.github.Diffusiond1.service");
+    assert!(
+        session.contains("Exec=/usr/bin/diffusiond --session"),
+        "{session}"
     );
     assert_eq!(settings.runtime.execution_providers.len(), 3);
     // The installed unit, drop-ins included, keeps its score.

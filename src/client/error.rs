@@ -11,15 +11,15 @@ use crate::wire::{BUS_NAME, Bus, ERROR_PREFIX};
 #[non_exhaustive]
 pub enum ClientError {
     /// No connection to the bus.
-    #[error("cannot connect to {bus}: {message}")]
+    #[error("cannot connect to {bus}: {message}{hint}", hint = connect_hint(bus))]
     Connect {
         /// The bus tried.
         bus: Bus,
         /// Why.
         message: String,
     },
-    /// Nobody owns `io.github.Diffusiond1` on the bus.
-    #[error("diffusiond is not running on {0} (no owner for {BUS_NAME})")]
+    /// Nobody owns `io.github.Diffusiond1` on the bus, and the bus could not start it.
+    #[error("diffusiond is not running on {0} (no owner for {BUS_NAME}){hint}", hint = start_hint(.0))]
     NotRunning(Bus),
     /// The daemon answered with one of its errors (`io.github.Diffusiond1.Error.<name>`).
     #[error("{name}: {message}")]
@@ -58,6 +58,30 @@ pub enum ClientError {
     /// Any other D-Bus failure.
     #[error("D-Bus: {0}")]
     DBus(String),
+}
+
+/// What to do when the bus cannot be reached.
+fn connect_hint(bus: &Bus) -> &'static str {
+    match bus {
+        Bus::Session => {
+            "; there is no session bus here: run the command inside `dbus-run-session -- ...`, or use --system"
+        }
+        Bus::System => "; is the system bus (dbus) running?",
+        Bus::Address(_) => "",
+    }
+}
+
+/// How to get a daemon on `bus`.
+fn start_hint(bus: &Bus) -> &'static str {
+    match bus {
+        Bus::Session => {
+            "; start it with `diffusiond &`, or install the activation file so the bus starts it (scripts/install-session)"
+        }
+        Bus::System => {
+            "; start it with `systemctl start diffusiond` (installed by scripts/install)"
+        }
+        Bus::Address(_) => "; start it with `diffusiond --address ADDR &`",
+    }
 }
 
 /// Result of client operations.

@@ -125,7 +125,7 @@ fn schedule_retirement(
 }
 
 async fn retire(conn: &Connection, registry: &Registry, id: JobId, state: JobState) {
-    registry.lock().remove(&id);
+    registry.remove(id);
     let path = job_path(id);
     let _ = conn.object_server().remove::<Job, _>(&path).await;
     if let Ok(manager) = conn

@@ -99,7 +99,7 @@ impl Manager {
             id,
         };
         server.at(&path, job).await?;
-        self.registry.lock().insert(
+        self.registry.insert(
             id,
             Entry {
                 view,
@@ -118,7 +118,7 @@ impl Manager {
             queued_at: std::time::Instant::now(),
         };
         if let Err(e) = self.engine.submit(queued) {
-            self.registry.lock().remove(&id);
+            self.registry.remove(id);
             server.remove::<Job, _>(&path).await?;
             return Err(e.into());
         }

@@ -28,15 +28,43 @@ use crate::jobs::JobId;
 pub use crate::wire::Error;
 use job::Entry;
 
-/// Jobs that exist on the bus.
-#[derive(Default, Clone)]
+/// Jobs that exist on the bus (queued, running, or finished and not yet retired), with
+/// their count published for whoever waits for the daemon to be idle.
+#[derive(Clone)]
 pub struct Registry {
     entries: Arc<Mutex<HashMap<JobId, Entry>>>,
+    count: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            entries: Arc::default(),
+            count: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
 }
 
 impl Registry {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Entry>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn insert(&self, id: JobId, entry: Entry) {
+        let mut map = self.lock();
+        map.insert(id, entry);
+        self.count.send_replace(map.len());
+    }
+
+    fn remove(&self, id: JobId) {
+        let mut map = self.lock();
+        map.remove(&id);
+        self.count.send_replace(map.len());
+    }
+
+    /// The number of jobs on the bus, as it changes.
+    pub fn job_count(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.count.subscribe()
     }
 }
 

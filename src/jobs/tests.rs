@@ -150,12 +150,14 @@ impl Harness {
             let entry = CatalogEntry {
                 path: PathBuf::from("/fake").join(name),
                 bundle: Ok(bundle()),
+                defaults: Default::default(),
             };
             entries.insert(name.to_string(), entry);
         }
         let unreadable = CatalogEntry {
             path: PathBuf::from("/fake/unreadable"),
             bundle: Err("/fake/unreadable/model_index.json: file is missing".into()),
+            defaults: Default::default(),
         };
         entries.insert("unreadable".to_string(), unreadable);
         let catalog = Arc::new(Catalog::from_entries(entries, Some("a".into())));

@@ -7,15 +7,30 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::ModelBundle;
-use crate::request::{self, GenerateRequest, Limits, ModelRef, RequestError, ResolvedRequest};
+use crate::request::{
+    self, GenerateRequest, Limits, ModelDefaults, ModelRef, RequestError, ResolvedRequest,
+};
 
 /// One configured model.
 #[derive(Debug, Clone)]
 pub struct CatalogEntry {
     /// Its folder, as configured (relative paths already joined to the config's folder).
     pub path: PathBuf,
-    /// The opened bundle, or why it could not be opened (the message names the file).
+    /// The opened bundle, or why it could not be opened or its defaults are unusable (the
+    /// message names the file or the key).
     pub bundle: Result<Arc<ModelBundle>, String>,
+    /// The `[models.NAME]` defaults for requests that leave keys out.
+    pub defaults: ModelDefaults,
+}
+
+/// A model to open: its name, folder and configured defaults.
+pub struct ModelSpec {
+    /// The configured name.
+    pub name: String,
+    /// The folder.
+    pub path: PathBuf,
+    /// The configured defaults.
+    pub defaults: ModelDefaults,
 }
 
 /// The configured models by name, and the default.
@@ -27,21 +42,43 @@ pub struct Catalog {
 
 impl Catalog {
     /// Opens every model folder (file I/O: call it off async threads). A folder that
-    /// fails to open is kept with its error, so requests for it say why.
+    /// fails to open is kept with its error, so requests for it say why; so is one whose
+    /// configured defaults a request could not use (checked by resolving an empty request
+    /// against `limits`).
     pub fn open(
-        models: impl IntoIterator<Item = (String, PathBuf)>,
+        models: impl IntoIterator<Item = ModelSpec>,
         default: Option<String>,
+        limits: &Limits,
     ) -> Catalog {
         let entries = models
             .into_iter()
-            .map(|(name, path)| {
-                let bundle = ModelBundle::open(&path)
+            .map(|m| {
+                let bundle = ModelBundle::open(&m.path)
                     .map(Arc::new)
-                    .map_err(|e| e.to_string());
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| {
+                        let probe = GenerateRequest {
+                            seed: Some(0),
+                            ..GenerateRequest::default()
+                        };
+                        let model = ModelRef {
+                            name: &m.name,
+                            bundle: &b,
+                            defaults: &m.defaults,
+                        };
+                        request::resolve(&probe, model, limits, || 0)
+                            .map(|_| b)
+                            .map_err(|e| format!("[models.{}] defaults: {e}", m.name))
+                    });
                 if let Err(e) = &bundle {
-                    tracing::error!(model = %name, error = %e, "model folder refused");
+                    tracing::error!(model = %m.name, error = %e, "model refused");
                 }
-                (name, CatalogEntry { path, bundle })
+                let entry = CatalogEntry {
+                    path: m.path,
+                    bundle,
+                    defaults: m.defaults,
+                };
+                (m.name, entry)
             })
             .collect();
         Catalog::from_entries(entries, default)
@@ -97,7 +134,11 @@ impl Catalog {
                     known: self.names().collect::<Vec<_>>().join(", "),
                 })?;
         match &entry.bundle {
-            Ok(bundle) => Ok(ModelRef { name, bundle }),
+            Ok(bundle) => Ok(ModelRef {
+                name,
+                bundle,
+                defaults: &entry.defaults,
+            }),
             Err(message) => Err(RequestError::ModelUnavailable {
                 name: name.clone(),
                 message: message.clone(),
@@ -122,12 +163,23 @@ mod tests {
 
     fn catalog() -> Catalog {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let spec = |name: &str, path: &str, defaults: ModelDefaults| ModelSpec {
+            name: name.into(),
+            path: root.join(path),
+            defaults,
+        };
+        let bad = ModelDefaults {
+            width: Some(100),
+            ..ModelDefaults::default()
+        };
         Catalog::open(
             [
-                ("tiny".to_string(), root.join("onnx/tiny-sd15")),
-                ("gone".to_string(), root.join("onnx/no-such-model")),
+                spec("tiny", "onnx/tiny-sd15", ModelDefaults::default()),
+                spec("gone", "onnx/no-such-model", ModelDefaults::default()),
+                spec("odd", "onnx/tiny-sd15", bad),
             ],
             Some("tiny".into()),
+            &Limits::default(),
         )
     }
 
@@ -157,7 +209,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "unknown model 'nope' (configured: gone, tiny)"
+            "unknown model 'nope' (configured: gone, odd, tiny)"
         );
         let err = c.lookup(Some("gone")).unwrap_err();
         assert!(
@@ -165,6 +217,11 @@ mod tests {
             "{err:?}"
         );
         assert!(err.to_string().contains("does not exist"), "{err}");
+        let err = c.lookup(Some("odd")).unwrap_err().to_string();
+        assert!(
+            err.contains("[models.odd] defaults: 'width': 100 is not a multiple of 8"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -175,6 +232,7 @@ mod tests {
             CatalogEntry {
                 path: PathBuf::from("/x"),
                 bundle: Err("unreadable".into()),
+                defaults: ModelDefaults::default(),
             },
         );
         let c = Catalog::from_entries(entries, None);

@@ -16,7 +16,7 @@ mod catalog;
 pub mod safety;
 pub mod signature;
 
-pub use catalog::{Catalog, CatalogEntry};
+pub use catalog::{Catalog, CatalogEntry, ModelSpec};
 
 use std::path::{Path, PathBuf};
 

@@ -16,7 +16,7 @@ pub use crate::request::{GenerateParams, Limits};
 pub use image::GeneratedImage;
 
 use crate::model::{ModelBundle, ModelError, PipelineKind};
-use crate::request::{self, ModelRef, RequestError, ResolvedRequest};
+use crate::request::{self, ModelDefaults, ModelRef, RequestError, ResolvedRequest};
 use crate::rng::{self, NoiseSource, RngKind};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::scheduler::{self, Scheduler, SchedulerError};
@@ -189,6 +189,7 @@ impl Pipeline {
         let model = ModelRef {
             name: &name,
             bundle: &self.bundle,
+            defaults: &ModelDefaults::NONE,
         };
         let resolved = request::resolve(&params.to_request(), model, &Limits::unbounded(), || {
             params.seed

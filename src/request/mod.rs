@@ -70,6 +70,33 @@ pub struct GenerateRequest {
     pub priority: Option<i32>,
 }
 
+/// A model's own defaults for keys a request leaves out (`[models.NAME]` in the config):
+/// they come after the request's values and before the built-in [`defaults`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelDefaults {
+    /// Denoising steps.
+    pub steps: Option<u32>,
+    /// Guidance scale.
+    pub guidance_scale: Option<f64>,
+    /// Scheduler name.
+    pub scheduler: Option<String>,
+    /// Width in pixels.
+    pub width: Option<u32>,
+    /// Height in pixels.
+    pub height: Option<u32>,
+}
+
+impl ModelDefaults {
+    /// No model defaults.
+    pub const NONE: ModelDefaults = ModelDefaults {
+        steps: None,
+        guidance_scale: None,
+        scheduler: None,
+        width: None,
+        height: None,
+    };
+}
+
 /// Why a request was refused. Each message names the key or the model.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]

@@ -4,19 +4,21 @@
 
 use ndarray::ArrayD;
 
-use super::{GenerateRequest, Limits, RequestError, defaults};
+use super::{GenerateRequest, Limits, ModelDefaults, RequestError, defaults};
 use crate::model::ModelBundle;
 use crate::rng::RngKind;
 use crate::scheduler;
 
-/// The model a request runs on: its configured name (or folder, in-process) and its
-/// opened bundle.
+/// The model a request runs on: its configured name (or folder, in-process), its opened
+/// bundle and its configured defaults.
 #[derive(Debug, Clone, Copy)]
 pub struct ModelRef<'a> {
     /// The name requests and results use.
     pub name: &'a str,
     /// The opened, checked folder.
     pub bundle: &'a ModelBundle,
+    /// `[models.NAME]` defaults ([`ModelDefaults::NONE`] when there is no config).
+    pub defaults: &'a ModelDefaults,
 }
 
 /// A request with every value present and checked; build it with [`resolve`].
@@ -142,8 +144,9 @@ pub fn random_seed() -> u64 {
     (nanos ^ (u64::from(std::process::id()) << 32)) & 0xffff_ffff
 }
 
-/// Fills in defaults and checks `req` against `model` and `limits`. `fresh_seed` is called
-/// only when the request has no seed. The one place requests are checked: the pipeline
+/// Fills in defaults and checks `req` against `model` and `limits`. A key the request leaves
+/// out takes the model's configured default, else the folder's own (size, scheduler), else
+/// the built-in one. `fresh_seed` is called only when the request has no seed. The one place requests are checked: the pipeline
 /// and the engine take the result as it is.
 pub fn resolve(
     req: &GenerateRequest,
@@ -152,6 +155,7 @@ pub fn resolve(
     fresh_seed: impl FnOnce() -> u64,
 ) -> Result<ResolvedRequest, RequestError> {
     let bundle = model.bundle;
+    let configured = model.defaults;
     fn invalid(key: &'static str, message: impl Into<String>) -> RequestError {
         RequestError::invalid(key, message)
     }
@@ -188,17 +192,25 @@ pub fn resolve(
         }
         over(key, v, max)
     };
-    let width = side("width", req.width, limits.max_width)?;
-    let height = side("height", req.height, limits.max_height)?;
+    let width = side("width", req.width.or(configured.width), limits.max_width)?;
+    let height = side(
+        "height",
+        req.height.or(configured.height),
+        limits.max_height,
+    )?;
     let pixels = width.saturating_mul(height);
     over("width*height", pixels, limits.max_pixels)?;
 
-    let steps = at_least_one("steps", req.steps.unwrap_or(defaults::STEPS))?;
+    let steps = req.steps.or(configured.steps).unwrap_or(defaults::STEPS);
+    let steps = at_least_one("steps", steps)?;
     let steps = over("steps", steps, limits.max_steps)?;
     let num_images = at_least_one("num_images", req.num_images.unwrap_or(defaults::NUM_IMAGES))?;
     let num_images = over("num_images", num_images, limits.max_images)?;
 
-    let guidance_scale = req.guidance_scale.unwrap_or(defaults::GUIDANCE_SCALE);
+    let guidance_scale = req
+        .guidance_scale
+        .or(configured.guidance_scale)
+        .unwrap_or(defaults::GUIDANCE_SCALE);
     if !guidance_scale.is_finite() {
         return Err(invalid(
             "guidance_scale",
@@ -225,7 +237,8 @@ pub fn resolve(
         ));
     }
 
-    let scheduler = match req.scheduler.as_deref() {
+    let requested = req.scheduler.as_deref().or(configured.scheduler.as_deref());
+    let scheduler = match requested {
         Some(name) => scheduler::NAMES
             .iter()
             .copied()
@@ -280,6 +293,7 @@ mod tests {
             ModelRef {
                 name: "tiny",
                 bundle: &b,
+                defaults: &ModelDefaults::NONE,
             },
             limits,
             || 99,
@@ -463,6 +477,7 @@ mod tests {
             ModelRef {
                 name: "m",
                 bundle: &b,
+                defaults: &ModelDefaults::NONE,
             },
             &Limits::default(),
             || 1,
@@ -503,5 +518,35 @@ mod tests {
         assert!(
             text.contains("Seed: 5, RNG: torch, Size: 64x64, Model: tiny, ONNX Runtime: 1.32.0")
         );
+    }
+
+    #[test]
+    fn configured_defaults_come_between_the_request_and_the_built_in_ones() {
+        let b = bundle();
+        let configured = ModelDefaults {
+            steps: Some(12),
+            guidance_scale: Some(5.0),
+            scheduler: Some("ddim".into()),
+            width: Some(96),
+            height: None,
+        };
+        let model = ModelRef {
+            name: "demo",
+            bundle: &b,
+            defaults: &configured,
+        };
+        let r = resolve(&prompt(), model, &Limits::default(), || 1).unwrap();
+        assert_eq!((r.steps, r.guidance_scale, r.scheduler), (12, 5.0, "ddim"));
+        assert_eq!((r.width, r.height), (96, 64));
+        let req = GenerateRequest {
+            steps: Some(3),
+            guidance_scale: Some(1.0),
+            scheduler: Some("euler".into()),
+            width: Some(32),
+            ..prompt()
+        };
+        let r = resolve(&req, model, &Limits::default(), || 1).unwrap();
+        assert_eq!((r.steps, r.guidance_scale, r.scheduler), (3, 1.0, "euler"));
+        assert_eq!((r.width, r.height), (32, 64));
     }
 }

@@ -97,9 +97,14 @@ impl Daemon {
     /// Starts `diffusiond --address ADDR --config FILE`; `extra` is appended to the TOML.
     /// Waits until the bus name is owned.
     pub fn start(bus: &PrivateBus, extra: &str) -> Daemon {
+        Daemon::start_with_config(bus, &config_text(extra))
+    }
+
+    /// Starts `diffusiond --address ADDR --config FILE` with `text` as the whole TOML.
+    pub fn start_with_config(bus: &PrivateBus, text: &str) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("diffusiond.toml");
-        std::fs::write(&config, config_text(extra)).expect("config");
+        std::fs::write(&config, text).expect("config");
         let child = Command::new(env!("CARGO_BIN_EXE_diffusiond"))
             .arg("--address")
             .arg(bus.address())

@@ -17,7 +17,7 @@ use diffusiond::rng::RngKind;
 
 /// Client for the diffusiond image-generation daemon.
 #[derive(Debug, Parser)]
-#[command(name = "diffusionctl", version)]
+#[command(name = "diffusionctl", version, arg_required_else_help = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -154,11 +154,16 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // A bare `diffusionctl`: the command list.
+            eprint!("{}", e.render());
+            return ExitCode::from(2);
+        }
         Err(e) => {
-            // One line, like every other error of ours; `--help` has the details.
+            // clap's whole message: what is wrong (which argument is missing, say), the
+            // usage line, and where to find more.
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("diffusionctl: {}", first.trim_start_matches("error: "));
+            eprint!("diffusionctl: {}", text.trim_start_matches("error: "));
             return ExitCode::from(2);
         }
     };

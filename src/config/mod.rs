@@ -1,12 +1,18 @@
 //! Configuration: a TOML file plus `DIFFUSIOND_*` environment overrides, read with the
-//! `config` crate and validated into typed settings in one step.
+//! `config` crate and validated into typed settings in one step. [`daemon_settings`]
+//! chooses what the daemon serves: the given or default config file, else the bundled
+//! demo model (`origin`).
+
+mod origin;
+
+pub use origin::{BUNDLED_NAME, Origin, bundled_model_candidates, daemon_settings};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::request::Limits;
+use crate::request::{Limits, ModelDefaults};
 use crate::runtime::RuntimeSettings;
 
 /// Errors from reading or validating the configuration. Each names the key or file.
@@ -19,6 +25,19 @@ pub enum ConfigError {
     /// A value parsed but is not allowed.
     #[error("configuration: {0}")]
     Invalid(String),
+    /// No config file names a model, and no bundled model was found.
+    #[error(
+        "configuration: nothing to serve: no config file (looked for {files}) and no bundled model (looked in {models}); write a config with [models.NAME] path = \"DIR\" (README, \"Configuration\")"
+    )]
+    NothingToServe {
+        /// The config files looked for, comma-separated.
+        files: String,
+        /// The bundled-model folders looked in, comma-separated.
+        models: String,
+    },
+    /// A config file names no model.
+    #[error("configuration: {0} has no [models] table; add [models.NAME] path = \"DIR\"")]
+    NoModels(PathBuf),
 }
 
 /// The whole configuration.
@@ -39,12 +58,42 @@ pub struct Settings {
     pub jobs: JobSettings,
 }
 
-/// One `[models.NAME]` table.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+/// One `[models.NAME]` table: the folder, and defaults for requests that leave keys out
+/// (a request's own values win; then these; then the folder's own size and scheduler and
+/// the built-in defaults).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelEntry {
     /// The model folder (Optimum ONNX layout).
     pub path: PathBuf,
+    /// Default denoising steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u32>,
+    /// Default guidance scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_scale: Option<f64>,
+    /// Default scheduler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<String>,
+    /// Default width in pixels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    /// Default height in pixels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+}
+
+impl ModelEntry {
+    /// The request defaults this table sets.
+    pub fn defaults(&self) -> ModelDefaults {
+        ModelDefaults {
+            steps: self.steps,
+            guidance_scale: self.guidance_scale,
+            scheduler: self.scheduler.clone(),
+            width: self.width,
+            height: self.height,
+        }
+    }
 }
 
 /// The `[jobs]` table.
@@ -63,6 +112,9 @@ pub struct JobSettings {
     pub idle_unload_secs: u64,
     /// Seconds running jobs get to finish on SIGTERM before they are cancelled.
     pub shutdown_grace_secs: u64,
+    /// Seconds without jobs after which the daemon exits (0 = never). Unset: on (300 s)
+    /// when the bus started the daemon on a session bus (D-Bus activation), off otherwise.
+    pub idle_exit_secs: Option<u64>,
 }
 
 impl Default for JobSettings {
@@ -74,6 +126,7 @@ impl Default for JobSettings {
             retention_secs: 300,
             idle_unload_secs: 600,
             shutdown_grace_secs: 10,
+            idle_exit_secs: None,
         }
     }
 }
@@ -95,6 +148,13 @@ impl Settings {
                 if entry.path.is_relative() {
                     entry.path = dir.join(&entry.path);
                 }
+            }
+        }
+        // Shown resolved (ListModels, logs); a folder that does not exist stays as written
+        // and is refused, naming it, when it is opened.
+        for entry in settings.models.values_mut() {
+            if let Ok(real) = std::fs::canonicalize(&entry.path) {
+                entry.path = real;
             }
         }
         settings.validate()?;
@@ -152,16 +212,26 @@ pub(crate) fn environment() -> config::Environment {
         .try_parsing(true)
 }
 
-/// The config file used when none is given: `/etc/diffusiond/diffusiond.toml` on the
-/// system bus, `$XDG_CONFIG_HOME/diffusiond/diffusiond.toml` for a user; `None` if absent.
+/// Where the config file is looked for when none is given: `/etc/diffusiond/diffusiond.toml`
+/// on the system bus, `$XDG_CONFIG_HOME/diffusiond/diffusiond.toml` (default
+/// `~/.config/...`) for a user.
+pub fn default_file_candidates(system: bool) -> Vec<PathBuf> {
+    if system {
+        return vec![PathBuf::from("/etc/diffusiond/diffusiond.toml")];
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+    base.map(|b| b.join("diffusiond/diffusiond.toml"))
+        .into_iter()
+        .collect()
+}
+
+/// The config file used when none is given (see [`default_file_candidates`]); `None` if
+/// absent.
 pub fn default_file(system: bool) -> Option<PathBuf> {
-    let path = if system {
-        PathBuf::from("/etc/diffusiond/diffusiond.toml")
-    } else {
-        let base = std::env::var_os("XDG_CONFIG_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
-        base.join("diffusiond/diffusiond.toml")
-    };
-    path.is_file().then_some(path)
+    default_file_candidates(system)
+        .into_iter()
+        .find(|p| p.is_file())
 }
