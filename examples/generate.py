@@ -2,7 +2,7 @@
 """A minimal diffusiond client in Python with jeepney (pure Python, no libdbus).
 
     pip install -r examples/requirements.txt
-    python3 examples/generate.py "a watercolor fox" fox.png [WIDTH HEIGHT]
+    python3 examples/generate.py "a yellow triangle on a black background" triangle.png [WIDTH HEIGHT]
 
 Uses the session bus (DBUS_SESSION_BUS_ADDRESS). Calls Manager.Generate, then Job.Wait on the
 same connection (the daemon cancels the jobs of callers that leave the bus), writes the PNG

@@ -2,7 +2,7 @@
 //! image and writes the PNG.
 //!
 //! ```sh
-//! cargo run --example generate -- "a watercolor fox" fox.png [WIDTH HEIGHT]
+//! cargo run --example generate -- "a yellow triangle on a black background" triangle.png [WIDTH HEIGHT]
 //! ```
 //!
 //! The bus is the session bus (`DBUS_SESSION_BUS_ADDRESS`). Prints the path of the PNG.

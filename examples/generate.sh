@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A minimal diffusiond client in shell, with busctl (systemd) and python3.
 #
-#   examples/generate.sh "a watercolor fox" fox.png [WIDTH HEIGHT]
+#   examples/generate.sh "a yellow triangle on a black background" triangle.png [WIDTH HEIGHT]
 #
 # Uses the session bus: $DBUS_SESSION_BUS_ADDRESS, or busctl's --user bus when unset.
 # Calls Manager.Generate, then Job.Wait, and writes the first PNG; prints its path.

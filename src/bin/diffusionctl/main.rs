@@ -160,10 +160,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         Err(e) => {
-            // clap's whole message: what is wrong (which argument is missing, say), the
-            // usage line, and where to find more.
+            use clap::error::ErrorKind;
             let text = e.render().to_string();
-            eprint!("diffusionctl: {}", text.trim_start_matches("error: "));
+            let text = text.trim_start_matches("error: ");
+            if matches!(
+                e.kind(),
+                ErrorKind::InvalidValue | ErrorKind::ValueValidation
+            ) {
+                // A bad value: one line that names the flag, like every other error of ours.
+                eprintln!("diffusionctl: {}", text.lines().next().unwrap_or_default());
+            } else {
+                // A usage error: clap's whole message, naming the missing or conflicting
+                // argument, then the usage line.
+                eprint!("diffusionctl: {text}");
+            }
             return ExitCode::from(2);
         }
     };
