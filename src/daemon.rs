@@ -162,6 +162,17 @@ pub async fn run(
         ));
     }
     let idle_exit = idle_exit_after(&settings.jobs);
+    let priority_gid = match &settings.jobs.priority_group {
+        None => None,
+        Some(name) => {
+            let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+            Some(crate::config::group_id(name, &groups).ok_or_else(|| {
+                DaemonError::Config(format!(
+                    "jobs.priority_group: no group '{name}' in /etc/group (give its number)"
+                ))
+            })?)
+        }
+    };
     let watchdog = spawn_watchdog();
     notify(&[sd_notify::NotifyState::Status("loading ONNX Runtime")]);
     let runtime = Arc::new(Runtime::init(settings.runtime.clone())?);
@@ -197,6 +208,7 @@ pub async fn run(
         registry.clone(),
         runtime.version().to_string(),
         providers,
+        priority_gid,
     );
     notify(&[sd_notify::NotifyState::Status("taking the bus name")]);
     let conn = connect(&bus, manager).await?;

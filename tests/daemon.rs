@@ -333,7 +333,14 @@ fn every_bad_option_gets_its_typed_error_and_the_daemon_keeps_serving() {
         (
             vec![p(), ("width", Value::U32(65))],
             invalid,
-            "multiple of 8",
+            "multiple of 16",
+        ),
+        // A multiple of 8 that this UNet (two down blocks) cannot take: refused at Generate,
+        // naming what it can, instead of failing later inside ONNX Runtime.
+        (
+            vec![p(), ("width", Value::U32(72))],
+            invalid,
+            "'width': 72 is not a multiple of 16, which this model's VAE and UNet need (e.g. 64 or 80)",
         ),
         (
             vec![p(), ("width", Value::U32(1024))],

@@ -167,7 +167,16 @@ fn a_daemon_without_config_serves_the_bundled_model_at_its_defaults() {
     assert_eq!(served.dimensions(), (64, 64));
     let diff = max_diff(&served, &local_reference(dir.path(), "1"));
     assert!(diff <= 1, "daemon and --local differ by {diff}");
-    let o = ctl(&["wait", "1", "--address", bus.address()]);
+    let jobs = ctl(&["jobs", "--address", bus.address()]);
+    let listed = text(&jobs.stdout);
+    let job = listed
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    let o = ctl(&["wait", job, "--address", bus.address()]);
     assert_ok(&o);
     let summary = text(&o.stdout);
     assert!(

@@ -115,6 +115,12 @@ pub struct JobSettings {
     /// Seconds without jobs after which the daemon exits (0 = never). Unset: on (300 s)
     /// when the bus started the daemon on a session bus (D-Bus activation), off otherwise.
     pub idle_exit_secs: Option<u64>,
+    /// Seconds a job may take to write its images to the caller's `output_fds`; a reader
+    /// that does not read fails the job then (and `Cancel` ends it at once).
+    pub output_timeout_secs: u64,
+    /// A Unix group (name or number) whose members may ask for a priority above 0, besides
+    /// root and the service user. Unset: nobody else.
+    pub priority_group: Option<String>,
 }
 
 impl Default for JobSettings {
@@ -127,6 +133,8 @@ impl Default for JobSettings {
             idle_unload_secs: 600,
             shutdown_grace_secs: 10,
             idle_exit_secs: None,
+            output_timeout_secs: 60,
+            priority_group: None,
         }
     }
 }
@@ -177,6 +185,12 @@ impl Settings {
                     "preload: '{name}' is not one of the [models] tables"
                 )));
             }
+        }
+        let g = self.limits.max_guidance_scale;
+        if !(g.is_finite() && g > 0.0) {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_guidance_scale: {g} is not a positive number"
+            )));
         }
         let j = &self.jobs;
         for (key, v) in [
@@ -234,4 +248,31 @@ pub fn default_file(system: bool) -> Option<PathBuf> {
     default_file_candidates(system)
         .into_iter()
         .find(|p| p.is_file())
+}
+
+/// The id of Unix group `name` (a number is taken as it is), from `group_file` (the
+/// contents of /etc/group).
+pub fn group_id(name: &str, group_file: &str) -> Option<u32> {
+    if let Ok(gid) = name.parse() {
+        return Some(gid);
+    }
+    group_file.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == name).then_some(())?;
+        fields.nth(1)?.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_are_found_by_name_or_number() {
+        let file = "root:x:0:\nusers:x:100:alice,bob\ndiffusiond:x:998:\n";
+        assert_eq!(group_id("users", file), Some(100));
+        assert_eq!(group_id("diffusiond", file), Some(998));
+        assert_eq!(group_id("1234", file), Some(1234));
+        assert_eq!(group_id("nope", file), None);
+    }
 }

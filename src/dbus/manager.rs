@@ -1,14 +1,13 @@
 //! The Manager object (`/io/github/Diffusiond1`): `Generate`, the model commands, the
 //! job list and the daemon's properties. Each method reads, resolves once, and hands over.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
-use zbus::zvariant::{ObjectPath, OwnedObjectPath, OwnedValue};
+use zbus::zvariant::{ObjectPath, OwnedObjectPath};
 use zbus::{Connection, interface};
 
 use super::job::{Entry, JobView};
@@ -25,15 +24,19 @@ pub struct Manager {
     catalog: Arc<Catalog>,
     limits: Limits,
     registry: Registry,
-    next_id: AtomicU64,
+    /// The last job number given out.
+    last_id: AtomicU64,
     runtime_version: String,
     providers: Vec<String>,
     /// The daemon's own uid: it may load and unload models, as root may.
     own_uid: Option<u32>,
+    /// Members of this group may ask for a priority above 0 (`jobs.priority_group`).
+    priority_gid: Option<u32>,
 }
 
 impl Manager {
-    /// A Manager over an engine and the opened models.
+    /// A Manager over an engine and the opened models. `priority_gid`: the group whose
+    /// members may ask for a priority above 0, besides root and the service user.
     pub fn new(
         engine: Engine,
         catalog: Arc<Catalog>,
@@ -41,6 +44,7 @@ impl Manager {
         registry: Registry,
         runtime_version: String,
         providers: Vec<String>,
+        priority_gid: Option<u32>,
     ) -> Self {
         use std::os::unix::fs::MetadataExt;
         let own_uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
@@ -49,11 +53,38 @@ impl Manager {
             catalog,
             limits,
             registry,
-            next_id: AtomicU64::new(1),
+            last_id: AtomicU64::new(0),
             runtime_version,
             providers,
             own_uid,
+            priority_gid,
         }
+    }
+
+    /// A priority above 0 jumps other callers' jobs: only root, the service user and
+    /// members of `jobs.priority_group` may ask for one.
+    async fn check_priority(
+        &self,
+        conn: &Connection,
+        header: &Header<'_>,
+        uid: u32,
+    ) -> Result<(), Error> {
+        if uid == 0 || Some(uid) == self.own_uid {
+            return Ok(());
+        }
+        if let (Some(gid), Some(sender)) = (self.priority_gid, header.sender()) {
+            let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+            let creds = dbus
+                .get_connection_credentials(sender.clone().into())
+                .await
+                .map_err(|e| Error::ZBus(e.into()))?;
+            if creds.unix_group_ids().is_some_and(|g| g.contains(&gid)) {
+                return Ok(());
+            }
+        }
+        Err(Error::AccessDenied(
+            "'priority': above 0 only for root, the service user and members of jobs.priority_group; 0 and below are open to everyone".into(),
+        ))
     }
 
     /// Loading and unloading models affects every caller: only root or the daemon's own
@@ -70,13 +101,37 @@ impl Manager {
     }
 }
 
+/// Microseconds since the Unix epoch.
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The next job number: the clock in microseconds, or one more than the last number when
+/// the clock has not moved past it. Numbers rise within a run and a restarted daemon starts
+/// past every number an earlier run gave out (a call takes longer than a microsecond, so
+/// numbers never run ahead of the clock for long), so a path from before a restart names no
+/// job (UnknownObject) instead of another caller's. They stay below 2^53, exact in a
+/// double for clients in languages without 64-bit integers.
+fn next_job_id(last: &AtomicU64, now_micros: u64) -> JobId {
+    let mut prev = last.load(Ordering::Relaxed);
+    loop {
+        let next = now_micros.max(prev + 1);
+        match last.compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => prev = seen,
+        }
+    }
+}
+
 #[interface(name = "io.github.Diffusiond1.Manager")]
 impl Manager {
     /// Validates the request, queues a job, returns its object path at once.
     #[zbus(out_args("job"))]
     async fn generate(
         &self,
-        request: HashMap<String, OwnedValue>,
+        request: keys::RawDict,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
         #[zbus(object_server)] server: &zbus::ObjectServer,
@@ -88,7 +143,10 @@ impl Manager {
             .check_delivery(resolved.num_images)
             .map_err(Error::InvalidArgument)?;
         let owner = caller_uid(conn, &header).await?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if resolved.priority > 0 {
+            self.check_priority(conn, &header, owner).await?;
+        }
+        let id = next_job_id(&self.last_id, unix_micros());
         let path = job_path(id);
         let (done_tx, done_rx) = watch::channel(false);
         let view = Arc::new(Mutex::new(JobView::queued(owner, &resolved)));
@@ -231,4 +289,26 @@ impl Manager {
         job: ObjectPath<'_>,
         final_state: &str,
     ) -> zbus::Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_numbers_follow_the_clock_and_never_repeat() {
+        let last = AtomicU64::new(0);
+        assert_eq!(next_job_id(&last, 1_000), 1_000);
+        assert_eq!(next_job_id(&last, 1_000), 1_001);
+        assert_eq!(
+            next_job_id(&last, 900),
+            1_002,
+            "a clock read behind the last number"
+        );
+        assert_eq!(next_job_id(&last, 5_000), 5_000);
+        // A restart: a fresh counter starts from the clock, past the earlier run's numbers.
+        let restarted = AtomicU64::new(0);
+        assert!(next_job_id(&restarted, unix_micros()) > 5_000);
+        assert!(unix_micros() < 1 << 53);
+    }
 }

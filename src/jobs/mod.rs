@@ -25,8 +25,9 @@ mod slots;
 mod tests;
 mod worker;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -195,6 +196,8 @@ struct State {
     slots: Slots,
     admission: Admission,
     running: Option<Running>,
+    /// Jobs writing their images to callers' fds, with their cancel flags.
+    delivering: HashMap<JobId, Arc<AtomicBool>>,
     shutting_down: bool,
 }
 
@@ -229,6 +232,7 @@ impl Engine {
                 slots: Slots::new(catalog.names()),
                 admission: Admission::default(),
                 running: None,
+                delivering: HashMap::new(),
                 shutting_down: false,
             }),
             wake: Condvar::new(),
@@ -310,6 +314,10 @@ impl Engine {
             self.notify();
             return true;
         }
+        if let Some(flag) = st.delivering.get(&id) {
+            // The writer sees the flag within its poll interval and reports the job.
+            return !flag.swap(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let Some(run) = st.running.as_mut() else {
             return false;
         };
@@ -376,6 +384,7 @@ impl Engine {
             self.send(Event::Finished(j.id, Outcome::Cancelled));
         }
         self.notify();
+        let deadline = Instant::now() + grace;
         let live = |st: &mut State| {
             st.running
                 .as_ref()
@@ -400,10 +409,26 @@ impl Engine {
             st = self.lock();
         }
         // Cancelled batches stop within one step; wait for the worker to let go.
-        let _unused = self
+        let st = self
             .shared
             .wake
             .wait_while(st, |st| st.running.is_some())
+            .unwrap_or_else(|e| e.into_inner());
+        // Images still being written to callers' fds: what is left of the grace period,
+        // then cancelled (a writer notices within its poll interval).
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (st, _) = self
+            .shared
+            .wake
+            .wait_timeout_while(st, left, |st| !st.delivering.is_empty())
+            .unwrap_or_else(|e| e.into_inner());
+        for flag in st.delivering.values() {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        let _unused = self
+            .shared
+            .wake
+            .wait_while(st, |st| !st.delivering.is_empty())
             .unwrap_or_else(|e| e.into_inner());
         self.notify();
     }

@@ -1,5 +1,6 @@
-//! The job queue: priorities, FIFO within a priority, per-caller limits, and the choice
-//! of the next batch. Pure data structure, no threads, so it is tested on its own.
+//! The job queue: priorities, callers taking turns within a priority (round-robin by
+//! uid, FIFO for one caller), and the choice of the next batch. Pure data structure, no
+//! threads, so it is tested on its own.
 
 use std::collections::BTreeMap;
 
@@ -16,10 +17,15 @@ pub enum QueueError {
     CallerFull(usize),
 }
 
-/// Queued jobs ordered by (priority descending, arrival ascending).
+/// Run order: priority (higher first), then turn, then arrival.
+type Key = (std::cmp::Reverse<i32>, usize, JobId);
+
+/// Queued jobs in run order. A job's turn is how many jobs its owner already had queued
+/// at its priority when it arrived, so at equal priority callers take turns: one user's
+/// 16 queued jobs do not hold back another user's one.
 #[derive(Default)]
 pub struct Queue {
-    jobs: BTreeMap<(std::cmp::Reverse<i32>, JobId), QueuedJob>,
+    jobs: BTreeMap<Key, QueuedJob>,
 }
 
 impl Queue {
@@ -35,13 +41,19 @@ impl Queue {
 
     /// Adds a job.
     pub fn push(&mut self, job: QueuedJob) {
+        let priority = job.request.priority;
+        let turn = self
+            .jobs
+            .values()
+            .filter(|j| j.owner == job.owner && j.request.priority == priority)
+            .count();
         self.jobs
-            .insert((std::cmp::Reverse(job.request.priority), job.id), job);
+            .insert((std::cmp::Reverse(priority), turn, job.id), job);
     }
 
     /// Removes one job by id.
     pub fn remove(&mut self, id: JobId) -> Option<QueuedJob> {
-        let key = *self.jobs.keys().find(|(_, j)| *j == id)?;
+        let key = *self.jobs.keys().find(|(_, _, j)| *j == id)?;
         self.jobs.remove(&key)
     }
 
@@ -98,11 +110,15 @@ mod tests {
     use crate::jobs::tests::resolved;
 
     fn job(id: JobId, priority: i32, model: &str, steps: usize) -> QueuedJob {
+        owned(id, 1000, priority, model, steps)
+    }
+
+    fn owned(id: JobId, owner: u32, priority: i32, model: &str, steps: usize) -> QueuedJob {
         let mut request = resolved(model, steps);
         request.priority = priority;
         QueuedJob {
             id,
-            owner: 1000,
+            owner,
             sender: None,
             request,
             output_fds: Vec::new(),
@@ -119,6 +135,26 @@ mod tests {
         q.push(job(4, 5, "a", 9));
         let order: Vec<_> = q.iter().map(|j| j.id).collect();
         assert_eq!(order, vec![2, 4, 1, 3]);
+    }
+
+    #[test]
+    fn callers_take_turns_within_a_priority() {
+        let mut q = Queue::default();
+        for id in 1..=4 {
+            q.push(owned(id, 1000, 0, "a", 4)); // one caller's four jobs
+        }
+        q.push(owned(5, 1001, 0, "a", 8)); // another's one, later
+        q.push(owned(6, 1002, 0, "a", 8));
+        q.push(owned(7, 1001, 0, "a", 8));
+        q.push(owned(8, 0, 3, "a", 8)); // a higher priority still goes first
+        let order: Vec<_> = q.iter().map(|j| j.id).collect();
+        assert_eq!(order, vec![8, 1, 5, 6, 2, 7, 3, 4]);
+        // A job queued once others have run takes its turn from what is queued now.
+        q.remove(1);
+        q.remove(5);
+        q.push(owned(9, 1003, 0, "a", 8));
+        let order: Vec<_> = q.iter().map(|j| j.id).collect();
+        assert_eq!(order, vec![8, 6, 9, 2, 7, 3, 4]);
     }
 
     #[test]

@@ -118,7 +118,15 @@ impl Model for FakeModel {
                 images: (0..r.num_images)
                     .map(|_| GeneratedImage {
                         float: Array3::zeros((1, 1, 3)),
-                        rgb: Array3::zeros((1, 1, 3)),
+                        // Noise, so its PNG is as large as the image (PNG cannot shrink it).
+                        rgb: Array3::from_shape_fn((r.height, r.width, 3), |(y, x, c)| {
+                            // splitmix64 of the position.
+                            let mut z = ((y * r.width + x) * 3 + c) as u64;
+                            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                            (z ^ (z >> 31)) as u8
+                        }),
                     })
                     .collect(),
                 scheduler: r.scheduler,
@@ -186,6 +194,17 @@ impl Harness {
 
     /// Submits job `id` (its seed is its id, so the fake's log names it).
     fn submit_with(&self, id: JobId, request: ResolvedRequest, sender: Option<&str>) {
+        self.submit_to(id, request, sender, Vec::new());
+    }
+
+    /// [`Harness::submit_with`], the images going to `output_fds`.
+    fn submit_to(
+        &self,
+        id: JobId,
+        request: ResolvedRequest,
+        sender: Option<&str>,
+        output_fds: Vec<std::os::fd::OwnedFd>,
+    ) {
         let job = QueuedJob {
             id,
             owner: 1000 + id as u32,
@@ -194,7 +213,7 @@ impl Harness {
                 seed: id,
                 ..request
             },
-            output_fds: Vec::new(),
+            output_fds,
             queued_at: Instant::now(),
         };
         self.engine.submit(job).unwrap();
@@ -450,4 +469,33 @@ fn shutdown_lets_a_job_finish_within_the_grace_period() {
     assert_eq!(h.state(1), JobState::Succeeded);
     opener.join().unwrap();
     h.worker.take().unwrap().join().unwrap();
+}
+
+#[test]
+fn a_job_whose_reader_never_reads_still_counts_and_cancel_ends_it() {
+    let t0 = Instant::now();
+    let mut h = Harness::new(1);
+    h.fake.gate.open();
+    let (reader, writer) = std::io::pipe().unwrap();
+    let mut big = resolved("a", 2);
+    (big.width, big.height) = (256, 256); // a PNG larger than a pipe holds
+    h.submit_to(1, big, None, vec![writer.into()]);
+    h.wait_started(1);
+    // Generated, now stuck writing: not finished, and still counted against its caller.
+    while h.batches().is_empty() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    h.until("nothing", |_| true);
+    assert!(!h.finished.contains_key(&1), "{:?}", h.finished.get(&1));
+    assert_eq!(h.engine.queue_length(), 1);
+    assert!(!h.finished.contains_key(&1));
+    let t1 = Instant::now();
+    assert!(h.engine.cancel(1));
+    h.wait_finished(&[1]);
+    assert_eq!(h.state(1), JobState::Cancelled);
+    assert!(t1.elapsed() < Duration::from_secs(1), "{:?}", t1.elapsed());
+    assert_eq!(h.engine.queue_length(), 0);
+    drop(reader);
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
 }

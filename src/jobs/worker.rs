@@ -186,13 +186,16 @@ impl Engine {
                 Ok(g) => self.encode(started, &job, g, images),
                 Err(f) => Outcome::Failed(f),
             };
-            self.lock().admission.retire(job.id);
-            self.notify();
             match outcome {
+                // Still active (and counted against its caller) until its fds are written.
                 Outcome::Succeeded(out) if !job.output_fds.is_empty() => {
                     self.write_to_fds(job, out)
                 }
-                other => self.send(Event::Finished(job.id, other)),
+                other => {
+                    self.lock().admission.retire(job.id);
+                    self.notify();
+                    self.send(Event::Finished(job.id, other));
+                }
             }
         }
     }

@@ -219,7 +219,7 @@ mod tests {
         assert!(err.to_string().contains("does not exist"), "{err}");
         let err = c.lookup(Some("odd")).unwrap_err().to_string();
         assert!(
-            err.contains("[models.odd] defaults: 'width': 100 is not a multiple of 8"),
+            err.contains("[models.odd] defaults: 'width': 100 is not a multiple of 16"),
             "{err}"
         );
     }

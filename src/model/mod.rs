@@ -120,6 +120,10 @@ pub struct ModelBundle {
     pub vae_shift_factor: Option<f64>,
     /// Pixels per latent cell: 2^(number of VAE blocks − 1), 8 for every SD model.
     pub vae_scale_factor: usize,
+    /// What image sides must be multiples of: the VAE factor times the UNet's own
+    /// downsampling, 2^(number of down blocks − 1) (64 for SD 1.x/2.x and SDXL's 4 and 3
+    /// blocks: 64 and 32; 16 for the two-block test models).
+    pub size_multiple: usize,
     /// SDXL: use zero embeddings for an empty negative prompt.
     pub force_zeros_for_empty_prompt: bool,
     /// The default image size: `unet.config.sample_size × vae_scale_factor`, as diffusers.
@@ -130,6 +134,8 @@ pub struct ModelBundle {
 struct UnetConfig {
     #[serde(default)]
     sample_size: Option<usize>,
+    #[serde(default)]
+    down_block_types: Option<Vec<String>>,
 }
 
 impl ModelBundle {
@@ -174,7 +180,10 @@ impl ModelBundle {
         let unet: UnetConfig = if unet_config.is_file() {
             read_json(&unet_config)?
         } else {
-            UnetConfig { sample_size: None }
+            UnetConfig {
+                sample_size: None,
+                down_block_types: None,
+            }
         };
         let vae_path = dir.join("vae_decoder/config.json");
         let vae_scale_factor = match vae.block_out_channels {
@@ -191,6 +200,18 @@ impl ModelBundle {
                     ),
                 })?,
         };
+        let unet_downsampling = match &unet.down_block_types {
+            None => 1,
+            Some(blocks) => u32::try_from(blocks.len().saturating_sub(1))
+                .ok()
+                .and_then(|shift| 1usize.checked_shl(shift))
+                .filter(|&f| f <= MAX_VAE_SCALE_FACTOR)
+                .ok_or_else(|| ModelError::Malformed {
+                    path: unet_config.clone(),
+                    message: format!("down_block_types has {} entries", blocks.len()),
+                })?,
+        };
+        let size_multiple = vae_scale_factor * unet_downsampling;
         let sample_size = unet.sample_size.unwrap_or(64);
         let default_size = sample_size
             .checked_mul(vae_scale_factor)
@@ -209,6 +230,7 @@ impl ModelBundle {
             vae_scaling_factor: vae.scaling_factor,
             vae_shift_factor: vae.shift_factor,
             vae_scale_factor,
+            size_multiple,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
             default_size,
         };
@@ -290,6 +312,7 @@ pub(crate) fn test_bundle() -> ModelBundle {
         vae_scaling_factor: 0.18215,
         vae_shift_factor: None,
         vae_scale_factor: 8,
+        size_multiple: 8,
         force_zeros_for_empty_prompt: true,
         default_size: 64,
     }

@@ -61,6 +61,15 @@ pub enum PipelineError {
     /// The job was cancelled between steps.
     #[error("cancelled")]
     Cancelled,
+    /// A stage produced NaN or infinite values: the result would be garbage (a black or
+    /// flat image), so the job stops instead.
+    #[error("{stage}{}: produced non-finite values (NaN or infinity); the job was stopped", step.map(|(i, n)| format!(" step {i} of {n}")).unwrap_or_default())]
+    NonFinite {
+        /// `denoise` or `vae`.
+        stage: &'static str,
+        /// The denoising step (1-based) and the step count, for `denoise`.
+        step: Option<(usize, usize)>,
+    },
     /// Encoding or writing an image failed.
     #[error("image: {0}")]
     Image(String),
@@ -584,6 +593,12 @@ impl Pipeline {
                 out.view()
             };
             sched.step(model_output, i, &mut sample, noise)?;
+            if !all_finite(sample.view()) {
+                return Err(PipelineError::NonFinite {
+                    stage: "denoise",
+                    step: Some((i + 1, total)),
+                });
+            }
             timings.scheduler += (t1 - t0) + t2.elapsed();
             if !progress(i + 1, total) {
                 return Err(PipelineError::Cancelled);
@@ -602,7 +617,22 @@ impl Pipeline {
         let scale = self.bundle.vae_scaling_factor as f32;
         let shift = self.bundle.vae_shift_factor.unwrap_or(0.0) as f32;
         latents.mapv_inplace(|x| x / scale + shift);
-        self.vae.decode(latents.view().into_dyn(), run_options)
+        let decoded = self.vae.decode(latents.view().into_dyn(), run_options)?;
+        if !all_finite(decoded.view()) {
+            return Err(PipelineError::NonFinite {
+                stage: "vae",
+                step: None,
+            });
+        }
+        Ok(decoded)
+    }
+}
+
+/// Whether every value is finite (one pass, no allocation).
+fn all_finite(a: ndarray::ArrayViewD<'_, f32>) -> bool {
+    match a.as_slice_memory_order() {
+        Some(s) => s.iter().all(|x| x.is_finite()),
+        None => a.iter().all(|x| x.is_finite()),
     }
 }
 

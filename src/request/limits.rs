@@ -16,7 +16,13 @@ pub struct Limits {
     pub max_images: usize,
     /// Longest prompt, in bytes.
     pub max_prompt_bytes: usize,
+    /// Largest guidance scale, in absolute value: far beyond any useful value, a scale only
+    /// turns the image into garbage.
+    pub max_guidance_scale: f64,
 }
+
+/// The default bound on `guidance_scale` (useful values are about 1 to 30).
+pub const DEFAULT_MAX_GUIDANCE_SCALE: f64 = 100.0;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -27,12 +33,14 @@ impl Default for Limits {
             max_steps: 200,
             max_images: 16,
             max_prompt_bytes: 4096,
+            max_guidance_scale: DEFAULT_MAX_GUIDANCE_SCALE,
         }
     }
 }
 
 impl Limits {
-    /// No bounds: for in-process use, where the caller owns the machine.
+    /// No bounds on sizes, steps, images or prompts: for in-process use, where the caller
+    /// owns the machine. The guidance bound stays (past it there are only garbage images).
     pub fn unbounded() -> Limits {
         Limits {
             max_width: usize::MAX,
@@ -41,6 +49,7 @@ impl Limits {
             max_steps: usize::MAX,
             max_images: usize::MAX,
             max_prompt_bytes: usize::MAX,
+            max_guidance_scale: DEFAULT_MAX_GUIDANCE_SCALE,
         }
     }
 }

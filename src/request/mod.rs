@@ -14,9 +14,9 @@ mod limits;
 mod params;
 mod resolve;
 
-pub use limits::Limits;
+pub use limits::{DEFAULT_MAX_GUIDANCE_SCALE, Limits};
 pub use params::GenerateParams;
-pub use resolve::{ModelRef, ResolvedRequest, random_seed, resolve};
+pub use resolve::{ModelRef, ResolvedRequest, random_seed, resolve, short_float};
 
 use crate::rng::RngKind;
 

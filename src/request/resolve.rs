@@ -123,8 +123,8 @@ impl ResolvedRequest {
             self.negative_prompt.as_deref().unwrap_or(""),
             self.steps,
             self.scheduler,
-            self.guidance_scale,
-            self.guidance_rescale,
+            short_float(self.guidance_scale),
+            short_float(self.guidance_rescale),
             self.seed,
             self.rng,
             self.width,
@@ -133,6 +133,16 @@ impl ResolvedRequest {
             ort_version,
             crate::VERSION
         )
+    }
+}
+
+/// A float as people write it: `7.5`, `5`, `0.25`, and `1e20` rather than twenty digits.
+pub fn short_float(x: f64) -> String {
+    let plain = format!("{x}");
+    if plain.len() <= 12 {
+        plain
+    } else {
+        format!("{x:e}")
     }
 }
 
@@ -178,16 +188,24 @@ pub fn resolve(
     let negative_len = req.negative_prompt.as_ref().map_or(0, String::len);
     over("negative_prompt", negative_len, limits.max_prompt_bytes)?;
 
-    let factor = bundle.vae_scale_factor;
+    let multiple = bundle.size_multiple;
     let side = |key, v: Option<u32>, max: usize| -> Result<usize, RequestError> {
         let v = match v {
             Some(v) => at_least_one(key, v)?,
             None => bundle.default_size,
         };
-        if v % factor != 0 {
+        if v % multiple != 0 {
+            let below = v / multiple * multiple;
+            let nearest = if below == 0 {
+                format!("{multiple}")
+            } else {
+                format!("{below} or {}", below + multiple)
+            };
             return Err(invalid(
                 key,
-                format!("{v} is not a multiple of {factor} (the model's VAE scale factor)"),
+                format!(
+                    "{v} is not a multiple of {multiple}, which this model's VAE and UNet need (e.g. {nearest})"
+                ),
             ));
         }
         over(key, v, max)
@@ -215,6 +233,17 @@ pub fn resolve(
         return Err(invalid(
             "guidance_scale",
             format!("{guidance_scale} is not finite"),
+        ));
+    }
+    let max_guidance = limits.max_guidance_scale;
+    if guidance_scale.abs() > max_guidance {
+        return Err(invalid(
+            "guidance_scale",
+            format!(
+                "{} is beyond the limit of {} (either sign; useful values are about 1 to 30)",
+                short_float(guidance_scale),
+                short_float(max_guidance)
+            ),
         ));
     }
     let guidance_rescale = req.guidance_rescale.unwrap_or(defaults::GUIDANCE_RESCALE);
@@ -424,6 +453,14 @@ mod tests {
             ),
             (
                 GenerateRequest {
+                    guidance_scale: Some(-1e20),
+                    ..prompt()
+                },
+                "guidance_scale",
+                "-1e20 is beyond the limit of 100",
+            ),
+            (
+                GenerateRequest {
                     guidance_rescale: Some(1.5),
                     ..prompt()
                 },
@@ -548,5 +585,15 @@ mod tests {
         let r = resolve(&req, model, &Limits::default(), || 1).unwrap();
         assert_eq!((r.steps, r.guidance_scale, r.scheduler), (3, 1.0, "euler"));
         assert_eq!((r.width, r.height), (32, 64));
+    }
+
+    #[test]
+    fn floats_are_written_short() {
+        assert_eq!(short_float(7.5), "7.5");
+        assert_eq!(short_float(5.0), "5");
+        assert_eq!(short_float(0.7), "0.7");
+        assert_eq!(short_float(1e20), "1e20");
+        assert_eq!(short_float(3e38), "3e38");
+        assert_eq!(short_float(1.0 / 3.0), "3.333333333333333e-1");
     }
 }

@@ -200,9 +200,48 @@ fn fds(key: &str, v: &Value<'_>) -> Result<Vec<OwnedFd>, String> {
         .collect()
 }
 
-/// Reads a `Generate` request: unknown keys and wrong types are errors naming the key;
-/// `prompt` is required.
-pub fn parse(raw: &HashMap<String, OwnedValue>) -> Result<Incoming, String> {
+/// An `a{sv}` as sent, every entry in order: a key sent twice stays twice, so it can be
+/// refused (a map would keep one of them silently).
+#[derive(Debug, Default)]
+pub struct RawDict(pub Vec<(String, OwnedValue)>);
+
+impl zbus::zvariant::Type for RawDict {
+    const SIGNATURE: &'static zbus::zvariant::Signature =
+        <HashMap<String, OwnedValue> as zbus::zvariant::Type>::SIGNATURE;
+}
+
+impl<'de> serde::Deserialize<'de> for RawDict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = RawDict;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an a{sv} dictionary")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawDict, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some(entry) = map.next_entry::<String, OwnedValue>()? {
+                    entries.push(entry);
+                }
+                Ok(RawDict(entries))
+            }
+        }
+        d.deserialize_map(Entries)
+    }
+}
+
+impl From<HashMap<String, OwnedValue>> for RawDict {
+    fn from(map: HashMap<String, OwnedValue>) -> Self {
+        RawDict(map.into_iter().collect())
+    }
+}
+
+/// Reads a `Generate` request: unknown keys, keys given twice and wrong types are errors
+/// naming the key; `prompt` is required.
+pub fn parse(raw: &RawDict) -> Result<Incoming, String> {
     let mut p = Parsing {
         incoming: Incoming {
             request: GenerateRequest::default(),
@@ -211,7 +250,12 @@ pub fn parse(raw: &HashMap<String, OwnedValue>) -> Result<Incoming, String> {
         },
         prompt: false,
     };
-    for (name, value) in raw {
+    let mut seen: Vec<&str> = Vec::with_capacity(raw.0.len());
+    for (name, value) in &raw.0 {
+        if seen.contains(&name.as_str()) {
+            return Err(format!("'{name}' is given more than once"));
+        }
+        seen.push(name);
         let key = KEYS.iter().find(|k| k.name == name).ok_or_else(|| {
             let known: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
             format!("unknown key '{name}' (known: {})", known.join(", "))
@@ -245,11 +289,13 @@ pub fn to_owned_dict(request: &GenerateRequest) -> HashMap<String, OwnedValue> {
 mod tests {
     use super::*;
 
-    fn raw(pairs: Vec<(&str, Value<'static>)>) -> HashMap<String, OwnedValue> {
-        pairs
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.try_to_owned().unwrap()))
-            .collect()
+    fn raw(pairs: Vec<(&str, Value<'static>)>) -> RawDict {
+        RawDict(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.try_to_owned().unwrap()))
+                .collect(),
+        )
     }
 
     #[test]
@@ -276,7 +322,7 @@ mod tests {
             let key = KEYS.iter().find(|key| key.name == k).unwrap();
             assert_eq!(v.value_signature().to_string(), key.signature, "{k}");
         }
-        let back = parse(&owned).unwrap();
+        let back = parse(&RawDict::from(owned)).unwrap();
         assert_eq!(back.request, req);
         assert!(back.output_fds.is_empty());
         assert!(back.cancel_on_disconnect);
@@ -342,11 +388,46 @@ mod tests {
             let err = parse(&raw(pairs)).unwrap_err();
             assert!(err.contains(needle), "{err:?} lacks {needle:?}");
         }
+        let twice = raw(vec![
+            ("prompt", Value::from("p")),
+            ("steps", Value::U32(201)),
+            ("steps", Value::U32(4)),
+        ]);
+        assert_eq!(
+            parse(&twice).unwrap_err(),
+            "'steps' is given more than once"
+        );
+        // As the wire carries it: both entries reach the parser.
+        let ctxt = zbus::zvariant::serialized::Context::new_dbus(zbus::zvariant::LE, 0);
+        let sent: Vec<(&str, Value<'_>)> =
+            vec![("steps", Value::U32(201)), ("steps", Value::U32(4))];
+        let bytes = zbus::zvariant::to_bytes(ctxt, &PairsAsDict(sent)).unwrap();
+        let (read, _): (RawDict, _) = bytes.deserialize().unwrap();
+        assert_eq!(read.0.len(), 2);
         let ok = parse(&raw(vec![
             ("prompt", Value::from("p")),
             ("cancel_on_disconnect", Value::Bool(false)),
         ]))
         .unwrap();
         assert!(!ok.cancel_on_disconnect);
+    }
+
+    /// Pairs written as an `a{sv}` with repeats, as a hostile client can send them.
+    struct PairsAsDict<'a>(Vec<(&'a str, Value<'a>)>);
+
+    impl zbus::zvariant::Type for PairsAsDict<'_> {
+        const SIGNATURE: &'static zbus::zvariant::Signature =
+            <HashMap<String, OwnedValue> as zbus::zvariant::Type>::SIGNATURE;
+    }
+
+    impl serde::Serialize for PairsAsDict<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeMap;
+            let mut m = s.serialize_map(Some(self.0.len()))?;
+            for (k, v) in &self.0 {
+                m.serialize_entry(k, v)?;
+            }
+            m.end()
+        }
     }
 }
