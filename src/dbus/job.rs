@@ -9,7 +9,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::OwnedValue;
 use zbus::{Connection, interface};
 
-use super::{Error, check_owner};
+use super::{Error, check_owner, expect_args};
 use crate::jobs::{Engine, JobId, JobOutput, JobState, Outcome};
 use crate::request::ResolvedRequest;
 use crate::wire::keys;
@@ -135,6 +135,7 @@ impl Job {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<WaitResult, Error> {
+        expect_args(&header, "Wait", "")?;
         let owner = self.view().owner;
         check_owner(conn, &header, owner).await?;
         let mut done = self.done.clone();
@@ -156,6 +157,7 @@ impl Job {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
+        expect_args(&header, "Cancel", "")?;
         let owner = self.view().owner;
         check_owner(conn, &header, owner).await?;
         self.engine.cancel(self.id);

@@ -11,7 +11,7 @@ use zbus::zvariant::{ObjectPath, OwnedObjectPath};
 use zbus::{Connection, interface};
 
 use super::job::{Entry, JobView};
-use super::{Error, Job, Registry, caller_uid};
+use super::{Error, Job, Registry, caller_uid, expect_args};
 use crate::jobs::{Engine, JobId, QueuedJob};
 use crate::model::{Catalog, PipelineKind};
 use crate::request::Limits;
@@ -137,6 +137,7 @@ impl Manager {
         #[zbus(object_server)] server: &zbus::ObjectServer,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<OwnedObjectPath, Error> {
+        expect_args(&header, "Generate", "a{sv}")?;
         let incoming = keys::parse(&request).map_err(Error::InvalidArgument)?;
         let resolved = self.catalog.resolve(&incoming.request, &self.limits)?;
         incoming
@@ -187,9 +188,11 @@ impl Manager {
 
     /// One dict per configured model.
     #[zbus(out_args("models"))]
-    fn list_models(&self) -> Vec<ModelInfo> {
+    fn list_models(&self, #[zbus(header)] header: Header<'_>) -> Result<Vec<ModelInfo>, Error> {
+        expect_args(&header, "ListModels", "")?;
         let default = self.catalog.default_name();
-        self.catalog
+        Ok(self
+            .catalog
             .entries()
             .map(|(name, entry)| {
                 let bundle = entry.bundle.as_ref().ok();
@@ -210,7 +213,7 @@ impl Manager {
                         .to_string(),
                 }
             })
-            .collect()
+            .collect())
     }
 
     /// Loads a model now and keeps it warm.
@@ -220,6 +223,7 @@ impl Manager {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
+        expect_args(&header, "LoadModel", "s")?;
         self.check_admin(conn, &header).await?;
         let rx = self.engine.load_model(&name)?;
         match rx.await {
@@ -236,16 +240,18 @@ impl Manager {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
+        expect_args(&header, "UnloadModel", "s")?;
         self.check_admin(conn, &header).await?;
         Ok(self.engine.unload_model(&name)?)
     }
 
     /// The jobs that exist now.
     #[zbus(out_args("jobs"))]
-    fn list_jobs(&self) -> Vec<OwnedObjectPath> {
+    fn list_jobs(&self, #[zbus(header)] header: Header<'_>) -> Result<Vec<OwnedObjectPath>, Error> {
+        expect_args(&header, "ListJobs", "")?;
         let mut ids: Vec<JobId> = self.registry.lock().keys().copied().collect();
         ids.sort_unstable();
-        ids.into_iter().map(job_path).collect()
+        Ok(ids.into_iter().map(job_path).collect())
     }
 
     /// diffusiond's version.

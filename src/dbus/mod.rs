@@ -68,6 +68,26 @@ impl Registry {
     }
 }
 
+/// A call must carry exactly the arguments its method declares. zbus's argument decoding
+/// refuses most mismatches before a method runs (with its own error name); this catches
+/// what it lets through, in our namespace. Methods without arguments take the header for
+/// it, which also makes zbus decode (and so check) their empty argument list: without a
+/// parameter it would not look at the body at all. `want` is the method's input signature.
+fn expect_args(header: &Header<'_>, method: &str, want: &str) -> Result<(), Error> {
+    let got = header.signature().to_string();
+    if got == want {
+        return Ok(());
+    }
+    let takes = if want.is_empty() {
+        "no arguments".to_string()
+    } else {
+        format!("arguments of type '{want}'")
+    };
+    Err(Error::InvalidArgument(format!(
+        "{method} takes {takes}, got '{got}'"
+    )))
+}
+
 /// Only the owner or root may act on a job.
 async fn check_owner(conn: &Connection, header: &Header<'_>, owner: u32) -> Result<(), Error> {
     let uid = caller_uid(conn, header).await?;

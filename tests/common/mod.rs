@@ -36,6 +36,7 @@ impl PrivateBus {
   <listen>unix:dir={}</listen>
   <auth>EXTERNAL</auth>
   <policy context="default">
+    <allow user="*"/>
     <allow send_destination="*" eavesdrop="true"/>
     <allow eavesdrop="true"/>
     <allow own="*"/>
@@ -61,6 +62,19 @@ impl PrivateBus {
             child,
             address: line.trim().to_string(),
             _dir: dir,
+        }
+    }
+
+    /// Lets every uid reach the bus (for clients run as other users through setpriv).
+    pub fn open_to_everyone(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self._dir.path();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if !path.ends_with("bus.conf") {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+            }
         }
     }
 

@@ -1,0 +1,390 @@
+//! What a hostile or careless local caller sends, against a real daemon on a private bus:
+//! duplicate keys, absurd guidance, sizes the UNet cannot take, stale job paths after a
+//! restart, a pipe nobody reads, a priority it may not have; and non-finite latents in
+//! process. Each is refused with a typed error, or ends cleanly, and the daemon serves on.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, PrivateBus, root};
+use zbus::Connection;
+use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
+
+const NAME: &str = "io.github.Diffusiond1";
+const PATH: &str = "/io/github/Diffusiond1";
+const MANAGER: &str = "io.github.Diffusiond1.Manager";
+const JOB: &str = "io.github.Diffusiond1.Job";
+
+type Dict = HashMap<String, OwnedValue>;
+
+fn request(pairs: &[(&str, Value<'_>)]) -> Dict {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.try_to_owned().unwrap()))
+        .collect()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn proxy(conn: &Connection, path: &str, iface: &'static str) -> zbus::Proxy<'static> {
+    zbus::Proxy::new(conn, NAME, path.to_string(), iface)
+        .await
+        .unwrap()
+}
+
+async fn generate(conn: &Connection, req: Dict) -> zbus::Result<OwnedObjectPath> {
+    proxy(conn, PATH, MANAGER)
+        .await
+        .call("Generate", &(req,))
+        .await
+}
+
+async fn wait(conn: &Connection, path: &OwnedObjectPath) -> zbus::Result<Dict> {
+    proxy(conn, path.as_str(), JOB)
+        .await
+        .call("Wait", &())
+        .await
+}
+
+fn error_name(e: &zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(name, _, _) => name.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// An `a{sv}` written with a key twice, as a hostile client can send it.
+struct Repeated(Vec<(&'static str, Value<'static>)>);
+
+impl zbus::zvariant::Type for Repeated {
+    const SIGNATURE: &'static zbus::zvariant::Signature = <Dict as zbus::zvariant::Type>::SIGNATURE;
+}
+
+impl serde::Serialize for Repeated {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+#[test]
+fn duplicate_keys_and_absurd_guidance_are_refused_naming_the_key() {
+    let bus = PrivateBus::start();
+    let _d = Daemon::start(&bus, "");
+    runtime().block_on(async {
+        let conn = bus.connect().await;
+        let twice = Repeated(vec![
+            ("prompt", Value::from("x")),
+            ("steps", Value::U32(201)),
+            ("steps", Value::U32(4)),
+        ]);
+        let err = proxy(&conn, PATH, MANAGER)
+            .await
+            .call::<_, _, OwnedObjectPath>("Generate", &(twice,))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error_name(&err),
+            "io.github.Diffusiond1.Error.InvalidArgument"
+        );
+        assert!(
+            format!("{err:?}").contains("'steps' is given more than once"),
+            "{err:?}"
+        );
+        for g in [1e20, 1e30, 3e38, -1e20] {
+            let err = generate(
+                &conn,
+                request(&[
+                    ("prompt", Value::from("x")),
+                    ("guidance_scale", Value::F64(g)),
+                ]),
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(
+                error_name(&err),
+                "io.github.Diffusiond1.Error.InvalidArgument"
+            );
+            let text = format!("{err:?}");
+            assert!(
+                text.contains("'guidance_scale'") && text.contains("beyond the limit of 100"),
+                "{text}"
+            );
+        }
+        // The largest allowed scale still gives a finite image or a typed failure.
+        let path = generate(
+            &conn,
+            request(&[
+                ("prompt", Value::from("x")),
+                ("steps", Value::U32(2)),
+                ("guidance_scale", Value::F64(100.0)),
+            ]),
+        )
+        .await
+        .unwrap();
+        match wait(&conn, &path).await {
+            Ok(result) => assert!(result.contains_key("images")),
+            Err(e) => assert_eq!(
+                error_name(&e),
+                "io.github.Diffusiond1.Error.InferenceFailed"
+            ),
+        }
+    });
+}
+
+#[test]
+fn a_job_path_from_before_a_restart_names_no_job() {
+    let bus = PrivateBus::start();
+    let old = {
+        let _d = Daemon::start(&bus, "");
+        runtime().block_on(async {
+            let conn = bus.connect().await;
+            let path = generate(
+                &conn,
+                request(&[("prompt", Value::from("before")), ("steps", Value::U32(1))]),
+            )
+            .await
+            .unwrap();
+            wait(&conn, &path).await.unwrap();
+            path
+        })
+    };
+    let _d = Daemon::start(&bus, "");
+    runtime().block_on(async {
+        let conn = bus.connect().await;
+        let new = generate(
+            &conn,
+            request(&[("prompt", Value::from("after")), ("steps", Value::U32(1))]),
+        )
+        .await
+        .unwrap();
+        assert_ne!(
+            new, old,
+            "a restarted daemon gave out an earlier job's path"
+        );
+        let err = wait(&conn, &old).await.unwrap_err();
+        assert!(
+            format!("{err:?}").contains("UnknownObject"),
+            "a stale path must name no job: {err:?}"
+        );
+        wait(&conn, &new).await.unwrap();
+    });
+}
+
+#[test]
+fn a_pipe_nobody_reads_keeps_counting_and_cancel_ends_it_within_a_second() {
+    use std::os::fd::OwnedFd;
+    let bus = PrivateBus::start();
+    let _d = Daemon::start(&bus, "[jobs]\njobs_per_caller = 2\n");
+    runtime().block_on(async {
+        let conn = bus.connect().await;
+        let mut stuck = Vec::new();
+        let mut readers = Vec::new();
+        for _ in 0..2 {
+            let (reader, writer) = std::io::pipe().unwrap();
+            readers.push(reader);
+            let fds: Vec<zbus::zvariant::Fd<'static>> = vec![OwnedFd::from(writer).into()];
+            let mut req = request(&[
+                ("prompt", Value::from("into a full pipe")),
+                ("width", Value::U32(256)),
+                ("height", Value::U32(256)),
+                ("steps", Value::U32(1)),
+            ]);
+            req.insert(
+                "output_fds".into(),
+                Value::from(fds).try_to_owned().unwrap(),
+            );
+            stuck.push(generate(&conn, req).await.unwrap());
+        }
+        // Both jobs are generated, and stuck on their pipes: they still count.
+        let manager = proxy(&conn, PATH, MANAGER).await;
+        let t0 = Instant::now();
+        loop {
+            let step: u32 = proxy(&conn, stuck[1].as_str(), JOB)
+                .await
+                .get_property("Step")
+                .await
+                .unwrap();
+            if step == 1 {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(manager.get_property::<u32>("QueueLength").await.unwrap(), 2);
+        let err = generate(
+            &conn,
+            request(&[("prompt", Value::from("third")), ("steps", Value::U32(1))]),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(error_name(&err), "io.github.Diffusiond1.Error.QueueFull");
+        // Cancel ends a stuck job within a second.
+        for path in &stuck {
+            let t0 = Instant::now();
+            let job = proxy(&conn, path.as_str(), JOB).await;
+            job.call::<_, _, ()>("Cancel", &()).await.unwrap();
+            let err = wait(&conn, path).await.unwrap_err();
+            assert_eq!(error_name(&err), "io.github.Diffusiond1.Error.Cancelled");
+            assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+        }
+        assert_eq!(manager.get_property::<u32>("QueueLength").await.unwrap(), 0);
+        drop(readers);
+        let path = generate(
+            &conn,
+            request(&[
+                ("prompt", Value::from("still serving")),
+                ("steps", Value::U32(1)),
+            ]),
+        )
+        .await
+        .unwrap();
+        wait(&conn, &path).await.unwrap();
+    });
+}
+
+#[test]
+fn only_privileged_callers_may_raise_their_priority() {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let have_tools = ["setpriv", "gdbus"].iter().all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !(is_root && have_tools) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "needs root, setpriv and gdbus under CI"
+        );
+        eprintln!("SKIPPED: needs root, setpriv and gdbus");
+        return;
+    }
+    let bus = PrivateBus::start();
+    let _d = Daemon::start(&bus, "");
+    bus.open_to_everyone();
+    let call = |uid: Option<u32>, priority: i32| {
+        let mut c = match uid {
+            Some(uid) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={uid}"),
+                    "--clear-groups",
+                    "--",
+                    "gdbus",
+                ]);
+                c
+            }
+            None => Command::new("gdbus"),
+        };
+        c.args(["call", "-a", bus.address(), "-d", NAME, "-o", PATH, "-m"])
+            .arg(format!("{MANAGER}.Generate"))
+            .arg(format!(
+                "{{'prompt': <'p'>, 'steps': <uint32 1>, 'priority': <int32 {priority}>}}"
+            ))
+            .env("HOME", "/nonexistent")
+            .output()
+            .unwrap()
+    };
+    let nobody = 65534;
+    let o = call(Some(nobody), 5);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "uid {nobody} raised its priority");
+    assert!(
+        err.contains("io.github.Diffusiond1.Error.AccessDenied") && err.contains("'priority'"),
+        "{err}"
+    );
+    for priority in [0, -3] {
+        let o = call(Some(nobody), priority);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let o = call(None, 5);
+    assert!(
+        o.status.success(),
+        "root: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn non_finite_latents_fail_instead_of_giving_a_black_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let latents = dir.path().join("nan.npy");
+    let mut a = ndarray::Array4::<f32>::zeros((1, 4, 8, 8));
+    a[[0, 1, 2, 3]] = f32::NAN;
+    ndarray_npy::write_npy(&latents, &a).unwrap();
+    let out = dir.path().join("x.png");
+    let model = root().join("onnx/tiny-sd15");
+    let o = Command::new(env!("CARGO_BIN_EXE_diffusionctl"))
+        .args(["generate", "--local", "--model-dir"])
+        .arg(&model)
+        .args([
+            "--prompt",
+            "p",
+            "--steps",
+            "3",
+            "--scheduler",
+            "ddim",
+            "--latents",
+        ])
+        .arg(&latents)
+        .arg("--output")
+        .arg(&out)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "NaN latents gave an image");
+    assert!(
+        err.contains("denoise step 1 of 3: produced non-finite values"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+/// Calls whose arguments do not match the method are refused, and the daemon serves on.
+/// zbus decodes the arguments before our method runs, so these errors carry zbus's name
+/// (org.freedesktop.zbus.Error), one of the few documented in docs/dbus-api.md.
+#[test]
+fn calls_with_extra_or_wrong_arguments_are_refused() {
+    let bus = PrivateBus::start();
+    let _d = Daemon::start(&bus, "");
+    runtime().block_on(async {
+        let conn = bus.connect().await;
+        let manager = proxy(&conn, PATH, MANAGER).await;
+        let err = manager
+            .call::<_, _, Vec<Dict>>("ListModels", &("x",))
+            .await
+            .unwrap_err();
+        assert_eq!(error_name(&err), "org.freedesktop.zbus.Error", "{err:?}");
+        let err = manager
+            .call::<_, _, ()>("UnloadModel", &("tiny", "extra"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, zbus::Error::MethodError(..)), "{err:?}");
+        let err = manager
+            .call::<_, _, OwnedObjectPath>("Generate", &("a prompt as a string",))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, zbus::Error::MethodError(..)), "{err:?}");
+        let list: Vec<Dict> = manager.call("ListModels", &()).await.unwrap();
+        assert_eq!(list.len(), 1);
+    });
+}
