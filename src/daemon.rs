@@ -190,6 +190,20 @@ pub async fn run(
         })
         .collect();
     let default = settings.default_model.clone();
+    let mut settings = settings;
+    if settings.limits.memory_budget.is_none() {
+        let cgroup = crate::model::memory::read_cgroup_limit();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+        settings.limits.memory_budget =
+            crate::model::memory::derive_budget(cgroup.as_deref(), meminfo.as_deref());
+    }
+    match settings.limits.budget() {
+        Some(b) => tracing::info!(
+            budget = %crate::request::resolve_gib(b),
+            "memory budget: requests whose estimated peak is larger are refused (TooLarge)"
+        ),
+        None => tracing::warn!("no memory budget: requests are not checked against memory"),
+    }
     let limits = settings.limits.clone();
     let catalog = tokio::task::spawn_blocking(move || Catalog::open(models, default, &limits))
         .await
@@ -197,8 +211,10 @@ pub async fn run(
         .map_err(|e| DaemonError::Start(e.to_string()))?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let backend = Arc::new(OrtBackend::new(runtime.clone()));
-    let (engine, worker) = Engine::start(backend, catalog.clone(), settings.jobs.clone(), tx)
-        .map_err(|e| DaemonError::Start(e.to_string()))?;
+    let budget = settings.limits.budget();
+    let (engine, worker) =
+        Engine::start(backend, catalog.clone(), settings.jobs.clone(), budget, tx)
+            .map_err(|e| DaemonError::Start(e.to_string()))?;
     let settings = Arc::new(settings);
     let registry = Registry::default();
     let manager = Manager::new(

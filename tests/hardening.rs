@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -387,4 +388,176 @@ fn calls_with_extra_or_wrong_arguments_are_refused() {
         let list: Vec<Dict> = manager.call("ListModels", &()).await.unwrap();
         assert_eq!(list.len(), 1);
     });
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Asks for `side`², returns the error (if any).
+async fn square(conn: &Connection, side: u32) -> Option<zbus::Error> {
+    let req = request(&[
+        ("prompt", Value::from("a big one")),
+        ("width", Value::U32(side)),
+        ("height", Value::U32(side)),
+        ("steps", Value::U32(1)),
+    ]);
+    match generate(conn, req).await {
+        Ok(path) => wait(conn, &path).await.err(),
+        Err(e) => Some(e),
+    }
+}
+
+/// The side a TooLarge message says fits (`at most SxS fits`).
+fn suggested_side(err: &zbus::Error) -> u32 {
+    let text = format!("{err:?}");
+    let at = text.find("at most ").expect("names what fits") + "at most ".len();
+    text[at..].split('x').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_request_over_the_memory_budget_is_refused_and_memory_comes_back_after_a_large_one() {
+    let bus = PrivateBus::start();
+    let d = Daemon::start(
+        &bus,
+        "[limits]\nmax_width = 4096\nmax_height = 4096\nmax_pixels = 16777216\nmemory_budget = 1073741824\n",
+    );
+    runtime().block_on(async {
+        let conn = bus.connect().await;
+        assert!(square(&conn, 64).await.is_none());
+        let baseline = rss_kb(d.pid());
+        let err = square(&conn, 1024)
+            .await
+            .expect("1024² is over a 1 GiB budget");
+        assert_eq!(error_name(&err), "io.github.Diffusiond1.Error.TooLarge");
+        let text = format!("{err:?}");
+        assert!(
+            text.contains("1024x1024 with 1 image(s) needs about"),
+            "{text}"
+        );
+        let side = suggested_side(&err);
+        assert!((256..1024).contains(&side), "{text}");
+        // What it names as fitting runs, and the memory it took is handed back.
+        assert!(square(&conn, side).await.is_none(), "{side}² failed");
+        let after = rss_kb(d.pid());
+        assert!(
+            after < baseline + 150 * 1024,
+            "RSS {baseline} kB before, {after} kB after a {side}² job"
+        );
+    });
+}
+
+/// In a memory cgroup (cgroup v1 here), the daemon derives its budget from the limit and
+/// refuses what would get it killed, instead of dying with the jobs of every caller.
+#[test]
+fn in_a_memory_cgroup_the_daemon_refuses_what_would_kill_it() {
+    let Some(cgroup) = child_memory_cgroup(3 << 29) else {
+        eprintln!("SKIPPED: no writable memory cgroup");
+        return;
+    };
+    let bus = PrivateBus::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("d.toml");
+    std::fs::write(
+        &config,
+        common::config_text(
+            "[limits]\nmax_width = 4096\nmax_height = 4096\nmax_pixels = 16777216\n",
+        ),
+    )
+    .unwrap();
+    let mut child = Killed(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec \"$0\" --address \"$1\" --config \"$2\"",
+                cgroup.display()
+            ))
+            .arg(env!("CARGO_BIN_EXE_diffusiond"))
+            .arg(bus.address())
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    while !Command::new("busctl")
+        .args(["--address", bus.address(), "status", NAME])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        assert!(child.0.try_wait().unwrap().is_none(), "diffusiond exited");
+        assert!(t0.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    runtime().block_on(async {
+        let conn = bus.connect().await;
+        // 768² needs about 6 GiB: it fits this machine, not the cgroup, which would kill
+        // the daemon (and every caller's jobs) if it ran.
+        let err = square(&conn, 768)
+            .await
+            .expect("768² needs more than 1.5 GiB");
+        assert_eq!(
+            error_name(&err),
+            "io.github.Diffusiond1.Error.TooLarge",
+            "{err:?}"
+        );
+        assert!(
+            format!("{err:?}").contains("the memory budget of 1.3 GiB"),
+            "the budget comes from the cgroup: 1.5 GiB less a tenth: {err:?}"
+        );
+        let side = suggested_side(&err);
+        assert!(square(&conn, side).await.is_none(), "{side}² failed");
+    });
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "the daemon was killed"
+    );
+    drop(child);
+    let _ = std::fs::remove_dir(&cgroup);
+}
+
+/// A child process killed when dropped (also when an assertion fails).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A child of this process's memory cgroup limited to `bytes`, or `None` where cgroups
+/// cannot be written (not root, or no memory controller).
+fn child_memory_cgroup(bytes: u64) -> Option<std::path::PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let base = own.lines().find_map(|l| {
+        let mut p = l.splitn(3, ':');
+        let (_, controllers, path) = (p.next()?, p.next()?, p.next()?);
+        if controllers.split(',').any(|c| c == "memory") {
+            Some(format!("/sys/fs/cgroup/memory{path}"))
+        } else if controllers.is_empty() && Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+        {
+            Some(format!("/sys/fs/cgroup{path}"))
+        } else {
+            None
+        }
+    })?;
+    let dir = Path::new(&base).join(format!("diffusiond-test-{}", std::process::id()));
+    std::fs::create_dir(&dir).ok()?;
+    let v1 = dir.join("memory.limit_in_bytes");
+    let file = if v1.exists() {
+        v1
+    } else {
+        dir.join("memory.max")
+    };
+    if std::fs::write(&file, bytes.to_string()).is_err() {
+        let _ = std::fs::remove_dir(&dir);
+        return None;
+    }
+    Some(dir)
 }

@@ -207,6 +207,8 @@ struct Shared {
     wake: Condvar,
     events: UnboundedSender<Event>,
     settings: JobSettings,
+    /// Batches are kept under this estimated peak (bytes), when set.
+    memory_budget: Option<u64>,
     catalog: Arc<Catalog>,
     backend: Arc<dyn Backend>,
 }
@@ -219,11 +221,12 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the worker thread over the configured models (`catalog`) and a backend that
-    /// loads and runs them.
+    /// loads and runs them. Batches stay under `memory_budget` (bytes) when it is set.
     pub fn start(
         backend: Arc<dyn Backend>,
         catalog: Arc<Catalog>,
         settings: JobSettings,
+        memory_budget: Option<u64>,
         events: UnboundedSender<Event>,
     ) -> std::io::Result<(Engine, JoinHandle<()>)> {
         let shared = Arc::new(Shared {
@@ -238,6 +241,7 @@ impl Engine {
             wake: Condvar::new(),
             events,
             settings,
+            memory_budget,
             catalog,
             backend,
         });

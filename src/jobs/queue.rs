@@ -76,16 +76,18 @@ impl Queue {
     }
 
     /// The next batch: the first job (in run order) whose model `ready` says is loaded,
-    /// plus later jobs with the same model and batch key, up to `max_images` images.
+    /// plus later jobs with the same model and batch key, up to `max_images(lead)` images
+    /// (the engine's batch limit, lowered where the memory budget needs it).
     /// Jobs skipped over keep their place.
     pub fn take_batch(
         &mut self,
         ready: impl Fn(&str) -> bool,
-        max_images: usize,
+        max_images: impl Fn(&QueuedJob) -> usize,
     ) -> Vec<QueuedJob> {
         let Some(lead) = self.jobs.values().find(|j| ready(&j.request.model)) else {
             return Vec::new();
         };
+        let max_images = max_images(lead);
         let (model, key) = (lead.request.model.as_str(), lead.request.batch_key());
         let mut images = 0;
         let mut keys = Vec::new();
@@ -164,11 +166,11 @@ mod tests {
             q.push(job(id, 0, "a", 4));
         }
         q.push(job(6, 0, "a", 8));
-        let batch: Vec<_> = q.take_batch(|_| true, 3).iter().map(|j| j.id).collect();
+        let batch: Vec<_> = q.take_batch(|_| true, |_| 3).iter().map(|j| j.id).collect();
         assert_eq!(batch, vec![1, 2, 3]);
-        let batch: Vec<_> = q.take_batch(|_| true, 3).iter().map(|j| j.id).collect();
+        let batch: Vec<_> = q.take_batch(|_| true, |_| 3).iter().map(|j| j.id).collect();
         assert_eq!(batch, vec![4, 5]);
-        let batch: Vec<_> = q.take_batch(|_| true, 3).iter().map(|j| j.id).collect();
+        let batch: Vec<_> = q.take_batch(|_| true, |_| 3).iter().map(|j| j.id).collect();
         assert_eq!(batch, vec![6]);
         assert!(q.is_empty());
     }
@@ -179,13 +181,13 @@ mod tests {
         q.push(job(1, 9, "cold", 4));
         q.push(job(2, 0, "warm", 4));
         let batch: Vec<_> = q
-            .take_batch(|m| m == "warm", 4)
+            .take_batch(|m| m == "warm", |_| 4)
             .iter()
             .map(|j| j.id)
             .collect();
         assert_eq!(batch, vec![2]);
         assert_eq!(q.len(), 1);
-        assert!(q.take_batch(|m| m == "warm", 4).is_empty());
+        assert!(q.take_batch(|m| m == "warm", |_| 4).is_empty());
     }
 
     #[test]
@@ -194,7 +196,7 @@ mod tests {
         let mut big = job(1, 0, "a", 4);
         big.request.num_images = 8;
         q.push(big);
-        assert_eq!(q.take_batch(|_| true, 4).len(), 1);
+        assert_eq!(q.take_batch(|_| true, |_| 4).len(), 1);
     }
 
     #[test]

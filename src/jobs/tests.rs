@@ -176,7 +176,7 @@ impl Harness {
         };
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();
         let backend = Arc::new(FakeBackend(fake.clone()));
-        let (engine, worker) = Engine::start(backend, catalog, settings, tx).unwrap();
+        let (engine, worker) = Engine::start(backend, catalog, settings, None, tx).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()

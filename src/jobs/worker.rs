@@ -37,7 +37,7 @@ impl Engine {
             let slots = &state.slots;
             let batch = state
                 .queue
-                .take_batch(|m| slots.is_ready(m), self.shared.settings.max_batch_images);
+                .take_batch(|m| slots.is_ready(m), |lead| self.batch_cap(lead));
             if let Some(first) = batch.first() {
                 let name = first.request.model.clone();
                 match (st.slots.take(&name), self.shared.backend.run_control()) {
@@ -85,6 +85,26 @@ impl Engine {
                 None => self.shared.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
             };
         }
+    }
+
+    /// The most images a batch led by `lead` may hold: `jobs.max_batch_images`, fewer
+    /// when the memory budget would not hold them together (never fewer than the lead's
+    /// own, which was admitted alone).
+    fn batch_cap(&self, lead: &QueuedJob) -> usize {
+        let r = &lead.request;
+        let mut cap = self.shared.settings.max_batch_images.max(r.num_images);
+        let profile = self
+            .shared
+            .catalog
+            .get(&r.model)
+            .and_then(|e| e.bundle.as_ref().ok())
+            .map(|b| &b.memory);
+        if let (Some(budget), Some(profile)) = (self.shared.memory_budget, profile) {
+            while cap > r.num_images && profile.peak(r.width, r.height, cap, r.do_cfg()) > budget {
+                cap -= 1;
+            }
+        }
+        cap
     }
 
     /// Jobs whose model failed to load end with that error.
@@ -143,8 +163,28 @@ impl Engine {
             st.slots.put_back(&name, model);
             st.running.take().map(|r| r.cancelled).unwrap_or_default()
         };
+        self.release_memory(&batch);
         self.notify();
         self.finish_batch(batch, result, &cancelled, images, started);
+    }
+
+    /// After a batch with a large working set, hands the freed memory back to the system,
+    /// so a daemon that served one large request does not keep its peak for good.
+    fn release_memory(&self, batch: &[QueuedJob]) {
+        const LARGE: u64 = 64 << 20;
+        let r = &batch[0].request;
+        let images = batch.iter().map(|j| j.request.num_images).sum();
+        let large = self
+            .shared
+            .catalog
+            .get(&r.model)
+            .and_then(|e| e.bundle.as_ref().ok())
+            .is_some_and(|b| b.memory.working_set(r.width, r.height, images, r.do_cfg()) > LARGE);
+        if large {
+            // SAFETY: malloc_trim only returns free heap pages to the system; it does not
+            // touch memory in use.
+            unsafe { libc::malloc_trim(0) };
+        }
     }
 
     /// Progress for every live job of the batch; false (stop) once all are cancelled.

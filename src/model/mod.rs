@@ -13,6 +13,7 @@
 //! session's inputs and outputs once it is loaded. Every error names the file.
 
 mod catalog;
+pub mod memory;
 pub mod safety;
 pub mod signature;
 
@@ -124,6 +125,8 @@ pub struct ModelBundle {
     /// downsampling, 2^(number of down blocks − 1) (64 for SD 1.x/2.x and SDXL's 4 and 3
     /// blocks: 64 and 32; 16 for the two-block test models).
     pub size_multiple: usize,
+    /// Memory figures for admission ([`memory::MemoryProfile`]).
+    pub memory: memory::MemoryProfile,
     /// SDXL: use zero embeddings for an empty negative prompt.
     pub force_zeros_for_empty_prompt: bool,
     /// The default image size: `unet.config.sample_size × vae_scale_factor`, as diffusers.
@@ -222,6 +225,19 @@ impl ModelBundle {
                     "sample_size {sample_size} x VAE factor {vae_scale_factor} is not a size between 1 and {MAX_DEFAULT_SIZE} pixels"
                 ),
             })?;
+        let unet_shape: memory::UnetShape = if unet_config.is_file() {
+            read_json(&unet_config)?
+        } else {
+            memory::UnetShape::default()
+        };
+        let vae_shape: memory::VaeShape = read_json(&vae_path)?;
+        let mut components: Vec<&str> = match kind {
+            PipelineKind::StableDiffusion => vec!["text_encoder"],
+            PipelineKind::StableDiffusionXl => vec!["text_encoder", "text_encoder_2"],
+        };
+        components.extend(["unet", "vae_decoder"]);
+        let weights = memory::weights_on_disk(dir, &components);
+        let memory = memory::MemoryProfile::new(&unet_shape, &vae_shape, vae_scale_factor, weights);
         let bundle = ModelBundle {
             dir: dir.to_path_buf(),
             kind,
@@ -231,6 +247,7 @@ impl ModelBundle {
             vae_shift_factor: vae.shift_factor,
             vae_scale_factor,
             size_multiple,
+            memory,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
             default_size,
         };
@@ -313,6 +330,12 @@ pub(crate) fn test_bundle() -> ModelBundle {
         vae_shift_factor: None,
         vae_scale_factor: 8,
         size_multiple: 8,
+        memory: memory::MemoryProfile::new(
+            &memory::UnetShape::default(),
+            &memory::VaeShape::default(),
+            8,
+            1 << 20,
+        ),
         force_zeros_for_empty_prompt: true,
         default_size: 64,
     }

@@ -19,6 +19,10 @@ pub struct Limits {
     /// Largest guidance scale, in absolute value: far beyond any useful value, a scale only
     /// turns the image into garbage.
     pub max_guidance_scale: f64,
+    /// Bytes a request's estimated peak (model resident plus working set) may reach.
+    /// Unset in the config: derived when the daemon starts from its cgroup's memory limit,
+    /// else the memory available then, less a tenth. 0: no memory check.
+    pub memory_budget: Option<u64>,
 }
 
 /// The default bound on `guidance_scale` (useful values are about 1 to 30).
@@ -34,6 +38,7 @@ impl Default for Limits {
             max_images: 16,
             max_prompt_bytes: 4096,
             max_guidance_scale: DEFAULT_MAX_GUIDANCE_SCALE,
+            memory_budget: None,
         }
     }
 }
@@ -50,6 +55,14 @@ impl Limits {
             max_images: usize::MAX,
             max_prompt_bytes: usize::MAX,
             max_guidance_scale: DEFAULT_MAX_GUIDANCE_SCALE,
+            memory_budget: None,
         }
+    }
+}
+
+impl Limits {
+    /// The memory budget in force: `None` when there is none (unset, or 0).
+    pub fn budget(&self) -> Option<u64> {
+        self.memory_budget.filter(|&b| b > 0)
     }
 }

@@ -16,7 +16,9 @@ mod resolve;
 
 pub use limits::{DEFAULT_MAX_GUIDANCE_SCALE, Limits};
 pub use params::GenerateParams;
-pub use resolve::{ModelRef, ResolvedRequest, random_seed, resolve, short_float};
+pub use resolve::{
+    ModelRef, ResolvedRequest, gib as resolve_gib, random_seed, resolve, short_float,
+};
 
 use crate::rng::RngKind;
 
@@ -120,6 +122,24 @@ pub enum RequestError {
     /// No model was named and there is no default.
     #[error("no model named and no default_model configured")]
     NoDefaultModel,
+    /// The request's estimated peak memory is over the budget.
+    #[error(
+        "'width*height': {width}x{height} with {images} image(s) needs about {needed}, more than the memory budget of {budget}; {fits}"
+    )]
+    TooLarge {
+        /// The size asked for.
+        width: usize,
+        /// The size asked for.
+        height: usize,
+        /// Images in the request.
+        images: usize,
+        /// The estimate, formatted.
+        needed: String,
+        /// The budget, formatted.
+        budget: String,
+        /// What would fit, in words.
+        fits: String,
+    },
     /// The model is configured but its folder could not be opened or checked.
     #[error("model '{name}': {message}")]
     ModelUnavailable {

@@ -136,6 +136,15 @@ impl ResolvedRequest {
     }
 }
 
+/// Bytes as people read them: `2.4 GiB`, `512 MiB`.
+pub fn gib(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{} MiB", bytes >> 20)
+    }
+}
+
 /// A float as people write it: `7.5`, `5`, `0.25`, and `1e20` rather than twenty digits.
 pub fn short_float(x: f64) -> String {
     let plain = format!("{x}");
@@ -285,6 +294,30 @@ pub fn resolve(
             )
         })?,
     };
+    if let Some(budget) = limits.budget() {
+        let cfg = guidance_scale > 1.0;
+        let memory = &bundle.memory;
+        let needed = memory.peak(width, height, num_images, cfg);
+        if needed > budget {
+            let fits = match memory.largest_square(budget, num_images, cfg, multiple) {
+                Some(side) => format!(
+                    "at most {side}x{side} fits for {num_images} image(s) (fewer images, or guidance at most 1, need less)"
+                ),
+                None if num_images > 1 => {
+                    "no size fits for that many images; ask for fewer".to_string()
+                }
+                None => "no size fits: the model alone is near the budget".to_string(),
+            };
+            return Err(RequestError::TooLarge {
+                width,
+                height,
+                images: num_images,
+                needed: gib(needed),
+                budget: gib(budget),
+                fits,
+            });
+        }
+    }
     // The scheduler's own rules decide which step counts it can run.
     scheduler::check_steps(scheduler, &bundle.scheduler_config, steps)
         .map_err(|e| invalid("steps", e.to_string()))?;
@@ -595,5 +628,46 @@ mod tests {
         assert_eq!(short_float(1e20), "1e20");
         assert_eq!(short_float(3e38), "3e38");
         assert_eq!(short_float(1.0 / 3.0), "3.333333333333333e-1");
+    }
+
+    #[test]
+    fn a_request_over_the_memory_budget_is_refused_naming_what_fits() {
+        let b = bundle();
+        let model = ModelRef {
+            name: "m",
+            bundle: &b,
+            defaults: &ModelDefaults::NONE,
+        };
+        let budget = b.memory.peak(256, 256, 1, true);
+        let limits = Limits {
+            memory_budget: Some(budget),
+            ..Limits::default()
+        };
+        let at = |side: u32, images: u32| GenerateRequest {
+            width: Some(side),
+            height: Some(side),
+            num_images: Some(images),
+            ..prompt()
+        };
+        assert!(resolve(&at(256, 1), model, &limits, || 1).is_ok());
+        let err = resolve(&at(512, 1), model, &limits, || 1).unwrap_err();
+        assert!(matches!(err, RequestError::TooLarge { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.starts_with("'width*height': 512x512 with 1 image(s) needs about"),
+            "{text}"
+        );
+        assert!(
+            text.contains("at most 256x256 fits for 1 image(s)"),
+            "{text}"
+        );
+        // Without guidance (half the UNet rows) no more is needed.
+        assert!(b.memory.peak(512, 512, 1, false) <= b.memory.peak(512, 512, 1, true));
+        // A budget of 0 turns the check off.
+        let off = Limits {
+            memory_budget: Some(0),
+            ..Limits::default()
+        };
+        assert!(resolve(&at(2048, 1), model, &off, || 1).is_ok());
     }
 }

@@ -17,6 +17,9 @@ pub enum Error {
     UnknownModel(String),
     /// The queue or the caller's share of it is full.
     QueueFull(String),
+    /// The request would need more memory than the daemon's budget; the message says what
+    /// size fits.
+    TooLarge(String),
     /// The job was cancelled.
     Cancelled(String),
     /// The model could not be loaded.
@@ -36,6 +39,7 @@ impl From<RequestError> for Error {
                 Error::UnknownModel(e.to_string())
             }
             RequestError::ModelUnavailable { .. } => Error::ModelLoadFailed(e.to_string()),
+            RequestError::TooLarge { .. } => Error::TooLarge(e.to_string()),
             _ => Error::InvalidArgument(e.to_string()),
         }
     }
