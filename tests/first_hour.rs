@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -324,78 +323,38 @@ fn usage_errors_name_what_is_missing_and_a_bare_call_lists_the_commands() {
     }
 }
 
-/// A session-type bus that starts services from `services/` (D-Bus activation), with the
-/// environment activated services inherit.
+/// A private bus that starts diffusiond on demand from the shipped session activation
+/// file (pointing at this build), with `env` for the activated daemon. Dropping it stops
+/// the daemon it started, if one runs.
 struct ActivatingBus {
-    child: Child,
+    bus: PrivateBus,
     address: String,
-    _dir: tempfile::TempDir,
+    _services: tempfile::TempDir,
 }
 
 impl ActivatingBus {
-    fn start(env: &[(&str, &Path)], vars: &[(&str, &str)]) -> ActivatingBus {
-        let dir = tempfile::tempdir().unwrap();
-        let services = dir.path().join("services");
-        std::fs::create_dir(&services).unwrap();
+    fn start(env: &[(&str, &std::ffi::OsStr)]) -> ActivatingBus {
+        let services = tempfile::tempdir().unwrap();
         let unit =
             std::fs::read_to_string(root().join("systemd/io.github.Diffusiond1.session.service"))
                 .unwrap()
                 .replace("/usr/bin/diffusiond", env!("CARGO_BIN_EXE_diffusiond"));
-        std::fs::write(services.join("io.github.Diffusiond1.service"), unit).unwrap();
-        let config = dir.path().join("bus.conf");
-        std::fs::write(
-            &config,
-            format!(
-                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:dir={}</listen>
-  <auth>EXTERNAL</auth>
-  <servicedir>{}</servicedir>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-"#,
-                dir.path().display(),
-                services.display()
-            ),
-        )
-        .unwrap();
-        let mut cmd = Command::new("dbus-daemon");
-        cmd.arg(format!("--config-file={}", config.display()))
-            .args(["--nofork", "--print-address=1"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        for (k, v) in vars {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("dbus-daemon");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        std::fs::write(services.path().join("io.github.Diffusiond1.service"), unit).unwrap();
+        let bus = PrivateBus::start_with(Some(services.path()), env);
+        let address = bus.address().to_string();
         ActivatingBus {
-            child,
-            address: line.trim().to_string(),
-            _dir: dir,
+            bus,
+            address,
+            _services: services,
         }
     }
 }
 
 impl Drop for ActivatingBus {
     fn drop(&mut self) {
-        if let Some(pid) = owner_pid(&self.address) {
+        if let Some(pid) = owner_pid(self.bus.address()) {
             let _ = Command::new("kill").arg(pid.to_string()).status();
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -403,16 +362,16 @@ impl Drop for ActivatingBus {
 fn the_bus_starts_the_daemon_it_exits_when_idle_and_the_next_call_starts_it_again() {
     let home = empty_home();
     let config_home: PathBuf = home.path().join(".config");
-    let bus = ActivatingBus::start(
-        &[("HOME", home.path()), ("XDG_CONFIG_HOME", &config_home)],
-        &[
-            ("DIFFUSIOND_JOBS__IDLE_EXIT_SECS", "2"),
-            ("DIFFUSIOND_JOBS__RETENTION_SECS", "1"),
-            ("DIFFUSIOND_RUNTIME__SESSION__INTRA_THREADS", "1"),
-            ("DIFFUSIOND_RUNTIME__SESSION__INTER_THREADS", "1"),
-            ("RUST_LOG", "warn"),
-        ],
-    );
+    let os = |s: &'static str| std::ffi::OsStr::new(s);
+    let bus = ActivatingBus::start(&[
+        ("HOME", home.path().as_os_str()),
+        ("XDG_CONFIG_HOME", config_home.as_os_str()),
+        ("DIFFUSIOND_JOBS__IDLE_EXIT_SECS", os("2")),
+        ("DIFFUSIOND_JOBS__RETENTION_SECS", os("1")),
+        ("DIFFUSIOND_RUNTIME__SESSION__INTRA_THREADS", os("1")),
+        ("DIFFUSIOND_RUNTIME__SESSION__INTER_THREADS", os("1")),
+        ("RUST_LOG", os("warn")),
+    ]);
     assert_eq!(
         owner_pid(&bus.address),
         None,

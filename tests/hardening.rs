@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, PrivateBus, root};
+use common::{Daemon, PairsDict, PrivateBus, root};
 use zbus::Connection;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 
@@ -62,34 +62,16 @@ fn error_name(e: &zbus::Error) -> String {
     }
 }
 
-/// An `a{sv}` written with a key twice, as a hostile client can send it.
-struct Repeated(Vec<(&'static str, Value<'static>)>);
-
-impl zbus::zvariant::Type for Repeated {
-    const SIGNATURE: &'static zbus::zvariant::Signature = <Dict as zbus::zvariant::Type>::SIGNATURE;
-}
-
-impl serde::Serialize for Repeated {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in &self.0 {
-            m.serialize_entry(k, v)?;
-        }
-        m.end()
-    }
-}
-
 #[test]
 fn duplicate_keys_and_absurd_guidance_are_refused_naming_the_key() {
     let bus = PrivateBus::start();
     let _d = Daemon::start(&bus, "");
     runtime().block_on(async {
         let conn = bus.connect().await;
-        let twice = Repeated(vec![
-            ("prompt", Value::from("x")),
-            ("steps", Value::U32(201)),
-            ("steps", Value::U32(4)),
+        let twice = PairsDict(vec![
+            ("prompt".into(), Value::from("x")),
+            ("steps".into(), Value::U32(201)),
+            ("steps".into(), Value::U32(4)),
         ]);
         let err = proxy(&conn, PATH, MANAGER)
             .await

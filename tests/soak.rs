@@ -15,7 +15,7 @@ use std::os::fd::OwnedFd;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, PrivateBus};
+use common::{Daemon, PairsDict, PrivateBus};
 use zbus::Connection;
 use zbus::zvariant::{Fd, OwnedObjectPath, OwnedValue, Value};
 
@@ -163,24 +163,6 @@ fn random_request(
     pairs
 }
 
-/// An `a{sv}` as written, repeats included.
-struct Pairs(Vec<(String, Value<'static>)>);
-
-impl zbus::zvariant::Type for Pairs {
-    const SIGNATURE: &'static zbus::zvariant::Signature = <Dict as zbus::zvariant::Type>::SIGNATURE;
-}
-
-impl serde::Serialize for Pairs {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in &self.0 {
-            m.serialize_entry(k, v)?;
-        }
-        m.end()
-    }
-}
-
 #[test]
 fn soak_and_fuzz() {
     let s = scale();
@@ -255,7 +237,7 @@ fn soak_and_fuzz() {
         for _ in 0..s.random {
             let mut keep = Vec::new();
             let pairs = random_request(&mut rng, &mut keep);
-            let body = (Pairs(pairs.clone()),);
+            let body = (PairsDict(pairs.clone()),);
             let call = manager.call::<_, _, OwnedObjectPath>("Generate", &body);
             let outcome = match tokio::time::timeout(Duration::from_secs(10), call).await {
                 Err(_) => panic!("Generate hung: {pairs:?}"),

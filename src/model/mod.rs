@@ -189,30 +189,13 @@ impl ModelBundle {
             }
         };
         let vae_path = dir.join("vae_decoder/config.json");
-        let vae_scale_factor = match vae.block_out_channels {
+        let vae_scale_factor = match &vae.block_out_channels {
             None => 8,
-            Some(b) => u32::try_from(b.len().saturating_sub(1))
-                .ok()
-                .and_then(|shift| 1usize.checked_shl(shift))
-                .filter(|&f| f <= MAX_VAE_SCALE_FACTOR)
-                .ok_or_else(|| ModelError::Malformed {
-                    path: vae_path.clone(),
-                    message: format!(
-                        "block_out_channels has {} entries: a scale factor above {MAX_VAE_SCALE_FACTOR}",
-                        b.len()
-                    ),
-                })?,
+            Some(b) => halvings(b.len(), &vae_path, "block_out_channels")?,
         };
         let unet_downsampling = match &unet.down_block_types {
             None => 1,
-            Some(blocks) => u32::try_from(blocks.len().saturating_sub(1))
-                .ok()
-                .and_then(|shift| 1usize.checked_shl(shift))
-                .filter(|&f| f <= MAX_VAE_SCALE_FACTOR)
-                .ok_or_else(|| ModelError::Malformed {
-                    path: unet_config.clone(),
-                    message: format!("down_block_types has {} entries", blocks.len()),
-                })?,
+            Some(blocks) => halvings(blocks.len(), &unet_config, "down_block_types")?,
         };
         let size_multiple = vae_scale_factor * unet_downsampling;
         let sample_size = unet.sample_size.unwrap_or(64);
@@ -300,6 +283,21 @@ impl ModelBundle {
         files.push(self.onnx("vae_decoder"));
         files
     }
+}
+
+/// The factor `levels` blocks shrink an image by, 2^(levels − 1), as read from a config list
+/// of `levels` entries under `key`: checked, and at most [`MAX_VAE_SCALE_FACTOR`].
+fn halvings(levels: usize, path: &Path, key: &str) -> Result<usize, ModelError> {
+    u32::try_from(levels.saturating_sub(1))
+        .ok()
+        .and_then(|shift| 1usize.checked_shl(shift))
+        .filter(|&f| f <= MAX_VAE_SCALE_FACTOR)
+        .ok_or_else(|| ModelError::Malformed {
+            path: path.to_path_buf(),
+            message: format!(
+                "{key} has {levels} entries: a scale factor above {MAX_VAE_SCALE_FACTOR}"
+            ),
+        })
 }
 
 /// Reads and parses a JSON file, naming it in every error.

@@ -24,8 +24,17 @@ pub struct PrivateBus {
 impl PrivateBus {
     /// Starts `dbus-daemon` with a permissive session policy and reads its address.
     pub fn start() -> PrivateBus {
+        PrivateBus::start_with(None, &[])
+    }
+
+    /// [`PrivateBus::start`], starting services from `services` (D-Bus activation) and
+    /// passing `env` to `dbus-daemon`, whose environment activated services inherit.
+    pub fn start_with(services: Option<&Path>, env: &[(&str, &std::ffi::OsStr)]) -> PrivateBus {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("bus.conf");
+        let servicedir = services
+            .map(|d| format!("  <servicedir>{}</servicedir>\n", d.display()))
+            .unwrap_or_default();
         std::fs::write(
             &config,
             format!(
@@ -35,7 +44,7 @@ impl PrivateBus {
   <type>session</type>
   <listen>unix:dir={}</listen>
   <auth>EXTERNAL</auth>
-  <policy context="default">
+{servicedir}  <policy context="default">
     <allow user="*"/>
     <allow send_destination="*" eavesdrop="true"/>
     <allow eavesdrop="true"/>
@@ -47,12 +56,14 @@ impl PrivateBus {
             ),
         )
         .expect("bus config");
-        let mut child = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", config.display()))
+        let mut cmd = Command::new("dbus-daemon");
+        cmd.arg(format!("--config-file={}", config.display()))
             .args(["--nofork", "--print-address=1"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("dbus-daemon (apt-get install dbus)");
+            .stdout(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("dbus-daemon (apt-get install dbus)");
         let mut line = String::new();
         let stdout = child.stdout.take().expect("stdout");
         BufReader::new(stdout)
@@ -215,5 +226,27 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("diffusiond did not take its bus name within 60 s");
+    }
+}
+
+/// An `a{sv}` written exactly as given, a key twice included (as a hostile client can send
+/// it; a map would keep one).
+pub struct PairsDict(pub Vec<(String, zbus::zvariant::Value<'static>)>);
+
+impl zbus::zvariant::Type for PairsDict {
+    const SIGNATURE: &'static zbus::zvariant::Signature = <std::collections::HashMap<
+        String,
+        zbus::zvariant::OwnedValue,
+    > as zbus::zvariant::Type>::SIGNATURE;
+}
+
+impl serde::Serialize for PairsDict {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
     }
 }
