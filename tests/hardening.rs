@@ -405,9 +405,12 @@ fn suggested_side(err: &zbus::Error) -> u32 {
 #[test]
 fn a_request_over_the_memory_budget_is_refused_and_memory_comes_back_after_a_large_one() {
     let bus = PrivateBus::start();
-    let d = Daemon::start(
+    let d = Daemon::start_with_config(
         &bus,
-        "[limits]\nmax_width = 4096\nmax_height = 4096\nmax_pixels = 16777216\nmemory_budget = 1073741824\n",
+        &common::config_with_model_keys(
+            "max_width = 4096\nmax_height = 4096",
+            "[limits]\nmax_width = 4096\nmax_height = 4096\nmax_pixels = 16777216\nmemory_budget = 1073741824\n",
+        ),
     );
     runtime().block_on(async {
         let conn = bus.connect().await;
@@ -447,7 +450,8 @@ fn in_a_memory_cgroup_the_daemon_refuses_what_would_kill_it() {
     let config = dir.path().join("d.toml");
     std::fs::write(
         &config,
-        common::config_text(
+        common::config_with_model_keys(
+            "max_width = 4096\nmax_height = 4096",
             "[limits]\nmax_width = 4096\nmax_height = 4096\nmax_pixels = 16777216\n",
         ),
     )

@@ -81,6 +81,12 @@ pub struct ModelEntry {
     /// Default height in pixels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub height: Option<u32>,
+    /// Widest image for this model (default: 8 × its native size; `[limits]` still caps it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_width: Option<u32>,
+    /// Tallest image for this model (default: 8 × its native size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_height: Option<u32>,
 }
 
 impl ModelEntry {
@@ -92,6 +98,8 @@ impl ModelEntry {
             scheduler: self.scheduler.clone(),
             width: self.width,
             height: self.height,
+            max_width: self.max_width,
+            max_height: self.max_height,
         }
     }
 }

@@ -73,7 +73,8 @@ pub struct GenerateRequest {
 }
 
 /// A model's own defaults for keys a request leaves out (`[models.NAME]` in the config):
-/// they come after the request's values and before the built-in [`defaults`].
+/// they come after the request's values and before the built-in [`defaults`]; and its own
+/// size limits.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ModelDefaults {
     /// Denoising steps.
@@ -86,6 +87,10 @@ pub struct ModelDefaults {
     pub width: Option<u32>,
     /// Height in pixels.
     pub height: Option<u32>,
+    /// Widest image for this model (default: 8 × its native size).
+    pub max_width: Option<u32>,
+    /// Tallest image for this model (default: 8 × its native size).
+    pub max_height: Option<u32>,
 }
 
 impl ModelDefaults {
@@ -96,7 +101,17 @@ impl ModelDefaults {
         scheduler: None,
         width: None,
         height: None,
+        max_width: None,
+        max_height: None,
     };
+
+    /// The configured limit for `key` (`width` or `height`).
+    pub fn max_side(&self, key: &str) -> Option<u32> {
+        match key {
+            "width" => self.max_width,
+            _ => self.max_height,
+        }
+    }
 }
 
 /// Why a request was refused. Each message names the key or the model.

@@ -21,6 +21,10 @@ pub struct ModelRef<'a> {
     pub defaults: &'a ModelDefaults,
 }
 
+/// A model's default size limit, as a multiple of its native size (`[models.NAME]`
+/// `max_width`/`max_height` set it otherwise; the global `[limits]` cap it either way).
+pub const NATIVE_SIZE_FACTOR: usize = 8;
+
 /// A request with every value present and checked; build it with [`resolve`].
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -217,7 +221,22 @@ pub fn resolve(
                 ),
             ));
         }
-        over(key, v, max)
+        over(key, v, max)?;
+        // The model's own limit: configured, else a multiple of its native size.
+        let model_max = configured.max_side(key).map_or(
+            bundle.default_size.saturating_mul(NATIVE_SIZE_FACTOR),
+            |m| m as usize,
+        );
+        if v > model_max {
+            return Err(invalid(
+                key,
+                format!(
+                    "{v} is above this model's limit of {model_max} ({NATIVE_SIZE_FACTOR} x its native {} unless [models.NAME] max_{key} says otherwise)",
+                    bundle.default_size
+                ),
+            ));
+        }
+        Ok(v)
     };
     let width = side("width", req.width.or(configured.width), limits.max_width)?;
     let height = side(
@@ -599,6 +618,8 @@ mod tests {
             scheduler: Some("ddim".into()),
             width: Some(96),
             height: None,
+            max_width: None,
+            max_height: None,
         };
         let model = ModelRef {
             name: "demo",
@@ -668,6 +689,36 @@ mod tests {
             memory_budget: Some(0),
             ..Limits::default()
         };
-        assert!(resolve(&at(2048, 1), model, &off, || 1).is_ok());
+        assert!(resolve(&at(512, 1), model, &off, || 1).is_ok());
+    }
+
+    #[test]
+    fn each_model_has_a_size_limit_from_its_native_size_that_the_config_can_raise() {
+        let b = bundle(); // native 64: limit 512
+        let at = |side: u32| GenerateRequest {
+            width: Some(side),
+            ..prompt()
+        };
+        let none = ModelDefaults::NONE;
+        let model = |defaults| ModelRef {
+            name: "m",
+            bundle: &b,
+            defaults,
+        };
+        assert!(resolve(&at(512), model(&none), &Limits::default(), || 1).is_ok());
+        let err = resolve(&at(520), model(&none), &Limits::default(), || 1).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("'width': 520 is above this model's limit of 512 (8 x its native 64"),
+            "{err}"
+        );
+        let raised = ModelDefaults {
+            max_width: Some(1024),
+            ..ModelDefaults::default()
+        };
+        assert!(resolve(&at(1024), model(&raised), &Limits::default(), || 1).is_ok());
+        // The global limits still cap it.
+        let err = resolve(&at(4096), model(&raised), &Limits::default(), || 1).unwrap_err();
+        assert!(err.to_string().contains("above the limit of 2048"), "{err}");
     }
 }

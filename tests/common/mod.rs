@@ -192,11 +192,17 @@ impl Drop for Daemon {
 
 /// The daemon config used in tests: the tiny model, one ORT thread, short retention.
 pub fn config_text(extra: &str) -> String {
+    config_with_model_keys("", extra)
+}
+
+/// [`config_text`] with `model_keys` added to the `[models.tiny]` table.
+pub fn config_with_model_keys(model_keys: &str, extra: &str) -> String {
     format!(
         r#"default_model = "tiny"
 
 [models.tiny]
 path = "{}"
+{model_keys}
 
 [runtime.session]
 intra_threads = 1
