@@ -241,17 +241,7 @@ fn a_pipe_nobody_reads_keeps_counting_and_cancel_ends_it_within_a_second() {
 
 #[test]
 fn only_privileged_callers_may_raise_their_priority() {
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    let have_tools = ["setpriv", "gdbus"].iter().all(|t| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !(is_root && have_tools) {
+    if !common::can_run_as_other_uids() {
         assert!(
             std::env::var_os("CI").is_none(),
             "needs root, setpriv and gdbus under CI"

@@ -262,7 +262,7 @@ fn soak_and_fuzz() {
     });
 
     // As another uid (root only): no priority above 0, no acting on another's job.
-    let as_nobody = is_root_with_setpriv();
+    let as_nobody = common::can_run_as_other_uids();
     if as_nobody {
         bus.open_to_everyone();
         let out = Command::new("setpriv")
@@ -323,18 +323,4 @@ fn soak_and_fuzz() {
     for (outcome, n) in &outcomes {
         println!("soak outcome: {n:>4}  {outcome}");
     }
-}
-
-fn is_root_with_setpriv() -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    let tools = ["setpriv", "gdbus"].iter().all(|t| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    root && tools
 }

@@ -256,3 +256,18 @@ impl serde::Serialize for PairsDict {
         m.end()
     }
 }
+
+/// Whether this process may run clients as other uids: root, with `setpriv` and `gdbus`.
+pub fn can_run_as_other_uids() -> bool {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let tools = ["setpriv", "gdbus"].iter().all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    root && tools
+}

@@ -1,0 +1,361 @@
+//! Unit tests of the resolve step: defaults, every refusal naming its key, model defaults
+//! and limits, the memory budget, latents, PNG metadata.
+
+use super::*;
+
+fn bundle() -> ModelBundle {
+    crate::model::test_bundle()
+}
+
+fn run(req: GenerateRequest, limits: &Limits) -> Result<ResolvedRequest, RequestError> {
+    let b = bundle();
+    resolve(
+        &req,
+        ModelRef {
+            name: "tiny",
+            bundle: &b,
+            defaults: &ModelDefaults::NONE,
+        },
+        limits,
+        || 99,
+    )
+}
+
+fn prompt() -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a cat".into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn defaults_come_from_the_model_and_the_defaults_table() {
+    let r = run(prompt(), &Limits::default()).unwrap();
+    assert_eq!((r.width, r.height), (64, 64));
+    assert_eq!(r.scheduler, "pndm");
+    assert_eq!(r.steps, 20);
+    assert_eq!(r.seed, 99);
+    assert_eq!(r.guidance_scale, 7.5);
+    assert_eq!((r.num_images, r.priority), (1, 0));
+    assert_eq!(r.rng, RngKind::Torch);
+    assert_eq!(r.model, "tiny");
+}
+
+#[test]
+fn given_values_win() {
+    let req = GenerateRequest {
+        width: Some(96),
+        height: Some(32),
+        steps: Some(4),
+        seed: Some(7),
+        scheduler: Some("ddim".into()),
+        rng: Some(RngKind::Numpy),
+        num_images: Some(2),
+        priority: Some(-3),
+        ..prompt()
+    };
+    let r = run(req, &Limits::default()).unwrap();
+    assert_eq!((r.width, r.height, r.steps, r.seed), (96, 32, 4, 7));
+    assert_eq!((r.scheduler, r.num_images, r.priority), ("ddim", 2, -3));
+    let keys = r.to_request();
+    assert_eq!(keys.scheduler.as_deref(), Some("ddim"));
+    assert_eq!(keys.model.as_deref(), Some("tiny"));
+}
+
+#[test]
+fn bad_values_name_the_key() {
+    let limits = Limits {
+        max_steps: 60,
+        max_prompt_bytes: 10,
+        ..Limits::default()
+    };
+    let cases: Vec<(GenerateRequest, &str, &str)> = vec![
+        (
+            GenerateRequest {
+                width: Some(65),
+                ..prompt()
+            },
+            "width",
+            "not a multiple of 8",
+        ),
+        (
+            GenerateRequest {
+                height: Some(0),
+                ..prompt()
+            },
+            "height",
+            "at least 1",
+        ),
+        (
+            GenerateRequest {
+                width: Some(4096),
+                ..prompt()
+            },
+            "width",
+            "above the limit",
+        ),
+        (
+            GenerateRequest {
+                steps: Some(0),
+                ..prompt()
+            },
+            "steps",
+            "at least 1",
+        ),
+        (
+            GenerateRequest {
+                steps: Some(61),
+                ..prompt()
+            },
+            "steps",
+            "above the limit of 60",
+        ),
+        (
+            GenerateRequest {
+                scheduler: Some("lcm".into()),
+                steps: Some(55),
+                ..prompt()
+            },
+            "steps",
+            "cannot run 55 steps",
+        ),
+        (
+            GenerateRequest {
+                num_images: Some(0),
+                ..prompt()
+            },
+            "num_images",
+            "at least 1",
+        ),
+        (
+            GenerateRequest {
+                num_images: Some(17),
+                ..prompt()
+            },
+            "num_images",
+            "above",
+        ),
+        (
+            GenerateRequest {
+                guidance_scale: Some(f64::INFINITY),
+                ..prompt()
+            },
+            "guidance_scale",
+            "not finite",
+        ),
+        (
+            GenerateRequest {
+                guidance_scale: Some(-1e20),
+                ..prompt()
+            },
+            "guidance_scale",
+            "-1e20 is beyond the limit of 100",
+        ),
+        (
+            GenerateRequest {
+                guidance_rescale: Some(1.5),
+                ..prompt()
+            },
+            "guidance_rescale",
+            "between 0 and 1",
+        ),
+        (
+            GenerateRequest {
+                rng: Some(RngKind::Numpy),
+                seed: Some(1 << 40),
+                ..prompt()
+            },
+            "seed",
+            "2^32-1",
+        ),
+        (
+            GenerateRequest {
+                scheduler: Some("warp".into()),
+                ..prompt()
+            },
+            "scheduler",
+            "unknown scheduler 'warp'",
+        ),
+        (
+            GenerateRequest {
+                prompt: "x".repeat(11),
+                ..prompt()
+            },
+            "prompt",
+            "above the limit",
+        ),
+    ];
+    for (req, key, needle) in cases {
+        let err = run(req.clone(), &limits).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(&err, RequestError::Invalid { key: k, .. } if *k == key),
+            "{req:?}: {err:?}"
+        );
+        assert!(text.starts_with(&format!("'{key}': ")), "{text}");
+        assert!(text.contains(needle), "{req:?}: {text}");
+    }
+}
+
+#[test]
+fn an_unknown_model_scheduler_must_be_named() {
+    let mut b = bundle();
+    b.default_scheduler = None;
+    let err = resolve(
+        &prompt(),
+        ModelRef {
+            name: "m",
+            bundle: &b,
+            defaults: &ModelDefaults::NONE,
+        },
+        &Limits::default(),
+        || 1,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("name one"), "{err}");
+}
+
+#[test]
+fn latents_must_fit_the_resolved_shape() {
+    let b = bundle();
+    let r = run(prompt(), &Limits::default()).unwrap();
+    let ok = ArrayD::<f32>::zeros(ndarray::IxDyn(&[1, 4, 8, 8]));
+    assert!(r.clone().with_latents(Some(ok), &b).is_ok());
+    let bad = ArrayD::<f32>::zeros(ndarray::IxDyn(&[1, 4, 8, 9]));
+    let err = r.with_latents(Some(bad), &b).unwrap_err();
+    assert!(
+        err.to_string().starts_with("'latents': expected shape"),
+        "{err}"
+    );
+}
+
+#[test]
+fn png_parameters_name_every_setting() {
+    let r = run(
+        GenerateRequest {
+            seed: Some(5),
+            ..prompt()
+        },
+        &Limits::default(),
+    )
+    .unwrap();
+    let text = r.png_parameters("1.32.0");
+    assert!(
+        text.starts_with("a cat\nNegative prompt: \nSteps: 20, Sampler: pndm"),
+        "{text}"
+    );
+    assert!(text.contains("Seed: 5, RNG: torch, Size: 64x64, Model: tiny, ONNX Runtime: 1.32.0"));
+}
+
+#[test]
+fn configured_defaults_come_between_the_request_and_the_built_in_ones() {
+    let b = bundle();
+    let configured = ModelDefaults {
+        steps: Some(12),
+        guidance_scale: Some(5.0),
+        scheduler: Some("ddim".into()),
+        width: Some(96),
+        height: None,
+        max_width: None,
+        max_height: None,
+    };
+    let model = ModelRef {
+        name: "demo",
+        bundle: &b,
+        defaults: &configured,
+    };
+    let r = resolve(&prompt(), model, &Limits::default(), || 1).unwrap();
+    assert_eq!((r.steps, r.guidance_scale, r.scheduler), (12, 5.0, "ddim"));
+    assert_eq!((r.width, r.height), (96, 64));
+    let req = GenerateRequest {
+        steps: Some(3),
+        guidance_scale: Some(1.0),
+        scheduler: Some("euler".into()),
+        width: Some(32),
+        ..prompt()
+    };
+    let r = resolve(&req, model, &Limits::default(), || 1).unwrap();
+    assert_eq!((r.steps, r.guidance_scale, r.scheduler), (3, 1.0, "euler"));
+    assert_eq!((r.width, r.height), (32, 64));
+}
+
+#[test]
+fn floats_are_written_short() {
+    assert_eq!(short_float(7.5), "7.5");
+    assert_eq!(short_float(5.0), "5");
+    assert_eq!(short_float(0.7), "0.7");
+    assert_eq!(short_float(1e20), "1e20");
+    assert_eq!(short_float(3e38), "3e38");
+    assert_eq!(short_float(1.0 / 3.0), "3.333333333333333e-1");
+}
+
+#[test]
+fn a_request_over_the_memory_budget_is_refused_naming_what_fits() {
+    let b = bundle();
+    let model = ModelRef {
+        name: "m",
+        bundle: &b,
+        defaults: &ModelDefaults::NONE,
+    };
+    let budget = b.memory.peak(256, 256, 1, true);
+    let limits = Limits {
+        memory_budget: Some(budget),
+        ..Limits::default()
+    };
+    let at = |side: u32, images: u32| GenerateRequest {
+        width: Some(side),
+        height: Some(side),
+        num_images: Some(images),
+        ..prompt()
+    };
+    assert!(resolve(&at(256, 1), model, &limits, || 1).is_ok());
+    let err = resolve(&at(512, 1), model, &limits, || 1).unwrap_err();
+    assert!(matches!(err, RequestError::TooLarge { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("'width*height': 512x512 with 1 image(s) needs about"),
+        "{text}"
+    );
+    assert!(
+        text.contains("at most 256x256 fits for 1 image(s)"),
+        "{text}"
+    );
+    // Without guidance (half the UNet rows) no more is needed.
+    assert!(b.memory.peak(512, 512, 1, false) <= b.memory.peak(512, 512, 1, true));
+    // A budget of 0 turns the check off.
+    let off = Limits {
+        memory_budget: Some(0),
+        ..Limits::default()
+    };
+    assert!(resolve(&at(512, 1), model, &off, || 1).is_ok());
+}
+
+#[test]
+fn each_model_has_a_size_limit_from_its_native_size_that_the_config_can_raise() {
+    let b = bundle(); // native 64: limit 512
+    let at = |side: u32| GenerateRequest {
+        width: Some(side),
+        ..prompt()
+    };
+    let none = ModelDefaults::NONE;
+    let model = |defaults| ModelRef {
+        name: "m",
+        bundle: &b,
+        defaults,
+    };
+    assert!(resolve(&at(512), model(&none), &Limits::default(), || 1).is_ok());
+    let err = resolve(&at(520), model(&none), &Limits::default(), || 1).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("'width': 520 is above this model's limit of 512 (8 x its native 64"),
+        "{err}"
+    );
+    let raised = ModelDefaults {
+        max_width: Some(1024),
+        ..ModelDefaults::default()
+    };
+    assert!(resolve(&at(1024), model(&raised), &Limits::default(), || 1).is_ok());
+    // The global limits still cap it.
+    let err = resolve(&at(4096), model(&raised), &Limits::default(), || 1).unwrap_err();
+    assert!(err.to_string().contains("above the limit of 2048"), "{err}");
+}
