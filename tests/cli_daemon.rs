@@ -7,19 +7,9 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, PrivateBus};
+use common::{Daemon, PrivateBus, ctl_command};
 use diffusiond::client::{Bus, Client, GenerateRequest};
 use zbus::zvariant::OwnedObjectPath;
-
-fn ctl_command(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_diffusionctl"));
-    c.args(args)
-        // What a user sees: no RUST_LOG, so warnings would show (and break "one line").
-        .env_remove("RUST_LOG")
-        .env("DIFFUSIOND_RUNTIME__SESSION__INTRA_THREADS", "1")
-        .env("DIFFUSIOND_RUNTIME__SESSION__INTER_THREADS", "1");
-    c
-}
 
 fn ctl(args: &[&str]) -> Output {
     ctl_command(args).output().expect("run diffusionctl")

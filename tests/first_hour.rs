@@ -10,19 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, PrivateBus, root};
+use common::{Daemon, PrivateBus, ctl_command, root};
 
 const NAME: &str = "io.github.Diffusiond1";
 const PROMPT: &str = "a red circle on a blue background";
-
-fn ctl_command(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_diffusionctl"));
-    c.args(args)
-        .env_remove("RUST_LOG")
-        .env("DIFFUSIOND_RUNTIME__SESSION__INTRA_THREADS", "1")
-        .env("DIFFUSIOND_RUNTIME__SESSION__INTER_THREADS", "1");
-    c
-}
 
 fn ctl(args: &[&str]) -> Output {
     ctl_command(args).output().expect("run diffusionctl")

@@ -10,7 +10,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, PairsDict, PrivateBus, root};
+use common::{
+    Daemon, PairsDict, PrivateBus, error_name, generate, request_dict as request, root, rss_kb,
+    wait,
+};
 use zbus::Connection;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 
@@ -20,13 +23,6 @@ const MANAGER: &str = "io.github.Diffusiond1.Manager";
 const JOB: &str = "io.github.Diffusiond1.Job";
 
 type Dict = HashMap<String, OwnedValue>;
-
-fn request(pairs: &[(&str, Value<'_>)]) -> Dict {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.try_to_owned().unwrap()))
-        .collect()
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -39,27 +35,6 @@ async fn proxy(conn: &Connection, path: &str, iface: &'static str) -> zbus::Prox
     zbus::Proxy::new(conn, NAME, path.to_string(), iface)
         .await
         .unwrap()
-}
-
-async fn generate(conn: &Connection, req: Dict) -> zbus::Result<OwnedObjectPath> {
-    proxy(conn, PATH, MANAGER)
-        .await
-        .call("Generate", &(req,))
-        .await
-}
-
-async fn wait(conn: &Connection, path: &OwnedObjectPath) -> zbus::Result<Dict> {
-    proxy(conn, path.as_str(), JOB)
-        .await
-        .call("Wait", &())
-        .await
-}
-
-fn error_name(e: &zbus::Error) -> String {
-    match e {
-        zbus::Error::MethodError(name, _, _) => name.to_string(),
-        other => format!("{other:?}"),
-    }
 }
 
 #[test]
@@ -360,15 +335,6 @@ fn calls_with_extra_or_wrong_arguments_are_refused() {
         let list: Vec<Dict> = manager.call("ListModels", &()).await.unwrap();
         assert_eq!(list.len(), 1);
     });
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// Asks for `side`², returns the error (if any).

@@ -15,14 +15,12 @@ use std::os::fd::OwnedFd;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, PairsDict, PrivateBus};
-use zbus::Connection;
+use common::{Daemon, PairsDict, PrivateBus, error_name, generate, rss_kb, wait};
 use zbus::zvariant::{Fd, OwnedObjectPath, OwnedValue, Value};
 
 const NAME: &str = "io.github.Diffusiond1";
 const PATH: &str = "/io/github/Diffusiond1";
 const MANAGER: &str = "io.github.Diffusiond1.Manager";
-const JOB: &str = "io.github.Diffusiond1.Job";
 
 type Dict = std::collections::HashMap<String, OwnedValue>;
 
@@ -46,36 +44,6 @@ fn scale() -> Scale {
             random: 120,
         }
     }
-}
-
-async fn generate(conn: &Connection, req: Dict) -> zbus::Result<OwnedObjectPath> {
-    zbus::Proxy::new(conn, NAME, PATH, MANAGER)
-        .await?
-        .call("Generate", &(req,))
-        .await
-}
-
-async fn wait(conn: &Connection, path: &OwnedObjectPath) -> zbus::Result<Dict> {
-    zbus::Proxy::new(conn, NAME, path.as_str(), JOB)
-        .await?
-        .call("Wait", &())
-        .await
-}
-
-fn name_of(e: &zbus::Error) -> String {
-    match e {
-        zbus::Error::MethodError(name, _, _) => name.to_string(),
-        other => format!("client: {other}"),
-    }
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// One seeded random request; fds it needs are kept alive in `keep`.
@@ -241,12 +209,12 @@ fn soak_and_fuzz() {
             let call = manager.call::<_, _, OwnedObjectPath>("Generate", &body);
             let outcome = match tokio::time::timeout(Duration::from_secs(10), call).await {
                 Err(_) => panic!("Generate hung: {pairs:?}"),
-                Ok(Err(e)) => name_of(&e),
+                Ok(Err(e)) => error_name(&e),
                 Ok(Ok(path)) => {
                     match tokio::time::timeout(Duration::from_secs(30), wait(&conn, &path)).await {
                         Err(_) => panic!("Wait hung: {pairs:?}"),
                         Ok(Ok(_)) => "succeeded".to_string(),
-                        Ok(Err(e)) => name_of(&e),
+                        Ok(Err(e)) => error_name(&e),
                     }
                 }
             };

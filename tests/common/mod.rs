@@ -271,3 +271,74 @@ pub fn can_run_as_other_uids() -> bool {
     });
     root && tools
 }
+
+/// A request dict from pairs.
+pub fn request_dict(
+    pairs: &[(&str, zbus::zvariant::Value<'_>)],
+) -> std::collections::HashMap<String, zbus::zvariant::OwnedValue> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.try_to_owned().unwrap()))
+        .collect()
+}
+
+/// `Manager.Generate(request)`.
+pub async fn generate(
+    conn: &zbus::Connection,
+    request: std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+) -> zbus::Result<zbus::zvariant::OwnedObjectPath> {
+    zbus::Proxy::new(
+        conn,
+        "io.github.Diffusiond1",
+        "/io/github/Diffusiond1",
+        "io.github.Diffusiond1.Manager",
+    )
+    .await?
+    .call("Generate", &(request,))
+    .await
+}
+
+/// `Job.Wait()` on `path`.
+pub async fn wait(
+    conn: &zbus::Connection,
+    path: &zbus::zvariant::OwnedObjectPath,
+) -> zbus::Result<std::collections::HashMap<String, zbus::zvariant::OwnedValue>> {
+    zbus::Proxy::new(
+        conn,
+        "io.github.Diffusiond1",
+        path.as_str(),
+        "io.github.Diffusiond1.Job",
+    )
+    .await?
+    .call("Wait", &())
+    .await
+}
+
+/// The D-Bus error name of a failed call (or the client-side error, described).
+pub fn error_name(e: &zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(name, _, _) => name.to_string(),
+        other => format!("client: {other}"),
+    }
+}
+
+/// A process's resident set size, in kB.
+pub fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// `diffusionctl ARGS` as a user runs it: no RUST_LOG, one ONNX Runtime thread.
+pub fn ctl_command(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_diffusionctl"));
+    c.args(args)
+        // What a user sees: no RUST_LOG, so warnings would show (and break "one line").
+        .env_remove("RUST_LOG")
+        .env("DIFFUSIOND_RUNTIME__SESSION__INTRA_THREADS", "1")
+        .env("DIFFUSIOND_RUNTIME__SESSION__INTER_THREADS", "1");
+    c
+}
