@@ -129,19 +129,30 @@ fn idle_exit_after(jobs: &JobSettings) -> Option<Duration> {
 /// The idle exit of a session-activated daemon.
 pub const DEFAULT_IDLE_EXIT_SECS: u64 = 300;
 
-/// Resolves once no job has existed on the bus for `after` (never when `None`): woken by
-/// every change of the job count, never polled.
-async fn idle(mut jobs: tokio::sync::watch::Receiver<usize>, after: Option<Duration>) {
+/// Resolves once no job has existed on the bus and no batch has run for `after` (never
+/// when `None`): woken by every change of either count, never polled.
+async fn idle(
+    mut jobs: tokio::sync::watch::Receiver<usize>,
+    mut batches: tokio::sync::watch::Receiver<usize>,
+    after: Option<Duration>,
+) {
     let Some(after) = after else {
         return std::future::pending().await;
     };
     loop {
-        if jobs.wait_for(|n| *n == 0).await.is_err() {
+        if jobs.wait_for(|n| *n == 0).await.is_err() || batches.wait_for(|n| *n == 0).await.is_err()
+        {
             return std::future::pending().await;
+        }
+        if *jobs.borrow() != 0 {
+            continue;
         }
         tokio::select! {
             () = tokio::time::sleep(after) => return,
             changed = jobs.changed() => if changed.is_err() {
+                return std::future::pending().await;
+            },
+            changed = batches.changed() => if changed.is_err() {
                 return std::future::pending().await;
             },
         }
@@ -216,6 +227,8 @@ pub async fn run(
         Engine::start(backend, catalog.clone(), settings.jobs.clone(), budget, tx)
             .map_err(|e| DaemonError::Start(e.to_string()))?;
     let settings = Arc::new(settings);
+    let (batch_tx, batch_rx) = tokio::sync::mpsc::unbounded_channel();
+    let batches = open_batches(&settings, &bus, &engine, &catalog, batch_tx).await;
     let registry = Registry::default();
     let manager = Manager::new(
         engine.clone(),
@@ -225,6 +238,7 @@ pub async fn run(
         runtime.version().to_string(),
         providers,
         priority_gid,
+        batches.clone(),
     );
     notify(&[sd_notify::NotifyState::Status("taking the bus name")]);
     let conn = connect(&bus, manager).await?;
@@ -233,6 +247,14 @@ pub async fn run(
     let jobs = registry.job_count();
     let pump = tokio::spawn(dbus::pump_events(conn.clone(), registry, rx, retention));
     let watcher = tokio::spawn(dbus::watch_disconnects(conn.clone(), engine.clone()));
+    let batch_pump = tokio::spawn(dbus::pump_batch_events(conn.clone(), batch_rx));
+    let batches_running = match &batches {
+        Ok(service) => {
+            serve_batches(&conn, service).await?;
+            service.running()
+        }
+        Err(_) => tokio::sync::watch::Sender::new(0).subscribe(),
+    };
     tracing::info!(bus = ?bus, "serving {BUS_NAME}");
     notify(&[
         sd_notify::NotifyState::Ready,
@@ -241,7 +263,7 @@ pub async fn run(
 
     tokio::select! {
         () = shutdown => tracing::info!("shutting down"),
-        () = idle(jobs, idle_exit) => tracing::info!(
+        () = idle(jobs, batches_running, idle_exit) => tracing::info!(
             secs = idle_exit.map_or(0, |d| d.as_secs()),
             "no jobs for jobs.idle_exit_secs: exiting"
         ),
@@ -257,6 +279,10 @@ pub async fn run(
     )]);
     let draining = engine.clone();
     let _ = tokio::task::spawn_blocking(move || {
+        // Batch items stop first (they stay pending and resume at the next start).
+        if let Ok(service) = &batches {
+            service.stop_all();
+        }
         draining.shutdown(grace);
         let _ = worker.join();
     })
@@ -264,9 +290,92 @@ pub async fn run(
     engine.flush_events().await;
     watcher.abort();
     pump.abort();
+    batch_pump.abort();
     if let Some(w) = watchdog {
         w.abort();
     }
     let _ = conn.release_name(BUS_NAME).await;
+    Ok(())
+}
+
+/// Opens the batch state in the state directory, on a blocking thread. A daemon whose
+/// state directory cannot be used still serves `Generate`; batch calls say why not.
+async fn open_batches(
+    settings: &Settings,
+    bus: &Bus,
+    engine: &Engine,
+    catalog: &Arc<Catalog>,
+    events: tokio::sync::mpsc::UnboundedSender<dbus::BatchEvent>,
+) -> Result<crate::batch::service::Service, String> {
+    use crate::batch::service::{BatchSettings, Service};
+    let Some(root) = crate::config::state_dir(
+        settings.jobs.state_dir.as_deref(),
+        matches!(bus, Bus::System),
+        |k| std::env::var(k).ok(),
+    ) else {
+        let message = "no state directory: set jobs.state_dir, XDG_STATE_HOME or HOME".to_string();
+        tracing::warn!("{message}; batches are unavailable");
+        return Err(message);
+    };
+    let batch_settings = BatchSettings {
+        max_items: settings.limits.max_batch_items,
+        per_caller: settings.limits.max_batches_per_caller,
+        retention_secs: settings.jobs.batch_retention_secs,
+        window: 2 * settings.jobs.max_batch_images.max(1),
+    };
+    let (engine, catalog, limits) = (engine.clone(), catalog.clone(), settings.limits.clone());
+    let events = Arc::new(dbus::ChannelEvents(events));
+    let opened = tokio::task::spawn_blocking(move || {
+        Service::open(&root, engine, catalog, limits, batch_settings, events)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    if let Err(e) = &opened {
+        tracing::warn!(error = %e, "batches are unavailable");
+    }
+    opened
+}
+
+/// Puts every stored batch on the bus, schedules the removal of fetched ones, then
+/// resumes those a stopped daemon left unfinished.
+async fn serve_batches(
+    conn: &zbus::Connection,
+    service: &crate::batch::service::Service,
+) -> Result<(), DaemonError> {
+    let s = service.clone();
+    let listed = tokio::task::spawn_blocking(move || {
+        let rows = s.batches()?;
+        let snapshots = rows
+            .iter()
+            .map(|r| s.snapshot(r.id))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok::<_, crate::batch::BatchError>((snapshots, s.expiring()?))
+    })
+    .await
+    .map_err(|e| DaemonError::Start(e.to_string()))?;
+    let (snapshots, expiring) = match listed {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list the stored batches");
+            return Ok(());
+        }
+    };
+    for snapshot in snapshots {
+        let path = crate::wire::batch::batch_path(snapshot.row.id);
+        conn.object_server()
+            .at(&path, dbus::Batch::new(service.clone(), snapshot))
+            .await?;
+    }
+    for (id, after) in expiring {
+        dbus::schedule_expiry(conn.clone(), service.clone(), id, after);
+    }
+    let s = service.clone();
+    match tokio::task::spawn_blocking(move || s.resume_unfinished()).await {
+        Ok(Ok(n)) if n > 0 => tracing::info!(batches = n, "unfinished batches resumed"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not resume the stored batches"),
+        _ => {}
+    }
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! The library holds every concept in its own module; the two binaries
 //! (`diffusiond`, `diffusionctl`) are thin front ends over it.
 
+pub mod batch;
 pub mod client;
 pub mod config;
 pub mod daemon;

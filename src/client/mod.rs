@@ -1,9 +1,10 @@
 //! The D-Bus client library of diffusiond: connect, generate, wait with progress events,
-//! cancel, list. Free of presentation: `diffusionctl` (src/bin/diffusionctl/) draws the
+//! cancel, list, and batches (`batch`: submit, follow, copy the images). Free of presentation: `diffusionctl` (src/bin/diffusionctl/) draws the
 //! progress bar and the tables, handles Ctrl-C and names the output files.
 //!
 //! Every function returns a [`ClientError`] whose `Display` is one readable line.
 
+mod batch;
 mod error;
 mod proxy;
 
@@ -19,6 +20,7 @@ pub use crate::request::GenerateRequest;
 pub use crate::wire::Bus;
 pub use crate::wire::reply::{JobResult, ModelInfo};
 use crate::wire::{JOB_PATH_PREFIX, keys};
+pub use batch::{BatchInfo, BatchProxy, FetchEvent, batch_path};
 use error::is_unknown_object;
 pub use error::{ClientError, Result};
 pub use proxy::{JobProxy, ManagerProxy};

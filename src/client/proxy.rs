@@ -1,4 +1,4 @@
-//! zbus proxies for the `Manager` and `Job` interfaces (docs/dbus-api.md).
+//! zbus proxies for the `Manager`, `Job` and `Batch` interfaces (docs/dbus-api.md).
 
 use std::collections::HashMap;
 
@@ -31,6 +31,17 @@ pub trait Manager {
     /// The jobs that exist now.
     fn list_jobs(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
 
+    /// Validates and stores a batch (manifest bytes, `SubmitBatch` options); returns its
+    /// path (the existing batch's for the same manifest and settings).
+    fn submit_batch(
+        &self,
+        manifest: &[u8],
+        options: HashMap<&str, Value<'_>>,
+    ) -> zbus::Result<OwnedObjectPath>;
+
+    /// The caller's batches (root: all).
+    fn list_batches(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+
     /// diffusiond's version.
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
@@ -58,6 +69,84 @@ pub trait Manager {
     /// A finished job was retired.
     #[zbus(signal)]
     fn job_removed(&self, job: ObjectPath<'_>, final_state: &str) -> zbus::Result<()>;
+}
+
+/// `io.github.Diffusiond1.Batch` at `/io/github/Diffusiond1/batch/<n>`.
+#[proxy(
+    interface = "io.github.Diffusiond1.Batch",
+    default_service = "io.github.Diffusiond1",
+    gen_blocking = false
+)]
+pub trait Batch {
+    /// Cancels the batch.
+    fn cancel(&self) -> zbus::Result<()>;
+
+    /// Resumes a paused batch.
+    fn resume(&self) -> zbus::Result<()>;
+
+    /// Files of finished items.
+    fn list_results(&self) -> zbus::Result<Vec<String>>;
+
+    /// Failed items: (name, error).
+    fn list_failures(&self) -> zbus::Result<Vec<(String, String)>>;
+
+    /// A read-only fd of one finished file.
+    fn open_result(&self, file: &str) -> zbus::Result<zbus::zvariant::OwnedFd>;
+
+    /// Removes the batch and its images.
+    fn remove(&self) -> zbus::Result<()>;
+
+    /// `running`, `paused`, `succeeded`, `failed` or `cancelled`.
+    #[zbus(property)]
+    fn state(&self) -> zbus::Result<String>;
+
+    /// Why it paused, or "".
+    #[zbus(property)]
+    fn error(&self) -> zbus::Result<String>;
+
+    /// Items.
+    #[zbus(property)]
+    fn total(&self) -> zbus::Result<u32>;
+
+    /// Items done.
+    #[zbus(property)]
+    fn done(&self) -> zbus::Result<u32>;
+
+    /// Items failed.
+    #[zbus(property)]
+    fn failed(&self) -> zbus::Result<u32>;
+
+    /// Images per second.
+    #[zbus(property)]
+    fn images_per_second(&self) -> zbus::Result<f64>;
+
+    /// Seconds left.
+    #[zbus(property)]
+    fn eta_seconds(&self) -> zbus::Result<f64>;
+
+    /// Bytes of its images in the daemon's state directory.
+    #[zbus(property)]
+    fn disk_bytes(&self) -> zbus::Result<u64>;
+
+    /// Its owner's uid.
+    #[zbus(property)]
+    fn owner(&self) -> zbus::Result<u32>;
+
+    /// Its label.
+    #[zbus(property)]
+    fn label(&self) -> zbus::Result<String>;
+
+    /// Its identity.
+    #[zbus(property)]
+    fn manifest_hash(&self) -> zbus::Result<String>;
+
+    /// Its base seed.
+    #[zbus(property)]
+    fn base_seed(&self) -> zbus::Result<u64>;
+
+    /// An item ended.
+    #[zbus(signal)]
+    fn item_finished(&self, name: &str, ok: bool, error: &str) -> zbus::Result<()>;
 }
 
 /// `io.github.Diffusiond1.Job` at `/io/github/Diffusiond1/job/<n>`.

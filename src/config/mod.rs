@@ -129,6 +129,13 @@ pub struct JobSettings {
     /// A Unix group (name or number) whose members may ask for a priority above 0, besides
     /// root and the service user. Unset: nobody else.
     pub priority_group: Option<String>,
+    /// Where the daemon keeps its batches (SQLite state and finished images). Unset:
+    /// `$STATE_DIRECTORY` (systemd's `StateDirectory=`, `/var/lib/diffusiond`) on the
+    /// system bus, else `$XDG_STATE_HOME/diffusiond` (`~/.local/state/diffusiond`).
+    pub state_dir: Option<PathBuf>,
+    /// Seconds a finished batch is kept after every one of its images was fetched;
+    /// `Batch.Remove` removes one at once.
+    pub batch_retention_secs: u64,
 }
 
 impl Default for JobSettings {
@@ -143,6 +150,8 @@ impl Default for JobSettings {
             idle_exit_secs: None,
             output_timeout_secs: 60,
             priority_group: None,
+            state_dir: None,
+            batch_retention_secs: 7 * 24 * 3600,
         }
     }
 }
@@ -207,6 +216,11 @@ impl Settings {
             ("jobs.max_batch_images", j.max_batch_images),
             ("limits.max_steps", self.limits.max_steps),
             ("limits.max_images", self.limits.max_images),
+            ("limits.max_batch_items", self.limits.max_batch_items),
+            (
+                "limits.max_batches_per_caller",
+                self.limits.max_batches_per_caller,
+            ),
         ] {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{key}: must be at least 1")));
@@ -258,6 +272,32 @@ pub fn default_file(system: bool) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The daemon's state directory (batches): `jobs.state_dir` when set; on the system bus
+/// `$STATE_DIRECTORY` (the first, when systemd gives several) or `/var/lib/diffusiond`;
+/// otherwise `$XDG_STATE_HOME/diffusiond`, or `$HOME/.local/state/diffusiond`. Pure: the
+/// environment comes in as `var`.
+pub fn state_dir(
+    configured: Option<&Path>,
+    system: bool,
+    var: impl Fn(&str) -> Option<String>,
+) -> Option<PathBuf> {
+    if let Some(dir) = configured {
+        return Some(dir.to_path_buf());
+    }
+    let set = |name: &str| var(name).filter(|v| !v.is_empty());
+    if system {
+        return Some(
+            set("STATE_DIRECTORY")
+                .and_then(|v| v.split(':').next().map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from("/var/lib/diffusiond")),
+        );
+    }
+    set("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| set("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .map(|base| base.join("diffusiond"))
+}
+
 /// The id of Unix group `name` (a number is taken as it is), from `group_file` (the
 /// contents of /etc/group).
 pub fn group_id(name: &str, group_file: &str) -> Option<u32> {
@@ -282,5 +322,44 @@ mod tests {
         assert_eq!(group_id("diffusiond", file), Some(998));
         assert_eq!(group_id("1234", file), Some(1234));
         assert_eq!(group_id("nope", file), None);
+    }
+
+    #[test]
+    fn the_state_directory_follows_the_bus_and_the_environment() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let p = |s: &str| Some(PathBuf::from(s));
+        assert_eq!(
+            state_dir(Some(Path::new("/srv/x")), true, env(&[])),
+            p("/srv/x")
+        );
+        assert_eq!(
+            state_dir(
+                None,
+                true,
+                env(&[("STATE_DIRECTORY", "/var/lib/diffusiond:/other")])
+            ),
+            p("/var/lib/diffusiond")
+        );
+        assert_eq!(state_dir(None, true, env(&[])), p("/var/lib/diffusiond"));
+        assert_eq!(
+            state_dir(
+                None,
+                false,
+                env(&[("XDG_STATE_HOME", "/h/st"), ("HOME", "/h")])
+            ),
+            p("/h/st/diffusiond")
+        );
+        assert_eq!(
+            state_dir(None, false, env(&[("XDG_STATE_HOME", ""), ("HOME", "/h")])),
+            p("/h/.local/state/diffusiond")
+        );
+        assert_eq!(state_dir(None, false, env(&[])), None);
     }
 }

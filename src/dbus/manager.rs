@@ -1,7 +1,6 @@
 //! The Manager object (`/io/github/Diffusiond1`): `Generate`, the model commands, the
 //! job list and the daemon's properties. Each method reads, resolves once, and hands over.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -10,13 +9,16 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{ObjectPath, OwnedObjectPath};
 use zbus::{Connection, interface};
 
+use super::batch::{Batch, blocking};
 use super::job::{Entry, JobView};
 use super::{Error, Job, Registry, caller_uid, expect_args};
+use crate::batch::service::Service;
 use crate::jobs::{Engine, JobId, QueuedJob};
 use crate::model::{Catalog, PipelineKind};
 use crate::request::Limits;
+use crate::wire::batch::batch_path;
 use crate::wire::reply::ModelInfo;
-use crate::wire::{job_path, keys};
+use crate::wire::{self, job_path, keys};
 
 /// The Manager object.
 pub struct Manager {
@@ -24,14 +26,14 @@ pub struct Manager {
     catalog: Arc<Catalog>,
     limits: Limits,
     registry: Registry,
-    /// The last job number given out.
-    last_id: AtomicU64,
     runtime_version: String,
     providers: Vec<String>,
     /// The daemon's own uid: it may load and unload models, as root may.
     own_uid: Option<u32>,
     /// Members of this group may ask for a priority above 0 (`jobs.priority_group`).
     priority_gid: Option<u32>,
+    /// Durable batches, or why the state directory could not be used.
+    batches: Result<Service, String>,
 }
 
 impl Manager {
@@ -45,6 +47,7 @@ impl Manager {
         runtime_version: String,
         providers: Vec<String>,
         priority_gid: Option<u32>,
+        batches: Result<Service, String>,
     ) -> Self {
         use std::os::unix::fs::MetadataExt;
         let own_uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
@@ -53,11 +56,11 @@ impl Manager {
             catalog,
             limits,
             registry,
-            last_id: AtomicU64::new(0),
             runtime_version,
             providers,
             own_uid,
             priority_gid,
+            batches,
         }
     }
 
@@ -87,6 +90,13 @@ impl Manager {
         ))
     }
 
+    /// The batch service, or why batches are unavailable.
+    fn batches(&self) -> Result<Service, Error> {
+        self.batches
+            .clone()
+            .map_err(|e| Error::StorageFailed(format!("batches are unavailable: {e}")))
+    }
+
     /// Loading and unloading models affects every caller: only root or the daemon's own
     /// user (on a session bus, the user) may do it.
     async fn check_admin(&self, conn: &Connection, header: &Header<'_>) -> Result<(), Error> {
@@ -97,30 +107,6 @@ impl Manager {
             Err(Error::AccessDenied(
                 "only root or the service user may load or unload models".into(),
             ))
-        }
-    }
-}
-
-/// Microseconds since the Unix epoch.
-fn unix_micros() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-}
-
-/// The next job number: the clock in microseconds, or one more than the last number when
-/// the clock has not moved past it. Numbers rise within a run and a restarted daemon starts
-/// past every number an earlier run gave out (a call takes longer than a microsecond, so
-/// numbers never run ahead of the clock for long), so a path from before a restart names no
-/// job (UnknownObject) instead of another caller's. They stay below 2^53, exact in a
-/// double for clients in languages without 64-bit integers.
-fn next_job_id(last: &AtomicU64, now_micros: u64) -> JobId {
-    let mut prev = last.load(Ordering::Relaxed);
-    loop {
-        let next = now_micros.max(prev + 1);
-        match last.compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => return next,
-            Err(seen) => prev = seen,
         }
     }
 }
@@ -147,7 +133,7 @@ impl Manager {
         if resolved.priority > 0 {
             self.check_priority(conn, &header, owner).await?;
         }
-        let id = next_job_id(&self.last_id, unix_micros());
+        let id = self.engine.next_id();
         let path = job_path(id);
         let (done_tx, done_rx) = watch::channel(false);
         let view = Arc::new(Mutex::new(JobView::queued(owner, &resolved)));
@@ -175,6 +161,8 @@ impl Manager {
             request: resolved,
             output_fds: incoming.output_fds,
             queued_at: std::time::Instant::now(),
+            background: false,
+            reply: None,
         };
         if let Err(e) = self.engine.submit(queued) {
             self.registry.remove(id);
@@ -184,6 +172,54 @@ impl Manager {
         Self::job_added(&emitter, path.as_ref()).await?;
         self.queue_length_changed(&emitter).await?;
         Ok(path)
+    }
+
+    /// Reads a batch manifest (bytes, never a path), validates every line and stores the
+    /// batch; returns its object path. The same manifest and settings from the same uid
+    /// return the existing batch (resumed if it was paused) instead of a second one.
+    #[zbus(out_args("batch"))]
+    async fn submit_batch(
+        &self,
+        manifest: Vec<u8>,
+        options: keys::RawDict,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<OwnedObjectPath, Error> {
+        expect_args(&header, "SubmitBatch", "aya{sv}")?;
+        let submission = wire::batch::parse_submission(&options).map_err(Error::InvalidArgument)?;
+        let owner = caller_uid(conn, &header).await?;
+        let service = self.batches()?;
+        let (id, snapshot) = blocking(move || {
+            let (id, _) = service.submit(owner, &manifest, &submission)?;
+            Ok((id, service.snapshot(id)?))
+        })
+        .await?;
+        let path = batch_path(id);
+        if server.interface::<_, Batch>(path.as_ref()).await.is_err() {
+            server
+                .at(&path, Batch::new(self.batches()?, snapshot))
+                .await?;
+        }
+        Ok(path)
+    }
+
+    /// The caller's batches (root: every batch).
+    #[zbus(out_args("batches"))]
+    async fn list_batches(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<OwnedObjectPath>, Error> {
+        expect_args(&header, "ListBatches", "")?;
+        let uid = caller_uid(conn, &header).await?;
+        let service = self.batches()?;
+        let rows = blocking(move || service.batches()).await?;
+        Ok(rows
+            .into_iter()
+            .filter(|r| uid == 0 || r.owner == uid)
+            .map(|r| batch_path(r.id))
+            .collect())
     }
 
     /// One dict per configured model.
@@ -295,26 +331,4 @@ impl Manager {
         job: ObjectPath<'_>,
         final_state: &str,
     ) -> zbus::Result<()>;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn job_numbers_follow_the_clock_and_never_repeat() {
-        let last = AtomicU64::new(0);
-        assert_eq!(next_job_id(&last, 1_000), 1_000);
-        assert_eq!(next_job_id(&last, 1_000), 1_001);
-        assert_eq!(
-            next_job_id(&last, 900),
-            1_002,
-            "a clock read behind the last number"
-        );
-        assert_eq!(next_job_id(&last, 5_000), 5_000);
-        // A restart: a fresh counter starts from the clock, past the earlier run's numbers.
-        let restarted = AtomicU64::new(0);
-        assert!(next_job_id(&restarted, unix_micros()) > 5_000);
-        assert!(unix_micros() < 1 << 53);
-    }
 }

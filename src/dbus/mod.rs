@@ -8,8 +8,10 @@
 //!
 //! * `manager`: the Manager object;
 //! * `job`: Job objects and what they show;
-//! * `events`: engine events → Job objects, retirement, callers leaving the bus.
+//! * `events`: engine events → Job objects, retirement, callers leaving the bus;
+//! * `batch`: Batch objects, and batch events → their properties and signals.
 
+mod batch;
 mod events;
 mod job;
 mod manager;
@@ -20,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use zbus::Connection;
 use zbus::message::Header;
 
+pub use batch::{Batch, BatchEvent, ChannelEvents, pump_batch_events, schedule_expiry};
 pub use events::{pump_events, watch_disconnects};
 pub use job::Job;
 pub use manager::Manager;
@@ -74,7 +77,7 @@ impl Registry {
 /// it, which also makes zbus decode (and so check) their empty argument list: without a
 /// parameter it would not look at the body at all. `want` is the method's input signature.
 fn expect_args(header: &Header<'_>, method: &str, want: &str) -> Result<(), Error> {
-    let got = header.signature().to_string();
+    let got = header.signature().to_string_no_parens();
     if got == want {
         return Ok(());
     }

@@ -96,7 +96,16 @@ pub struct QueuedJob {
     pub output_fds: Vec<OwnedFd>,
     /// When it was queued.
     pub queued_at: Instant,
+    /// A batch item: runs only when no interactive job can, and is not counted against
+    /// the queue depth or its owner's share (its batch was admitted as a whole).
+    pub background: bool,
+    /// Where the job's one outcome goes instead of an [`Event::Finished`] (batch items).
+    pub reply: Option<Reply>,
 }
+
+/// A channel for one job's outcome: the batch runner's own, so it never goes through
+/// the D-Bus event pump.
+pub type Reply = std::sync::mpsc::Sender<(JobId, Outcome)>;
 
 /// What a successful job produced.
 #[derive(Debug, Clone)]
@@ -184,6 +193,31 @@ pub enum EngineError {
     Failed(Failure),
 }
 
+/// Microseconds since the Unix epoch.
+pub fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The next job number: the clock in microseconds, or one more than the last number when
+/// the clock has not moved past it. Numbers rise within a run and a restarted daemon starts
+/// past every number an earlier run gave out (a call takes longer than a microsecond, so
+/// numbers never run ahead of the clock for long), so a path from before a restart names no
+/// job (UnknownObject) instead of another caller's. They stay below 2^53, exact in a
+/// double for clients in languages without 64-bit integers.
+pub fn next_job_id(last: &std::sync::atomic::AtomicU64, now_micros: u64) -> JobId {
+    use std::sync::atomic::Ordering;
+    let mut prev = last.load(Ordering::Relaxed);
+    loop {
+        let next = now_micros.max(prev + 1);
+        match last.compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => prev = seen,
+        }
+    }
+}
+
 /// The batch on the worker: its jobs, those cancelled meanwhile, and its run control.
 struct Running {
     control: Arc<RunControl>,
@@ -211,6 +245,11 @@ struct Shared {
     memory_budget: Option<u64>,
     catalog: Arc<Catalog>,
     backend: Arc<dyn Backend>,
+    /// Jobs whose outcome goes to a [`Reply`] channel. Its own lock, never held while
+    /// waiting for `state`.
+    replies: Mutex<HashMap<JobId, Reply>>,
+    /// The last job number given out ([`Engine::next_id`]).
+    last_id: std::sync::atomic::AtomicU64,
 }
 
 /// The job engine: a handle the daemon layer clones freely.
@@ -244,6 +283,8 @@ impl Engine {
             memory_budget,
             catalog,
             backend,
+            replies: Mutex::new(HashMap::new()),
+            last_id: std::sync::atomic::AtomicU64::new(0),
         });
         let engine = Engine { shared };
         let worker = engine.clone();
@@ -258,8 +299,27 @@ impl Engine {
         self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Publishes an event; a job's outcome goes to its [`Reply`] channel when it has one.
     fn send(&self, event: Event) {
+        if let Event::Finished(id, outcome) = &event {
+            let reply = self
+                .shared
+                .replies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id);
+            if let Some(reply) = reply {
+                let _ = reply.send((*id, outcome.clone()));
+                return;
+            }
+        }
         let _ = self.shared.events.send(event);
+    }
+
+    /// A new job number: the clock in microseconds, or one more than the last number
+    /// ([`next_job_id`]). Jobs and batches share the numbers.
+    pub fn next_id(&self) -> JobId {
+        next_job_id(&self.shared.last_id, unix_micros())
     }
 
     fn notify(&self) {
@@ -276,13 +336,23 @@ impl Engine {
         if st.shutting_down {
             return Err(EngineError::ShuttingDown);
         }
-        st.admission.admit(
-            job.id,
-            job.owner,
-            job.sender.clone(),
-            s.queue_depth,
-            s.jobs_per_caller,
-        )?;
+        if !job.background {
+            st.admission.admit(
+                job.id,
+                job.owner,
+                job.sender.clone(),
+                s.queue_depth,
+                s.jobs_per_caller,
+            )?;
+        }
+        let mut job = job;
+        if let Some(reply) = job.reply.take() {
+            self.shared
+                .replies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(job.id, reply);
+        }
         st.queue.push(job);
         drop(st);
         self.notify();

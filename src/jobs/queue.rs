@@ -17,8 +17,9 @@ pub enum QueueError {
     CallerFull(usize),
 }
 
-/// Run order: priority (higher first), then turn, then arrival.
-type Key = (std::cmp::Reverse<i32>, usize, JobId);
+/// Run order: interactive jobs before batch items, then priority (higher first), then
+/// turn, then arrival.
+type Key = (bool, std::cmp::Reverse<i32>, usize, JobId);
 
 /// Queued jobs in run order. A job's turn is how many jobs its owner already had queued
 /// at its priority when it arrived, so at equal priority callers take turns: one user's
@@ -45,15 +46,21 @@ impl Queue {
         let turn = self
             .jobs
             .values()
-            .filter(|j| j.owner == job.owner && j.request.priority == priority)
+            .filter(|j| {
+                j.owner == job.owner
+                    && j.request.priority == priority
+                    && j.background == job.background
+            })
             .count();
-        self.jobs
-            .insert((std::cmp::Reverse(priority), turn, job.id), job);
+        self.jobs.insert(
+            (job.background, std::cmp::Reverse(priority), turn, job.id),
+            job,
+        );
     }
 
     /// Removes one job by id.
     pub fn remove(&mut self, id: JobId) -> Option<QueuedJob> {
-        let key = *self.jobs.keys().find(|(_, _, j)| *j == id)?;
+        let key = *self.jobs.keys().find(|(_, _, _, j)| *j == id)?;
         self.jobs.remove(&key)
     }
 
@@ -125,6 +132,8 @@ mod tests {
             request,
             output_fds: Vec::new(),
             queued_at: std::time::Instant::now(),
+            background: false,
+            reply: None,
         }
     }
 

@@ -215,6 +215,8 @@ impl Harness {
             },
             output_fds,
             queued_at: Instant::now(),
+            background: false,
+            reply: None,
         };
         self.engine.submit(job).unwrap();
     }
@@ -444,6 +446,8 @@ fn shutdown_cancels_what_outlives_the_grace_period() {
         request: resolved("a", 1),
         output_fds: Vec::new(),
         queued_at: Instant::now(),
+        background: false,
+        reply: None,
     };
     assert!(matches!(
         h.engine.submit(late),
@@ -498,4 +502,21 @@ fn a_job_whose_reader_never_reads_still_counts_and_cancel_ends_it() {
     assert_eq!(h.engine.queue_length(), 0);
     drop(reader);
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+}
+
+#[test]
+fn job_numbers_follow_the_clock_and_never_repeat() {
+    let last = std::sync::atomic::AtomicU64::new(0);
+    assert_eq!(super::next_job_id(&last, 1_000), 1_000);
+    assert_eq!(super::next_job_id(&last, 1_000), 1_001);
+    assert_eq!(
+        super::next_job_id(&last, 900),
+        1_002,
+        "a clock read behind the last number"
+    );
+    assert_eq!(super::next_job_id(&last, 5_000), 5_000);
+    // A restart: a fresh counter starts from the clock, past the earlier run's numbers.
+    let restarted = std::sync::atomic::AtomicU64::new(0);
+    assert!(super::next_job_id(&restarted, super::unix_micros()) > 5_000);
+    assert!(super::unix_micros() < 1 << 53);
 }

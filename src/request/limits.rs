@@ -23,6 +23,11 @@ pub struct Limits {
     /// Unset in the config: derived when the daemon starts from its cgroup's memory limit,
     /// else the memory available then, less a tenth. 0: no memory check.
     pub memory_budget: Option<u64>,
+    /// Most items (manifest lines) in one batch. A batch is one entry in the queue,
+    /// whatever its size: only a window of its items is in the engine at once.
+    pub max_batch_items: usize,
+    /// Most unfinished batches one caller (Unix user) may have.
+    pub max_batches_per_caller: usize,
 }
 
 /// The default bound on `guidance_scale` (useful values are about 1 to 30).
@@ -39,6 +44,8 @@ impl Default for Limits {
             max_prompt_bytes: 4096,
             max_guidance_scale: DEFAULT_MAX_GUIDANCE_SCALE,
             memory_budget: None,
+            max_batch_items: 100_000,
+            max_batches_per_caller: 4,
         }
     }
 }
@@ -56,6 +63,8 @@ impl Limits {
             max_prompt_bytes: usize::MAX,
             max_guidance_scale: DEFAULT_MAX_GUIDANCE_SCALE,
             memory_budget: None,
+            max_batch_items: usize::MAX,
+            max_batches_per_caller: usize::MAX,
         }
     }
 }

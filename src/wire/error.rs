@@ -1,6 +1,7 @@
 //! The daemon's D-Bus errors (`io.github.Diffusiond1.Error.<Name>`), and the one place
 //! where the typed failures of the request resolver and the job engine become them.
 
+use crate::batch::BatchError;
 use crate::jobs::{EngineError, Failure};
 use crate::request::RequestError;
 
@@ -30,6 +31,26 @@ pub enum Error {
     AccessDenied(String),
     /// The daemon is stopping.
     ShuttingDown(String),
+    /// A batch manifest has bad lines; the message lists each (line number and key).
+    InvalidManifest(String),
+    /// No such batch (it was removed, or never existed).
+    UnknownBatch(String),
+    /// The batch state or its files could not be read or written (names the file).
+    StorageFailed(String),
+}
+
+impl From<BatchError> for Error {
+    fn from(e: BatchError) -> Self {
+        match e {
+            BatchError::Manifest(_) => Error::InvalidManifest(e.to_string()),
+            BatchError::Unknown(_) => Error::UnknownBatch(e.to_string()),
+            BatchError::Denied(m) => Error::AccessDenied(m),
+            BatchError::Limit(m) => Error::QueueFull(m),
+            BatchError::NoResult(m) | BatchError::Changed(m) => Error::InvalidArgument(m),
+            BatchError::Model(m) => Error::ModelLoadFailed(m),
+            BatchError::Store(_) | BatchError::Io(_) => Error::StorageFailed(e.to_string()),
+        }
+    }
 }
 
 impl From<RequestError> for Error {

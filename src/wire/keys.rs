@@ -285,6 +285,144 @@ pub fn to_owned_dict(request: &GenerateRequest) -> HashMap<String, OwnedValue> {
         .collect()
 }
 
+/// Keys of `Generate` that a batch manifest line may not hold: delivery goes to the batch's
+/// folder, and batch items run after interactive jobs whatever their priority.
+pub const NOT_IN_MANIFEST: &[&str] = &["output_fds", "cancel_on_disconnect", "priority"];
+
+/// Reads the defaults of a batch (`SubmitBatch`'s `defaults`): the keys a manifest line
+/// may hold, but not `prompt`, which each line gives.
+pub fn parse_defaults(raw: &RawDict) -> Result<GenerateRequest, String> {
+    for (name, _) in &raw.0 {
+        if name == "prompt" || NOT_IN_MANIFEST.contains(&name.as_str()) {
+            return Err(format!("'{name}' cannot be a batch default"));
+        }
+    }
+    let mut with_prompt = RawDict(raw.0.clone());
+    with_prompt.0.push((
+        "prompt".into(),
+        OwnedValue::try_from(Value::from("")).map_err(|e| e.to_string())?,
+    ));
+    parse(&with_prompt).map(|i| i.request)
+}
+
+/// Reads a manifest line (one JSON object) through the same rows as [`parse`]: each JSON
+/// value is taken as its key's D-Bus type. Keys in `extra` are left to the caller.
+/// Returns the request, whether `prompt` was given, and one `(key, message)` per bad key.
+pub fn from_json(
+    object: &serde_json::Map<String, serde_json::Value>,
+    extra: &[&str],
+) -> (GenerateRequest, bool, Vec<(String, String)>) {
+    let mut p = Parsing {
+        incoming: Incoming {
+            request: GenerateRequest::default(),
+            output_fds: Vec::new(),
+            cancel_on_disconnect: true,
+        },
+        prompt: false,
+    };
+    let mut errors = Vec::new();
+    for (name, json) in object {
+        if extra.contains(&name.as_str()) {
+            continue;
+        }
+        let key = KEYS
+            .iter()
+            .find(|k| k.name == name && !NOT_IN_MANIFEST.contains(&k.name));
+        let Some(key) = key else {
+            let mut known: Vec<&str> = KEYS
+                .iter()
+                .map(|k| k.name)
+                .filter(|k| !NOT_IN_MANIFEST.contains(k))
+                .collect();
+            known.extend_from_slice(extra);
+            errors.push((
+                name.clone(),
+                format!("unknown key (known: {})", known.join(", ")),
+            ));
+            continue;
+        };
+        let read = json_value(key.signature, json).and_then(|v| {
+            (key.read)(&mut p, &v).map_err(|e| {
+                // The row's message is about D-Bus types; keep what it says of the value.
+                e.trim_start_matches(&format!("'{name}': ")).to_string()
+            })
+        });
+        if let Err(message) = read {
+            errors.push((name.clone(), message));
+        }
+    }
+    (p.incoming.request, p.prompt, errors)
+}
+
+/// A JSON value as the D-Bus basic type `signature`, or what was expected.
+fn json_value(signature: &str, json: &serde_json::Value) -> Result<Value<'static>, String> {
+    use serde_json::Value as J;
+    let shown = |j: &J| {
+        let mut s = j.to_string();
+        if s.len() > 40 {
+            s.truncate(40);
+            s.push_str("...");
+        }
+        s
+    };
+    let int = |lo: i128, hi: i128, what: &str| -> Result<i128, String> {
+        let n = match json {
+            J::Number(n) => n
+                .as_u64()
+                .map(i128::from)
+                .or_else(|| n.as_i64().map(i128::from)),
+            _ => None,
+        };
+        n.filter(|n| (lo..=hi).contains(n))
+            .ok_or_else(|| format!("expected {what} from {lo} to {hi}, got {}", shown(json)))
+    };
+    match signature {
+        "s" => match json {
+            J::String(s) => Ok(Value::from(s.clone())),
+            other => Err(format!("expected a string, got {}", shown(other))),
+        },
+        "u" => int(0, u32::MAX.into(), "an integer").map(|n| Value::U32(n as u32)),
+        "t" => int(0, u64::MAX.into(), "an integer").map(|n| Value::U64(n as u64)),
+        "i" => int(i32::MIN.into(), i32::MAX.into(), "an integer").map(|n| Value::I32(n as i32)),
+        "d" => match json {
+            J::Number(n) => n
+                .as_f64()
+                .map(Value::F64)
+                .ok_or_else(|| format!("expected a number, got {n}")),
+            other => Err(format!("expected a number, got {}", shown(other))),
+        },
+        "b" => match json {
+            J::Bool(b) => Ok(Value::Bool(*b)),
+            other => Err(format!("expected true or false, got {}", shown(other))),
+        },
+        other => Err(format!("D-Bus type '{other}' has no JSON form")),
+    }
+}
+
+/// The keys a request sets, as one JSON object (a manifest line; the inverse of
+/// [`from_json`]).
+pub fn to_json(request: &GenerateRequest) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::Value as J;
+    let mut object = serde_json::Map::new();
+    let dict = to_dict(request);
+    for key in KEYS {
+        let Some(v) = dict.get(key.name) else {
+            continue;
+        };
+        let json = match v {
+            Value::Str(s) => J::from(s.as_str()),
+            Value::U32(n) => J::from(*n),
+            Value::U64(n) => J::from(*n),
+            Value::I32(n) => J::from(*n),
+            Value::F64(x) => J::from(*x),
+            Value::Bool(b) => J::from(*b),
+            _ => continue,
+        };
+        object.insert(key.name.to_string(), json);
+    }
+    object
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,5 +567,59 @@ mod tests {
             }
             m.end()
         }
+    }
+
+    #[test]
+    fn manifest_lines_read_through_the_same_rows() {
+        let line: serde_json::Value = serde_json::json!({
+            "prompt": "a cat", "steps": 4, "guidance_scale": 5, "seed": 7,
+            "rng": "numpy", "name": "cat"
+        });
+        let (req, prompt, errors) = from_json(line.as_object().unwrap(), &["name"]);
+        assert!(prompt);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(req.steps, Some(4));
+        assert_eq!(req.guidance_scale, Some(5.0));
+        assert_eq!(req.rng, Some(RngKind::Numpy));
+        let back = to_json(&req);
+        let text = serde_json::Value::Object(back).to_string();
+        // serde_json's map keeps keys sorted: the same request always gives the same text.
+        assert_eq!(
+            text,
+            r#"{"guidance_scale":5.0,"prompt":"a cat","rng":"numpy","seed":7,"steps":4}"#
+        );
+    }
+
+    #[test]
+    fn manifest_lines_name_each_bad_key() {
+        let line = serde_json::json!({
+            "prompt": 3, "steps": -1, "width": 1.5, "seed": "x", "rng": "mt",
+            "priority": 2, "colour": "red", "guidance_scale": "high"
+        });
+        let (_, _, mut errors) = from_json(line.as_object().unwrap(), &["name"]);
+        errors.sort();
+        let keys: Vec<&str> = errors.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "colour",
+                "guidance_scale",
+                "priority",
+                "prompt",
+                "rng",
+                "seed",
+                "steps",
+                "width"
+            ]
+        );
+        let message = |k: &str| &errors.iter().find(|(key, _)| key == k).unwrap().1;
+        assert_eq!(
+            message("steps"),
+            "expected an integer from 0 to 4294967295, got -1"
+        );
+        assert_eq!(message("prompt"), "expected a string, got 3");
+        assert!(message("colour").starts_with("unknown key (known: prompt,"));
+        assert!(message("colour").ends_with(", name)"));
+        assert!(message("rng").contains("mt"), "{}", message("rng"));
     }
 }

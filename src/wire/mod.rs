@@ -6,6 +6,7 @@
 //! The `#[interface]` and `#[proxy]` attributes need literal names; unit tests check that
 //! those literals equal the constants here.
 
+pub mod batch;
 pub mod error;
 pub mod keys;
 pub mod reply;

@@ -2,6 +2,7 @@
 //! process on it. Both are killed when dropped. No mocks.
 #![allow(dead_code)]
 
+pub mod batch;
 pub mod checker;
 
 use std::io::{BufRead, BufReader};
@@ -139,6 +140,8 @@ impl Daemon {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            // Batch state in the test's folder (a config's jobs.state_dir wins).
+            .env("XDG_STATE_HOME", dir.path().join("state"))
             .spawn()
             .expect("start diffusiond");
         let mut daemon = Daemon {

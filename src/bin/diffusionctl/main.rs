@@ -1,8 +1,9 @@
 //! diffusionctl: the command-line client of diffusiond. The library's `client` module
 //! does the D-Bus work; this binary parses flags, shows progress and tables
 //! ([`progress`], [`output`]) and names the output files. `generate --local` runs the
-//! pipeline in-process (`diffusiond::local`).
+//! pipeline in-process (`diffusiond::local`); [`batch`] runs manifests.
 
+mod batch;
 mod output;
 mod progress;
 
@@ -37,6 +38,9 @@ enum Command {
     Cancel(CancelArgs),
     /// Wait for a job to end, optionally writing its images.
     Wait(WaitArgs),
+    /// Generate a manifest of requests into a folder, resumably (`batch MANIFEST
+    /// --output-dir DIR`), or show, list or cancel daemon batches.
+    Batch(Box<batch::BatchArgs>),
 }
 
 /// Which bus the daemon is on (at most one).
@@ -83,40 +87,15 @@ struct GenerateArgs {
     /// The prompt.
     #[arg(long)]
     prompt: String,
-    /// The negative prompt.
-    #[arg(long)]
-    negative_prompt: Option<String>,
-    /// Denoising steps [default: 20].
-    #[arg(long)]
-    steps: Option<u32>,
-    /// Classifier-free guidance scale (≤ 1 turns guidance off) [default: 7.5].
-    #[arg(long, allow_negative_numbers = true)]
-    guidance: Option<f64>,
-    /// Guidance rescale, 0..1 (diffusers' guidance_rescale) [default: 0].
-    #[arg(long)]
-    guidance_rescale: Option<f64>,
-    /// Scheduler (default: the model's own).
-    #[arg(long, value_name = "NAME")]
-    scheduler: Option<String>,
     /// Seed (default: a random one).
     #[arg(long)]
     seed: Option<u64>,
-    /// Which reference generator the seed follows [default: torch].
-    #[arg(long, value_name = "torch|numpy")]
-    rng: Option<RngKind>,
     /// Initial latents from a .npy file (float32, [K,4,H/8,W/8]), instead of the seed's
     /// (--local only).
     #[arg(long, value_name = "FILE.npy")]
     latents: Option<PathBuf>,
-    /// Width in pixels, a multiple of 8 (default: the model's native size).
-    #[arg(long)]
-    width: Option<u32>,
-    /// Height in pixels, a multiple of 8 (default: the model's native size).
-    #[arg(long)]
-    height: Option<u32>,
-    /// Number of images; with K > 1, files are OUT-0.png, OUT-1.png, ... [default: 1].
-    #[arg(long)]
-    num_images: Option<u32>,
+    #[command(flatten)]
+    flags: RequestFlags,
     /// Job priority: higher runs first (daemon only) [default: 0].
     #[arg(long, allow_negative_numbers = true, conflicts_with = "local")]
     priority: Option<i32>,
@@ -128,6 +107,57 @@ struct GenerateArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     bus: BusArgs,
+}
+
+/// The request flags `generate` and `batch` share (a contract: scripts call them by
+/// these names). In a batch they are the defaults for keys a manifest line leaves out.
+#[derive(Debug, Clone, Args)]
+pub struct RequestFlags {
+    /// The negative prompt.
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Denoising steps [default: 20].
+    #[arg(long)]
+    pub steps: Option<u32>,
+    /// Classifier-free guidance scale (≤ 1 turns guidance off) [default: 7.5].
+    #[arg(long, allow_negative_numbers = true)]
+    pub guidance: Option<f64>,
+    /// Guidance rescale, 0..1 (diffusers' guidance_rescale) [default: 0].
+    #[arg(long)]
+    pub guidance_rescale: Option<f64>,
+    /// Scheduler (default: the model's own).
+    #[arg(long, value_name = "NAME")]
+    pub scheduler: Option<String>,
+    /// Which reference generator the seed follows [default: torch].
+    #[arg(long, value_name = "torch|numpy")]
+    pub rng: Option<RngKind>,
+    /// Width in pixels, a multiple of 8 (default: the model's native size).
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Height in pixels, a multiple of 8 (default: the model's native size).
+    #[arg(long)]
+    pub height: Option<u32>,
+    /// Number of images; with K > 1, files are OUT-0.png, OUT-1.png, ... [default: 1].
+    #[arg(long)]
+    pub num_images: Option<u32>,
+}
+
+impl RequestFlags {
+    /// The keys these flags set (no prompt).
+    pub fn request(&self) -> GenerateRequest {
+        GenerateRequest {
+            negative_prompt: self.negative_prompt.clone(),
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            guidance_scale: self.guidance,
+            guidance_rescale: self.guidance_rescale,
+            rng: self.rng,
+            scheduler: self.scheduler.clone(),
+            num_images: self.num_images,
+            ..GenerateRequest::default()
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -190,6 +220,7 @@ fn main() -> ExitCode {
         Command::Jobs(bus) => daemon(&bus.bus(), jobs),
         Command::Cancel(args) => daemon(&args.bus.bus(), |c| cancel(c, args.job)),
         Command::Wait(args) => daemon(&args.bus.bus(), |c| wait(c, args.job, args.output)),
+        Command::Batch(args) => batch::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -252,18 +283,10 @@ where
 fn request(args: &GenerateArgs) -> GenerateRequest {
     GenerateRequest {
         prompt: args.prompt.clone(),
-        negative_prompt: args.negative_prompt.clone(),
         model: args.model.clone(),
-        width: args.width,
-        height: args.height,
-        steps: args.steps,
-        guidance_scale: args.guidance,
-        guidance_rescale: args.guidance_rescale,
         seed: args.seed,
-        rng: args.rng,
-        scheduler: args.scheduler.clone(),
-        num_images: args.num_images,
         priority: args.priority,
+        ..args.flags.request()
     }
 }
 

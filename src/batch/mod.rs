@@ -1,0 +1,91 @@
+//! Durable batch generation: a manifest in, a folder of PNGs out, resumable after any
+//! crash, splittable into shards.
+//!
+//! By concern:
+//! * [`manifest`]: reading `.jsonl`/`.txt` manifests into items (names, seeds, shards),
+//!   one error per bad line;
+//! * [`store`]: batch and item state in SQLite; an item is done only once its files are
+//!   in place;
+//! * [`files`]: output files written under a temporary name, flushed, then renamed;
+//! * [`runner`]: feeds a batch's items to the job engine and records each result;
+//! * [`local`]: `diffusionctl batch --local`, state kept in the output folder;
+//! * [`service`]: the daemon's batches, kept in its state directory and resumed at start.
+
+pub mod files;
+pub mod local;
+pub mod manifest;
+pub mod runner;
+pub mod service;
+pub mod store;
+
+pub use manifest::{Format, Item, LineError, Manifest, ManifestError, Options, Shard};
+pub use runner::{Control, End, Observer, Progress};
+pub use store::{BatchId, BatchRow, BatchState, Counts, Store, StoreError};
+
+use crate::model::Catalog;
+use crate::request::{Limits, RequestError};
+
+/// Reads a manifest and resolves every item (all shards) against the models and limits,
+/// as a `Generate` call would: one error per bad line, of either kind, and nothing runs
+/// when there is one.
+pub fn read_checked(
+    bytes: &[u8],
+    options: &Options,
+    catalog: &Catalog,
+    limits: &Limits,
+) -> Result<Manifest, ManifestError> {
+    manifest::parse_checked(bytes, options, |item| {
+        catalog
+            .resolve(&item.request, limits)
+            .err()
+            .map(|e| line_error(item, e))
+    })
+}
+
+fn line_error(item: &Item, e: RequestError) -> LineError {
+    let (key, message) = match e {
+        RequestError::Invalid { key, message } => (Some(key.to_string()), message),
+        RequestError::UnknownModel { .. }
+        | RequestError::ModelUnavailable { .. }
+        | RequestError::NoDefaultModel => (Some("model".to_string()), e.to_string()),
+        other => (None, other.to_string()),
+    };
+    LineError {
+        line: item.line(),
+        key,
+        message,
+    }
+}
+
+/// Why a batch could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BatchError {
+    /// Bad lines; nothing ran.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The output folder holds a batch made from another manifest or other settings.
+    #[error("{0}")]
+    Changed(String),
+    /// The batch state could not be read or written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A folder or file could not be used.
+    #[error("{0}")]
+    Io(String),
+    /// The model or the runtime could not be loaded.
+    #[error("{0}")]
+    Model(String),
+    /// No such batch.
+    #[error("no batch {0}")]
+    Unknown(BatchId),
+    /// The caller may not use this batch.
+    #[error("{0}")]
+    Denied(String),
+    /// A limit refused the batch.
+    #[error("{0}")]
+    Limit(String),
+    /// The batch has no such finished file.
+    #[error("{0}")]
+    NoResult(String),
+}

@@ -1,0 +1,344 @@
+//! The batch runner: feeds a batch's pending items to the job engine as background jobs,
+//! a window at a time, writes each finished item's PNGs into place and marks it done.
+//! The same runner serves `diffusionctl batch --local` (an engine in the client process)
+//! and the daemon (its one engine, shared with interactive jobs, which run first).
+//!
+//! Only a window of about two UNet batches is in the engine's queue at once, so a 10,000
+//! item batch is not 10,000 queue entries, and an interactive job waits for at most the
+//! UNet batch that is running.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use super::files::Output;
+use super::store::{BatchId, BatchState, Counts, PendingItem, Store, StoreError};
+use crate::jobs::{Engine, EngineError, JobId, Outcome, QueuedJob};
+use crate::model::Catalog;
+use crate::request::{GenerateRequest, Limits, ResolvedRequest};
+use crate::wire::keys;
+
+/// How far a batch has come, for progress bars and the D-Bus properties.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Progress {
+    /// Item counts.
+    pub counts: Counts,
+    /// Images per second since this run started.
+    pub images_per_second: f64,
+    /// Seconds left at that rate (0 when unknown or done).
+    pub eta_seconds: f64,
+}
+
+/// Told about each finished item.
+pub trait Observer: Send + Sync {
+    /// Item `name` ended: its files are in place (`error` is `None`) or it failed.
+    fn item_finished(&self, batch: BatchId, name: &str, error: Option<&str>, progress: &Progress);
+}
+
+/// An observer that ignores everything.
+impl Observer for () {
+    fn item_finished(&self, _: BatchId, _: &str, _: Option<&str>, _: &Progress) {}
+}
+
+/// Stops a batch run from another thread.
+#[derive(Debug, Default)]
+pub struct Control {
+    cancelled: AtomicBool,
+    stopped: AtomicBool,
+    in_flight: Mutex<HashSet<JobId>>,
+}
+
+impl Control {
+    /// Cancels the batch: no more items start, those in the engine are cancelled.
+    pub fn cancel(&self, engine: &Engine) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        self.cancel_in_flight(engine);
+    }
+
+    /// Stops this run without cancelling the batch (its pending items stay pending).
+    pub fn stop(&self, engine: &Engine) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.cancel_in_flight(engine);
+    }
+
+    fn cancel_in_flight(&self, engine: &Engine) {
+        let ids: Vec<JobId> = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        for id in ids {
+            engine.cancel(id);
+        }
+    }
+
+    /// Whether the batch was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    fn halted(&self) -> bool {
+        self.is_cancelled() || self.stopped.load(Ordering::SeqCst)
+    }
+
+    fn track(&self, id: JobId, on: bool) {
+        let mut set = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        if on {
+            set.insert(id);
+        } else {
+            set.remove(&id);
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum End {
+    /// Every item ended; the batch is succeeded or failed.
+    Finished(BatchState),
+    /// Cancelled by its owner.
+    Cancelled,
+    /// Paused by an output error; the message says which file and why.
+    Paused(String),
+    /// Stopped (Ctrl-C, daemon shutdown); pending items run on the next run.
+    Stopped,
+}
+
+/// One batch's run: everything it works with.
+pub struct Runner<'a> {
+    /// The engine items run on.
+    pub engine: &'a Engine,
+    /// The models, to resolve items against.
+    pub catalog: &'a Catalog,
+    /// The limits items are resolved under.
+    pub limits: &'a Limits,
+    /// The batch state.
+    pub store: &'a Mutex<Store>,
+    /// Where finished images go.
+    pub output: &'a Output,
+    /// Told about each finished item.
+    pub observer: &'a dyn Observer,
+    /// Cancels or stops the run.
+    pub control: &'a Control,
+    /// Images in the engine at once (about two UNet batches).
+    pub window: usize,
+}
+
+/// An item ready to submit.
+struct Ready {
+    item: PendingItem,
+    request: ResolvedRequest,
+}
+
+/// Reads a stored item's canonical line back into a request.
+pub fn stored_request(item: &PendingItem) -> Result<GenerateRequest, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(&item.request).map_err(|e| format!("stored item: {e}"))?;
+    let object = value
+        .as_object()
+        .ok_or_else(|| "stored item is not an object".to_string())?;
+    let (request, _, errors) = keys::from_json(object, &["name"]);
+    match errors.first() {
+        Some((k, m)) => Err(format!("stored item: '{k}': {m}")),
+        None => Ok(request),
+    }
+}
+
+impl Runner<'_> {
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs the batch's pending items until none is left, or it is cancelled, paused or
+    /// stopped. `resumed`: items whose files are all in place already (written before a
+    /// crash, not yet marked) are marked done without running again.
+    pub fn run(&self, id: BatchId, owner: u32, resumed: bool) -> Result<End, StoreError> {
+        let pending = self.store().pending(id)?;
+        let started = Instant::now();
+        let mut images_this_run = 0u64;
+        let progress = |images_this_run: u64| -> Result<Progress, StoreError> {
+            let counts = self.store().counts(id)?;
+            let secs = started.elapsed().as_secs_f64();
+            let rate = if secs > 0.0 {
+                images_this_run as f64 / secs
+            } else {
+                0.0
+            };
+            let eta = if rate > 0.0 {
+                counts.images_left as f64 / rate
+            } else {
+                0.0
+            };
+            Ok(Progress {
+                counts,
+                images_per_second: rate,
+                eta_seconds: eta,
+            })
+        };
+
+        let mut queue = VecDeque::new();
+        for item in pending {
+            let request = stored_request(&item).and_then(|r| {
+                self.catalog
+                    .resolve(&r, self.limits)
+                    .map_err(|e| e.to_string())
+            });
+            match request {
+                Ok(request) => {
+                    let files = super::manifest::file_names(&item.name, request.num_images);
+                    if resumed && files.iter().all(|f| self.output.exists(f)) {
+                        let bytes = files
+                            .iter()
+                            .filter_map(|f| std::fs::metadata(self.output.path(f)).ok())
+                            .map(|m| m.len())
+                            .sum();
+                        self.store().mark_done(id, item.index, bytes)?;
+                        continue;
+                    }
+                    queue.push_back(Ready { item, request });
+                }
+                Err(message) => {
+                    self.store().mark_failed(id, item.index, &message)?;
+                    let p = progress(0)?;
+                    self.observer
+                        .item_finished(id, &item.name, Some(&message), &p);
+                }
+            }
+        }
+        // Compatible items next to each other, so they share UNet batches.
+        queue.make_contiguous().sort_by(|a, b| {
+            let key = |r: &Ready| (r.request.model.clone(), r.request.batch_key(), r.item.index);
+            key(a)
+                .partial_cmp(&key(b))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut in_flight: HashMap<JobId, (PendingItem, usize)> = HashMap::new();
+        let mut images_in_flight = 0usize;
+        let mut paused: Option<String> = None;
+        let mut stopped = false;
+        loop {
+            while paused.is_none() && !stopped && !self.control.halted() {
+                let fits = in_flight.is_empty()
+                    || queue
+                        .front()
+                        .is_some_and(|r| images_in_flight + r.request.num_images <= self.window);
+                if !fits {
+                    break;
+                }
+                let Some(ready) = queue.pop_front() else {
+                    break;
+                };
+                let job = self.engine.next_id();
+                let images = ready.request.num_images;
+                let submitted = self.engine.submit(QueuedJob {
+                    id: job,
+                    owner,
+                    sender: None,
+                    request: ready.request,
+                    output_fds: Vec::new(),
+                    queued_at: Instant::now(),
+                    background: true,
+                    reply: Some(tx.clone()),
+                });
+                match submitted {
+                    Ok(()) => {
+                        self.control.track(job, true);
+                        images_in_flight += images;
+                        in_flight.insert(job, (ready.item, images));
+                    }
+                    Err(EngineError::ShuttingDown) => stopped = true,
+                    Err(e) => {
+                        let message = e.to_string();
+                        self.store().mark_failed(id, ready.item.index, &message)?;
+                        let p = progress(images_this_run)?;
+                        self.observer
+                            .item_finished(id, &ready.item.name, Some(&message), &p);
+                    }
+                }
+            }
+            if in_flight.is_empty() {
+                break;
+            }
+            // Every submitted job reports exactly once; `tx` lives here, so this ends.
+            let Ok((job, outcome)) = rx.recv() else { break };
+            self.control.track(job, false);
+            let Some((item, images)) = in_flight.remove(&job) else {
+                continue;
+            };
+            images_in_flight -= images;
+            match outcome {
+                Outcome::Succeeded(out) => {
+                    let files = super::manifest::file_names(&item.name, images);
+                    let mut bytes = 0;
+                    let mut failed = None;
+                    for (file, png) in files.iter().zip(&out.pngs) {
+                        match self.output.write(file, png) {
+                            Ok(n) => bytes += n,
+                            Err(e) => {
+                                failed = Some(format!(
+                                    "cannot write {}: {e}",
+                                    self.output.path(file).display()
+                                ));
+                                break;
+                            }
+                        }
+                    }
+                    match failed {
+                        // The item stays pending; the batch pauses, and nothing is lost.
+                        Some(message) => {
+                            tracing::error!(batch = id, error = %message, "batch paused");
+                            paused.get_or_insert(message);
+                        }
+                        None => {
+                            self.store().mark_done(id, item.index, bytes)?;
+                            images_this_run += images as u64;
+                            let p = progress(images_this_run)?;
+                            self.observer.item_finished(id, &item.name, None, &p);
+                        }
+                    }
+                }
+                Outcome::Failed(failure) => {
+                    let message = failure.to_string();
+                    self.store().mark_failed(id, item.index, &message)?;
+                    let p = progress(images_this_run)?;
+                    self.observer
+                        .item_finished(id, &item.name, Some(&message), &p);
+                }
+                // Cancelled by the batch's owner, a stop, or the engine shutting down:
+                // the item stays pending.
+                Outcome::Cancelled => {
+                    if !self.control.is_cancelled() {
+                        stopped = true;
+                    }
+                }
+            }
+        }
+        let end = if self.control.is_cancelled() {
+            self.store().set_state(id, BatchState::Cancelled, "")?;
+            End::Cancelled
+        } else if let Some(message) = paused {
+            self.store().set_state(id, BatchState::Paused, &message)?;
+            End::Paused(message)
+        } else if stopped || self.control.halted() || !queue.is_empty() {
+            End::Stopped
+        } else {
+            let counts = self.store().counts(id)?;
+            let state = if counts.failed > 0 {
+                BatchState::Failed
+            } else {
+                BatchState::Succeeded
+            };
+            self.store().set_state(id, state, "")?;
+            End::Finished(state)
+        };
+        Ok(end)
+    }
+}
+
+/// A shared control, for callers that keep one per running batch.
+pub type SharedControl = Arc<Control>;

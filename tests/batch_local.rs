@@ -1,0 +1,267 @@
+//! `diffusionctl batch --local` end to end, with the real ONNX Runtime and the tiny model:
+//! a SIGKILL mid-batch and a rerun finish the batch with every image written once and
+//! equal to `generate --local`'s; a third run does nothing; shards share one folder; bad
+//! manifests give line-numbered errors; an unwritable file pauses the batch, a rerun
+//! resumes it.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use common::batch::{
+    all_files, assert_matches_references, identities, items, kill9, leftovers, pngs, references,
+    tiny, wait_for_pngs, write_manifest,
+};
+use common::ctl_command;
+
+fn batch_args(manifest: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "batch".into(),
+        manifest.display().to_string(),
+        "--output-dir".into(),
+        out.display().to_string(),
+        "--local".into(),
+        "--model-dir".into(),
+        tiny().display().to_string(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn run(args: &[String]) -> Output {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ctl_command(&args).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn a_killed_batch_resumes_writes_each_image_once_and_matches_generate_local() {
+    let dir = tempfile::tempdir().unwrap();
+    let items = items(10, 12);
+    let manifest = write_manifest(dir.path(), &items);
+    let out = dir.path().join("out");
+    let args = batch_args(&manifest, &out, &[]);
+
+    // Run 1: SIGKILL once a few images are in place.
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut child = ctl_command(&argv)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_pngs(&out, 2, Some(&mut child), Duration::from_secs(120));
+    kill9(&mut child);
+    let before = pngs(&out);
+    assert!(
+        before.len() < all_files(&items).len(),
+        "the batch finished before it was killed; make it longer"
+    );
+    let kept = identities(&out, &before);
+
+    // Run 2: the same command finishes the rest.
+    let o = run(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(pngs(&out), all_files(&items));
+    assert_eq!(
+        identities(&out, &before),
+        kept,
+        "images written before the kill were not made again"
+    );
+    assert!(leftovers(&out).is_empty(), "{:?}", leftovers(&out));
+
+    // Every image equals the one `generate --local` makes alone.
+    let refs = references(&dir.path().join("refs"), &items);
+    assert_matches_references(&out, &refs);
+
+    // Run 3: nothing to do.
+    let all = identities(&out, &all_files(&items));
+    let o = run(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("already complete"), "{}", text(&o));
+    assert_eq!(identities(&out, &all_files(&items)), all);
+
+    // A default the lines take (they give no negative prompt) changes the batch: refused
+    // for this folder, until --restart. (One the lines all override, like --steps, does
+    // not change any image, so it is the same batch.)
+    let o = run(&batch_args(&manifest, &out, &["--steps", "3"]));
+    assert!(text(&o).contains("already complete"), "{}", text(&o));
+    let o = run(&batch_args(
+        &manifest,
+        &out,
+        &["--negative-prompt", "blurry"],
+    ));
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--restart"), "{}", text(&o));
+}
+
+#[test]
+fn two_shards_fill_one_folder_with_every_item_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let items = items(7, 3);
+    let manifest = write_manifest(dir.path(), &items);
+    let out = dir.path().join("out");
+    let shard = |s: &str| {
+        let args = batch_args(&manifest, &out, &["--shard", s]);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        ctl_command(&argv).output_async()
+    };
+    // Both shards at once, into one folder.
+    let (a, b) = (shard("0/2"), shard("1/2"));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success(), "{}", text(&a));
+    assert!(b.status.success(), "{}", text(&b));
+    assert_eq!(pngs(&out), all_files(&items));
+    assert!(leftovers(&out).is_empty(), "{:?}", leftovers(&out));
+    let states: Vec<String> = std::fs::read_dir(out.join(".diffusiond"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".sqlite"))
+        .collect();
+    assert_eq!(states.len(), 2, "one state file per shard: {states:?}");
+    let refs = references(&dir.path().join("refs"), &items);
+    assert_matches_references(&out, &refs);
+}
+
+/// `Command::output`, started now and collected later.
+trait Spawned {
+    fn output_async(&mut self) -> std::process::Child;
+}
+
+impl Spawned for std::process::Command {
+    fn output_async(&mut self) -> std::process::Child {
+        self.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+#[test]
+fn a_random_base_seed_is_printed_recorded_and_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("prompts.txt");
+    std::fs::write(&manifest, "a red fox\nthe sea at dawn\n").unwrap();
+    let out = dir.path().join("out");
+    let args = batch_args(
+        &manifest,
+        &out,
+        &["--steps", "3", "--width", "64", "--height", "64"],
+    );
+    let o = run(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    let base: u64 = t
+        .split("base seed ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no base seed in: {t}"));
+    assert!(t.contains("random; recorded"), "{t}");
+    assert_eq!(pngs(&out), ["00000.png", "00001.png"]);
+    // Line 1 used base + 1, as `generate --local --seed` would.
+    let reference = dir.path().join("ref.png");
+    let seed = (base + 1).to_string();
+    let o = ctl_command(&[
+        "generate",
+        "--local",
+        "--model-dir",
+        tiny().to_str().unwrap(),
+        "--prompt",
+        "the sea at dawn",
+        "--seed",
+        &seed,
+        "--steps",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--output",
+        reference.to_str().unwrap(),
+    ])
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    common::batch::assert_close(
+        &common::batch::rgb(&out.join("00001.png")),
+        &common::batch::rgb(&reference),
+        "line 1",
+    );
+    // The rerun reuses the recorded seed: it is the same batch, and complete.
+    let o = run(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("already complete"), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("base seed {base}")),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn bad_manifests_give_one_error_per_line_and_run_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &manifest,
+        [
+            r#"{"prompt":"fine","width":64,"height":64,"steps":2}"#,
+            r#"{"prompt":"x","steps":"many"}"#,
+            r#"{"prompt":"y","width":65}"#,
+            r#"not json"#,
+            r#"{"prompt":"z","colour":"red"}"#,
+            r#"{"prompt":"a","name":"dup"}"#,
+            r#"{"prompt":"b","name":"dup"}"#,
+            r#"{"prompt":"c","guidance_scale":1e9}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let o = run(&batch_args(&manifest, &out, &[]));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    for needle in [
+        "the manifest has 6 error(s); nothing was run",
+        "line 2: 'steps': expected an integer",
+        "line 3: 'width': 65 is not a multiple of",
+        "line 4: not valid JSON",
+        "line 5: 'colour': unknown key",
+        "line 7: 'name': 'dup' makes dup.png, as line 6 does",
+        "line 8: 'guidance_scale':",
+    ] {
+        assert!(t.contains(needle), "missing {needle:?} in:\n{t}");
+    }
+    assert!(!out.exists(), "nothing is created for a bad manifest");
+}
+
+#[test]
+fn an_unwritable_file_pauses_the_batch_and_a_rerun_resumes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let items = items(5, 2);
+    let manifest = write_manifest(dir.path(), &items);
+    let out = dir.path().join("out");
+    // A folder where item 3's image goes: renaming the image onto it fails.
+    std::fs::create_dir_all(out.join("00003.png/blocker")).unwrap();
+    let args = batch_args(&manifest, &out, &[]);
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("batch paused: cannot write"), "{t}");
+    assert!(t.contains("00003.png"), "{t}");
+    assert!(t.contains("rerun the same command to resume"), "{t}");
+    std::fs::remove_dir_all(out.join("00003.png")).unwrap();
+    let o = run(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(pngs(&out), all_files(&items));
+    assert!(leftovers(&out).is_empty(), "{:?}", leftovers(&out));
+}
