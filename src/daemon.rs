@@ -235,8 +235,10 @@ pub async fn run(
         catalog,
         settings.limits.clone(),
         registry.clone(),
-        runtime.version().to_string(),
-        providers,
+        dbus::RuntimeInfo {
+            version: runtime.version().to_string(),
+            providers,
+        },
         priority_gid,
         batches.clone(),
     );

@@ -17,6 +17,32 @@ use crate::model::{Catalog, ModelSpec};
 use crate::request::{Limits, ModelDefaults, random_seed};
 use crate::runtime::Runtime;
 
+/// Stops a local run from another thread (Ctrl-C): holds the run's engine and control
+/// while it runs.
+#[derive(Clone, Default)]
+pub struct Stopper(Arc<Mutex<Option<Running>>>);
+
+/// A run going on: its engine and its control.
+type Running = (Engine, Arc<Control>);
+
+impl Stopper {
+    /// Stops the run, if one is going; returns whether one was.
+    pub fn stop(&self) -> bool {
+        let running = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match running {
+            Some((engine, control)) => {
+                control.stop(&engine);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn set(&self, run: Option<Running>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = run;
+    }
+}
+
 /// The batch number `--local` state uses (one batch per state file).
 const LOCAL_ID: u64 = 1;
 
@@ -93,7 +119,7 @@ pub fn run(
     settings: &Settings,
     batch: &LocalBatch,
     observer: &dyn Observer,
-    control: &Arc<Mutex<Option<(Engine, Arc<Control>)>>>,
+    stopper: &Stopper,
     on_start: &mut dyn FnMut(&LocalReport),
 ) -> Result<LocalReport, BatchError> {
     let io = |what: &str, e: std::io::Error| BatchError::Io(format!("{what}: {e}"));
@@ -200,8 +226,7 @@ pub fn run(
     )
     .map_err(|e| BatchError::Model(format!("cannot start the worker thread: {e}")))?;
     let run_control = Arc::new(Control::default());
-    *control.lock().unwrap_or_else(|e| e.into_inner()) =
-        Some((engine.clone(), run_control.clone()));
+    stopper.set(Some((engine.clone(), run_control.clone())));
     let store = Mutex::new(store);
     let runner = Runner {
         engine: &engine,
@@ -218,7 +243,7 @@ pub fn run(
     report.seconds = started.elapsed().as_secs_f64();
     engine.shutdown(std::time::Duration::ZERO);
     let _ = worker.join();
-    control.lock().unwrap_or_else(|e| e.into_inner()).take();
+    stopper.set(None);
     output.close();
     let store = store.into_inner().unwrap_or_else(|e| e.into_inner());
     report.end = end?;

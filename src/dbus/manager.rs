@@ -20,6 +20,15 @@ use crate::wire::batch::batch_path;
 use crate::wire::reply::ModelInfo;
 use crate::wire::{self, job_path, keys};
 
+/// What the Manager says of ONNX Runtime.
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeInfo {
+    /// ONNX Runtime's version.
+    pub version: String,
+    /// Execution providers in use, in order.
+    pub providers: Vec<String>,
+}
+
 /// The Manager object.
 pub struct Manager {
     engine: Engine,
@@ -44,11 +53,14 @@ impl Manager {
         catalog: Arc<Catalog>,
         limits: Limits,
         registry: Registry,
-        runtime_version: String,
-        providers: Vec<String>,
+        runtime: RuntimeInfo,
         priority_gid: Option<u32>,
         batches: Result<Service, String>,
     ) -> Self {
+        let RuntimeInfo {
+            version: runtime_version,
+            providers,
+        } = runtime;
         use std::os::unix::fs::MetadataExt;
         let own_uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
         Manager {

@@ -25,7 +25,7 @@ use zbus::message::Header;
 pub use batch::{Batch, BatchEvent, ChannelEvents, pump_batch_events, schedule_expiry};
 pub use events::{pump_events, watch_disconnects};
 pub use job::Job;
-pub use manager::Manager;
+pub use manager::{Manager, RuntimeInfo};
 
 use crate::jobs::JobId;
 pub use crate::wire::Error;

@@ -84,7 +84,8 @@ impl Queue {
 
     /// The next batch: the first job (in run order) whose model `ready` says is loaded,
     /// plus later jobs with the same model and batch key, up to `max_images(lead)` images
-    /// (the engine's batch limit, lowered where the memory budget needs it).
+    /// (the engine's batch limit, lowered where the memory budget needs it). Batch items
+    /// do not join an interactive job's batch (it would wait for their images too).
     /// Jobs skipped over keep their place.
     pub fn take_batch(
         &mut self,
@@ -96,10 +97,14 @@ impl Queue {
         };
         let max_images = max_images(lead);
         let (model, key) = (lead.request.model.as_str(), lead.request.batch_key());
+        let background = lead.background;
         let mut images = 0;
         let mut keys = Vec::new();
         for (k, j) in &self.jobs {
-            if j.request.model == model && j.request.batch_key() == key {
+            if j.request.model == model
+                && j.request.batch_key() == key
+                && j.background == background
+            {
                 if !keys.is_empty() && images + j.request.num_images > max_images {
                     break;
                 }

@@ -302,6 +302,61 @@ fn priority_first_then_arrival_order() {
 }
 
 #[test]
+fn batch_items_run_after_interactive_jobs_and_report_to_their_channel() {
+    let mut h = Harness::new(2);
+    h.submit(1, "a", 0);
+    h.wait_started(1);
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Batch items, owned by one caller: not counted against the queue or its share.
+    for id in 10..14 {
+        let job = QueuedJob {
+            id,
+            owner: 7,
+            sender: None,
+            request: ResolvedRequest {
+                seed: id,
+                ..resolved("a", 4)
+            },
+            output_fds: Vec::new(),
+            queued_at: Instant::now(),
+            background: true,
+            reply: Some(tx.clone()),
+        };
+        h.engine.submit(job).unwrap();
+    }
+    assert_eq!(
+        h.engine.queue_length(),
+        1,
+        "batch items are not queue entries"
+    );
+    // An interactive job queued after them, even with a lower priority, runs first, and
+    // alone: batch items do not join its UNet batch.
+    h.submit(2, "a", -5);
+    h.fake.gate.open();
+    h.wait_finished(&[1, 2]);
+    let mut replies: Vec<(JobId, bool)> = (0..4)
+        .map(|_| {
+            let (id, outcome) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            (
+                id,
+                matches!(outcome, Outcome::Succeeded(ref o) if o.pngs.len() == 1),
+            )
+        })
+        .collect();
+    replies.sort_unstable();
+    assert_eq!(replies, [(10, true), (11, true), (12, true), (13, true)]);
+    assert_eq!(
+        h.batches(),
+        vec![vec![1], vec![2], vec![10, 11], vec![12, 13]],
+        "interactive first; batch items share UNet batches"
+    );
+    assert!(
+        !h.finished.keys().any(|id| *id >= 10),
+        "batch outcomes go to their channel only"
+    );
+}
+
+#[test]
 fn batches_hold_compatible_jobs_up_to_the_image_limit() {
     let t0 = Instant::now();
     let mut h = Harness::new(3);

@@ -222,6 +222,15 @@ impl Engine {
             if cancelled.contains(&job.id) {
                 continue; // Already reported as cancelled.
             }
+            let generation = match generation {
+                // A batch item's PNGs are encoded beside the next batch's denoising.
+                Ok(g) if job.background => match self.encode_aside(job, g, images, started) {
+                    Ok(()) => continue,
+                    Err(back) => (back.0, Ok(back.1)),
+                },
+                other => (job, other),
+            };
+            let (job, generation) = generation;
             let outcome = match generation {
                 Ok(g) => self.encode(started, &job, g, images),
                 Err(f) => Outcome::Failed(f),
@@ -237,6 +246,38 @@ impl Engine {
                     self.send(Event::Finished(job.id, other));
                 }
             }
+        }
+    }
+
+    /// Encodes a batch item's images on a thread of their own and reports the job from
+    /// there, so the worker goes on to the next batch. Gives the job back when no thread
+    /// can be started.
+    fn encode_aside(
+        &self,
+        job: QueuedJob,
+        g: Generation,
+        images: usize,
+        started: Instant,
+    ) -> Result<(), Box<(QueuedJob, Generation)>> {
+        let engine = self.clone();
+        let slot = Arc::new(std::sync::Mutex::new(Some((job, g))));
+        let theirs = slot.clone();
+        let spawned = std::thread::Builder::new()
+            .name("png".into())
+            .spawn(move || {
+                let taken = theirs.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some((job, g)) = taken {
+                    let outcome = engine.encode(started, &job, g, images);
+                    engine.send(Event::Finished(job.id, outcome));
+                }
+            });
+        match spawned {
+            Ok(_) => Ok(()),
+            Err(_) => slot
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .map_or(Ok(()), |back| Err(Box::new(back))),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod components;
 pub mod image;
+mod text_cache;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -132,6 +133,9 @@ pub struct Pipeline {
     unet: Unet,
     vae: VaeDecoder,
     ort_version: String,
+    /// Text-encoder outputs of recent prompts: a batch repeats prompts and negative
+    /// prompts, and a text encoder's output depends on the text alone.
+    text_cache: text_cache::TextCache,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -178,6 +182,7 @@ impl Pipeline {
             unet,
             vae,
             ort_version: runtime.version().to_string(),
+            text_cache: text_cache::TextCache::default(),
         })
     }
 
@@ -494,8 +499,21 @@ impl Pipeline {
     }
 
     /// One prompt through every tokenizer and text encoder; SDXL concatenates the two
-    /// encoders' hidden states and takes the pooled output of the second.
+    /// encoders' hidden states and takes the pooled output of the second. Recent texts
+    /// come from the cache.
     fn encode_text(
+        &mut self,
+        text: &str,
+    ) -> Result<(Array3<f32>, Option<Array2<f32>>), PipelineError> {
+        if let Some(hit) = self.text_cache.get(text) {
+            return Ok(hit);
+        }
+        let encoded = self.encode_text_uncached(text)?;
+        self.text_cache.put(text, &encoded);
+        Ok(encoded)
+    }
+
+    fn encode_text_uncached(
         &mut self,
         text: &str,
     ) -> Result<(Array3<f32>, Option<Array2<f32>>), PipelineError> {

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
@@ -206,9 +206,9 @@ fn run_local(args: &BatchArgs) -> Result<(), Failure> {
         output_dir: read.output_dir.clone(),
         restart: args.restart,
     };
-    let control = Arc::new(Mutex::new(None));
+    let stopper = local::Stopper::default();
     let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    watch_ctrl_c(control.clone(), interrupted.clone());
+    watch_ctrl_c(stopper.clone(), interrupted.clone());
     let b = bar(0);
     let progress = BarObserver(b.clone());
     let mut on_start = |r: &LocalReport| {
@@ -225,7 +225,7 @@ fn run_local(args: &BatchArgs) -> Result<(), Failure> {
         b.set_length(r.counts.total);
         b.set_position(done);
     };
-    let report = local::run(&settings, &batch, &progress, &control, &mut on_start)
+    let report = local::run(&settings, &batch, &progress, &stopper, &mut on_start)
         .map_err(|e| e.to_string())?;
     b.finish_and_clear();
     finish_local(&report, &read.output_dir, &interrupted)
@@ -233,10 +233,7 @@ fn run_local(args: &BatchArgs) -> Result<(), Failure> {
 
 /// Stops the local run on Ctrl-C: the items in flight are dropped (they run again next
 /// time); what is done stays done.
-fn watch_ctrl_c(
-    control: Arc<Mutex<Option<(diffusiond::jobs::Engine, Arc<diffusiond::batch::Control>)>>>,
-    interrupted: Arc<std::sync::atomic::AtomicBool>,
-) {
+fn watch_ctrl_c(stopper: local::Stopper, interrupted: Arc<std::sync::atomic::AtomicBool>) {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -251,13 +248,9 @@ fn watch_ctrl_c(
                     return;
                 }
                 interrupted.store(true, std::sync::atomic::Ordering::SeqCst);
-                let running = control.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                match running {
-                    Some((engine, c)) => c.stop(&engine),
-                    None => {
-                        eprintln!("diffusionctl: interrupted; rerun the same command to finish");
-                        std::process::exit(130);
-                    }
+                if !stopper.stop() {
+                    eprintln!("diffusionctl: interrupted; rerun the same command to finish");
+                    std::process::exit(130);
                 }
             });
         });
