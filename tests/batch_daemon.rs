@@ -180,6 +180,18 @@ fn detach_status_and_cancel() {
         assert!(Instant::now() < deadline, "not cancelled: {}", text(&o));
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Rerunning a cancelled batch does not restart it; --restart does, as a new batch.
+    let o = batch_cmd(&bus, &manifest, &out, &[]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("cancelled"), "{}", text(&o));
+    let o = batch_cmd(&bus, &manifest, &out, &["--restart"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(pngs(&out), all_files(&items));
+    let o = ctl(&bus, &["batch", "list"]);
+    assert!(text(&o).contains("1 batches"), "the cancelled one was removed: {}", text(&o));
+
     let o = ctl(&bus, &["batch", "status", "999"]);
     assert!(!o.status.success());
     assert!(text(&o).contains("no such batch"), "{}", text(&o));

@@ -536,10 +536,28 @@ fn served_introspection_equals_the_shipped_xml() {
                 reply.body().deserialize::<String>().unwrap()
             }
         };
+        let batch: zbus::zvariant::OwnedObjectPath = zbus::Proxy::new(
+            &conn,
+            NAME,
+            PATH,
+            "io.github.Diffusiond1.Manager",
+        )
+        .await
+        .unwrap()
+        .call(
+            "SubmitBatch",
+            &(
+                b"{\"prompt\":\"x\",\"steps\":1}\n".to_vec(),
+                std::collections::HashMap::<String, Value<'_>>::new(),
+            ),
+        )
+        .await
+        .unwrap();
         let served = format!(
-            "{}{}",
+            "{}{}{}",
             our_interfaces(&introspect(PATH.to_string()).await),
-            our_interfaces(&introspect(path.to_string()).await)
+            our_interfaces(&introspect(path.to_string()).await),
+            our_interfaces(&introspect(batch.to_string()).await)
         );
         let shipped_path = root().join("docs/io.github.Diffusiond1.xml");
         if std::env::var_os("UPDATE_INTROSPECTION_XML").is_some() {

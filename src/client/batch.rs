@@ -162,6 +162,12 @@ impl Client {
         self.batch_call(path, "Cancel", b.cancel()).await
     }
 
+    /// `Batch.Remove()`.
+    pub async fn remove_batch(&self, path: &OwnedObjectPath) -> Result<()> {
+        let b = self.batch(path).await?;
+        self.batch_call(path, "Remove", b.remove()).await
+    }
+
     /// `Batch.Resume()`.
     pub async fn resume_batch(&self, path: &OwnedObjectPath) -> Result<()> {
         let b = self.batch(path).await?;

@@ -326,10 +326,21 @@ async fn run_daemon(client: Client, args: &BatchArgs) -> Result<(), Failure> {
     std::fs::create_dir_all(&state)
         .map_err(|e| format!("cannot create {}: {e}", state.display()))?;
     let marker_path = marker_file(&read.output_dir, shard);
-    let marker: Option<Marker> = std::fs::read(&marker_path)
+    let mut marker: Option<Marker> = std::fs::read(&marker_path)
         .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .filter(|_| !args.restart);
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    if args.restart {
+        // Starting over: the earlier batch for this folder goes, with its images in the
+        // daemon (those already in DIR stay until overwritten).
+        if let Some(m) = marker.take()
+            && let Ok(path) = batch_path(&m.batch)
+        {
+            match client.remove_batch(&path).await {
+                Ok(()) | Err(ClientError::InvalidArgument(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
     let drawn = args.seed.is_none() && marker.is_none();
     let base_seed = args
         .seed
@@ -352,6 +363,14 @@ async fn run_daemon(client: Client, args: &BatchArgs) -> Result<(), Failure> {
         )
         .into());
     }
+    if args.restart {
+        // The same manifest and settings submitted before would be found and reused.
+        for b in client.batches().await? {
+            if b.manifest_hash == parsed.identity {
+                client.remove_batch(&batch_path(&b.path)?).await?;
+            }
+        }
+    }
     let files: HashMap<String, Vec<String>> = parsed
         .selected()
         .map(|i| (i.name.clone(), i.files()))
@@ -362,7 +381,7 @@ async fn run_daemon(client: Client, args: &BatchArgs) -> Result<(), Failure> {
         &state.join(format!("fetch-{}-of-{}", shard.index, shard.count)),
     )
     .map_err(|e| format!("cannot use {}: {e}", read.output_dir.display()))?;
-    if marker.is_some() && files.values().flatten().all(|f| output.exists(f)) {
+    if marker.is_some() && !args.restart && files.values().flatten().all(|f| output.exists(f)) {
         output.close();
         println!(
             "batch already complete: {total} items in {}; nothing to run",
