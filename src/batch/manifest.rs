@@ -253,6 +253,8 @@ pub fn parse_checked(
     let mut items = Vec::new();
     let mut errors = Vec::new();
     let mut seen = 0usize;
+    let mut defaults = keys::to_json(&options.defaults);
+    defaults.remove("prompt");
     for (index, line) in text.lines().enumerate() {
         let line = line.trim_end_matches('\r');
         if line.trim().is_empty() {
@@ -265,7 +267,7 @@ pub fn parse_checked(
                 options.max_items
             )));
         }
-        match read_line(index, line, options) {
+        match read_line(index, line, options, &defaults) {
             Ok(item) => items.push(item),
             Err(mut e) => errors.append(&mut e),
         }
@@ -300,57 +302,58 @@ impl Manifest {
     }
 }
 
-fn read_line(index: usize, line: &str, options: &Options) -> Result<Item, Vec<LineError>> {
+fn read_line(
+    index: usize,
+    line: &str,
+    options: &Options,
+    defaults: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Item, Vec<LineError>> {
     let number = index + 1;
     let error = |key: Option<&str>, message: String| LineError {
         line: number,
         key: key.map(str::to_string),
         message,
     };
-    let (mut request, name) = match options.format {
-        Format::Text => (
-            GenerateRequest {
-                prompt: line.to_string(),
-                ..GenerateRequest::default()
-            },
-            None,
-        ),
+    // The defaults, then the line's own keys over them, read through the key table.
+    let mut merged = defaults.clone();
+    match options.format {
+        Format::Text => {
+            merged.insert("prompt".into(), line.into());
+        }
         Format::Jsonl => {
             let value: serde_json::Value = serde_json::from_str(line)
                 .map_err(|e| vec![error(None, format!("not valid JSON: {e}"))])?;
             let serde_json::Value::Object(object) = value else {
                 return Err(vec![error(None, "not a JSON object".into())]);
             };
-            let (request, prompt, bad) = keys::from_json(&object, &["name"]);
-            let mut errors: Vec<LineError> =
-                bad.into_iter().map(|(k, m)| error(Some(&k), m)).collect();
-            if !prompt && !object.contains_key("prompt") {
-                errors.push(error(Some("prompt"), "is required".into()));
+            merged.extend(object);
+        }
+    }
+    let (mut request, prompt, bad) = keys::from_json(&merged, &["name"]);
+    let mut errors: Vec<LineError> = bad.into_iter().map(|(k, m)| error(Some(&k), m)).collect();
+    if !prompt && !merged.contains_key("prompt") {
+        errors.push(error(Some("prompt"), "is required".into()));
+    }
+    let name = match merged.get("name") {
+        None => None,
+        Some(serde_json::Value::String(n)) => match check_name(n) {
+            Ok(()) => Some(n.clone()),
+            Err(m) => {
+                errors.push(error(Some("name"), m));
+                None
             }
-            let name = match object.get("name") {
-                None => None,
-                Some(serde_json::Value::String(n)) => match check_name(n) {
-                    Ok(()) => Some(n.clone()),
-                    Err(m) => {
-                        errors.push(error(Some("name"), m));
-                        None
-                    }
-                },
-                Some(other) => {
-                    errors.push(error(
-                        Some("name"),
-                        format!("expected a string, got {other}"),
-                    ));
-                    None
-                }
-            };
-            if !errors.is_empty() {
-                return Err(errors);
-            }
-            (request, name)
+        },
+        Some(other) => {
+            errors.push(error(
+                Some("name"),
+                format!("expected a string, got {other}"),
+            ));
+            None
         }
     };
-    fill_defaults(&mut request, &options.defaults);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
     if request.seed.is_none() {
         let seed = options.base_seed.checked_add(index as u64).ok_or_else(|| {
             vec![error(
@@ -368,23 +371,6 @@ fn read_line(index: usize, line: &str, options: &Options) -> Result<Item, Vec<Li
         name: name.unwrap_or_else(|| format!("{index:05}")),
         request,
     })
-}
-
-/// Keys the line left out take the defaults' values.
-fn fill_defaults(request: &mut GenerateRequest, defaults: &GenerateRequest) {
-    let d = defaults.clone();
-    let r = request;
-    r.negative_prompt = r.negative_prompt.take().or(d.negative_prompt);
-    r.model = r.model.take().or(d.model);
-    r.width = r.width.or(d.width);
-    r.height = r.height.or(d.height);
-    r.steps = r.steps.or(d.steps);
-    r.guidance_scale = r.guidance_scale.or(d.guidance_scale);
-    r.guidance_rescale = r.guidance_rescale.or(d.guidance_rescale);
-    r.seed = r.seed.or(d.seed);
-    r.rng = r.rng.or(d.rng);
-    r.scheduler = r.scheduler.take().or(d.scheduler);
-    r.num_images = r.num_images.or(d.num_images);
 }
 
 /// Names, and the files they make, are unique.
