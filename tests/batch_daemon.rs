@@ -190,7 +190,11 @@ fn detach_status_and_cancel() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(pngs(&out), all_files(&items));
     let o = ctl(&bus, &["batch", "list"]);
-    assert!(text(&o).contains("1 batches"), "the cancelled one was removed: {}", text(&o));
+    assert!(
+        text(&o).contains("1 batches"),
+        "the cancelled one was removed: {}",
+        text(&o)
+    );
 
     let o = ctl(&bus, &["batch", "status", "999"]);
     assert!(!o.status.success());

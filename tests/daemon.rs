@@ -536,23 +536,19 @@ fn served_introspection_equals_the_shipped_xml() {
                 reply.body().deserialize::<String>().unwrap()
             }
         };
-        let batch: zbus::zvariant::OwnedObjectPath = zbus::Proxy::new(
-            &conn,
-            NAME,
-            PATH,
-            "io.github.Diffusiond1.Manager",
-        )
-        .await
-        .unwrap()
-        .call(
-            "SubmitBatch",
-            &(
-                b"{\"prompt\":\"x\",\"steps\":1}\n".to_vec(),
-                std::collections::HashMap::<String, Value<'_>>::new(),
-            ),
-        )
-        .await
-        .unwrap();
+        let batch: zbus::zvariant::OwnedObjectPath =
+            zbus::Proxy::new(&conn, NAME, PATH, "io.github.Diffusiond1.Manager")
+                .await
+                .unwrap()
+                .call(
+                    "SubmitBatch",
+                    &(
+                        b"{\"prompt\":\"x\",\"steps\":1}\n".to_vec(),
+                        std::collections::HashMap::<String, Value<'_>>::new(),
+                    ),
+                )
+                .await
+                .unwrap();
         let served = format!(
             "{}{}{}",
             our_interfaces(&introspect(PATH.to_string()).await),
