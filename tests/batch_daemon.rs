@@ -380,3 +380,49 @@ fn other_users_cannot_use_a_batch() {
     assert!(!o.status.success());
     assert!(text(&o).contains("no finished file"), "{}", text(&o));
 }
+
+/// A model that fails to load fails its items with the reason; the other model's items
+/// go on, and the batch ends `failed` with the failures listed.
+#[test]
+fn items_of_a_model_that_fails_to_load_fail_and_the_rest_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // A copy of the tiny model, opened and checked at start, then damaged before it loads.
+    let broken = dir.path().join("broken");
+    let copied = Command::new("cp")
+        .arg("-r")
+        .arg(common::batch::tiny())
+        .arg(&broken)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let text_config = config_text(&format!(
+        "[models.broken]\npath = \"{}\"\n\n[jobs]\nstate_dir = \"{}\"\n",
+        broken.display(),
+        state.display()
+    ));
+    let bus = PrivateBus::start();
+    let _daemon = Daemon::start_with_config(&bus, &text_config);
+    std::fs::write(broken.join("unet/model.onnx"), b"not a graph").unwrap();
+    let manifest = dir.path().join("m.jsonl");
+    let line = |name: &str, model: &str| {
+        format!(
+            r#"{{"prompt":"p","name":"{name}","model":"{model}","steps":2,"width":64,"height":64}}"#
+        )
+    };
+    std::fs::write(
+        &manifest,
+        [line("a", "tiny"), line("b", "broken"), line("c", "tiny")].join("\n"),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let o = batch_cmd(&bus, &manifest, &out, &[]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("b: failed: model 'broken' failed to load"),
+        "{t}"
+    );
+    assert!(t.contains("1 of 3 items failed"), "{t}");
+    assert_eq!(pngs(&out), ["a.png", "c.png"]);
+}

@@ -8,8 +8,8 @@
 //! UNet batch that is running.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::files::Output;
@@ -157,28 +157,9 @@ impl Runner<'_> {
     /// crash, not yet marked) are marked done without running again.
     pub fn run(&self, id: BatchId, owner: u32, resumed: bool) -> Result<End, StoreError> {
         let pending = self.store().pending(id)?;
-        let started = Instant::now();
-        let mut images_this_run = 0u64;
-        let progress = |images_this_run: u64| -> Result<Progress, StoreError> {
-            let counts = self.store().counts(id)?;
-            let secs = started.elapsed().as_secs_f64();
-            let rate = if secs > 0.0 {
-                images_this_run as f64 / secs
-            } else {
-                0.0
-            };
-            let eta = if rate > 0.0 {
-                counts.images_left as f64 / rate
-            } else {
-                0.0
-            };
-            Ok(Progress {
-                counts,
-                images_per_second: rate,
-                eta_seconds: eta,
-            })
-        };
-
+        // Counted here from the store's start, not queried per item (only this runner
+        // changes the batch's items while it runs).
+        let mut tally = Tally::new(self.store().counts(id)?);
         let mut queue = VecDeque::new();
         for item in pending {
             let request = stored_request(&item).and_then(|r| {
@@ -196,13 +177,15 @@ impl Runner<'_> {
                             .map(|m| m.len())
                             .sum();
                         self.store().mark_done(id, item.index, bytes)?;
+                        tally.resumed(request.num_images, bytes);
                         continue;
                     }
                     queue.push_back(Ready { item, request });
                 }
                 Err(message) => {
                     self.store().mark_failed(id, item.index, &message)?;
-                    let p = progress(0)?;
+                    let images = stored_images(&item);
+                    let p = tally.failed(images);
                     self.observer
                         .item_finished(id, &item.name, Some(&message), &p);
                 }
@@ -255,7 +238,7 @@ impl Runner<'_> {
                     Err(e) => {
                         let message = e.to_string();
                         self.store().mark_failed(id, ready.item.index, &message)?;
-                        let p = progress(images_this_run)?;
+                        let p = tally.failed(images);
                         self.observer
                             .item_finished(id, &ready.item.name, Some(&message), &p);
                     }
@@ -296,8 +279,7 @@ impl Runner<'_> {
                         }
                         None => {
                             self.store().mark_done(id, item.index, bytes)?;
-                            images_this_run += images as u64;
-                            let p = progress(images_this_run)?;
+                            let p = tally.done(images, bytes);
                             self.observer.item_finished(id, &item.name, None, &p);
                         }
                     }
@@ -305,7 +287,7 @@ impl Runner<'_> {
                 Outcome::Failed(failure) => {
                     let message = failure.to_string();
                     self.store().mark_failed(id, item.index, &message)?;
-                    let p = progress(images_this_run)?;
+                    let p = tally.failed(images);
                     self.observer
                         .item_finished(id, &item.name, Some(&message), &p);
                 }
@@ -327,8 +309,7 @@ impl Runner<'_> {
         } else if stopped || self.control.halted() || !queue.is_empty() {
             End::Stopped
         } else {
-            let counts = self.store().counts(id)?;
-            let state = if counts.failed > 0 {
+            let state = if tally.counts.failed > 0 {
                 BatchState::Failed
             } else {
                 BatchState::Succeeded
@@ -340,5 +321,68 @@ impl Runner<'_> {
     }
 }
 
-/// A shared control, for callers that keep one per running batch.
-pub type SharedControl = Arc<Control>;
+/// A batch's counts as this run changes them, and its rate.
+struct Tally {
+    counts: Counts,
+    started: Instant,
+    images_this_run: u64,
+}
+
+impl Tally {
+    fn new(counts: Counts) -> Tally {
+        Tally {
+            counts,
+            started: Instant::now(),
+            images_this_run: 0,
+        }
+    }
+
+    /// An item's files were found in place from an earlier run.
+    fn resumed(&mut self, images: usize, bytes: u64) {
+        self.counts.done += 1;
+        self.counts.images_left = self.counts.images_left.saturating_sub(images as u64);
+        self.counts.images_done += images as u64;
+        self.counts.bytes += bytes;
+    }
+
+    /// An item was made now.
+    fn done(&mut self, images: usize, bytes: u64) -> Progress {
+        self.resumed(images, bytes);
+        self.images_this_run += images as u64;
+        self.progress()
+    }
+
+    /// An item failed.
+    fn failed(&mut self, images: usize) -> Progress {
+        self.counts.failed += 1;
+        self.counts.images_left = self.counts.images_left.saturating_sub(images as u64);
+        self.progress()
+    }
+
+    fn progress(&self) -> Progress {
+        let secs = self.started.elapsed().as_secs_f64();
+        let rate = if secs > 0.0 {
+            self.images_this_run as f64 / secs
+        } else {
+            0.0
+        };
+        let eta = if rate > 0.0 {
+            self.counts.images_left as f64 / rate
+        } else {
+            0.0
+        };
+        Progress {
+            counts: self.counts,
+            images_per_second: rate,
+            eta_seconds: eta,
+        }
+    }
+}
+
+/// Images of a stored item (from its line; 1 when unreadable).
+fn stored_images(item: &PendingItem) -> usize {
+    stored_request(item)
+        .ok()
+        .and_then(|r| r.num_images)
+        .map_or(1, |n| n as usize)
+}
