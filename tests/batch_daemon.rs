@@ -426,3 +426,40 @@ fn items_of_a_model_that_fails_to_load_fail_and_the_rest_go_on() {
     assert!(t.contains("1 of 3 items failed"), "{t}");
     assert_eq!(pngs(&out), ["a.png", "c.png"]);
 }
+
+/// Ctrl-C on an attached client detaches: the batch goes on in the daemon, and the same
+/// command later fetches what is left.
+#[test]
+fn ctrl_c_detaches_without_cancelling() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let items = items(12, 16);
+    let manifest = write_manifest(dir.path(), &items);
+    let out = dir.path().join("out");
+    let bus = PrivateBus::start();
+    let _daemon = Daemon::start_with_config(&bus, &config(&state));
+    let mut client = batch_cmd(&bus, &manifest, &out, &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_pngs(&out, 1, Some(&mut client), Duration::from_secs(120));
+    let _ = Command::new("kill")
+        .args(["-INT", &client.id().to_string()])
+        .status();
+    let o = client.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o));
+    assert!(text(&o).contains("detached"), "{}", text(&o));
+    assert!(text(&o).contains("not cancelled"), "{}", text(&o));
+    // The daemon finishes the batch with nobody attached; the rerun fetches the rest.
+    let in_daemon = wait_for_batch_dir(&state);
+    wait_for_pngs(
+        &in_daemon,
+        all_files(&items).len(),
+        None,
+        Duration::from_secs(120),
+    );
+    let o = batch_cmd(&bus, &manifest, &out, &[]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(pngs(&out), all_files(&items));
+}

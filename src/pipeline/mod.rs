@@ -136,6 +136,12 @@ pub struct Pipeline {
     /// Text-encoder outputs of recent prompts: a batch repeats prompts and negative
     /// prompts, and a text encoder's output depends on the text alone.
     text_cache: text_cache::TextCache,
+    /// With the CPU arena on: run options that shrink a session's arena after the run,
+    /// used for the last UNet step and the VAE decode of each batch. Every step of a batch
+    /// reuses the arena's buffers; between batches its free regions go back to the heap
+    /// (and the worker's `malloc_trim` hands them to the system). A cancel stops the loop
+    /// after the step in flight, so these runs need not be terminated.
+    shrink: Option<RunOptions>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -183,6 +189,7 @@ impl Pipeline {
             vae,
             ort_version: runtime.version().to_string(),
             text_cache: text_cache::TextCache::default(),
+            shrink: shrink_options(runtime)?,
         })
     }
 
@@ -583,8 +590,13 @@ impl Pipeline {
             let t1 = Instant::now();
             let unet_span = tracing::trace_span!("unet").entered();
             let owned_out;
+            let step_options = if i + 1 == total {
+                self.shrink.as_ref().unwrap_or(run_options)
+            } else {
+                run_options
+            };
             let out = if bound {
-                self.unet.run_bound(t, run_options)?
+                self.unet.run_bound(t, step_options)?
             } else {
                 let input = own_in.as_ref().map(|a| a.view().into_dyn());
                 owned_out = self.unet.run(
@@ -596,7 +608,7 @@ impl Pipeline {
                     t,
                     cond.hidden.view(),
                     added.as_ref(),
-                    run_options,
+                    step_options,
                 )?;
                 owned_out.view()
             };
@@ -635,7 +647,8 @@ impl Pipeline {
         let scale = self.bundle.vae_scaling_factor as f32;
         let shift = self.bundle.vae_shift_factor.unwrap_or(0.0) as f32;
         latents.mapv_inplace(|x| x / scale + shift);
-        let decoded = self.vae.decode(latents.view().into_dyn(), run_options)?;
+        let options = self.shrink.as_ref().unwrap_or(run_options);
+        let decoded = self.vae.decode(latents.view().into_dyn(), options)?;
         if !all_finite(decoded.view()) {
             return Err(PipelineError::NonFinite {
                 stage: "vae",
@@ -644,6 +657,22 @@ impl Pipeline {
         }
         Ok(decoded)
     }
+}
+
+/// Run options that shrink the CPU arena after the run, when the arena is on.
+fn shrink_options(runtime: &Runtime) -> Result<Option<RunOptions>, PipelineError> {
+    if !runtime.settings().session.cpu_arena {
+        return Ok(None);
+    }
+    let err = |e: ort::Error| PipelineError::Inference {
+        component: "runtime".into(),
+        message: format!("cannot create run options: {e}"),
+    };
+    let mut options = RunOptions::new().map_err(err)?;
+    options
+        .set("memory.enable_memory_arena_shrinkage", "cpu:0")
+        .map_err(err)?;
+    Ok(Some(options))
 }
 
 /// Whether every value is finite (one pass, no allocation).

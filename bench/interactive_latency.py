@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Latency of an interactive `diffusionctl generate` while a batch runs in the daemon, against
+the same request on an idle daemon, side by side in one run (see docs/benchmarks.md).
+
+One diffusiond on a private bus (bench/batch_throughput.py's Bus and Daemon: the model
+preloaded, default session options). Rounds alternate: the generate alone on the idle daemon,
+then the same generate while a batch of --items items (same size and steps) runs, submitted
+with `diffusionctl batch --detach` and cancelled afterwards. Each latency is the client
+process's wall time (start to PNG written). Also recorded: how many batch images the daemon
+had finished when the interactive job returned, so the table shows the job did not wait for
+the batch.
+
+    cargo build --release --bins
+    /work/venv/ref/bin/python bench/interactive_latency.py --model-dir onnx/build/small \\
+        --width 256 --height 256 --steps 10 --items 32 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import batch_throughput as bt  # noqa: E402
+import make_manifest  # noqa: E402
+
+
+def ctl(args, bus: bt.Bus, *rest: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    cmd = [str(args.bin_dir / "diffusionctl"), *rest, "--address", bus.address]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def generate(args, bus: bt.Bus, out: Path) -> float:
+    t0 = time.monotonic()
+    r = ctl(args, bus, "generate", "--prompt", "a lighthouse at dusk", "--seed", "7",
+            "--steps", str(args.steps), "--width", str(args.width), "--height", str(args.height),
+            "--output", str(out))
+    elapsed = time.monotonic() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"generate failed: {r.stderr}")
+    return elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", type=Path, default=bt.ROOT / "onnx/tiny-sd15")
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--height", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--items", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--bin-dir", type=Path, default=bt.ROOT / "target/release")
+    ap.add_argument("--label", default=None)
+    ap.add_argument("--out-dir", type=Path, default=bt.ROOT / "bench/results")
+    ap.add_argument("--ready-timeout", type=float, default=600)
+    args = ap.parse_args()
+    args.model_dir = args.model_dir.resolve()
+    args.intra = args.inter = 0
+    args.python = Path(sys.executable)
+    label = args.label or f"latency-{args.model_dir.name}-{args.width}x{args.height}-s{args.steps}"
+
+    tmp = Path(tempfile.mkdtemp(prefix="diffusiond-latency-"))
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp / "state"), RUST_LOG="warn")
+    bus = bt.Bus(tmp / "bus")
+    daemon = bt.Daemon(args, bus, tmp, env)
+    manifest = tmp / "manifest.jsonl"
+    subprocess.run([sys.executable, str(HERE / "make_manifest.py"), "--items", str(args.items),
+                    "--width", str(args.width), "--height", str(args.height), "--steps", str(args.steps),
+                    "--out", str(manifest)], check=True)
+    images = sum(len(bt.files_of(i)) for i in bt.read_items(manifest, 0))
+    rounds = []
+    try:
+        generate(args, bus, tmp / "warm-up.png")
+        for r in range(args.rounds):
+            idle = generate(args, bus, tmp / f"idle-{r}.png")
+            out = tmp / f"batch-{r}"
+            sub = ctl(args, bus, "batch", str(manifest), "--output-dir", str(out), "--seed", str(1000 + r),
+                      "--detach")
+            if sub.returncode != 0:
+                raise RuntimeError(f"batch failed: {sub.stderr}")
+            batch_id = sub.stdout.strip()
+            batch_dir = tmp / "state" / "diffusiond" / "batches" / batch_id
+            # Measure once the batch is under way: its first image is written.
+            deadline = time.monotonic() + args.ready_timeout
+            while not any(batch_dir.glob("*.png")):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the batch wrote no image")
+                time.sleep(0.02)
+            busy = generate(args, bus, tmp / f"busy-{r}.png")
+            done = len(list(batch_dir.glob("*.png")))
+            ctl(args, bus, "batch", "cancel", batch_id)
+            rounds.append({"idle_s": idle, "busy_s": busy, "batch_images_done": done, "batch_images": images})
+            print(f"round {r}: idle {idle:.3f} s, during a batch {busy:.3f} s "
+                  f"({done}/{images} batch images done when it returned)", flush=True)
+    finally:
+        daemon.stop()
+        bus.proc.terminate()
+    med = lambda k: statistics.median(x[k] for x in rounds)  # noqa: E731
+    summary = {"idle_s": med("idle_s"), "busy_s": med("busy_s"), "rounds": len(rounds)}
+    result = {"label": label, "args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds,
+              "summary": summary, "machine": bt.machine(args, ["daemon"])}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"batch-{label}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"\n| | median latency |\n|---|---|\n| idle daemon | {summary['idle_s']:.3f} s |\n"
+          f"| during a batch | {summary['busy_s']:.3f} s |\n\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
