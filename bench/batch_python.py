@@ -22,8 +22,8 @@ and step noise from the torch generator, as diffusiond's `numpy` rng.
 ONNX Runtime session options: none are set unless --intra/--inter are given, so every
 session gets ONNX Runtime's defaults (intra-op threads: one per physical core; inter-op:
 ONNX Runtime's choice; sequential execution; graph optimization ALL; CPU arena on), the
-same thread counts diffusiond uses when its config sets no `[runtime.session]` threads
-(diffusiond's own default turns the CPU arena off; see docs/memory.md).
+same thread counts and arena setting diffusiond uses when its config sets no
+`[runtime.session]` (diffusiond also shrinks the arena after each batch; docs/memory.md).
 bench/py_runner.py, by contrast, pins intra = inter = 1 for the stage-by-stage comparison.
 
 Prints one JSON line at the end:

@@ -28,8 +28,7 @@ files' modification times.
 ONNX Runtime session options are left at their defaults on every side (threads: one per
 physical core) unless --intra/--inter are given; those go to the daemon's config, to the
 local run (DIFFUSIOND_RUNTIME__SESSION__* variables) and to batch_python.py alike.
-diffusiond's own default keeps the CPU memory arena off, ONNX Runtime's (the Python side)
-keeps it on. Other DIFFUSIOND_* variables in the harness's environment reach the daemon and
+The CPU memory arena is on by default on both sides. Other DIFFUSIOND_* variables in the harness's environment reach the daemon and
 the local run too (e.g. DIFFUSIOND_JOBS__MAX_BATCH_IMAGES=1 turns UNet batching off).
 
 After the rounds, the first --compare items' PNGs of round 0 are compared across runners
