@@ -4,11 +4,12 @@ the same request on an idle daemon, side by side in one run (see docs/benchmarks
 
 One diffusiond on a private bus (bench/batch_throughput.py's Bus and Daemon: the model
 preloaded, default session options). Rounds alternate: the generate alone on the idle daemon,
-then the same generate while a batch of --items items (same size and steps) runs, submitted
-with `diffusionctl batch --detach` and cancelled afterwards. Each latency is the client
-process's wall time (start to PNG written). Also recorded: how many batch images the daemon
-had finished when the interactive job returned, so the table shows the job did not wait for
-the batch.
+then --per-round generates while a batch of --items items (same size and steps) runs,
+submitted with `diffusionctl batch --detach` and cancelled afterwards; they start after the
+batch's first image, at random moments (0 to --jitter seconds apart), since the wait depends
+on where in the running UNet batch a job arrives. Each latency is the client process's wall
+time (start to PNG written). Also recorded: how many batch images the daemon had finished
+when each interactive job returned, so the results show the job did not wait for the batch.
 
     cargo build --release --bins
     /work/venv/ref/bin/python bench/interactive_latency.py --model-dir onnx/build/small \\
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -57,6 +59,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--items", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--per-round", type=int, default=3, help="interactive jobs during each batch")
+    ap.add_argument("--jitter", type=float, default=4.0, help="most seconds between them")
     ap.add_argument("--bin-dir", type=Path, default=bt.ROOT / "target/release")
     ap.add_argument("--label", default=None)
     ap.add_argument("--out-dir", type=Path, default=bt.ROOT / "bench/results")
@@ -94,24 +98,34 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the batch wrote no image")
                 time.sleep(0.02)
-            busy = generate(args, bus, tmp / f"busy-{r}.png")
-            done = len(list(batch_dir.glob("*.png")))
+            busy, done = [], []
+            rng = random.Random(r)
+            for k in range(args.per_round):
+                time.sleep(rng.uniform(0, args.jitter))
+                busy.append(generate(args, bus, tmp / f"busy-{r}-{k}.png"))
+                done.append(len(list(batch_dir.glob("*.png"))))
             ctl(args, bus, "batch", "cancel", batch_id)
             rounds.append({"idle_s": idle, "busy_s": busy, "batch_images_done": done, "batch_images": images})
-            print(f"round {r}: idle {idle:.3f} s, during a batch {busy:.3f} s "
-                  f"({done}/{images} batch images done when it returned)", flush=True)
+            print(f"round {r}: idle {idle:.3f} s, during a batch "
+                  + ", ".join(f"{b:.3f} s ({d}/{images} done)" for b, d in zip(busy, done)), flush=True)
     finally:
         daemon.stop()
         bus.proc.terminate()
-    med = lambda k: statistics.median(x[k] for x in rounds)  # noqa: E731
-    summary = {"idle_s": med("idle_s"), "busy_s": med("busy_s"), "rounds": len(rounds)}
+    idle_all = [x["idle_s"] for x in rounds]
+    busy_all = [b for x in rounds for b in x["busy_s"]]
+    summary = {"idle_s": statistics.median(idle_all), "busy_s": statistics.median(busy_all),
+               "busy_max_s": max(busy_all), "busy_min_s": min(busy_all), "rounds": len(rounds),
+               "busy_jobs": len(busy_all)}
     result = {"label": label, "args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds,
               "summary": summary, "machine": bt.machine(args, ["daemon"])}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"batch-{label}.json"
     path.write_text(json.dumps(result, indent=1))
-    print(f"\n| | median latency |\n|---|---|\n| idle daemon | {summary['idle_s']:.3f} s |\n"
-          f"| during a batch | {summary['busy_s']:.3f} s |\n\nwrote {path}")
+    print(f"\n| | median latency | range |\n|---|---|---|\n"
+          f"| idle daemon ({len(idle_all)} jobs) | {summary['idle_s']:.3f} s | "
+          f"{min(idle_all):.3f}-{max(idle_all):.3f} s |\n"
+          f"| during a batch ({len(busy_all)} jobs) | {summary['busy_s']:.3f} s | "
+          f"{summary['busy_min_s']:.3f}-{summary['busy_max_s']:.3f} s |\n\nwrote {path}")
 
 
 if __name__ == "__main__":

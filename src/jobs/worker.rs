@@ -171,7 +171,6 @@ impl Engine {
     /// After a batch with a large working set, hands the freed memory back to the system,
     /// so a daemon that served one large request does not keep its peak for good.
     fn release_memory(&self, batch: &[QueuedJob]) {
-        const LARGE: u64 = 64 << 20;
         let r = &batch[0].request;
         let images = batch.iter().map(|j| j.request.num_images).sum();
         let large = self
@@ -179,7 +178,10 @@ impl Engine {
             .catalog
             .get(&r.model)
             .and_then(|e| e.bundle.as_ref().ok())
-            .is_some_and(|b| b.memory.working_set(r.width, r.height, images, r.do_cfg()) > LARGE);
+            .is_some_and(|b| {
+                b.memory.working_set(r.width, r.height, images, r.do_cfg())
+                    > crate::model::memory::RELEASE_ABOVE
+            });
         if large {
             // SAFETY: malloc_trim only returns free heap pages to the system; it does not
             // touch memory in use.

@@ -18,6 +18,10 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+/// A batch whose working set is over this many bytes hands its memory back when it ends
+/// (ONNX Runtime's arena shrunk, then `malloc_trim`); smaller ones keep it for the next.
+pub const RELEASE_ABOVE: u64 = 64 << 20;
+
 /// How many `tokens × tokens` float tensors per head are alive at the attention peak
 /// (scores and softmax, plus the allocator's slack): fitted to measured peaks (2.15–2.5).
 const ATTENTION_COPIES: f64 = 2.5;

@@ -137,9 +137,10 @@ pub struct Pipeline {
     /// prompts, and a text encoder's output depends on the text alone.
     text_cache: text_cache::TextCache,
     /// With the CPU arena on: run options that shrink a session's arena after the run,
-    /// used for the last UNet step and the VAE decode of each batch. Every step of a batch
-    /// reuses the arena's buffers; between batches its free regions go back to the heap
-    /// (and the worker's `malloc_trim` hands them to the system). A cancel stops the loop
+    /// used for the last UNet step and the VAE decode of a batch whose working set is over
+    /// [`crate::model::memory::RELEASE_ABOVE`]. Every step of a batch reuses the arena's
+    /// buffers; after a large batch its free regions go back to the heap (and the worker's
+    /// `malloc_trim` hands them to the system). A cancel stops the loop
     /// after the step in flight, so these runs need not be terminated.
     shrink: Option<RunOptions>,
 }
@@ -279,6 +280,15 @@ impl Pipeline {
         )
         .entered();
 
+        // Only a batch with a large working set hands its arena memory back afterwards;
+        // small ones keep it for the next batch.
+        let images: usize = batch.iter().map(|p| p.num_images).sum();
+        let shrink_after =
+            self.bundle
+                .memory
+                .working_set(first.width, first.height, images, first.do_cfg())
+                > crate::model::memory::RELEASE_ABOVE;
+
         let t0 = Instant::now();
         let cond = tracing::debug_span!("text_encoder").in_scope(|| self.encode_prompts(batch))?;
         timings.text_encoder = t0.elapsed();
@@ -293,13 +303,15 @@ impl Pipeline {
                 &mut latents,
                 &mut noise,
                 run_options,
+                shrink_after,
                 &mut timings,
                 progress,
             )
         })?;
 
         let t0 = Instant::now();
-        let decoded = tracing::debug_span!("vae").in_scope(|| self.decode(latents, run_options))?;
+        let decoded = tracing::debug_span!("vae")
+            .in_scope(|| self.decode(latents, run_options, shrink_after))?;
         timings.vae = t0.elapsed();
         let t0 = Instant::now();
         let mut images = tracing::debug_span!("postprocess")
@@ -548,6 +560,7 @@ impl Pipeline {
         latents: &mut Array4<f32>,
         noise: &mut dyn NoiseSource,
         run_options: &RunOptions,
+        shrink_after: bool,
         timings: &mut StageTimings,
         progress: &mut ProgressFn<'_>,
     ) -> Result<(), PipelineError> {
@@ -590,7 +603,7 @@ impl Pipeline {
             let t1 = Instant::now();
             let unet_span = tracing::trace_span!("unet").entered();
             let owned_out;
-            let step_options = if i + 1 == total {
+            let step_options = if i + 1 == total && shrink_after {
                 self.shrink.as_ref().unwrap_or(run_options)
             } else {
                 run_options
@@ -643,11 +656,15 @@ impl Pipeline {
         &mut self,
         mut latents: Array4<f32>,
         run_options: &RunOptions,
+        shrink_after: bool,
     ) -> Result<ArrayD<f32>, PipelineError> {
         let scale = self.bundle.vae_scaling_factor as f32;
         let shift = self.bundle.vae_shift_factor.unwrap_or(0.0) as f32;
         latents.mapv_inplace(|x| x / scale + shift);
-        let options = self.shrink.as_ref().unwrap_or(run_options);
+        let options = match &self.shrink {
+            Some(shrink) if shrink_after => shrink,
+            _ => run_options,
+        };
         let decoded = self.vae.decode(latents.view().into_dyn(), options)?;
         if !all_finite(decoded.view()) {
             return Err(PipelineError::NonFinite {
