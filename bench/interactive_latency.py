@@ -81,16 +81,21 @@ def main() -> None:
                     "--out", str(manifest)], check=True)
     images = sum(len(bt.files_of(i)) for i in bt.read_items(manifest, 0))
     rounds = []
+    seen: set[str] = set()
     try:
         generate(args, bus, tmp / "warm-up.png")
         for r in range(args.rounds):
             idle = generate(args, bus, tmp / f"idle-{r}.png")
             out = tmp / f"batch-{r}"
-            sub = ctl(args, bus, "batch", str(manifest), "--output-dir", str(out), "--seed", str(1000 + r),
-                      "--detach")
+            # --restart: the manifest is the same each round, and the daemon would hand back the
+            # previous round's (cancelled) batch instead of running it again.
+            sub = ctl(args, bus, "batch", str(manifest), "--output-dir", str(out), "--restart", "--detach")
             if sub.returncode != 0:
                 raise RuntimeError(f"batch failed: {sub.stderr}")
             batch_id = sub.stdout.strip()
+            if batch_id in seen:
+                raise RuntimeError(f"round {r} got batch {batch_id} again")
+            seen.add(batch_id)
             batch_dir = tmp / "state" / "diffusiond" / "batches" / batch_id
             # Measure once the batch is under way: its first image is written.
             deadline = time.monotonic() + args.ready_timeout

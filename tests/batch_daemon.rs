@@ -301,12 +301,7 @@ fn interactive_jobs_run_ahead_of_batch_items() {
 
 #[test]
 fn other_users_cannot_use_a_batch() {
-    if !common::can_run_as_other_uids() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "needs root, setpriv and gdbus under CI"
-        );
-        eprintln!("SKIPPED: needs root, setpriv and gdbus");
+    if !common::other_uids_or_skip() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

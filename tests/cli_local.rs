@@ -1,9 +1,13 @@
 //! `diffusionctl generate --local`, the CLI contract: golden cases through the real
 //! binary, numbered outputs, given latents, PNG metadata, and one-line errors.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::batch::{assert_close, rgb};
+use common::root;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize, Clone)]
@@ -29,10 +33,6 @@ struct Case {
 #[derive(Deserialize)]
 struct Manifest {
     cases: Vec<Case>,
-}
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn golden(rel: &str) -> PathBuf {
@@ -84,30 +84,6 @@ fn case_args(c: &Case, out: &Path) -> Vec<String> {
         a.push(n.clone());
     }
     a
-}
-
-fn rgb(path: &Path) -> Vec<u8> {
-    image::open(path).unwrap().to_rgb8().into_raw()
-}
-
-/// Same bar as the in-process parity test.
-fn assert_close(got: &[u8], want: &[u8], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}");
-    let over1 = got
-        .iter()
-        .zip(want)
-        .filter(|(a, b)| a.abs_diff(**b) > 1)
-        .count();
-    let max = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap_or(0);
-    assert!(
-        max <= 2 && over1 * 1000 <= got.len(),
-        "{what}: max {max}, >1: {over1}"
-    );
 }
 
 fn png_text(path: &Path) -> String {

@@ -216,12 +216,7 @@ fn a_pipe_nobody_reads_keeps_counting_and_cancel_ends_it_within_a_second() {
 
 #[test]
 fn only_privileged_callers_may_raise_their_priority() {
-    if !common::can_run_as_other_uids() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "needs root, setpriv and gdbus under CI"
-        );
-        eprintln!("SKIPPED: needs root, setpriv and gdbus");
+    if !common::other_uids_or_skip() {
         return;
     }
     let bus = PrivateBus::start();

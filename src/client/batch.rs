@@ -7,7 +7,6 @@ use std::future::Future;
 
 use zbus::zvariant::OwnedObjectPath;
 
-use super::error::is_unknown_object;
 use super::{Client, ClientError, Result, next, quick};
 use crate::batch::files::Output;
 use crate::batch::service::Submission;
@@ -108,14 +107,10 @@ impl Client {
         what: &'static str,
         call: impl Future<Output = zbus::Result<T>>,
     ) -> Result<T> {
-        match tokio::time::timeout(super::CALL_TIMEOUT, call).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) if is_unknown_object(&e) => Err(ClientError::InvalidArgument(format!(
-                "no such batch: {path}"
-            ))),
-            Ok(Err(e)) => Err(ClientError::from_zbus(&self.bus, e)),
-            Err(_) => Err(ClientError::Timeout(what)),
-        }
+        self.object_call(what, call, || {
+            ClientError::InvalidArgument(format!("no such batch: {path}"))
+        })
+        .await
     }
 
     /// The batch's properties.

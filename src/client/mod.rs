@@ -223,9 +223,20 @@ impl Client {
         what: &'static str,
         call: impl Future<Output = zbus::Result<T>>,
     ) -> Result<T> {
+        self.object_call(what, call, || ClientError::NoSuchJob(path.to_string()))
+            .await
+    }
+
+    /// Runs a quick call on an object (a job, a batch); "no such object" becomes `missing()`.
+    async fn object_call<T>(
+        &self,
+        what: &'static str,
+        call: impl Future<Output = zbus::Result<T>>,
+        missing: impl FnOnce() -> ClientError,
+    ) -> Result<T> {
         match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) if is_unknown_object(&e) => Err(ClientError::NoSuchJob(path.to_string())),
+            Ok(Err(e)) if is_unknown_object(&e) => Err(missing()),
             Ok(Err(e)) => Err(ClientError::from_zbus(&self.bus, e)),
             Err(_) => Err(ClientError::Timeout(what)),
         }

@@ -12,7 +12,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::OwnedFd;
 use zbus::{Connection, interface};
 
-use super::{Error, caller_uid, expect_args};
+use super::{Error, check_owner, expect_args};
 use crate::batch::service::{Events, Service, Snapshot};
 use crate::batch::{BatchError, BatchId, BatchState, Progress};
 use crate::wire::batch::batch_path;
@@ -48,19 +48,6 @@ impl Batch {
 
     fn view(&self) -> std::sync::MutexGuard<'_, Snapshot> {
         self.view.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Checks the caller owns the batch (or is root); returns its uid.
-    async fn caller(&self, conn: &Connection, header: &Header<'_>) -> Result<u32, Error> {
-        let uid = caller_uid(conn, header).await?;
-        if uid == self.owner || uid == 0 {
-            Ok(uid)
-        } else {
-            Err(Error::AccessDenied(format!(
-                "this batch belongs to uid {}",
-                self.owner
-            )))
-        }
     }
 }
 
@@ -145,7 +132,7 @@ impl Batch {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
         expect_args(&header, "Cancel", "")?;
-        let uid = self.caller(conn, &header).await?;
+        let uid = check_owner(conn, &header, self.owner).await?;
         let (service, id) = (self.service.clone(), self.id);
         blocking(move || service.cancel(id, uid)).await
     }
@@ -157,7 +144,7 @@ impl Batch {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
         expect_args(&header, "Resume", "")?;
-        let uid = self.caller(conn, &header).await?;
+        let uid = check_owner(conn, &header, self.owner).await?;
         let (service, id) = (self.service.clone(), self.id);
         blocking(move || service.resume(id, uid)).await
     }
@@ -170,7 +157,7 @@ impl Batch {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<Vec<String>, Error> {
         expect_args(&header, "ListResults", "")?;
-        let uid = self.caller(conn, &header).await?;
+        let uid = check_owner(conn, &header, self.owner).await?;
         let (service, id) = (self.service.clone(), self.id);
         let finished = blocking(move || service.results(id, uid)).await?;
         Ok(finished.into_iter().flat_map(|f| f.files).collect())
@@ -184,7 +171,7 @@ impl Batch {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<Vec<(String, String)>, Error> {
         expect_args(&header, "ListFailures", "")?;
-        let uid = self.caller(conn, &header).await?;
+        let uid = check_owner(conn, &header, self.owner).await?;
         let (service, id) = (self.service.clone(), self.id);
         let finished = blocking(move || service.results(id, uid)).await?;
         Ok(finished
@@ -203,7 +190,7 @@ impl Batch {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedFd, Error> {
         expect_args(&header, "OpenResult", "s")?;
-        let uid = self.caller(conn, &header).await?;
+        let uid = check_owner(conn, &header, self.owner).await?;
         let (service, id) = (self.service.clone(), self.id);
         let (fd, expiry) = blocking(move || service.open_result(id, uid, &file)).await?;
         if let Some(after) = expiry {
@@ -220,7 +207,7 @@ impl Batch {
         #[zbus(object_server)] server: &zbus::ObjectServer,
     ) -> Result<(), Error> {
         expect_args(&header, "Remove", "")?;
-        let uid = self.caller(conn, &header).await?;
+        let uid = check_owner(conn, &header, self.owner).await?;
         let (service, id) = (self.service.clone(), self.id);
         blocking(move || service.remove(id, uid)).await?;
         server.remove::<Batch, _>(batch_path(id)).await?;

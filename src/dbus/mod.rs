@@ -91,14 +91,14 @@ fn expect_args(header: &Header<'_>, method: &str, want: &str) -> Result<(), Erro
     )))
 }
 
-/// Only the owner or root may act on a job.
-async fn check_owner(conn: &Connection, header: &Header<'_>, owner: u32) -> Result<(), Error> {
+/// Only the owner or root may act on a job or a batch; returns the caller's uid.
+async fn check_owner(conn: &Connection, header: &Header<'_>, owner: u32) -> Result<u32, Error> {
     let uid = caller_uid(conn, header).await?;
     if uid == owner || uid == 0 {
-        Ok(())
+        Ok(uid)
     } else {
         Err(Error::AccessDenied(format!(
-            "this job belongs to uid {owner}"
+            "this belongs to uid {owner}; only its owner or root may use it"
         )))
     }
 }

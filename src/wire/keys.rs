@@ -58,6 +58,20 @@ struct Parsing {
     prompt: bool,
 }
 
+impl Parsing {
+    /// Nothing read yet: every key at its default.
+    fn new() -> Parsing {
+        Parsing {
+            incoming: Incoming {
+                request: GenerateRequest::default(),
+                output_fds: Vec::new(),
+                cancel_on_disconnect: true,
+            },
+            prompt: false,
+        }
+    }
+}
+
 /// A Rust type as a D-Bus basic type.
 trait Wire: Sized {
     const SIGNATURE: &'static str;
@@ -242,14 +256,7 @@ impl From<HashMap<String, OwnedValue>> for RawDict {
 /// Reads a `Generate` request: unknown keys, keys given twice and wrong types are errors
 /// naming the key; `prompt` is required.
 pub fn parse(raw: &RawDict) -> Result<Incoming, String> {
-    let mut p = Parsing {
-        incoming: Incoming {
-            request: GenerateRequest::default(),
-            output_fds: Vec::new(),
-            cancel_on_disconnect: true,
-        },
-        prompt: false,
-    };
+    let mut p = Parsing::new();
     let mut seen: Vec<&str> = Vec::with_capacity(raw.0.len());
     for (name, value) in &raw.0 {
         if seen.contains(&name.as_str()) {
@@ -312,14 +319,7 @@ pub fn from_json(
     object: &serde_json::Map<String, serde_json::Value>,
     extra: &[&str],
 ) -> (GenerateRequest, bool, Vec<(String, String)>) {
-    let mut p = Parsing {
-        incoming: Incoming {
-            request: GenerateRequest::default(),
-            output_fds: Vec::new(),
-            cancel_on_disconnect: true,
-        },
-        prompt: false,
-    };
+    let mut p = Parsing::new();
     let mut errors = Vec::new();
     for (name, json) in object {
         if extra.contains(&name.as_str()) {

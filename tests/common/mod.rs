@@ -275,6 +275,20 @@ pub fn can_run_as_other_uids() -> bool {
     root && tools
 }
 
+/// Whether a test that runs clients as other uids can run here. Under CI it must (the
+/// test fails); elsewhere the test says it is skipped.
+pub fn other_uids_or_skip() -> bool {
+    if can_run_as_other_uids() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "needs root, setpriv and gdbus under CI"
+    );
+    eprintln!("SKIPPED: needs root, setpriv and gdbus");
+    false
+}
+
 /// A request dict from pairs.
 pub fn request_dict(
     pairs: &[(&str, zbus::zvariant::Value<'_>)],
