@@ -354,7 +354,24 @@ fn other_users_cannot_use_a_batch() {
             text(&o)
         );
     }
-    // The owner may; a file that is not a result of the batch is refused.
+    // The owner may, by file or by item name; a file that is not a result is refused.
+    for name in ["00000.png", "named"] {
+        let o = Command::new("gdbus")
+            .args([
+                "call",
+                "-a",
+                bus.address(),
+                "-d",
+                "io.github.Diffusiond1",
+                "-o",
+                &path,
+            ])
+            .args(["-m", "io.github.Diffusiond1.Batch.OpenResult", name])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        assert!(text(&o).contains("handle"), "{name}: {}", text(&o));
+    }
     let o = Command::new("gdbus")
         .args([
             "call",

@@ -313,11 +313,20 @@ impl Service {
     ) -> Result<(OwnedFd, Option<Duration>), BatchError> {
         self.owned(id, caller)?;
         let finished = self.store().finished(id)?;
-        let item = finished
+        // A file from ListResults, or the name of an item that made one file.
+        let (item, file) = finished
             .iter()
-            .find(|f| f.files.iter().any(|x| x == file))
+            .find_map(|f| f.files.iter().find(|x| *x == file).map(|x| (f, x)))
+            .or_else(|| {
+                finished
+                    .iter()
+                    .find(|f| f.name == file && f.files.len() == 1)
+                    .map(|f| (f, &f.files[0]))
+            })
             .ok_or_else(|| {
-                BatchError::NoResult(format!("batch {id} has no finished file '{file}'"))
+                BatchError::NoResult(format!(
+                    "batch {id} has no finished file '{file}' (ListResults names them)"
+                ))
             })?;
         let path = self.dir(id).join(file);
         let f = std::fs::File::open(&path)

@@ -3,6 +3,7 @@
 //! diffusers' `StableDiffusionPipeline` / `StableDiffusionXLPipeline` as Optimum runs them.
 
 pub mod components;
+mod guidance;
 pub mod image;
 mod text_cache;
 
@@ -10,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ndarray::{Array2, Array3, Array4, ArrayD, Axis, IxDyn, Zip, concatenate, s};
+use ndarray::{Array2, Array3, Array4, ArrayD, Axis, IxDyn, concatenate, s};
 use ort::session::RunOptions;
 
 pub use crate::request::{GenerateParams, Limits};
@@ -23,6 +24,7 @@ use crate::runtime::{Runtime, RuntimeError};
 use crate::scheduler::{self, Scheduler, SchedulerError};
 use crate::tokenizer::{ClipTokenizer, TokenizerError};
 use components::{AddedCond, TextEncoder, Unet, VaeDecoder};
+use guidance::{Guidance, guide};
 
 /// Errors from loading a pipeline or generating with it.
 #[derive(Debug, thiserror::Error)]
@@ -415,29 +417,6 @@ impl NoiseSource for BatchNoise {
     }
 }
 
-/// Per-row guidance settings of a batch (each request keeps its own scale).
-struct Guidance {
-    cfg: bool,
-    scale: Vec<f32>,
-    rescale: Vec<f32>,
-}
-
-impl Guidance {
-    fn for_batch(batch: &[&ResolvedRequest]) -> Guidance {
-        let rows = |f: fn(&ResolvedRequest) -> f64| {
-            batch
-                .iter()
-                .flat_map(|p| std::iter::repeat_n(f(p) as f32, p.num_images))
-                .collect()
-        };
-        Guidance {
-            cfg: batch[0].do_cfg(),
-            scale: rows(|p| p.guidance_scale),
-            rescale: rows(|p| p.guidance_rescale),
-        }
-    }
-}
-
 /// Text conditioning for the UNet, already laid out as the UNet batch wants it.
 struct Conditioning {
     /// `[2N or N, 77, D]`: uncond rows first when CFG is on.
@@ -698,42 +677,6 @@ fn all_finite(a: ndarray::ArrayViewD<'_, f32>) -> bool {
         Some(s) => s.iter().all(|x| x.is_finite()),
         None => a.iter().all(|x| x.is_finite()),
     }
-}
-
-/// Classifier-free guidance, into `out` (`[N,...]`), row by row with each row's scale:
-/// `uncond + g * (text - uncond)`, then diffusers' `rescale_noise_cfg` when `rescale > 0`.
-fn guide(unet_out: ndarray::ArrayViewD<'_, f32>, guidance: &Guidance, out: &mut ArrayD<f32>) {
-    let n = out.len_of(Axis(0));
-    let uncond = unet_out.slice_axis(Axis(0), (..n).into());
-    let text = unet_out.slice_axis(Axis(0), (n..).into());
-    let rows = out
-        .axis_iter_mut(Axis(0))
-        .zip(uncond.axis_iter(Axis(0)))
-        .zip(text.axis_iter(Axis(0)));
-    for (row, ((mut o, u), t)) in rows.enumerate() {
-        let g = guidance.scale[row];
-        Zip::from(&mut o)
-            .and(&u)
-            .and(&t)
-            .for_each(|o, &u, &t| *o = u + g * (t - u));
-        let rescale = guidance.rescale[row];
-        if rescale > 0.0 {
-            let factor = std_unbiased(t.iter()) / std_unbiased(o.iter());
-            o.mapv_inplace(|x| rescale * (x * factor) + (1.0 - rescale) * x);
-        }
-    }
-}
-
-/// `torch.std` over all elements (Bessel-corrected), accumulated in f64.
-fn std_unbiased<'a>(values: impl Iterator<Item = &'a f32> + Clone) -> f32 {
-    let (mut n, mut sum) = (0usize, 0f64);
-    for &v in values.clone() {
-        n += 1;
-        sum += f64::from(v);
-    }
-    let mean = sum / n as f64;
-    let ss: f64 = values.map(|&v| (f64::from(v) - mean).powi(2)).sum();
-    (ss / (n.saturating_sub(1).max(1)) as f64).sqrt() as f32
 }
 
 /// Repeats each row of a batch `n` times, consecutively (`repeat_interleave`).

@@ -1,0 +1,69 @@
+//! Classifier-free guidance of a batch: each request keeps its own scale and rescale, row
+//! by row, as diffusers applies them to one request.
+
+use ndarray::{ArrayD, Axis, Zip};
+
+use crate::request::ResolvedRequest;
+
+/// Per-row guidance settings of a batch (each request keeps its own scale).
+pub(super) struct Guidance {
+    pub(super) cfg: bool,
+    scale: Vec<f32>,
+    rescale: Vec<f32>,
+}
+
+impl Guidance {
+    pub(super) fn for_batch(batch: &[&ResolvedRequest]) -> Guidance {
+        let rows = |f: fn(&ResolvedRequest) -> f64| {
+            batch
+                .iter()
+                .flat_map(|p| std::iter::repeat_n(f(p) as f32, p.num_images))
+                .collect()
+        };
+        Guidance {
+            cfg: batch[0].do_cfg(),
+            scale: rows(|p| p.guidance_scale),
+            rescale: rows(|p| p.guidance_rescale),
+        }
+    }
+}
+
+/// Classifier-free guidance, into `out` (`[N,...]`), row by row with each row's scale:
+/// `uncond + g * (text - uncond)`, then diffusers' `rescale_noise_cfg` when `rescale > 0`.
+pub(super) fn guide(
+    unet_out: ndarray::ArrayViewD<'_, f32>,
+    guidance: &Guidance,
+    out: &mut ArrayD<f32>,
+) {
+    let n = out.len_of(Axis(0));
+    let uncond = unet_out.slice_axis(Axis(0), (..n).into());
+    let text = unet_out.slice_axis(Axis(0), (n..).into());
+    let rows = out
+        .axis_iter_mut(Axis(0))
+        .zip(uncond.axis_iter(Axis(0)))
+        .zip(text.axis_iter(Axis(0)));
+    for (row, ((mut o, u), t)) in rows.enumerate() {
+        let g = guidance.scale[row];
+        Zip::from(&mut o)
+            .and(&u)
+            .and(&t)
+            .for_each(|o, &u, &t| *o = u + g * (t - u));
+        let rescale = guidance.rescale[row];
+        if rescale > 0.0 {
+            let factor = std_unbiased(t.iter()) / std_unbiased(o.iter());
+            o.mapv_inplace(|x| rescale * (x * factor) + (1.0 - rescale) * x);
+        }
+    }
+}
+
+/// `torch.std` over all elements (Bessel-corrected), accumulated in f64.
+fn std_unbiased<'a>(values: impl Iterator<Item = &'a f32> + Clone) -> f32 {
+    let (mut n, mut sum) = (0usize, 0f64);
+    for &v in values.clone() {
+        n += 1;
+        sum += f64::from(v);
+    }
+    let mean = sum / n as f64;
+    let ss: f64 = values.map(|&v| (f64::from(v) - mean).powi(2)).sum();
+    (ss / (n.saturating_sub(1).max(1)) as f64).sqrt() as f32
+}
