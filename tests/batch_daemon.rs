@@ -11,8 +11,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::batch::{
-    all_files, assert_matches_references, identities, items, kill9, leftovers, pngs, references,
-    wait_for_pngs, write_manifest,
+    TestItem, all_files, assert_matches_references, identities, items, kill9, leftovers, pngs,
+    references, wait_for_pngs, write_manifest,
 };
 use common::{Daemon, PrivateBus, config_text, ctl_command};
 
@@ -51,6 +51,39 @@ fn ctl(bus: &PrivateBus, args: &[&str]) -> Output {
     ctl_command(&argv).output().unwrap()
 }
 
+/// A test folder with an `n`-item manifest of `steps` steps in it, a private bus, and a
+/// daemon whose batch state is in the folder.
+/// Bind `dir`, `bus` and `daemon` when destructuring: a field left to `..` is dropped at
+/// once (the folder deleted, the daemon killed).
+struct Fixture {
+    dir: tempfile::TempDir,
+    state: PathBuf,
+    items: Vec<TestItem>,
+    manifest: PathBuf,
+    out: PathBuf,
+    bus: PrivateBus,
+    daemon: Daemon,
+}
+
+fn fixture(n: usize, steps: u32) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let items = items(n, steps);
+    let manifest = write_manifest(dir.path(), &items);
+    let out = dir.path().join("out");
+    let bus = PrivateBus::start();
+    let daemon = Daemon::start_with_config(&bus, &config(&state));
+    Fixture {
+        dir,
+        state,
+        items,
+        manifest,
+        out,
+        bus,
+        daemon,
+    }
+}
+
 /// The folder of the one batch in the daemon's state directory.
 fn batch_dir(state: &Path) -> PathBuf {
     let dirs: Vec<PathBuf> = std::fs::read_dir(state.join("batches"))
@@ -79,14 +112,16 @@ fn wait_for_batch_dir(state: &Path) -> PathBuf {
 
 #[test]
 fn client_and_daemon_killed_mid_batch_lose_nothing_and_make_nothing_twice() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let items = items(14, 16);
+    let Fixture {
+        dir,
+        state,
+        items,
+        manifest,
+        out,
+        bus,
+        mut daemon,
+    } = fixture(14, 16);
     let total = all_files(&items).len();
-    let manifest = write_manifest(dir.path(), &items);
-    let out = dir.path().join("out");
-    let bus = PrivateBus::start();
-    let mut daemon = Daemon::start_with_config(&bus, &config(&state));
 
     // The client is killed once it has copied an image; the batch goes on in the daemon.
     let mut client = batch_cmd(&bus, &manifest, &out, &[])
@@ -146,13 +181,15 @@ fn client_and_daemon_killed_mid_batch_lose_nothing_and_make_nothing_twice() {
 
 #[test]
 fn detach_status_and_cancel() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let items = items(12, 16);
-    let manifest = write_manifest(dir.path(), &items);
-    let out = dir.path().join("out");
-    let bus = PrivateBus::start();
-    let _daemon = Daemon::start_with_config(&bus, &config(&state));
+    let Fixture {
+        dir: _dir,
+        items,
+        manifest,
+        out,
+        bus,
+        daemon: _daemon,
+        ..
+    } = fixture(12, 16);
     let o = batch_cmd(&bus, &manifest, &out, &["--detach"])
         .output()
         .unwrap();
@@ -241,12 +278,15 @@ fn the_daemon_checks_every_line_against_its_models() {
 /// printed; docs/benchmarks.md reports a measured run.
 #[test]
 fn interactive_jobs_run_ahead_of_batch_items() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let items = items(40, 16);
-    let manifest = write_manifest(dir.path(), &items);
-    let bus = PrivateBus::start();
-    let _daemon = Daemon::start_with_config(&bus, &config(&state));
+    let Fixture {
+        dir,
+        state,
+        items,
+        manifest,
+        bus,
+        daemon: _daemon,
+        ..
+    } = fixture(40, 16);
     let generate = |name: &str| {
         let t0 = Instant::now();
         let o = ctl(
@@ -304,13 +344,14 @@ fn other_users_cannot_use_a_batch() {
     if !common::other_uids_or_skip() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let items = items(2, 2);
-    let manifest = write_manifest(dir.path(), &items);
-    let out = dir.path().join("out");
-    let bus = PrivateBus::start();
-    let _daemon = Daemon::start_with_config(&bus, &config(&state));
+    let Fixture {
+        dir: _dir,
+        manifest,
+        out,
+        bus,
+        daemon: _daemon,
+        ..
+    } = fixture(2, 2);
     bus.open_to_everyone();
     let o = batch_cmd(&bus, &manifest, &out, &[]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
@@ -443,13 +484,16 @@ fn items_of_a_model_that_fails_to_load_fail_and_the_rest_go_on() {
 /// command later fetches what is left.
 #[test]
 fn ctrl_c_detaches_without_cancelling() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let items = items(12, 16);
-    let manifest = write_manifest(dir.path(), &items);
-    let out = dir.path().join("out");
-    let bus = PrivateBus::start();
-    let _daemon = Daemon::start_with_config(&bus, &config(&state));
+    let Fixture {
+        dir: _dir,
+        state,
+        items,
+        manifest,
+        out,
+        bus,
+        daemon: _daemon,
+        ..
+    } = fixture(12, 16);
     let mut client = batch_cmd(&bus, &manifest, &out, &[])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -91,13 +91,7 @@ impl Client {
 
     /// A batch proxy that caches nothing.
     pub async fn batch(&self, path: &OwnedObjectPath) -> Result<BatchProxy<'static>> {
-        BatchProxy::builder(&self.connection)
-            .path(path.clone())
-            .map_err(|e| ClientError::from_zbus(&self.bus, e))?
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .await
-            .map_err(|e| ClientError::from_zbus(&self.bus, e))
+        self.plain(path).await
     }
 
     /// Runs a quick call on a batch; "no such object" reads as a missing batch.

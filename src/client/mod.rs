@@ -207,7 +207,15 @@ impl Client {
 
     /// A job proxy that caches nothing (for one-off calls).
     async fn plain_job(&self, path: &OwnedObjectPath) -> Result<JobProxy<'static>> {
-        JobProxy::builder(&self.connection)
+        self.plain(path).await
+    }
+
+    /// A proxy of object `path` (a job, a batch) that caches nothing.
+    async fn plain<P>(&self, path: &OwnedObjectPath) -> Result<P>
+    where
+        P: From<zbus::Proxy<'static>> + zbus::proxy::Defaults,
+    {
+        zbus::proxy::Builder::<P>::new(&self.connection)
             .path(path.clone())
             .map_err(|e| ClientError::from_zbus(&self.bus, e))?
             .cache_properties(zbus::proxy::CacheProperties::No)
