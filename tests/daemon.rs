@@ -549,12 +549,12 @@ fn served_introspection_equals_the_shipped_xml() {
                 )
                 .await
                 .unwrap();
-        let served = format!(
+        let served = our_interfaces(&format!(
             "{}{}{}",
-            our_interfaces(&introspect(PATH.to_string()).await),
-            our_interfaces(&introspect(path.to_string()).await),
-            our_interfaces(&introspect(batch.to_string()).await)
-        );
+            introspect(PATH.to_string()).await,
+            introspect(path.to_string()).await,
+            introspect(batch.to_string()).await
+        ));
         let shipped_path = root().join("docs/io.github.Diffusiond1.xml");
         if std::env::var_os("UPDATE_INTROSPECTION_XML").is_some() {
             std::fs::write(&shipped_path, shipped_document(&served)).unwrap();
@@ -568,25 +568,51 @@ fn served_introspection_equals_the_shipped_xml() {
     });
 }
 
-/// The `<interface name="io.github.Diffusiond1.*">` elements of an introspection document.
+/// The `<interface name="io.github.Diffusiond1.*">` elements of introspection documents,
+/// each once, sorted by name, every line trimmed: a path's introspection may also hold its
+/// child nodes' interfaces, in no fixed order.
 fn our_interfaces(xml: &str) -> String {
-    let mut out = String::new();
+    let mut found = std::collections::BTreeMap::new();
     let mut rest = xml;
     while let Some(start) = rest.find("<interface name=\"io.github.Diffusiond1.") {
         let end = rest[start..]
             .find("</interface>")
             .map(|e| start + e + "</interface>".len())
             .unwrap();
-        out.push_str(rest[start..end].trim());
-        out.push('\n');
+        let element = &rest[start..end];
+        let name = element.split('"').nth(1).unwrap_or_default().to_string();
+        found.insert(name, indent(element));
         rest = &rest[end..];
+    }
+    found.into_values().collect()
+}
+
+/// An element's lines re-indented by nesting, two spaces a level.
+fn indent(element: &str) -> String {
+    let mut depth = 0usize;
+    let mut out = String::new();
+    for line in element.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.starts_with("</") {
+            depth = depth.saturating_sub(1);
+        }
+        out.push_str(&"  ".repeat(depth));
+        out.push_str(line);
+        out.push('\n');
+        let opens = line.starts_with('<')
+            && !line.starts_with("</")
+            && !line.starts_with("<!--")
+            && !line.ends_with("/>")
+            && !line.contains("</");
+        if opens {
+            depth += 1;
+        }
     }
     out
 }
 
 fn shipped_document(interfaces: &str) -> String {
     format!(
-        "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n<!-- diffusiond D-Bus API v1: the Manager (at /io/github/Diffusiond1) and Job (at /io/github/Diffusiond1/job/N) interfaces, as served. See docs/dbus-api.md. -->\n<node>\n{interfaces}</node>\n"
+        "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n<!-- diffusiond D-Bus API v1: the Manager (at /io/github/Diffusiond1), Batch (at /io/github/Diffusiond1/batch/N) and Job (at /io/github/Diffusiond1/job/N) interfaces, as served. See docs/dbus-api.md. -->\n<node>\n{interfaces}</node>\n"
     )
 }
 

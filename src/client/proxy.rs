@@ -90,8 +90,8 @@ pub trait Batch {
     /// Failed items: (name, error).
     fn list_failures(&self) -> zbus::Result<Vec<(String, String)>>;
 
-    /// A read-only fd of one finished file.
-    fn open_result(&self, file: &str) -> zbus::Result<zbus::zvariant::OwnedFd>;
+    /// A read-only fd of one finished file (or a one-image item's name).
+    fn open_result(&self, name: &str) -> zbus::Result<zbus::zvariant::OwnedFd>;
 
     /// Removes the batch and its images.
     fn remove(&self) -> zbus::Result<()>;

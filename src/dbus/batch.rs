@@ -181,18 +181,19 @@ impl Batch {
             .collect())
     }
 
-    /// A read-only fd of one finished file (a name from `ListResults`).
+    /// A read-only fd of one finished file: a file from `ListResults`, or the name of an
+    /// item that made one image.
     #[zbus(out_args("fd"))]
     async fn open_result(
         &self,
-        file: String,
+        name: String,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedFd, Error> {
         expect_args(&header, "OpenResult", "s")?;
         let uid = check_owner(conn, &header, self.owner).await?;
         let (service, id) = (self.service.clone(), self.id);
-        let (fd, expiry) = blocking(move || service.open_result(id, uid, &file)).await?;
+        let (fd, expiry) = blocking(move || service.open_result(id, uid, &name)).await?;
         if let Some(after) = expiry {
             schedule_expiry(conn.clone(), self.service.clone(), id, after);
         }
