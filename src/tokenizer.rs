@@ -32,13 +32,41 @@ pub enum TokenizerError {
     Tokenizers(String),
 }
 
-/// The parts of `tokenizer_config.json` that decide padding and length.
-#[derive(Debug, Deserialize)]
+/// The parts of `tokenizer_config.json` that decide padding, length and special tokens.
+#[derive(Debug, Default, Deserialize)]
 struct TokenizerConfig {
     #[serde(default = "default_max_length")]
     model_max_length: f64,
     #[serde(default)]
     pad_token: Option<TokenSpec>,
+    #[serde(default)]
+    bos_token: Option<TokenSpec>,
+    #[serde(default)]
+    eos_token: Option<TokenSpec>,
+    #[serde(default)]
+    unk_token: Option<TokenSpec>,
+    /// Added tokens by id, as transformers writes them.
+    #[serde(default)]
+    added_tokens_decoder: std::collections::BTreeMap<String, AddedSpec>,
+}
+
+/// One entry of `added_tokens_decoder`.
+#[derive(Debug, Deserialize)]
+struct AddedSpec {
+    content: String,
+}
+
+/// `special_tokens_map.json`: the same special tokens, as transformers also reads them.
+#[derive(Debug, Default, Deserialize)]
+struct SpecialTokensMap {
+    #[serde(default)]
+    pad_token: Option<TokenSpec>,
+    #[serde(default)]
+    bos_token: Option<TokenSpec>,
+    #[serde(default)]
+    eos_token: Option<TokenSpec>,
+    #[serde(default)]
+    unk_token: Option<TokenSpec>,
 }
 
 /// transformers writes special tokens either as a string or as an object.
@@ -88,7 +116,7 @@ impl ClipTokenizer {
                 message: e.to_string(),
             })?
         } else {
-            from_vocab_and_merges(dir)?
+            from_vocab_and_merges(dir, &special_tokens(dir, &config)?)?
         };
         // A huge model_max_length means "no limit" in transformers; CLIP always uses 77.
         let max_length = if config.model_max_length > 0.0 && config.model_max_length < 1e6 {
@@ -156,27 +184,65 @@ impl ClipTokenizer {
 }
 
 fn read_config(dir: &Path) -> Result<TokenizerConfig, TokenizerError> {
-    let path = dir.join("tokenizer_config.json");
-    if !path.is_file() {
-        return Ok(TokenizerConfig {
+    Ok(
+        read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(TokenizerConfig {
             model_max_length: default_max_length(),
-            pad_token: None,
-        });
+            ..TokenizerConfig::default()
+        }),
+    )
+}
+
+/// A JSON file of the folder, `None` when it is not there.
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, TokenizerError> {
+    if !path.is_file() {
+        return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| TokenizerError::File {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
-    serde_json::from_str(&text).map_err(|e| TokenizerError::File {
-        path,
-        message: e.to_string(),
-    })
+    let err = |message: String| TokenizerError::File {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| err(e.to_string()))
+}
+
+/// The special tokens transformers splits out of a prompt before BPE: bos, eos, unk and
+/// pad from `tokenizer_config.json` and `special_tokens_map.json`, and the entries of
+/// `added_tokens_decoder`. (SD2.x and SDXL's second tokenizer declare `!` as their pad
+/// token, so a `!` in a prompt is its own token there, id 0.)
+fn special_tokens(dir: &Path, config: &TokenizerConfig) -> Result<Vec<String>, TokenizerError> {
+    let map: SpecialTokensMap =
+        read_json(&dir.join("special_tokens_map.json"))?.unwrap_or_default();
+    let mut tokens: Vec<String> = Vec::new();
+    let specs = [
+        &config.bos_token,
+        &config.eos_token,
+        &config.unk_token,
+        &config.pad_token,
+        &map.bos_token,
+        &map.eos_token,
+        &map.unk_token,
+        &map.pad_token,
+    ];
+    let named = specs.into_iter().flatten().map(|t| t.content().to_string());
+    let added = config
+        .added_tokens_decoder
+        .values()
+        .map(|a| a.content.clone());
+    for token in named.chain(added) {
+        if !tokens.contains(&token) {
+            tokens.push(token);
+        }
+    }
+    Ok(tokens)
 }
 
 /// Assembles the fast tokenizer from `vocab.json` + `merges.txt`, with the same
-/// pipeline transformers' `CLIPConverter` produces. Written as the tokenizer.json
-/// document and parsed by `tokenizers`, so every component is the library's own.
-fn from_vocab_and_merges(dir: &Path) -> Result<Tokenizer, TokenizerError> {
+/// pipeline transformers' `CLIPConverter` produces, and `specials` (found in the
+/// vocabulary) as added special tokens. Written as the tokenizer.json document and parsed
+/// by `tokenizers`, so every component is the library's own.
+fn from_vocab_and_merges(dir: &Path, specials: &[String]) -> Result<Tokenizer, TokenizerError> {
     let vocab_path = dir.join("vocab.json");
     let merges_path = dir.join("merges.txt");
     let read = |p: &Path| {
@@ -204,15 +270,29 @@ fn from_vocab_and_merges(dir: &Path) -> Result<Tokenizer, TokenizerError> {
             message: "the CLIP start/end tokens are missing".into(),
         });
     };
-    let special = |id: u64, content: &str| {
+    let special = |id: u64, content: &str, normalized: bool| {
         serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": true, "special": true})
+            "rstrip": false, "normalized": normalized, "special": true})
     };
+    let mut added = vec![
+        special(bos, "<|startoftext|>", true),
+        special(eos, "<|endoftext|>", true),
+    ];
+    // Other special tokens (the pad token `!` of SD2.x/SDXL) match the raw text, as
+    // transformers' converter writes them (`normalized: false`).
+    for token in specials {
+        if token == "<|startoftext|>" || token == "<|endoftext|>" {
+            continue;
+        }
+        if let Some(id) = id(token) {
+            added.push(special(id, token, false));
+        }
+    }
     let document = serde_json::json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
-        "added_tokens": [special(bos, "<|startoftext|>"), special(eos, "<|endoftext|>")],
+        "added_tokens": added,
         "normalizer": {"type": "Sequence", "normalizers": [
             {"type": "NFC"},
             {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},

@@ -83,3 +83,72 @@ fn missing_files_are_errors_naming_the_file() {
     let err = ClipTokenizer::from_dir(dir.path()).unwrap_err().to_string();
     assert!(err.contains("tokenizer.json"), "{err}");
 }
+
+#[derive(Deserialize)]
+struct Specials {
+    cases: Vec<SpecialCase>,
+}
+
+#[derive(Deserialize)]
+struct SpecialCase {
+    tokenizer_dir: String,
+    text: String,
+    fast: Vec<i64>,
+    slow: Vec<i64>,
+}
+
+/// Special tokens in prompts (`!`, the pad token of SD2.x and SDXL's second tokenizer, is
+/// id 0 there) give transformers' ids: onnx/golden_tokenizer_specials.py wrote them, from
+/// each fixture tokenizer as exported (tokenizer.json) and from its slow files alone.
+#[test]
+fn special_tokens_in_prompts_match_transformers_with_and_without_tokenizer_json() {
+    let text =
+        std::fs::read_to_string(root().join("tests/golden/tokenizer/specials.json")).unwrap();
+    let golden: Specials = serde_json::from_str(&text).unwrap();
+    assert!(golden.cases.len() >= 30);
+    assert!(golden.cases.iter().any(|c| c.fast.contains(&0)));
+    let slow_copy = |src: &Path| {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "vocab.json",
+            "merges.txt",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ] {
+            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+        }
+        dir
+    };
+    let mut checked = 0;
+    for dir in [
+        "tiny-sd15/tokenizer",
+        "tiny-sd2-v/tokenizer",
+        "tiny-sdxl/tokenizer",
+        "tiny-sdxl/tokenizer_2",
+    ] {
+        let src = root().join("onnx").join(dir);
+        let fast = ClipTokenizer::from_dir(&src).unwrap();
+        let slow_dir = slow_copy(&src);
+        let slow = ClipTokenizer::from_dir(slow_dir.path()).unwrap();
+        for case in golden
+            .cases
+            .iter()
+            .filter(|c| c.tokenizer_dir == format!("onnx/{dir}"))
+        {
+            assert_eq!(
+                fast.encode(&case.text).unwrap(),
+                case.fast,
+                "{dir} fast {:?}",
+                case.text
+            );
+            assert_eq!(
+                slow.encode(&case.text).unwrap(),
+                case.slow,
+                "{dir} slow {:?}",
+                case.text
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, golden.cases.len());
+}
