@@ -110,13 +110,23 @@ impl ClipTokenizer {
     pub fn from_dir(dir: &Path) -> Result<ClipTokenizer, TokenizerError> {
         let config = read_config(dir)?;
         let json = dir.join("tokenizer.json");
+        let specials = special_tokens(dir, &config)?;
         let mut inner = if json.is_file() {
-            Tokenizer::from_file(&json).map_err(|e| TokenizerError::File {
+            let mut t = Tokenizer::from_file(&json).map_err(|e| TokenizerError::File {
                 path: json.clone(),
                 message: e.to_string(),
-            })?
+            })?;
+            // transformers adds the configured special tokens a tokenizer.json may lack.
+            let missing: Vec<tokenizers::AddedToken> = specials
+                .iter()
+                .filter(|s| t.token_to_id(s).is_some())
+                .filter(|s| !t.get_added_vocabulary().get_vocab().contains_key(*s))
+                .map(|s| tokenizers::AddedToken::from(s.clone(), true).normalized(false))
+                .collect();
+            t.add_special_tokens(&missing);
+            t
         } else {
-            from_vocab_and_merges(dir, &special_tokens(dir, &config)?)?
+            from_vocab_and_merges(dir, &specials)?
         };
         // A huge model_max_length means "no limit" in transformers; CLIP always uses 77.
         let max_length = if config.model_max_length > 0.0 && config.model_max_length < 1e6 {

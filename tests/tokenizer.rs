@@ -1,6 +1,7 @@
 //! CLIP tokenizer parity with transformers' `CLIPTokenizerFast`, on the corpus in
 //! tests/golden/tokenizer/cases.json (unicode, punctuation, empty and over-long prompts),
-//! both from `tokenizer.json` and rebuilt from `vocab.json` + `merges.txt` alone.
+//! both from `tokenizer.json` and rebuilt from `vocab.json` + `merges.txt` alone; and the
+//! special tokens of each fixture tokenizer (tests/golden/tokenizer/specials.json).
 
 use std::path::{Path, PathBuf};
 
@@ -99,7 +100,8 @@ struct SpecialCase {
 
 /// Special tokens in prompts (`!`, the pad token of SD2.x and SDXL's second tokenizer, is
 /// id 0 there) give transformers' ids: onnx/golden_tokenizer_specials.py wrote them, from
-/// each fixture tokenizer as exported (tokenizer.json) and from its slow files alone.
+/// each fixture tokenizer as exported (tokenizer.json) and from its slow files alone; and a
+/// tokenizer.json stripped of those added tokens gives the same ids.
 #[test]
 fn special_tokens_in_prompts_match_transformers_with_and_without_tokenizer_json() {
     let text =
@@ -130,6 +132,18 @@ fn special_tokens_in_prompts_match_transformers_with_and_without_tokenizer_json(
         let fast = ClipTokenizer::from_dir(&src).unwrap();
         let slow_dir = slow_copy(&src);
         let slow = ClipTokenizer::from_dir(slow_dir.path()).unwrap();
+        // A tokenizer.json whose added tokens lack the configured ones: transformers adds
+        // them (checked with CLIPTokenizerFast), and so must we.
+        let bare_dir = slow_copy(&src);
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+                .unwrap();
+        json["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|t| t["content"].as_str().is_some_and(|c| c.starts_with("<|")));
+        std::fs::write(bare_dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+        let bare = ClipTokenizer::from_dir(bare_dir.path()).unwrap();
         for case in golden
             .cases
             .iter()
@@ -145,6 +159,12 @@ fn special_tokens_in_prompts_match_transformers_with_and_without_tokenizer_json(
                 slow.encode(&case.text).unwrap(),
                 case.slow,
                 "{dir} slow {:?}",
+                case.text
+            );
+            assert_eq!(
+                bare.encode(&case.text).unwrap(),
+                case.fast,
+                "{dir} tokenizer.json without its added tokens {:?}",
                 case.text
             );
             checked += 1;
