@@ -37,14 +37,8 @@ pub enum TokenizerError {
 struct TokenizerConfig {
     #[serde(default = "default_max_length")]
     model_max_length: f64,
-    #[serde(default)]
-    pad_token: Option<TokenSpec>,
-    #[serde(default)]
-    bos_token: Option<TokenSpec>,
-    #[serde(default)]
-    eos_token: Option<TokenSpec>,
-    #[serde(default)]
-    unk_token: Option<TokenSpec>,
+    #[serde(flatten)]
+    specials: SpecialTokens,
     /// Added tokens by id, as transformers writes them.
     #[serde(default)]
     added_tokens_decoder: std::collections::BTreeMap<String, AddedSpec>,
@@ -56,9 +50,10 @@ struct AddedSpec {
     content: String,
 }
 
-/// `special_tokens_map.json`: the same special tokens, as transformers also reads them.
+/// The named special tokens, in `tokenizer_config.json` and in `special_tokens_map.json`
+/// (transformers reads both).
 #[derive(Debug, Default, Deserialize)]
-struct SpecialTokensMap {
+struct SpecialTokens {
     #[serde(default)]
     pad_token: Option<TokenSpec>,
     #[serde(default)]
@@ -67,6 +62,19 @@ struct SpecialTokensMap {
     eos_token: Option<TokenSpec>,
     #[serde(default)]
     unk_token: Option<TokenSpec>,
+}
+
+impl SpecialTokens {
+    fn all(&self) -> impl Iterator<Item = &TokenSpec> {
+        [
+            &self.bos_token,
+            &self.eos_token,
+            &self.unk_token,
+            &self.pad_token,
+        ]
+        .into_iter()
+        .flatten()
+    }
 }
 
 /// transformers writes special tokens either as a string or as an object.
@@ -135,6 +143,7 @@ impl ClipTokenizer {
             77
         };
         let pad_token = config
+            .specials
             .pad_token
             .as_ref()
             .map(|t| t.content().to_string())
@@ -222,20 +231,11 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, T
 /// `added_tokens_decoder`. (SD2.x and SDXL's second tokenizer declare `!` as their pad
 /// token, so a `!` in a prompt is its own token there, id 0.)
 fn special_tokens(dir: &Path, config: &TokenizerConfig) -> Result<Vec<String>, TokenizerError> {
-    let map: SpecialTokensMap =
-        read_json(&dir.join("special_tokens_map.json"))?.unwrap_or_default();
+    let map: SpecialTokens = read_json(&dir.join("special_tokens_map.json"))?.unwrap_or_default();
     let mut tokens: Vec<String> = Vec::new();
-    let specs = [
-        &config.bos_token,
-        &config.eos_token,
-        &config.unk_token,
-        &config.pad_token,
-        &map.bos_token,
-        &map.eos_token,
-        &map.unk_token,
-        &map.pad_token,
-    ];
-    let named = specs.into_iter().flatten().map(|t| t.content().to_string());
+    let named = (config.specials.all())
+        .chain(map.all())
+        .map(|t| t.content().to_string());
     let added = config
         .added_tokens_decoder
         .values()

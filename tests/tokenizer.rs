@@ -30,6 +30,21 @@ fn golden() -> Golden {
     serde_json::from_str(&text).unwrap()
 }
 
+/// A copy of a tokenizer folder with only the slow tokenizer's files, as an export
+/// without tokenizer.json has.
+fn slow_copy(src: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    dir
+}
+
 fn check_all(tokenizer: &ClipTokenizer, golden: &Golden) {
     assert!(golden.cases.len() >= 30);
     for case in &golden.cases {
@@ -50,15 +65,7 @@ fn fast_tokenizer_json_matches_clip_tokenizer_fast() {
 fn vocab_and_merges_alone_match_clip_tokenizer_fast() {
     let g = golden();
     let src: PathBuf = root().join(&g.tokenizer_dir);
-    let dir = tempfile::tempdir().unwrap();
-    for f in [
-        "vocab.json",
-        "merges.txt",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ] {
-        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
-    }
+    let dir = slow_copy(&src);
     let tok = ClipTokenizer::from_dir(dir.path()).unwrap();
     check_all(&tok, &g);
 }
@@ -109,18 +116,6 @@ fn special_tokens_in_prompts_match_transformers_with_and_without_tokenizer_json(
     let golden: Specials = serde_json::from_str(&text).unwrap();
     assert!(golden.cases.len() >= 30);
     assert!(golden.cases.iter().any(|c| c.fast.contains(&0)));
-    let slow_copy = |src: &Path| {
-        let dir = tempfile::tempdir().unwrap();
-        for f in [
-            "vocab.json",
-            "merges.txt",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-        ] {
-            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
-        }
-        dir
-    };
     let mut checked = 0;
     for dir in [
         "tiny-sd15/tokenizer",
