@@ -49,20 +49,9 @@ from pathlib import Path  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# diffusionctl's scheduler names -> diffusers classes (as onnx/make_references.py)
-SCHEDULERS = {
-    "pndm": ("PNDMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
-    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-}
+# diffusionctl's scheduler names -> diffusers classes, shared with the reference scripts
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "onnx"))
+from scheduler_names import SCHEDULERS  # noqa: E402
 
 KEYS = {"prompt", "negative_prompt", "model", "width", "height", "steps", "guidance_scale",
         "guidance_rescale", "seed", "rng", "scheduler", "num_images", "name"}

@@ -359,25 +359,9 @@ fn other_users_cannot_use_a_batch() {
     let path: serde_json::Value = serde_json::from_str(&path).unwrap();
     let path = path["batch"].as_str().unwrap().to_string();
     let nobody = |method: &str, args: &[&str]| {
-        Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "--",
-                "gdbus",
-                "call",
-                "-a",
-                bus.address(),
-                "-d",
-                "io.github.Diffusiond1",
-                "-o",
-                &path,
-                "-m",
-                &format!("io.github.Diffusiond1.Batch.{method}"),
-            ])
+        let method = format!("io.github.Diffusiond1.Batch.{method}");
+        common::gdbus_as_nobody(bus.address(), &path, &method)
             .args(args)
-            .env("HOME", "/nonexistent")
             .output()
             .unwrap()
     };

@@ -12,7 +12,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, PairsDict, PrivateBus, error_name, generate, rss_kb, wait};
@@ -233,29 +232,14 @@ fn soak_and_fuzz() {
     let as_nobody = common::can_run_as_other_uids();
     if as_nobody {
         bus.open_to_everyone();
-        let out = Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "--",
-                "gdbus",
-                "call",
-                "-a",
-            ])
-            .arg(bus.address())
-            .args([
-                "-d",
-                NAME,
-                "-o",
-                PATH,
-                "-m",
-                "io.github.Diffusiond1.Manager.Generate",
-            ])
-            .arg("{'prompt': <'p'>, 'steps': <uint32 1>, 'priority': <int32 9>}")
-            .env("HOME", "/nonexistent")
-            .output()
-            .unwrap();
+        let out = common::gdbus_as_nobody(
+            bus.address(),
+            PATH,
+            "io.github.Diffusiond1.Manager.Generate",
+        )
+        .arg("{'prompt': <'p'>, 'steps': <uint32 1>, 'priority': <int32 9>}")
+        .output()
+        .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             err.contains("io.github.Diffusiond1.Error.AccessDenied"),

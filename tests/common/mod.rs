@@ -289,6 +289,30 @@ pub fn other_uids_or_skip() -> bool {
     false
 }
 
+/// `gdbus call -a ADDRESS -d io.github.Diffusiond1 -o PATH -m METHOD` run as uid 65534
+/// (nobody) through setpriv; add the method's arguments, then run it.
+pub fn gdbus_as_nobody(address: &str, path: &str, method: &str) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+        "gdbus",
+        "call",
+        "-a",
+        address,
+        "-d",
+        "io.github.Diffusiond1",
+        "-o",
+        path,
+        "-m",
+        method,
+    ])
+    .env("HOME", "/nonexistent");
+    c
+}
+
 /// A request dict from pairs.
 pub fn request_dict(
     pairs: &[(&str, zbus::zvariant::Value<'_>)],
