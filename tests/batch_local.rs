@@ -11,8 +11,8 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use common::batch::{
-    all_files, assert_matches_references, identities, items, kill9, leftovers, pngs, references,
-    tiny, wait_for_pngs, write_manifest,
+    all_files, assert_close, assert_matches_references, identities, items, kill9, leftovers, pngs,
+    references, rgb, tiny, wait_for_pngs, write_manifest,
 };
 use common::ctl_command;
 
@@ -101,6 +101,61 @@ fn a_killed_batch_resumes_writes_each_image_once_and_matches_generate_local() {
     ));
     assert!(!o.status.success());
     assert!(text(&o).contains("--restart"), "{}", text(&o));
+}
+
+/// The crash window between the renames of a two-image item's files and the store's
+/// "done": the state file is put back into it (item pending, first file in place, second
+/// missing), as a SIGKILL there leaves it. The rerun writes only the missing file.
+#[test]
+fn a_crash_between_an_items_files_keeps_the_file_already_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let items = items(3, 2);
+    let manifest = write_manifest(dir.path(), &items);
+    let out = dir.path().join("out");
+    let args = batch_args(&manifest, &out, &[]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    let two = &items[2];
+    assert_eq!(two.files, ["00002-0.png", "00002-1.png"]);
+
+    let state = out.join(".diffusiond/batch-0-of-1.sqlite");
+    let db = rusqlite::Connection::open(&state).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE items SET state = 'pending', bytes = 0 WHERE name = ?1",
+            [&two.name],
+        )
+        .unwrap();
+    assert_eq!(changed, 1, "the item is in {}", state.display());
+    drop(db);
+    let second = out.join(&two.files[1]);
+    let want = rgb(&second);
+    std::fs::remove_file(&second).unwrap();
+    let kept = identities(&out, &two.files[..1]);
+    let others = identities(
+        &out,
+        &[items[0].files[0].clone(), items[1].files[0].clone()],
+    );
+
+    let o = run(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(pngs(&out), all_files(&items));
+    assert_eq!(
+        identities(&out, &two.files[..1]),
+        kept,
+        "first file rewritten"
+    );
+    assert_eq!(
+        identities(
+            &out,
+            &[items[0].files[0].clone(), items[1].files[0].clone()]
+        ),
+        others,
+        "finished items run again"
+    );
+    // The same image (it may have shared a UNet batch with other items the first time).
+    assert_close(&rgb(&second), &want, &two.files[1]);
+    assert!(leftovers(&out).is_empty(), "{:?}", leftovers(&out));
 }
 
 #[test]

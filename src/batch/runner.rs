@@ -131,6 +131,9 @@ pub struct Runner<'a> {
 struct Ready {
     item: PendingItem,
     request: ResolvedRequest,
+    /// Files of this item already in place, written before a crash: complete (they were
+    /// renamed into place) and the same image, so they are kept, never written again.
+    kept: Vec<bool>,
 }
 
 /// Reads a stored item's canonical line back into a request.
@@ -154,7 +157,8 @@ impl Runner<'_> {
 
     /// Runs the batch's pending items until none is left, or it is cancelled, paused or
     /// stopped. `resumed`: items whose files are all in place already (written before a
-    /// crash, not yet marked) are marked done without running again.
+    /// crash, not yet marked) are marked done without running again, and an item with
+    /// some of its files in place runs again but writes only the missing ones.
     pub fn run(&self, id: BatchId, owner: u32, resumed: bool) -> Result<End, StoreError> {
         let pending = self.store().pending(id)?;
         // Counted here from the store's start, not queried per item (only this runner
@@ -170,7 +174,11 @@ impl Runner<'_> {
             match request {
                 Ok(request) => {
                     let files = super::manifest::file_names(&item.name, request.num_images);
-                    if resumed && files.iter().all(|f| self.output.exists(f)) {
+                    let kept: Vec<bool> = files
+                        .iter()
+                        .map(|f| resumed && self.output.exists(f))
+                        .collect();
+                    if kept.iter().all(|&k| k) {
                         let bytes = files
                             .iter()
                             .filter_map(|f| std::fs::metadata(self.output.path(f)).ok())
@@ -180,7 +188,11 @@ impl Runner<'_> {
                         tally.resumed(request.num_images, bytes);
                         continue;
                     }
-                    queue.push_back(Ready { item, request });
+                    queue.push_back(Ready {
+                        item,
+                        request,
+                        kept,
+                    });
                 }
                 Err(message) => {
                     self.store().mark_failed(id, item.index, &message)?;
@@ -200,7 +212,7 @@ impl Runner<'_> {
         });
 
         let (tx, rx) = std::sync::mpsc::channel();
-        let mut in_flight: HashMap<JobId, (PendingItem, usize)> = HashMap::new();
+        let mut in_flight: HashMap<JobId, (PendingItem, usize, Vec<bool>)> = HashMap::new();
         let mut images_in_flight = 0usize;
         let mut paused: Option<String> = None;
         let mut stopped = false;
@@ -232,7 +244,7 @@ impl Runner<'_> {
                     Ok(()) => {
                         self.control.track(job, true);
                         images_in_flight += images;
-                        in_flight.insert(job, (ready.item, images));
+                        in_flight.insert(job, (ready.item, images, ready.kept));
                     }
                     Err(EngineError::ShuttingDown) => stopped = true,
                     Err(e) => {
@@ -250,7 +262,7 @@ impl Runner<'_> {
             // Every submitted job reports exactly once; `tx` lives here, so this ends.
             let Ok((job, outcome)) = rx.recv() else { break };
             self.control.track(job, false);
-            let Some((item, images)) = in_flight.remove(&job) else {
+            let Some((item, images, kept)) = in_flight.remove(&job) else {
                 continue;
             };
             images_in_flight -= images;
@@ -259,7 +271,12 @@ impl Runner<'_> {
                     let files = super::manifest::file_names(&item.name, images);
                     let mut bytes = 0;
                     let mut failed = None;
-                    for (file, png) in files.iter().zip(&out.pngs) {
+                    for ((file, png), &kept) in files.iter().zip(&out.pngs).zip(&kept) {
+                        if kept {
+                            bytes += std::fs::metadata(self.output.path(file))
+                                .map_or(png.len() as u64, |m| m.len());
+                            continue;
+                        }
                         match self.output.write(file, png) {
                             Ok(n) => bytes += n,
                             Err(e) => {
