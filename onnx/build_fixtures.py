@@ -11,10 +11,17 @@ Outputs (relative to --out, default: this folder):
     tiny-sd15/        SD1.x architecture, PNDM scheduler, epsilon prediction
     tiny-sd2-v/       SD2.x-style architecture, DDIM scheduler, v_prediction, tokenizer pads with "!"
     tiny-sdxl/        SDXL architecture (two text encoders, text_time embedding), Euler scheduler
+    tiny-sd15-inpaint/ SD1.x inpainting: 9-channel UNet (latents 4 + mask 1 + masked-image latents 4),
+                      PNDM scheduler, exported with --task inpainting (StableDiffusionInpaintPipeline)
+    tiny-lcm/         LCM-distilled SD1.x layout: UNet with time_cond_proj_dim (ONNX input
+                      `timestep_cond`), LCMScheduler config (LatentConsistencyModelPipeline)
+    tiny-turbo/       SD-Turbo style (SD2.x-like, tokenizer pads with "!"): EulerAncestralDiscreteScheduler
+                      with timestep_spacing "trailing"
 
 Every model part is created from a config with `torch.manual_seed(k)` right before it,
 saved with diffusers/transformers `save_pretrained`, and exported with
-`optimum-cli export onnx --task text-to-image`. The result is byte-reproducible.
+`optimum-cli export onnx --task <export_task>` (text-to-image unless the spec says otherwise).
+The result is byte-reproducible.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from pathlib import Path
 
 import fixture_lib as fl
 
-ALL = ["tokenizer", "tiny-sd15", "tiny-sd2-v", "tiny-sdxl"]
+ALL = ["tokenizer", "tiny-sd15", "tiny-sd2-v", "tiny-sdxl", "tiny-sd15-inpaint", "tiny-lcm", "tiny-turbo"]
 
 # ---------------------------------------------------------------------------------------------
 # Configs
@@ -185,6 +192,101 @@ PIPELINES = {
 }
 
 
+# The three fixtures below use a smaller text encoder (hidden 16) and UNet (channels 16/32) than
+# tiny-sd15 so that each folder stays under ~8 MB (3.2 MB of it are the tokenizer files).
+
+
+def small_unet(**kw) -> dict:
+    d = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        block_out_channels=[16, 32],
+        layers_per_block=1,
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    d.update(kw)
+    return d
+
+
+PIPELINES.update(
+    {
+        # SD1.5-inpainting layout: conv_in takes 9 channels, everything else as an SD1.x UNet.
+        "tiny-sd15-inpaint": dict(
+            pipeline_class="StableDiffusionInpaintPipeline",
+            export_task="inpainting",
+            seed_base=1600,
+            tokenizer_pad="<|endoftext|>",
+            text_encoder=text_config("quick_gelu", 16),
+            unet=small_unet(in_channels=9),
+            vae=vae_config(0.18215, force_upcast=True),
+            scheduler=PIPELINES["tiny-sd15"]["scheduler"],
+        ),
+        # As SimianLuo/LCM_Dreamshaper_v7: UNet with time_cond_proj_dim (256 there), LCMScheduler config
+        # (original_inference_steps 50, leading spacing, steps_offset 1, set_alpha_to_one true,
+        # timestep_scaling 10).
+        "tiny-lcm": dict(
+            pipeline_class="LatentConsistencyModelPipeline",
+            seed_base=4000,
+            tokenizer_pad="<|endoftext|>",
+            text_encoder=text_config("quick_gelu", 16),
+            unet=small_unet(time_cond_proj_dim=32),
+            vae=vae_config(0.18215, force_upcast=True),
+            scheduler=(
+                "LCMScheduler",
+                dict(
+                    **SD_BETAS,
+                    original_inference_steps=50,
+                    clip_sample=False,
+                    clip_sample_range=1.0,
+                    set_alpha_to_one=True,
+                    steps_offset=1,
+                    prediction_type="epsilon",
+                    thresholding=False,
+                    dynamic_thresholding_ratio=0.995,
+                    sample_max_value=1.0,
+                    timestep_spacing="leading",
+                    timestep_scaling=10.0,
+                    rescale_betas_zero_snr=False,
+                    trained_betas=None,
+                ),
+            ),
+        ),
+        # SD-Turbo style: SD2.x-like text encoder/UNet (gelu, "!" padding, linear projections),
+        # epsilon prediction, EulerAncestralDiscreteScheduler with trailing spacing (the scheduler
+        # config shipped with stabilityai/sdxl-turbo).
+        "tiny-turbo": dict(
+            pipeline_class="StableDiffusionPipeline",
+            seed_base=5000,
+            tokenizer_pad="!",
+            text_encoder=text_config("gelu", 16),
+            unet=small_unet(attention_head_dim=[2, 4], use_linear_projection=True, upcast_attention=True),
+            vae=vae_config(0.18215, force_upcast=True),
+            scheduler=(
+                "EulerAncestralDiscreteScheduler",
+                dict(
+                    **SD_BETAS,
+                    steps_offset=1,
+                    timestep_spacing="trailing",
+                    prediction_type="epsilon",
+                    interpolation_type="linear",
+                    use_karras_sigmas=False,
+                    clip_sample=False,
+                    set_alpha_to_one=False,
+                    skip_prk_steps=True,
+                    sample_max_value=1.0,
+                    trained_betas=None,
+                ),
+            ),
+        ),
+    }
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # Build
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +367,8 @@ def save_torch_pipeline(name: str, spec: dict, stage: Path, tok_cache: Path) -> 
         )
         pipe = diffusers.StableDiffusionXLPipeline(**kwargs)
     else:
-        pipe = diffusers.StableDiffusionPipeline(
+        # StableDiffusionPipeline, StableDiffusionInpaintPipeline, LatentConsistencyModelPipeline
+        pipe = getattr(diffusers, spec["pipeline_class"])(
             **kwargs, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
     pipe.save_pretrained(str(stage), safe_serialization=True)
@@ -293,7 +396,8 @@ def build_pipeline(name: str, out_root: Path, tok_cache: Path, work: Path) -> No
         cwd=fl.HERE,
     )
     fl.run(
-        [fl.VENV_BIN / "optimum-cli", "export", "onnx", "--model", stage, "--task", "text-to-image", export],
+        [fl.VENV_BIN / "optimum-cli", "export", "onnx", "--model", stage, "--task",
+         spec.get("export_task", "text-to-image"), export],
         env=fl.deterministic_env(),
     )
     # Optimum copies only the slow tokenizer files; add tokenizer.json (and our exact configs).

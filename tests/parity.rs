@@ -94,6 +94,7 @@ fn params(case: &Case) -> GenerateParams {
         width: case.width,
         height: case.height,
         num_images: case.num_images,
+        ..GenerateParams::default()
     }
 }
 

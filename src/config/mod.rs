@@ -221,6 +221,7 @@ impl Settings {
                 "limits.max_batches_per_caller",
                 self.limits.max_batches_per_caller,
             ),
+            ("limits.max_image_bytes", self.limits.max_image_bytes),
         ] {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{key}: must be at least 1")));

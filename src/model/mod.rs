@@ -131,6 +131,14 @@ pub struct ModelBundle {
     pub force_zeros_for_empty_prompt: bool,
     /// The default image size: `unet.config.sample_size × vae_scale_factor`, as diffusers.
     pub default_size: usize,
+    /// `unet.config.in_channels`: 4, or 9 for an inpainting UNet (latents, mask and
+    /// masked-image latents).
+    pub unet_in_channels: usize,
+    /// `unet.config.time_cond_proj_dim`: set for LCM-distilled UNets, which take the
+    /// guidance scale as an embedding (`timestep_cond`) instead of a CFG batch.
+    pub time_cond_proj_dim: Option<usize>,
+    /// Whether the folder has a VAE encoder (image-to-image and inpainting need one).
+    pub has_vae_encoder: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +147,10 @@ struct UnetConfig {
     sample_size: Option<usize>,
     #[serde(default)]
     down_block_types: Option<Vec<String>>,
+    #[serde(default)]
+    in_channels: Option<usize>,
+    #[serde(default)]
+    time_cond_proj_dim: Option<usize>,
 }
 
 impl ModelBundle {
@@ -157,6 +169,8 @@ impl ModelBundle {
             }
             c if c.starts_with("StableDiffusion")
                 || c.starts_with("ORTStableDiffusion")
+                || c.starts_with("LatentConsistencyModel")
+                || c.starts_with("ORTLatentConsistencyModel")
                 || c.starts_with("OnnxStableDiffusion") =>
             {
                 PipelineKind::StableDiffusion
@@ -186,6 +200,8 @@ impl ModelBundle {
             UnetConfig {
                 sample_size: None,
                 down_block_types: None,
+                in_channels: None,
+                time_cond_proj_dim: None,
             }
         };
         let vae_path = dir.join("vae_decoder/config.json");
@@ -233,6 +249,9 @@ impl ModelBundle {
             memory,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
             default_size,
+            unet_in_channels: unet.in_channels.unwrap_or(4),
+            time_cond_proj_dim: unet.time_cond_proj_dim,
+            has_vae_encoder: dir.join("vae_encoder/model.onnx").is_file(),
         };
         bundle.check_files()?;
         Ok(bundle)
@@ -281,6 +300,9 @@ impl ModelBundle {
         let mut files: Vec<PathBuf> = self.text_encoders().iter().map(|c| self.onnx(c)).collect();
         files.push(self.onnx("unet"));
         files.push(self.onnx("vae_decoder"));
+        if self.has_vae_encoder {
+            files.push(self.onnx("vae_encoder"));
+        }
         files
     }
 }
@@ -336,5 +358,8 @@ pub(crate) fn test_bundle() -> ModelBundle {
         ),
         force_zeros_for_empty_prompt: true,
         default_size: 64,
+        unet_in_channels: 4,
+        time_cond_proj_dim: None,
+        has_vae_encoder: true,
     }
 }

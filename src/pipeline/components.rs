@@ -270,7 +270,10 @@ impl Unet {
             };
             let sample = Tensor::<f32>::new(&alloc, dims.to_vec()).map_err(&err)?;
             let timestep = Tensor::<f32>::new(&alloc, ts_dims).map_err(&err)?;
-            let mut out = Tensor::<f32>::new(&alloc, dims.to_vec()).map_err(&err)?;
+            // The prediction has the latents' 4 channels, whatever the input has (9 for an
+            // inpainting UNet).
+            let out_dims = [dims[0], LATENT_CHANNELS, dims[2], dims[3]];
+            let mut out = Tensor::<f32>::new(&alloc, out_dims.to_vec()).map_err(&err)?;
             let mut binding = self.session.create_binding().map_err(&err)?;
             binding.bind_output("out_sample", &mut out).map_err(&err)?;
             self.bound = Some(Bound {
@@ -381,6 +384,55 @@ impl Unet {
             Elem::F16 => Tensor::from_array((shape, vec![f16::from_f32(t as f32); n]))?.into(),
             _ => Tensor::from_array((shape, vec![t as f32; n]))?.into(),
         })
+    }
+}
+
+/// Channels of SD latents (and of every UNet's prediction).
+pub const LATENT_CHANNELS: usize = 4;
+
+/// The VAE encoder: image-to-image and inpainting encode their images with it.
+pub struct VaeEncoder {
+    session: Session,
+    path: PathBuf,
+    input: Spec,
+    output: Spec,
+}
+
+impl VaeEncoder {
+    /// Loads the encoder and checks `sample` → `latent_parameters`.
+    pub fn load(runtime: &Runtime, path: &Path) -> Result<VaeEncoder, PipelineError> {
+        let session = runtime.session(path)?;
+        let input = signature::require(&session, path, Side::Input, "sample", FLOATS, &[4])?;
+        let output = signature::require(
+            &session,
+            path,
+            Side::Output,
+            "latent_parameters",
+            FLOATS,
+            &[4],
+        )?;
+        Ok(VaeEncoder {
+            session,
+            path: path.to_path_buf(),
+            input,
+            output,
+        })
+    }
+
+    /// Encodes images `[B,3,H,W]` in [-1, 1] into the latent distribution's parameters
+    /// `[B,8,h,w]` (mean, then log-variance).
+    pub fn encode(
+        &mut self,
+        image: ArrayViewD<'_, f32>,
+        run_options: &RunOptions,
+    ) -> Result<ArrayD<f32>, PipelineError> {
+        let err = ort_err(&self.path);
+        let input = float_input(image, self.input.elem).map_err(&err)?;
+        let outputs = self
+            .session
+            .run_with_options(ort::inputs!["sample" => input], run_options)
+            .map_err(&err)?;
+        float_output(&outputs["latent_parameters"], self.output.elem).map_err(&err)
     }
 }
 

@@ -5,6 +5,8 @@
 pub mod components;
 mod guidance;
 pub mod image;
+mod latents;
+pub mod preprocess;
 mod text_cache;
 
 use std::path::Path;
@@ -19,12 +21,13 @@ pub use image::GeneratedImage;
 
 use crate::model::{ModelBundle, ModelError, PipelineKind};
 use crate::request::{self, ModelDefaults, ModelRef, RequestError, ResolvedRequest};
-use crate::rng::{self, NoiseSource, RngKind};
+use crate::rng::NoiseSource;
 use crate::runtime::{Runtime, RuntimeError};
 use crate::scheduler::{self, Scheduler, SchedulerError};
 use crate::tokenizer::{ClipTokenizer, TokenizerError};
-use components::{AddedCond, TextEncoder, Unet, VaeDecoder};
+use components::{AddedCond, TextEncoder, Unet, VaeDecoder, VaeEncoder};
 use guidance::{Guidance, guide};
+use latents::{BatchNoise, Inpaint, draw_latents};
 
 /// Errors from loading a pipeline or generating with it.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +137,8 @@ pub struct Pipeline {
     encoders: Vec<TextEncoder>,
     unet: Unet,
     vae: VaeDecoder,
+    /// The VAE encoder, when the folder has one (image-to-image and inpainting).
+    vae_encoder: Option<VaeEncoder>,
     ort_version: String,
     /// Text-encoder outputs of recent prompts: a batch repeats prompts and negative
     /// prompts, and a text encoder's output depends on the text alone.
@@ -184,12 +189,18 @@ impl Pipeline {
             .collect::<Result<Vec<_>, _>>()?;
         let unet = Unet::load(runtime, &bundle.onnx("unet"), sdxl)?;
         let vae = VaeDecoder::load(runtime, &bundle.onnx("vae_decoder"))?;
+        let vae_encoder = if bundle.has_vae_encoder {
+            Some(VaeEncoder::load(runtime, &bundle.onnx("vae_encoder"))?)
+        } else {
+            None
+        };
         Ok(Pipeline {
             bundle,
             tokenizers,
             encoders,
             unet,
             vae,
+            vae_encoder,
             ort_version: runtime.version().to_string(),
             text_cache: text_cache::TextCache::default(),
             shrink: shrink_options(runtime)?,
@@ -295,13 +306,50 @@ impl Pipeline {
         let cond = tracing::debug_span!("text_encoder").in_scope(|| self.encode_prompts(batch))?;
         timings.text_encoder = t0.elapsed();
 
-        let (mut latents, mut noise) = self.initial_latents(batch, sched.as_ref())?;
+        let begin = first.edit.as_ref().map_or(0, |e| {
+            latents::begin_index(first.steps, e.strength, sched.order())
+        });
+        let (mut latents, mut noise, inpaint) = match &first.edit {
+            None => {
+                let (l, n) = self.initial_latents(batch, sched.as_ref())?;
+                (l, n, None)
+            }
+            Some(_) => {
+                sched.set_begin_index(begin);
+                let encoder =
+                    self.vae_encoder
+                        .as_mut()
+                        .ok_or_else(|| PipelineError::InvalidArgument {
+                            param: "init_image",
+                            message: "the model folder has no vae_encoder".into(),
+                        })?;
+                let t0 = Instant::now();
+                let out = tracing::debug_span!("vae_encoder").in_scope(|| {
+                    latents::edit_latents(
+                        batch,
+                        encoder,
+                        sched.as_ref(),
+                        begin,
+                        self.bundle.unet_in_channels == 9,
+                        self.bundle.vae_scaling_factor as f32,
+                        self.bundle.vae_scale_factor,
+                        run_options,
+                    )
+                })?;
+                timings.vae += t0.elapsed();
+                out
+            }
+        };
         let guidance = Guidance::for_batch(batch);
         tracing::debug_span!("denoise").in_scope(|| {
             self.denoise(
                 &cond,
                 &guidance,
                 sched.as_mut(),
+                Start {
+                    begin,
+                    inpaint: inpaint.as_ref(),
+                },
                 &mut latents,
                 &mut noise,
                 run_options,
@@ -314,14 +362,14 @@ impl Pipeline {
         let t0 = Instant::now();
         let decoded = tracing::debug_span!("vae")
             .in_scope(|| self.decode(latents, run_options, shrink_after))?;
-        timings.vae = t0.elapsed();
+        timings.vae += t0.elapsed();
         let t0 = Instant::now();
         let mut images = tracing::debug_span!("postprocess")
             .in_scope(|| image::postprocess(decoded.view()))
             .into_iter();
         timings.postprocess = t0.elapsed();
         timings.log();
-        let timesteps = sched.timesteps().to_vec();
+        let timesteps = sched.timesteps()[begin..].to_vec();
         Ok(batch
             .iter()
             .map(|p| Generation {
@@ -366,55 +414,11 @@ impl Pipeline {
     }
 }
 
-/// Fills one request's block of latents (unscaled) and returns its step-noise stream.
-fn draw_latents(
-    p: &ResolvedRequest,
-    block: &mut ndarray::ArrayViewMut4<'_, f32>,
-) -> Result<Box<dyn NoiseSource>, PipelineError> {
-    let invalid = |param, message: String| PipelineError::InvalidArgument { param, message };
-    let torch =
-        || rng::noise_source(RngKind::Torch, p.seed).map_err(|e| invalid("seed", e.to_string()));
-    if let Some(given) = &p.latents {
-        // The resolve step checked the shape.
-        block.assign(
-            &given
-                .view()
-                .into_dimensionality::<ndarray::Ix4>()
-                .map_err(shape_err)?,
-        );
-        return torch();
-    }
-    let mut source =
-        rng::noise_source(p.rng, p.seed).map_err(|e| invalid("seed", e.to_string()))?;
-    match block.as_slice_mut() {
-        Some(slice) => source.fill_randn(slice),
-        None => {
-            let mut buf = vec![0f32; block.len()];
-            source.fill_randn(&mut buf);
-            block.iter_mut().zip(buf).for_each(|(d, v)| *d = v);
-        }
-    }
-    match p.rng {
-        RngKind::Torch => Ok(source),
-        RngKind::Numpy => torch(),
-    }
-}
-
-/// Step noise for a batch: each request's rows come from its own generator, exactly as
-/// one `randn(rows.shape)` call would when it runs alone.
-struct BatchNoise {
-    parts: Vec<(Box<dyn NoiseSource>, usize)>,
-}
-
-impl NoiseSource for BatchNoise {
-    fn fill_randn(&mut self, out: &mut [f32]) {
-        let mut rest = out;
-        for (source, len) in &mut self.parts {
-            let (mine, tail) = rest.split_at_mut((*len).min(rest.len()));
-            source.fill_randn(mine);
-            rest = tail;
-        }
-    }
+/// Where the denoise loop starts: the first timestep index, and inpainting's inputs.
+#[derive(Clone, Copy)]
+struct Start<'a> {
+    begin: usize,
+    inpaint: Option<&'a Inpaint>,
 }
 
 /// Text conditioning for the UNet, already laid out as the UNet batch wants it.
@@ -536,6 +540,7 @@ impl Pipeline {
         cond: &Conditioning,
         guidance: &Guidance,
         sched: &mut dyn Scheduler,
+        start: Start<'_>,
         latents: &mut Array4<f32>,
         noise: &mut dyn NoiseSource,
         run_options: &RunOptions,
@@ -546,6 +551,11 @@ impl Pipeline {
         let cfg = guidance.cfg;
         let (n, c, h, w) = latents.dim();
         let rows = if cfg { 2 * n } else { n };
+        // A 9-channel UNet takes the mask and the masked image's latents after the latents.
+        let masked = start
+            .inpaint
+            .and_then(|i| Some((&i.mask, i.masked_latents.as_ref()?)));
+        let unet_c = if masked.is_some() { 9 } else { c };
         let added = cond.added.as_ref().map(|(te, ti)| AddedCond {
             text_embeds: te.view(),
             time_ids: ti.view(),
@@ -554,13 +564,32 @@ impl Pipeline {
         // allocation or copy). Other graphs: our input buffer, converted per run.
         let bound = self
             .unet
-            .bind(&[rows, c, h, w], cond.hidden.view(), added.as_ref())?;
-        let mut own_in = (!bound).then(|| Array4::<f32>::zeros((rows, c, h, w)));
+            .bind(&[rows, unet_c, h, w], cond.hidden.view(), added.as_ref())?;
+        let mut own_in = (!bound).then(|| Array4::<f32>::zeros((rows, unet_c, h, w)));
+        if let Some((mask, masked_latents)) = masked {
+            // The same for every step (and both CFG halves): written once.
+            let mut unet_in = match (self.unet.input_mut(), own_in.as_mut()) {
+                (Some(v), _) => v,
+                (None, Some(a)) => a.view_mut().into_dyn(),
+                (None, None) => unreachable!("one UNet input buffer exists"),
+            };
+            for half in 0..rows / n {
+                let r = half * n..(half + 1) * n;
+                unet_in
+                    .slice_mut(s![r.clone(), c..c + 1, .., ..])
+                    .assign(mask);
+                unet_in
+                    .slice_mut(s![r, c + 1.., .., ..])
+                    .assign(masked_latents);
+            }
+        }
+        let mut scratch = Vec::new();
         let mut guided = ArrayD::<f32>::zeros(IxDyn(&[n, c, h, w]));
         let mut sample = std::mem::take(latents).into_dyn();
         let timesteps = sched.timesteps().to_vec();
-        let total = timesteps.len();
-        for (i, &t) in timesteps.iter().enumerate() {
+        let end = timesteps.len();
+        let total = end - start.begin;
+        for (i, &t) in timesteps.iter().enumerate().skip(start.begin) {
             let _step = tracing::trace_span!("step", i).entered();
             let t0 = Instant::now();
             {
@@ -571,6 +600,7 @@ impl Pipeline {
                 };
                 // The scaling is elementwise with one factor: scale the first half, then
                 // duplicate it for the unconditional rows.
+                let mut unet_in = unet_in.slice_mut(s![.., ..c, .., ..]).into_dyn();
                 let (mut first, second) = unet_in.view_mut().split_at(Axis(0), n);
                 first.assign(&sample);
                 sched.scale_model_input(first.view_mut(), i);
@@ -582,7 +612,7 @@ impl Pipeline {
             let t1 = Instant::now();
             let unet_span = tracing::trace_span!("unet").entered();
             let owned_out;
-            let step_options = if i + 1 == total && shrink_after {
+            let step_options = if i + 1 == end && shrink_after {
                 self.shrink.as_ref().unwrap_or(run_options)
             } else {
                 run_options
@@ -615,14 +645,18 @@ impl Pipeline {
                 out.view()
             };
             sched.step(model_output, i, &mut sample, noise)?;
+            if let Some(inpaint) = start.inpaint {
+                latents::blend(inpaint, sched, i, i + 1 == end, &mut sample, &mut scratch);
+            }
+            let done = i + 1 - start.begin;
             if !all_finite(sample.view()) {
                 return Err(PipelineError::NonFinite {
                     stage: "denoise",
-                    step: Some((i + 1, total)),
+                    step: Some((done, total)),
                 });
             }
             timings.scheduler += (t1 - t0) + t2.elapsed();
-            if !progress(i + 1, total) {
+            if !progress(done, total) {
                 return Err(PipelineError::Cancelled);
             }
         }

@@ -28,6 +28,9 @@ pub struct Limits {
     pub max_batch_items: usize,
     /// Most unfinished batches one caller (Unix user) may have.
     pub max_batches_per_caller: usize,
+    /// Largest init image or mask, in encoded bytes (the pixel size is held to
+    /// `max_width`, `max_height` and `max_pixels`, read from the header).
+    pub max_image_bytes: usize,
 }
 
 /// The default bound on `guidance_scale` (useful values are about 1 to 30).
@@ -46,6 +49,7 @@ impl Default for Limits {
             memory_budget: None,
             max_batch_items: 100_000,
             max_batches_per_caller: 4,
+            max_image_bytes: 32 << 20,
         }
     }
 }
@@ -65,6 +69,7 @@ impl Limits {
             memory_budget: None,
             max_batch_items: usize::MAX,
             max_batches_per_caller: usize::MAX,
+            max_image_bytes: usize::MAX,
         }
     }
 }

@@ -10,14 +10,16 @@
 //! [`GenerateParams`] is the library's explicit form (every value given, as tests and
 //! benchmarks write it); [`crate::pipeline::Pipeline::generate`] resolves it the same way.
 
+mod image;
 mod limits;
 mod params;
 mod resolve;
 
+pub use image::ImageInput;
 pub use limits::{DEFAULT_MAX_GUIDANCE_SCALE, Limits};
 pub use params::GenerateParams;
 pub use resolve::{
-    ModelRef, ResolvedRequest, gib as resolve_gib, random_seed, resolve, short_float,
+    Edit, Mode, ModelRef, ResolvedRequest, gib as resolve_gib, random_seed, resolve, short_float,
 };
 
 use crate::rng::RngKind;
@@ -35,6 +37,12 @@ pub mod defaults {
     pub const NUM_IMAGES: u32 = 1;
     /// Queue priority.
     pub const PRIORITY: i32 = 0;
+    /// Image-to-image strength (diffusers' `StableDiffusionImg2ImgPipeline` default).
+    pub const IMG2IMG_STRENGTH: f64 = 0.8;
+    /// Image-to-image strength on SDXL (`StableDiffusionXLImg2ImgPipeline`'s default).
+    pub const SDXL_IMG2IMG_STRENGTH: f64 = 0.3;
+    /// Inpainting strength (`StableDiffusionInpaintPipeline`'s default).
+    pub const INPAINT_STRENGTH: f64 = 1.0;
 }
 
 /// What a caller asks for. `None` means "the default": the model's native size, the
@@ -70,6 +78,12 @@ pub struct GenerateRequest {
     pub num_images: Option<u32>,
     /// Queue priority: higher runs first (daemon only).
     pub priority: Option<i32>,
+    /// The image to start from (PNG or JPEG): image-to-image, or inpainting with a mask.
+    pub init_image: Option<ImageInput>,
+    /// White = repaint; with `init_image`, turns the job into inpainting.
+    pub mask_image: Option<ImageInput>,
+    /// How much of the init image is repainted, in (0, 1].
+    pub strength: Option<f64>,
 }
 
 /// A model's own defaults for keys a request leaves out (`[models.NAME]` in the config):

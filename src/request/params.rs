@@ -3,7 +3,7 @@
 
 use ndarray::ArrayD;
 
-use super::GenerateRequest;
+use super::{GenerateRequest, ImageInput};
 use crate::rng::RngKind;
 
 /// Everything one text-to-image request says, every value given.
@@ -33,6 +33,13 @@ pub struct GenerateParams {
     pub height: usize,
     /// Images to generate from the prompt.
     pub num_images: usize,
+    /// Image-to-image / inpainting: the image to start from (its size, rounded down to
+    /// the VAE factor, replaces `width` and `height`).
+    pub init_image: Option<ImageInput>,
+    /// Inpainting: the mask (white = repaint).
+    pub mask_image: Option<ImageInput>,
+    /// Image-to-image / inpainting strength; `None` is diffusers' default for the mode.
+    pub strength: Option<f64>,
 }
 
 impl Default for GenerateParams {
@@ -50,6 +57,9 @@ impl Default for GenerateParams {
             width: 512,
             height: 512,
             num_images: 1,
+            init_image: None,
+            mask_image: None,
+            strength: None,
         }
     }
 }
@@ -80,12 +90,13 @@ impl GenerateParams {
     /// The same request as keys (every key set but the model and priority); the latents
     /// travel separately.
     pub fn to_request(&self) -> GenerateRequest {
+        let edit = self.init_image.is_some();
         GenerateRequest {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
             model: None,
-            width: count(self.width),
-            height: count(self.height),
+            width: if edit { None } else { count(self.width) },
+            height: if edit { None } else { count(self.height) },
             steps: count(self.steps),
             guidance_scale: Some(self.guidance_scale),
             guidance_rescale: Some(self.guidance_rescale),
@@ -94,6 +105,9 @@ impl GenerateParams {
             scheduler: self.scheduler.clone(),
             num_images: count(self.num_images),
             priority: None,
+            init_image: self.init_image.clone(),
+            mask_image: self.mask_image.clone(),
+            strength: self.strength,
         }
     }
 }

@@ -4,8 +4,8 @@
 
 use ndarray::ArrayD;
 
-use super::{GenerateRequest, Limits, ModelDefaults, RequestError, defaults};
-use crate::model::ModelBundle;
+use super::{GenerateRequest, ImageInput, Limits, ModelDefaults, RequestError, defaults};
+use crate::model::{ModelBundle, PipelineKind};
 use crate::rng::RngKind;
 use crate::scheduler;
 
@@ -57,10 +57,47 @@ pub struct ResolvedRequest {
     pub priority: i32,
     /// Initial latents instead of drawing them (`[num_images, 4, h/f, w/f]`, unscaled).
     pub latents: Option<ArrayD<f32>>,
+    /// Image-to-image or inpainting: the images and the strength.
+    pub edit: Option<Edit>,
 }
 
-/// What makes two requests share one UNet batch: size, steps, scheduler, guidance on/off.
-pub type BatchKey = (usize, usize, usize, &'static str, bool);
+/// What an image-to-image or inpainting request starts from. The image's size (rounded
+/// down to the VAE factor) is the request's `width` × `height`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Edit {
+    /// The init image as sent (its header was read; it is decoded when the job runs).
+    pub init: ImageInput,
+    /// The mask (same size as the init image), for inpainting.
+    pub mask: Option<ImageInput>,
+    /// In (0, 1]: the share of the schedule that runs (`int(steps * strength)` steps).
+    pub strength: f64,
+}
+
+/// What a request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mode {
+    /// Text to image.
+    Txt2Img,
+    /// Image to image (`init_image`).
+    Img2Img,
+    /// Inpainting (`init_image` and `mask_image`).
+    Inpaint,
+}
+
+impl Mode {
+    /// The name PNG parameters and logs use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Txt2Img => "txt2img",
+            Mode::Img2Img => "img2img",
+            Mode::Inpaint => "inpaint",
+        }
+    }
+}
+
+/// What makes two requests share one UNet batch: size, steps, scheduler, guidance on/off,
+/// mode, and the strength's bits (it decides where the schedule starts).
+pub type BatchKey = (usize, usize, usize, &'static str, bool, Mode, u64);
 
 impl ResolvedRequest {
     /// Whether classifier-free guidance runs (diffusers: `guidance_scale > 1`).
@@ -76,7 +113,18 @@ impl ResolvedRequest {
             self.steps,
             self.scheduler,
             self.do_cfg(),
+            self.mode(),
+            self.edit.as_ref().map_or(0, |e| e.strength.to_bits()),
         )
+    }
+
+    /// Text to image, image to image or inpainting.
+    pub fn mode(&self) -> Mode {
+        match &self.edit {
+            None => Mode::Txt2Img,
+            Some(Edit { mask: None, .. }) => Mode::Img2Img,
+            Some(Edit { mask: Some(_), .. }) => Mode::Inpaint,
+        }
     }
 
     /// Uses `latents` instead of the seed's draw; their shape must be
@@ -86,6 +134,12 @@ impl ResolvedRequest {
         latents: Option<ArrayD<f32>>,
         bundle: &ModelBundle,
     ) -> Result<ResolvedRequest, RequestError> {
+        if latents.is_some() && self.edit.is_some() {
+            return Err(RequestError::invalid(
+                "latents",
+                "image-to-image and inpainting start from the init image, not given latents",
+            ));
+        }
         if let Some(l) = &latents {
             let f = bundle.vae_scale_factor;
             let want = [self.num_images, 4, self.height / f, self.width / f];
@@ -116,13 +170,27 @@ impl ResolvedRequest {
             scheduler: Some(self.scheduler.to_string()),
             num_images: u32::try_from(self.num_images).ok(),
             priority: Some(self.priority),
+            init_image: self.edit.as_ref().map(|e| e.init.clone()),
+            mask_image: self.edit.as_ref().and_then(|e| e.mask.clone()),
+            strength: self.edit.as_ref().map(|e| e.strength),
         }
     }
 
     /// The `parameters` text stored in PNGs.
     pub fn png_parameters(&self, ort_version: &str) -> String {
+        let mut edit = String::new();
+        if let Some(e) = &self.edit {
+            edit = format!(
+                ", Denoising strength: {}, Init image hash: {}",
+                short_float(e.strength),
+                e.init.short_hash()
+            );
+            if let Some(m) = &e.mask {
+                edit.push_str(&format!(", Mask hash: {}", m.short_hash()));
+            }
+        }
         format!(
-            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Guidance rescale: {}, Seed: {}, RNG: {}, Size: {}x{}, Model: {}, ONNX Runtime: {}, diffusiond: {}",
+            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Guidance rescale: {}, Seed: {}, RNG: {}, Size: {}x{}, Mode: {}{}, Model: {}, ONNX Runtime: {}, diffusiond: {}",
             self.prompt,
             self.negative_prompt.as_deref().unwrap_or(""),
             self.steps,
@@ -133,6 +201,8 @@ impl ResolvedRequest {
             self.rng,
             self.width,
             self.height,
+            self.mode().as_str(),
+            edit,
             self.model,
             ort_version,
             crate::VERSION
@@ -238,12 +308,36 @@ pub fn resolve(
         }
         Ok(v)
     };
-    let width = side("width", req.width.or(configured.width), limits.max_width)?;
-    let height = side(
-        "height",
-        req.height.or(configured.height),
-        limits.max_height,
-    )?;
+    let edit = resolve_edit(req, bundle, limits)?;
+    let (width, height) = match &edit {
+        Some((_, (w, h))) => {
+            // The init image's size, rounded as diffusers rounds it, under the same limits.
+            let in_limits = |key, v: usize, max| {
+                side(key, Some(v as u32), max).map_err(|e| {
+                    invalid(
+                        "init_image",
+                        format!(
+                            "its size rounded down to a multiple of {}, {w}x{h}: {e}",
+                            bundle.vae_scale_factor
+                        ),
+                    )
+                })
+            };
+            (
+                in_limits("width", *w, limits.max_width)?,
+                in_limits("height", *h, limits.max_height)?,
+            )
+        }
+        None => (
+            side("width", req.width.or(configured.width), limits.max_width)?,
+            side(
+                "height",
+                req.height.or(configured.height),
+                limits.max_height,
+            )?,
+        ),
+    };
+    let edit = edit.map(|(e, _)| e);
     let pixels = width.saturating_mul(height);
     over("width*height", pixels, limits.max_pixels)?;
 
@@ -287,6 +381,12 @@ pub fn resolve(
         Some(s) => s,
         None => fresh_seed(),
     };
+    if rng == RngKind::Numpy && edit.is_some() {
+        return Err(invalid(
+            "rng",
+            "image-to-image and inpainting draw from torch's generator, as diffusers does; use rng 'torch'",
+        ));
+    }
     if rng == RngKind::Numpy && seed > u64::from(u32::MAX) {
         return Err(invalid(
             "seed",
@@ -340,6 +440,18 @@ pub fn resolve(
     // The scheduler's own rules decide which step counts it can run.
     scheduler::check_steps(scheduler, &bundle.scheduler_config, steps)
         .map_err(|e| invalid("steps", e.to_string()))?;
+    if let Some(e) = &edit {
+        // diffusers' get_timesteps: int(steps * strength) steps run; none is an error there.
+        if (steps as f64 * e.strength) < 1.0 {
+            return Err(invalid(
+                "strength",
+                format!(
+                    "{} of {steps} steps runs no step (int(steps * strength) must be at least 1); raise steps or strength",
+                    short_float(e.strength)
+                ),
+            ));
+        }
+    }
 
     Ok(ResolvedRequest {
         model: model.name.to_string(),
@@ -356,7 +468,121 @@ pub fn resolve(
         num_images,
         priority: req.priority.unwrap_or(defaults::PRIORITY),
         latents: None,
+        edit,
     })
+}
+
+/// The edit part of a request: the init image's size from its header (rounded down to
+/// the VAE factor), the mask's size against it, the strength and its default, and what
+/// the model can do. `None` for text to image (which a 9-channel inpainting UNet refuses).
+fn resolve_edit(
+    req: &GenerateRequest,
+    bundle: &ModelBundle,
+    limits: &Limits,
+) -> Result<Option<(Edit, (usize, usize))>, RequestError> {
+    fn invalid(key: &'static str, message: impl Into<String>) -> RequestError {
+        RequestError::invalid(key, message)
+    }
+    let Some(init) = &req.init_image else {
+        if req.mask_image.is_some() {
+            return Err(invalid(
+                "mask_image",
+                "needs init_image: the mask says which part of the init image to repaint",
+            ));
+        }
+        if req.strength.is_some() {
+            return Err(invalid("strength", "applies only with init_image"));
+        }
+        if bundle.unet_in_channels == 9 {
+            return Err(invalid(
+                "init_image",
+                "this model is an inpainting model (9-channel UNet): give init_image and mask_image",
+            ));
+        }
+        return Ok(None);
+    };
+    for key in ["width", "height"] {
+        let given = if key == "width" {
+            req.width
+        } else {
+            req.height
+        };
+        if given.is_some() {
+            return Err(invalid(
+                key,
+                "the size comes from init_image (rounded down to a multiple of 8); leave width and height out",
+            ));
+        }
+    }
+    if !bundle.has_vae_encoder {
+        return Err(invalid(
+            "init_image",
+            format!(
+                "the model folder {} has no vae_encoder/model.onnx, which image-to-image needs",
+                bundle.dir.display()
+            ),
+        ));
+    }
+    let header = |key: &'static str, image: &ImageInput| -> Result<(usize, usize), RequestError> {
+        if image.bytes().len() > limits.max_image_bytes {
+            return Err(invalid(
+                key,
+                format!(
+                    "{} bytes is above the limit of {}",
+                    image.bytes().len(),
+                    limits.max_image_bytes
+                ),
+            ));
+        }
+        let (w, h) = image.dimensions().map_err(|e| invalid(key, e))?;
+        let (w, h) = (w as usize, h as usize);
+        // The size from the header alone: the caller checks it against the limits
+        // before anything decodes the pixels.
+        Ok((w, h))
+    };
+    let (w, h) = header("init_image", init)?;
+    if let Some(mask) = &req.mask_image {
+        let (mw, mh) = header("mask_image", mask)?;
+        if (mw, mh) != (w, h) {
+            return Err(invalid(
+                "mask_image",
+                format!("is {mw}x{mh} but init_image is {w}x{h}; they must be the same size"),
+            ));
+        }
+    } else if bundle.unet_in_channels == 9 {
+        return Err(invalid(
+            "mask_image",
+            "this model is an inpainting model (9-channel UNet): give a mask_image with init_image",
+        ));
+    }
+    let f = bundle.vae_scale_factor;
+    let (rw, rh) = (w - w % f, h - h % f);
+    if rw == 0 || rh == 0 {
+        return Err(invalid(
+            "init_image",
+            format!("{w}x{h} is smaller than {f} pixels on a side"),
+        ));
+    }
+    let strength = match req.strength {
+        Some(s) => s,
+        None if req.mask_image.is_some() => defaults::INPAINT_STRENGTH,
+        None if bundle.kind == PipelineKind::StableDiffusionXl => defaults::SDXL_IMG2IMG_STRENGTH,
+        None => defaults::IMG2IMG_STRENGTH,
+    };
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(invalid(
+            "strength",
+            format!("{} is not in (0, 1]", short_float(strength)),
+        ));
+    }
+    Ok(Some((
+        Edit {
+            init: init.clone(),
+            mask: req.mask_image.clone(),
+            strength,
+        },
+        (rw, rh),
+    )))
 }
 
 #[cfg(test)]

@@ -337,6 +337,18 @@ impl NoiseSchedule {
     }
 }
 
+impl NoiseSchedule {
+    /// The `add_noise` level at timestep index `index` of `ts`: from
+    /// `alphas_cumprod[ts[index]]` (the timesteps were checked against the schedule when
+    /// the scheduler was built; an index past the end takes the last timestep).
+    pub fn noise_level(&self, ts: &[i64], index: usize) -> crate::scheduler::NoiseLevel {
+        let t = ts.get(index).or(ts.last()).copied().unwrap_or(0);
+        let last = self.alphas_cumprod.len().saturating_sub(1);
+        let i = usize::try_from(t).unwrap_or(0).min(last);
+        crate::scheduler::NoiseLevel::from_alpha_prod(self.alphas_cumprod[i])
+    }
+}
+
 /// `np.log(train_sigmas)` in float32.
 pub fn log_sigmas(train_sigmas: &[f32]) -> Vec<f32> {
     train_sigmas.iter().map(|&s| log_f32(s)).collect()

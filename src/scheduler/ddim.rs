@@ -96,6 +96,12 @@ impl Scheduler for Ddim {
         &self.timesteps
     }
 
+    fn set_begin_index(&mut self, _begin: usize) {}
+
+    fn noise_level(&self, index: usize) -> crate::scheduler::NoiseLevel {
+        self.schedule.noise_level(&self.ts, index)
+    }
+
     fn step(
         &mut self,
         model_output: ArrayViewD<'_, f32>,

@@ -124,6 +124,12 @@ impl Scheduler for Ddpm {
         &self.timesteps
     }
 
+    fn set_begin_index(&mut self, _begin: usize) {}
+
+    fn noise_level(&self, index: usize) -> crate::scheduler::NoiseLevel {
+        self.schedule.noise_level(&self.ts, index)
+    }
+
     fn step(
         &mut self,
         model_output: ArrayViewD<'_, f32>,

@@ -201,6 +201,14 @@ impl Scheduler for DpmSolverMultistep {
         &self.timesteps
     }
 
+    fn set_begin_index(&mut self, begin: usize) {
+        self.next_step = begin;
+    }
+
+    fn noise_level(&self, index: usize) -> crate::scheduler::NoiseLevel {
+        crate::scheduler::NoiseLevel::from_vp_sigma(self.sigmas[index.min(self.sigmas.len() - 1)])
+    }
+
     fn step(
         &mut self,
         model_output: ArrayViewD<'_, f32>,

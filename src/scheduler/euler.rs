@@ -142,6 +142,12 @@ impl Scheduler for EulerDiscrete {
         &self.timesteps
     }
 
+    fn set_begin_index(&mut self, _begin: usize) {}
+
+    fn noise_level(&self, index: usize) -> crate::scheduler::NoiseLevel {
+        crate::scheduler::NoiseLevel::Sigma(self.sigmas[index.min(self.sigmas.len() - 1)])
+    }
+
     fn init_noise_sigma(&self) -> f32 {
         self.init_noise_sigma
     }
@@ -216,6 +222,12 @@ impl EulerAncestral {
 impl Scheduler for EulerAncestral {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
+    }
+
+    fn set_begin_index(&mut self, _begin: usize) {}
+
+    fn noise_level(&self, index: usize) -> crate::scheduler::NoiseLevel {
+        crate::scheduler::NoiseLevel::Sigma(self.sigmas[index.min(self.sigmas.len() - 1)])
     }
 
     fn init_noise_sigma(&self) -> f32 {

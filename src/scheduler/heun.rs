@@ -124,6 +124,18 @@ impl Scheduler for HeunDiscrete {
         &self.timesteps
     }
 
+    fn set_begin_index(&mut self, begin: usize) {
+        self.next_call = begin;
+    }
+
+    fn noise_level(&self, index: usize) -> crate::scheduler::NoiseLevel {
+        crate::scheduler::NoiseLevel::Sigma(self.sigmas[index.min(self.sigmas.len() - 1)])
+    }
+
+    fn order(&self) -> usize {
+        2
+    }
+
     fn init_noise_sigma(&self) -> f32 {
         self.init_noise_sigma
     }

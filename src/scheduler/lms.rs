@@ -40,6 +40,8 @@ pub struct LmsDiscrete {
     /// The last `ORDER` derivatives, newest at `history[(next_step - 1) % ORDER]`.
     history: Vec<ArrayD<f32>>,
     next_step: usize,
+    /// The first step index run (image-to-image); derivatives are counted from it.
+    begin: usize,
 }
 
 impl LmsDiscrete {
@@ -75,6 +77,7 @@ impl LmsDiscrete {
             prediction: cfg.prediction_type,
             history: Vec::with_capacity(ORDER),
             next_step: 0,
+            begin: 0,
         })
     }
 
@@ -107,6 +110,15 @@ impl Scheduler for LmsDiscrete {
         &self.timesteps
     }
 
+    fn set_begin_index(&mut self, begin: usize) {
+        self.next_step = begin;
+        self.begin = begin;
+    }
+
+    fn noise_level(&self, index: usize) -> crate::scheduler::NoiseLevel {
+        crate::scheduler::NoiseLevel::Sigma(self.sigmas[index.min(self.sigmas.len() - 1)])
+    }
+
     fn init_noise_sigma(&self) -> f32 {
         self.init_noise_sigma
     }
@@ -126,7 +138,8 @@ impl Scheduler for LmsDiscrete {
         check_shapes(NAME, step_index, &model_output, sample)?;
         let sigma = self.sigmas[step_index];
         // Store the new derivative in the ring slot of the oldest one (allocation reused).
-        let slot = step_index % ORDER;
+        let taken = step_index - self.begin;
+        let slot = taken % ORDER;
         if self.history.len() <= slot {
             self.history.push(sample.clone());
         } else {
@@ -146,15 +159,18 @@ impl Scheduler for LmsDiscrete {
                 };
                 *d = (x - x0) / sigma;
             });
+        // diffusers picks the order from the absolute step index, but zips the
+        // coefficients with the derivatives it has: a run that began later uses fewer.
         let order = (step_index + 1).min(ORDER);
+        let terms = order.min(taken + 1);
         let mut coeffs = [0.0f32; ORDER];
         for (k, c) in coeffs.iter_mut().enumerate().take(order) {
             *c = self.coefficient(order, step_index, k) as f32;
         }
         // prev = sample + sum(coeff_k * derivative_{newest - k}), summed in that order.
-        let derivative = |k: usize| &self.history[(step_index - k) % ORDER];
+        let derivative = |k: usize| &self.history[(taken - k) % ORDER];
         let newest = derivative(0);
-        match order {
+        match terms {
             1 => Zip::from(sample)
                 .and(newest)
                 .for_each(|x, &d0| *x += coeffs[0] * d0),

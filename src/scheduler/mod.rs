@@ -117,6 +117,64 @@ pub trait Scheduler: Send {
     fn sigmas(&self) -> Option<&[f32]> {
         None
     }
+
+    /// diffusers' `scheduler.order`: UNet calls per step (2 for Heun, 1 otherwise).
+    fn order(&self) -> usize {
+        1
+    }
+
+    /// Starts the run at timestep index `begin` instead of 0 (image-to-image and
+    /// inpainting skip the noisiest steps), as diffusers' `set_begin_index(begin)` does;
+    /// `step` then takes indices from `begin` on. PNDM, which has no begin index in
+    /// diffusers, counts its steps from the start of the shortened list, as there.
+    fn set_begin_index(&mut self, begin: usize);
+
+    /// The noise level of timestep index `index`, for diffusers' `add_noise`: what the
+    /// image latents are noised to before the first step (index `begin`), and, in
+    /// 4-channel inpainting, after each step (the next index).
+    fn noise_level(&self, index: usize) -> NoiseLevel;
+}
+
+/// How `add_noise` mixes a clean sample with noise at one timestep.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NoiseLevel {
+    /// `sample + noise * sigma` (schedulers in sigma space: Euler, Heun, LMS).
+    Sigma(f32),
+    /// `alpha * sample + sigma * noise` (DDPM-family schedulers from `alphas_cumprod`,
+    /// DPM-Solver and UniPC from their sigma).
+    Vp {
+        /// `sqrt(alphas_cumprod[t])`, or `1 / sqrt(sigma^2 + 1)`.
+        alpha: f32,
+        /// `sqrt(1 - alphas_cumprod[t])`, or `sigma * alpha`.
+        sigma: f32,
+    },
+}
+
+impl NoiseLevel {
+    /// From `alphas_cumprod[t]`, as the DDPM-family `add_noise` computes it in float32.
+    pub fn from_alpha_prod(alpha_prod: f32) -> NoiseLevel {
+        NoiseLevel::Vp {
+            alpha: alpha_prod.sqrt(),
+            sigma: (1.0 - alpha_prod).sqrt(),
+        }
+    }
+
+    /// From a VP sigma, as DPM-Solver's and UniPC's `add_noise` compute it in float32.
+    pub fn from_vp_sigma(sigma: f32) -> NoiseLevel {
+        let (alpha, sigma) = dpm_solver::alpha_sigma(sigma);
+        NoiseLevel::Vp { alpha, sigma }
+    }
+
+    /// `add_noise(sample, noise)` into `out`, elementwise in diffusers' operation order.
+    pub fn add_noise(self, sample: &[f32], noise: &[f32], out: &mut [f32]) {
+        let parts = out.iter_mut().zip(sample).zip(noise);
+        match self {
+            NoiseLevel::Sigma(s) => parts.for_each(|((o, &x), &n)| *o = x + n * s),
+            NoiseLevel::Vp { alpha, sigma } => {
+                parts.for_each(|((o, &x), &n)| *o = alpha * x + sigma * n)
+            }
+        }
+    }
 }
 
 /// The diffusers class behind each diffusiond scheduler name, and whether the

@@ -49,6 +49,10 @@ pub struct Pndm {
     /// The sample a multi-call step started from.
     cur_sample: ArrayD<f32>,
     counter: usize,
+    /// The index of the first step run (image-to-image); `counter` counts from it.
+    begin: usize,
+    /// The index of the step running.
+    index: usize,
 }
 
 impl Pndm {
@@ -99,6 +103,8 @@ impl Pndm {
             combined: ArrayD::zeros(ndarray::IxDyn(&[0])),
             cur_sample: ArrayD::zeros(ndarray::IxDyn(&[0])),
             counter: 0,
+            begin: 0,
+            index: 0,
         })
     }
 
@@ -161,7 +167,7 @@ impl Pndm {
         } else {
             self.step_ratio / 2
         };
-        let prev_t = self.ts[self.counter] - diff_to_prev;
+        let prev_t = self.ts[self.index] - diff_to_prev;
         let t = self.ts[self.counter / 4 * 4];
         let (sixth, third) = ((1.0f64 / 6.0) as f32, (1.0f64 / 3.0) as f32);
         match self.counter % 4 {
@@ -191,7 +197,7 @@ impl Pndm {
         model_output: &ArrayViewD<'_, f32>,
         sample: &mut ArrayD<f32>,
     ) -> Result<(), SchedulerError> {
-        let mut t = self.ts[self.counter];
+        let mut t = self.ts[self.index];
         let mut prev_t = t - self.step_ratio;
         if self.counter != 1 {
             self.push_et(model_output);
@@ -305,6 +311,14 @@ impl Scheduler for Pndm {
         &self.timesteps
     }
 
+    fn set_begin_index(&mut self, begin: usize) {
+        self.begin = begin;
+    }
+
+    fn noise_level(&self, index: usize) -> crate::scheduler::NoiseLevel {
+        self.schedule.noise_level(&self.ts, index)
+    }
+
     fn step(
         &mut self,
         model_output: ArrayViewD<'_, f32>,
@@ -312,7 +326,13 @@ impl Scheduler for Pndm {
         sample: &mut ArrayD<f32>,
         _noise: &mut dyn NoiseSource,
     ) -> Result<(), SchedulerError> {
-        check_step_index(NAME, step_index, Some(self.counter), self.ts.len())?;
+        check_step_index(
+            NAME,
+            step_index,
+            Some(self.begin + self.counter),
+            self.ts.len(),
+        )?;
+        self.index = step_index;
         check_shapes(NAME, step_index, &model_output, sample)?;
         if !self.skip_prk_steps && self.counter < self.prk_len {
             self.step_prk(&model_output, sample)?;

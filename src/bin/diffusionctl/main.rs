@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use diffusiond::client::{Bus, Client, ClientError, GenerateRequest, OnInterrupt};
 use diffusiond::config::{self, Settings};
 use diffusiond::local;
+use diffusiond::request::ImageInput;
 use diffusiond::rng::RngKind;
 
 /// Client for the diffusiond image-generation daemon.
@@ -96,6 +97,15 @@ struct GenerateArgs {
     latents: Option<PathBuf>,
     #[command(flatten)]
     flags: RequestFlags,
+    /// Start from this image (PNG or JPEG; alpha is dropped): image-to-image, or
+    /// inpainting with --mask-image. The output has its size, rounded down to a multiple
+    /// of 8; --width and --height are refused with it.
+    #[arg(long, value_name = "FILE")]
+    init_image: Option<PathBuf>,
+    /// Repaint where this mask is white (level 128 or more), with --init-image: inpainting.
+    /// Same size as the init image.
+    #[arg(long, value_name = "FILE", requires = "init_image")]
+    mask_image: Option<PathBuf>,
     /// Job priority: higher runs first (daemon only) [default: 0].
     #[arg(long, allow_negative_numbers = true, conflicts_with = "local")]
     priority: Option<i32>,
@@ -140,6 +150,10 @@ pub struct RequestFlags {
     /// Number of images; with K > 1, files are OUT-0.png, OUT-1.png, ... [default: 1].
     #[arg(long)]
     pub num_images: Option<u32>,
+    /// Image-to-image / inpainting strength in (0, 1]: the share of the steps that run
+    /// [default: 0.8 for image-to-image (0.3 on SDXL), 1.0 for inpainting].
+    #[arg(long)]
+    pub strength: Option<f64>,
 }
 
 impl RequestFlags {
@@ -155,6 +169,7 @@ impl RequestFlags {
             rng: self.rng,
             scheduler: self.scheduler.clone(),
             num_images: self.num_images,
+            strength: self.strength,
             ..GenerateRequest::default()
         }
     }
@@ -210,9 +225,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) if args.local => generate_local(*args),
         Command::Generate(args) => match check_daemon_flags(&args) {
-            Ok(()) => daemon(&args.bus.bus(), |c| {
-                generate(c, request(&args), args.output)
-            }),
+            Ok(()) => match request(&args) {
+                Ok(request) => daemon(&args.bus.bus(), |c| generate(c, request, args.output)),
+                Err(message) => Err(Failure::Other(message)),
+            },
             Err(message) => Err(Failure::Other(message)),
         },
         Command::Status(bus) => daemon(&bus.bus(), status),
@@ -280,14 +296,25 @@ where
 
 /// The request the flags of `generate` make: only the keys given, for the daemon or the
 /// local resolve step to fill in.
-fn request(args: &GenerateArgs) -> GenerateRequest {
-    GenerateRequest {
+fn request(args: &GenerateArgs) -> Result<GenerateRequest, String> {
+    let read = |flag: &str, path: &Option<PathBuf>| -> Result<Option<ImageInput>, String> {
+        path.as_ref()
+            .map(|p| {
+                std::fs::read(p)
+                    .map(ImageInput::new)
+                    .map_err(|e| format!("{flag} {}: {e}", p.display()))
+            })
+            .transpose()
+    };
+    Ok(GenerateRequest {
         prompt: args.prompt.clone(),
         model: args.model.clone(),
         seed: args.seed,
         priority: args.priority,
+        init_image: read("--init-image", &args.init_image)?,
+        mask_image: read("--mask-image", &args.mask_image)?,
         ..args.flags.request()
-    }
+    })
 }
 
 /// Flags that only `--local` takes.
@@ -376,7 +403,7 @@ fn generate_local(args: GenerateArgs) -> Result<(), Failure> {
     };
     let file = args.config.clone().or_else(|| config::default_file(false));
     let settings = Settings::load(file.as_deref()).map_err(|e| e.to_string())?;
-    let pngs = local::generate(settings.runtime, &model_dir, &request(&args), latents)
+    let pngs = local::generate(settings.runtime, &model_dir, &request(&args)?, latents)
         .map_err(|e| e.to_string())?;
     let written = output::write_pngs(&pngs, &args.output)?;
     for path in written {
