@@ -136,7 +136,20 @@ impl Manager {
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<OwnedObjectPath, Error> {
         expect_args(&header, "Generate", "a{sv}")?;
-        let incoming = keys::parse(&request).map_err(Error::InvalidArgument)?;
+        let mut incoming = keys::parse(&request).map_err(Error::InvalidArgument)?;
+        let fds = std::mem::take(&mut incoming.image_fds);
+        if !fds.is_empty() {
+            // File reads stay off the async threads.
+            let max = self.limits.max_image_bytes;
+            let mut request = std::mem::take(&mut incoming.request);
+            let request = tokio::task::spawn_blocking(move || {
+                crate::wire::images::read_fds(&mut request, fds, max).map(|()| request)
+            })
+            .await
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?
+            .map_err(Error::InvalidArgument)?;
+            incoming.request = request;
+        }
         let resolved = self.catalog.resolve(&incoming.request, &self.limits)?;
         incoming
             .check_delivery(resolved.num_images)

@@ -66,8 +66,16 @@ impl Catalog {
                             bundle: &b,
                             defaults: &m.defaults,
                         };
-                        request::resolve(&probe, model, limits, || 0)
-                            .map(|_| b)
+                        let probed = match request::resolve(&probe, model, limits, || 0) {
+                            // An inpainting model takes no text-to-image request: the
+                            // probe checks its other defaults only.
+                            Err(request::RequestError::Invalid {
+                                key: "init_image", ..
+                            }) if b.unet_in_channels == 9 => Ok(()),
+                            other => other.map(drop),
+                        };
+                        probed
+                            .map(|()| b)
                             .map_err(|e| format!("[models.{}] defaults: {e}", m.name))
                     });
                 if let Err(e) = &bundle {

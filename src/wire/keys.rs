@@ -11,6 +11,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use zbus::zvariant::{OwnedValue, Value};
 
+use super::images::{self, Slot};
 use crate::request::GenerateRequest;
 use crate::rng::RngKind;
 
@@ -23,6 +24,9 @@ pub struct Incoming {
     pub output_fds: Vec<OwnedFd>,
     /// Cancel the job when the caller leaves the bus (`cancel_on_disconnect`, default true).
     pub cancel_on_disconnect: bool,
+    /// Images sent as file descriptors (`init_image_fd`, `mask_image_fd`), to read with
+    /// [`super::images::read_fds`] before the request is resolved.
+    pub image_fds: Vec<(Slot, OwnedFd)>,
 }
 
 impl Incoming {
@@ -66,6 +70,7 @@ impl Parsing {
                 request: GenerateRequest::default(),
                 output_fds: Vec::new(),
                 cancel_on_disconnect: true,
+                image_fds: Vec::new(),
             },
             prompt: false,
         }
@@ -79,7 +84,7 @@ trait Wire: Sized {
     fn write(&self) -> Value<'_>;
 }
 
-fn type_error(key: &str, want: &str, got: &Value<'_>) -> String {
+pub(crate) fn type_error(key: &str, want: &str, got: &Value<'_>) -> String {
     format!(
         "'{key}' must have D-Bus type '{want}', got '{}'",
         got.value_signature()
@@ -152,6 +157,45 @@ macro_rules! key {
     };
 }
 
+/// A row for an image sent as bytes (`ay`).
+macro_rules! image_key {
+    ($slot:expr) => {
+        Key {
+            name: $slot.key(),
+            signature: "ay",
+            read: |p, v| {
+                *$slot.field(&mut p.incoming.request) = Some(images::bytes($slot.key(), v)?);
+                Ok(())
+            },
+            write: |r, d| {
+                let image = match $slot {
+                    Slot::Init => &r.init_image,
+                    Slot::Mask => &r.mask_image,
+                };
+                if let Some(image) = image {
+                    d.insert($slot.key(), images::write(image));
+                }
+            },
+        }
+    };
+}
+
+/// A row for an image sent as a file descriptor (`h`); the daemon reads it.
+macro_rules! image_fd_key {
+    ($slot:expr) => {
+        Key {
+            name: $slot.fd_key(),
+            signature: "h",
+            read: |p, v| {
+                let fd = images::fd($slot.fd_key(), v)?;
+                p.incoming.image_fds.push(($slot, fd));
+                Ok(())
+            },
+            write: |_, _| {},
+        }
+    };
+}
+
 /// Every key `Generate` accepts. Adding one: a field in [`GenerateRequest`], a row here.
 pub const KEYS: &[Key] = &[
     Key {
@@ -178,6 +222,11 @@ pub const KEYS: &[Key] = &[
     key!(scheduler: String),
     key!(num_images: u32),
     key!(priority: i32),
+    key!(strength: f64),
+    image_key!(Slot::Init),
+    image_key!(Slot::Mask),
+    image_fd_key!(Slot::Init),
+    image_fd_key!(Slot::Mask),
     Key {
         name: "output_fds",
         signature: "ah",
@@ -284,17 +333,24 @@ pub fn to_dict(request: &GenerateRequest) -> Dict<'_> {
     d
 }
 
-/// [`to_dict`] as owned values (a property's value).
+/// [`to_dict`] as owned values (a property's value), without the images' bytes.
 pub fn to_owned_dict(request: &GenerateRequest) -> HashMap<String, OwnedValue> {
     to_dict(request)
         .into_iter()
+        .filter(|(k, _)| *k != Slot::Init.key() && *k != Slot::Mask.key())
         .filter_map(|(k, v)| v.try_to_owned().ok().map(|v| (k.to_string(), v)))
         .collect()
 }
 
 /// Keys of `Generate` that a batch manifest line may not hold: delivery goes to the batch's
 /// folder, and batch items run after interactive jobs whatever their priority.
-pub const NOT_IN_MANIFEST: &[&str] = &["output_fds", "cancel_on_disconnect", "priority"];
+pub const NOT_IN_MANIFEST: &[&str] = &[
+    "output_fds",
+    "cancel_on_disconnect",
+    "priority",
+    "init_image_fd",
+    "mask_image_fd",
+];
 
 /// Reads the defaults of a batch (`SubmitBatch`'s `defaults`): the keys a manifest line
 /// may hold, but not `prompt`, which each line gives.

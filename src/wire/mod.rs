@@ -8,6 +8,7 @@
 
 pub mod batch;
 pub mod error;
+pub mod images;
 pub mod keys;
 pub mod reply;
 

@@ -1,0 +1,110 @@
+//! The image keys of `Generate`: `init_image` and `mask_image` as bytes (`ay`), or
+//! `init_image_fd` and `mask_image_fd` as a file descriptor (`h`) of a regular file,
+//! which the daemon reads off its async threads ([`read_fds`]).
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+
+use zbus::zvariant::Value;
+
+use crate::request::{GenerateRequest, ImageInput};
+
+/// Which image a key carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// The init image.
+    Init,
+    /// The mask.
+    Mask,
+}
+
+impl Slot {
+    /// The bytes key of this image.
+    pub const fn key(self) -> &'static str {
+        match self {
+            Slot::Init => "init_image",
+            Slot::Mask => "mask_image",
+        }
+    }
+
+    /// The file-descriptor key of this image.
+    pub const fn fd_key(self) -> &'static str {
+        match self {
+            Slot::Init => "init_image_fd",
+            Slot::Mask => "mask_image_fd",
+        }
+    }
+
+    /// The request field this image fills.
+    pub fn field(self, request: &mut GenerateRequest) -> &mut Option<ImageInput> {
+        match self {
+            Slot::Init => &mut request.init_image,
+            Slot::Mask => &mut request.mask_image,
+        }
+    }
+}
+
+/// Reads an `ay` value.
+pub fn bytes(key: &str, v: &Value<'_>) -> Result<ImageInput, String> {
+    let Value::Array(items) = v else {
+        return Err(super::keys::type_error(key, "ay", v));
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items.iter() {
+        match item {
+            Value::U8(b) => out.push(*b),
+            other => return Err(super::keys::type_error(key, "ay", other)),
+        }
+    }
+    Ok(ImageInput::new(out))
+}
+
+/// Writes an image as `ay`.
+pub fn write(image: &ImageInput) -> Value<'_> {
+    Value::from(image.bytes())
+}
+
+/// Takes an `h` value.
+pub fn fd(key: &str, v: &Value<'_>) -> Result<OwnedFd, String> {
+    match v {
+        Value::Fd(fd) => fd
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| format!("'{key}': cannot use the file descriptor: {e}")),
+        other => Err(super::keys::type_error(key, "h", other)),
+    }
+}
+
+/// Reads the images sent as file descriptors into the request: each must be a regular
+/// file (a pipe could block a thread for ever) of at most `max_bytes`, read from offset 0.
+/// Blocking: the daemon calls it on a blocking thread.
+pub fn read_fds(
+    request: &mut GenerateRequest,
+    fds: Vec<(Slot, OwnedFd)>,
+    max_bytes: usize,
+) -> Result<(), String> {
+    for (slot, fd) in fds {
+        let key = slot.fd_key();
+        if slot.field(request).is_some() {
+            return Err(format!("give '{}' or '{key}', not both", slot.key()));
+        }
+        let file = std::fs::File::from(fd);
+        let meta = file
+            .metadata()
+            .map_err(|e| format!("'{key}': cannot read the file descriptor: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!("'{key}': must be a regular file"));
+        }
+        let len = usize::try_from(meta.len()).unwrap_or(usize::MAX);
+        if len > max_bytes {
+            return Err(format!(
+                "'{key}': {len} bytes is above the limit of {max_bytes}"
+            ));
+        }
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, 0)
+            .map_err(|e| format!("'{key}': cannot read the file: {e}"))?;
+        *slot.field(request) = Some(ImageInput::new(buf));
+    }
+    Ok(())
+}

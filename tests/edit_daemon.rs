@@ -1,0 +1,304 @@
+//! Image-to-image and inpainting over D-Bus, with the real daemon on a private bus: the
+//! init image and mask sent as bytes (`init_image`, `mask_image`) and as file descriptors
+//! (`init_image_fd`, `mask_image_fd`) give the image `diffusionctl generate --local`
+//! makes; every bad input is a typed InvalidArgument naming its key, and the daemon keeps
+//! serving.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use common::{Daemon, PrivateBus, config_text, ctl_command, error_name, generate, root, wait};
+use zbus::zvariant::{OwnedValue, Value};
+
+type Dict = HashMap<String, OwnedValue>;
+
+const INVALID: &str = "io.github.Diffusiond1.Error.InvalidArgument";
+
+fn inputs() -> PathBuf {
+    root().join("tests/golden/edit/inputs")
+}
+
+fn request(pairs: Vec<(&str, Value<'_>)>) -> Dict {
+    pairs
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.try_to_owned().unwrap()))
+        .collect()
+}
+
+fn pngs(result: &Dict) -> Vec<Vec<u8>> {
+    let v: &Value<'_> = &result["images"];
+    Vec::<Vec<u8>>::try_from(v.try_clone().unwrap()).unwrap()
+}
+
+fn rgb(png: &[u8]) -> Vec<u8> {
+    image::load_from_memory(png).unwrap().to_rgb8().into_raw()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Equal within one level on 99.9% of values and never more than 2 apart (the daemon and
+/// `--local` may run ONNX Runtime with different thread counts).
+fn assert_close(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: sizes");
+    let over_1 = got
+        .iter()
+        .zip(want)
+        .filter(|(a, b)| a.abs_diff(**b) > 1)
+        .count();
+    let max = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(
+        max <= 2 && over_1 * 1000 <= got.len(),
+        "{what}: max {max}, {over_1} over 1"
+    );
+}
+
+/// `diffusionctl generate --local` with these flags: the PNG's pixels.
+fn local(dir: &Path, flags: &[&str]) -> Vec<u8> {
+    let out = dir.join("local.png");
+    let model = root().join("onnx/tiny-sd15");
+    let mut args = vec![
+        "generate",
+        "--local",
+        "--model-dir",
+        model.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(flags);
+    let o = ctl_command(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    rgb(&std::fs::read(out).unwrap())
+}
+
+fn fd(path: &Path) -> OwnedValue {
+    let file = std::fs::File::open(path).unwrap();
+    Value::from(zbus::zvariant::Fd::from(OwnedFd::from(file)))
+        .try_to_owned()
+        .unwrap()
+}
+
+#[test]
+fn images_as_bytes_and_as_fds_give_the_local_image() {
+    let bus = PrivateBus::start();
+    let _d = Daemon::start(&bus, "");
+    let dir = tempfile::tempdir().unwrap();
+    let init = inputs().join("init-96x64.png");
+    let mask = inputs().join("mask-96x64-soft.png");
+    let common = [
+        "--prompt",
+        "a lighthouse",
+        "--seed",
+        "77",
+        "--steps",
+        "4",
+        "--scheduler",
+        "euler-a",
+    ];
+    let mut img2img: Vec<&str> = common.to_vec();
+    img2img.extend(["--init-image", init.to_str().unwrap(), "--strength", "0.75"]);
+    let want_img2img = local(dir.path(), &img2img);
+    let mut inpaint = img2img.clone();
+    inpaint.extend(["--mask-image", mask.to_str().unwrap()]);
+    let want_inpaint = local(dir.path(), &inpaint);
+    assert_ne!(want_img2img, want_inpaint, "the mask changes the image");
+
+    // diffusionctl through the daemon sends the images as bytes.
+    let out = dir.path().join("daemon.png");
+    let mut args = vec!["generate", "--address", bus.address(), "--output"];
+    args.push(out.to_str().unwrap());
+    args.extend_from_slice(&inpaint);
+    let o = ctl_command(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let png = std::fs::read(&out).unwrap();
+    assert_close(&rgb(&png), &want_inpaint, "inpaint, bytes");
+    let params = String::from_utf8_lossy(&png).to_string();
+    assert!(
+        params.contains("Mode: inpaint"),
+        "PNG parameters record the mode"
+    );
+    assert!(params.contains("Denoising strength: 0.75"));
+    assert!(params.contains("Mask hash: "));
+
+    runtime().block_on(async {
+        let conn = bus.connect().await;
+        let base = |extra: Vec<(&'static str, OwnedValue)>| {
+            let mut r = request(vec![
+                ("prompt", Value::from("a lighthouse")),
+                ("seed", Value::U64(77)),
+                ("steps", Value::U32(4)),
+                ("scheduler", Value::from("euler-a")),
+                ("strength", Value::F64(0.75)),
+            ]);
+            r.extend(extra.into_iter().map(|(k, v)| (k.to_string(), v)));
+            r
+        };
+        // Bytes, straight over zbus.
+        let bytes = std::fs::read(&init).unwrap();
+        let job = generate(
+            &conn,
+            base(vec![(
+                "init_image",
+                Value::from(bytes).try_to_owned().unwrap(),
+            )]),
+        )
+        .await
+        .unwrap();
+        let result = wait(&conn, &job).await.unwrap();
+        assert_close(&rgb(&pngs(&result)[0]), &want_img2img, "img2img, bytes");
+        // File descriptors.
+        let job = generate(&conn, base(vec![("init_image_fd", fd(&init))]))
+            .await
+            .unwrap();
+        let result = wait(&conn, &job).await.unwrap();
+        assert_close(&rgb(&pngs(&result)[0]), &want_img2img, "img2img, fd");
+        let job = generate(
+            &conn,
+            base(vec![
+                ("init_image_fd", fd(&init)),
+                ("mask_image_fd", fd(&mask)),
+            ]),
+        )
+        .await
+        .unwrap();
+        let result = wait(&conn, &job).await.unwrap();
+        assert_close(&rgb(&pngs(&result)[0]), &want_inpaint, "inpaint, fds");
+    });
+}
+
+/// A PNG whose header says `width` × `height` (the pixel data is a small image's: only
+/// the header is read before the request is refused).
+fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    let mut png = std::fs::read(inputs().join("init-64x64.png")).unwrap();
+    // Signature (8), IHDR length (4), "IHDR" (4), width, height, then 5 bytes, then CRC.
+    png[16..20].copy_from_slice(&width.to_be_bytes());
+    png[20..24].copy_from_slice(&height.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    png
+}
+
+/// CRC-32 (ISO-HDLC), as PNG chunks carry it; a test helper, so written out here.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn every_bad_image_input_is_a_typed_error_naming_its_key() {
+    let bus = PrivateBus::start();
+    let inpaint_model = root().join("onnx/tiny-sd15-inpaint");
+    let _d = Daemon::start_with_config(
+        &bus,
+        &config_text(&format!(
+            "[models.inpaint]\npath = \"{}\"\n",
+            inpaint_model.display()
+        )),
+    );
+    let init = std::fs::read(inputs().join("init-64x64.png")).unwrap();
+    let other_size = std::fs::read(inputs().join("mask-96x64-hard.png")).unwrap();
+    let bytes = |b: &[u8]| Value::from(b.to_vec());
+    let p = || ("prompt", Value::from("x"));
+    let cases: Vec<(Vec<(&str, Value<'_>)>, &str)> = vec![
+        (
+            vec![p(), ("init_image", bytes(b"not an image at all"))],
+            "'init_image'",
+        ),
+        (
+            vec![
+                p(),
+                ("init_image", bytes(&init)),
+                ("mask_image", bytes(&other_size)),
+            ],
+            "must be the same size",
+        ),
+        (
+            vec![p(), ("init_image", bytes(&png_claiming(100_000, 100_000)))],
+            "'init_image'",
+        ),
+        (
+            vec![
+                p(),
+                ("init_image", bytes(&init)),
+                ("strength", Value::F64(1.5)),
+            ],
+            "'strength'",
+        ),
+        (
+            vec![
+                p(),
+                ("init_image", bytes(&init)),
+                ("strength", Value::F64(0.0)),
+            ],
+            "'strength'",
+        ),
+        (vec![p(), ("mask_image", bytes(&init))], "needs init_image"),
+        (vec![p(), ("strength", Value::F64(0.5))], "'strength'"),
+        (
+            vec![p(), ("model", Value::from("inpaint"))],
+            "inpainting model",
+        ),
+        (
+            vec![p(), ("init_image", bytes(&init)), ("width", Value::U32(64))],
+            "'width'",
+        ),
+        (
+            vec![
+                p(),
+                ("init_image", bytes(&init)),
+                ("steps", Value::U32(4)),
+                ("strength", Value::F64(0.2)),
+            ],
+            "'strength'",
+        ),
+        (
+            vec![p(), ("init_image", Value::from("a path"))],
+            "'init_image'",
+        ),
+    ];
+    runtime().block_on(async {
+        let conn = bus.connect().await;
+        for (pairs, needle) in cases {
+            let shown: Vec<&str> = pairs.iter().map(|(k, _)| *k).collect();
+            let err = generate(&conn, request(pairs)).await.unwrap_err();
+            assert_eq!(error_name(&err), INVALID, "{shown:?}: {err:?}");
+            assert!(format!("{err:?}").contains(needle), "{shown:?}: {err:?}");
+        }
+        // A pipe is not a regular file: refused, not read (it could block for ever).
+        let (_reader, writer) = std::io::pipe().unwrap();
+        let pipe = Value::from(zbus::zvariant::Fd::from(OwnedFd::from(writer)))
+            .try_to_owned()
+            .unwrap();
+        let mut req = request(vec![p()]);
+        req.insert("init_image_fd".into(), pipe);
+        let err = generate(&conn, req).await.unwrap_err();
+        assert!(format!("{err:?}").contains("regular file"), "{err:?}");
+        // The daemon still serves.
+        let job = generate(&conn, request(vec![p(), ("steps", Value::U32(1))]))
+            .await
+            .unwrap();
+        assert_eq!(pngs(&wait(&conn, &job).await.unwrap()).len(), 1);
+    });
+}
