@@ -33,6 +33,7 @@ pub(crate) fn resolved(model: &str, steps: usize) -> ResolvedRequest {
         num_images: 1,
         priority: 0,
         latents: None,
+        edit: None,
     }
 }
 

@@ -136,11 +136,12 @@ pub(super) fn edit_latents(
     encoder: &mut VaeEncoder,
     sched: &dyn Scheduler,
     begin: usize,
-    nine_channels: bool,
-    vae_scaling: f32,
-    factor: usize,
+    bundle: &crate::model::ModelBundle,
     run_options: &RunOptions,
 ) -> Result<(Array4<f32>, BatchNoise, Option<Inpaint>), PipelineError> {
+    let nine_channels = bundle.unet_in_channels == 9;
+    let vae_scaling = bundle.vae_scaling_factor as f32;
+    let factor = bundle.vae_scale_factor;
     let first = batch[0];
     let (h, w) = (first.height / factor, first.width / factor);
     let total: usize = batch.iter().map(|p| p.num_images).sum();

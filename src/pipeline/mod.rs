@@ -2,6 +2,7 @@
 //! classifier-free guidance) → VAE decoder → pixels, in the order and arithmetic of
 //! diffusers' `StableDiffusionPipeline` / `StableDiffusionXLPipeline` as Optimum runs them.
 
+mod arrays;
 pub mod components;
 mod guidance;
 pub mod image;
@@ -25,6 +26,7 @@ use crate::rng::NoiseSource;
 use crate::runtime::{Runtime, RuntimeError};
 use crate::scheduler::{self, Scheduler, SchedulerError};
 use crate::tokenizer::{ClipTokenizer, TokenizerError};
+use arrays::{all_finite, repeat_rows, shape_err};
 use components::{AddedCond, TextEncoder, Unet, VaeDecoder, VaeEncoder};
 use guidance::{Guidance, guide};
 use latents::{BatchNoise, Inpaint, draw_latents};
@@ -330,9 +332,7 @@ impl Pipeline {
                         encoder,
                         sched.as_ref(),
                         begin,
-                        self.bundle.unet_in_channels == 9,
-                        self.bundle.vae_scaling_factor as f32,
-                        self.bundle.vae_scale_factor,
+                        &self.bundle,
                         run_options,
                     )
                 })?;
@@ -703,28 +703,4 @@ fn shrink_options(runtime: &Runtime) -> Result<Option<RunOptions>, PipelineError
         .set("memory.enable_memory_arena_shrinkage", "cpu:0")
         .map_err(err)?;
     Ok(Some(options))
-}
-
-/// Whether every value is finite (one pass, no allocation).
-fn all_finite(a: ndarray::ArrayViewD<'_, f32>) -> bool {
-    match a.as_slice_memory_order() {
-        Some(s) => s.iter().all(|x| x.is_finite()),
-        None => a.iter().all(|x| x.is_finite()),
-    }
-}
-
-/// Repeats each row of a batch `n` times, consecutively (`repeat_interleave`).
-fn repeat_rows(a: ndarray::ArrayViewD<'_, f32>, n: usize) -> ArrayD<f32> {
-    let views: Vec<_> = a
-        .axis_iter(Axis(0))
-        .flat_map(|row| std::iter::repeat_n(row.insert_axis(Axis(0)), n))
-        .collect();
-    concatenate(Axis(0), &views).unwrap_or_else(|_| a.to_owned())
-}
-
-fn shape_err(e: ndarray::ShapeError) -> PipelineError {
-    PipelineError::Inference {
-        component: "pipeline".into(),
-        message: e.to_string(),
-    }
 }

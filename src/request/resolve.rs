@@ -472,6 +472,9 @@ pub fn resolve(
     })
 }
 
+/// An edit and the output size its init image gives.
+type EditAndSize = (Edit, (usize, usize));
+
 /// The edit part of a request: the init image's size from its header (rounded down to
 /// the VAE factor), the mask's size against it, the strength and its default, and what
 /// the model can do. `None` for text to image (which a 9-channel inpainting UNet refuses).
@@ -479,7 +482,7 @@ fn resolve_edit(
     req: &GenerateRequest,
     bundle: &ModelBundle,
     limits: &Limits,
-) -> Result<Option<(Edit, (usize, usize))>, RequestError> {
+) -> Result<Option<EditAndSize>, RequestError> {
     fn invalid(key: &'static str, message: impl Into<String>) -> RequestError {
         RequestError::invalid(key, message)
     }

@@ -508,10 +508,14 @@ mod tests {
             scheduler: Some("ddim".into()),
             num_images: Some(2),
             priority: Some(-3),
+            strength: Some(0.5),
+            init_image: None,
+            mask_image: None,
         };
         let owned = to_owned_dict(&req);
-        // Every generation key is written; the delivery keys are the daemon's to read only.
-        assert_eq!(owned.len(), KEYS.len() - 2);
+        // Every generation key is written but the images (bytes, never in a property);
+        // the delivery keys and the image fds are the daemon's to read only.
+        assert_eq!(owned.len(), KEYS.len() - 6);
         for (k, v) in &owned {
             let key = KEYS.iter().find(|key| key.name == k).unwrap();
             assert_eq!(v.value_signature().to_string(), key.signature, "{k}");

@@ -244,7 +244,9 @@ fn png_parameters_name_every_setting() {
         text.starts_with("a cat\nNegative prompt: \nSteps: 20, Sampler: pndm"),
         "{text}"
     );
-    assert!(text.contains("Seed: 5, RNG: torch, Size: 64x64, Model: tiny, ONNX Runtime: 1.32.0"));
+    assert!(text.contains(
+        "Seed: 5, RNG: torch, Size: 64x64, Mode: txt2img, Model: tiny, ONNX Runtime: 1.32.0"
+    ));
 }
 
 #[test]
