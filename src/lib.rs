@@ -12,6 +12,7 @@ pub mod jobs;
 pub mod local;
 pub mod model;
 pub mod pipeline;
+pub mod prompt_syntax;
 pub mod request;
 pub mod rng;
 pub mod runtime;
