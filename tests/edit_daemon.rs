@@ -2,7 +2,8 @@
 //! init image and mask sent as bytes (`init_image`, `mask_image`) and as file descriptors
 //! (`init_image_fd`, `mask_image_fd`) give the image `diffusionctl generate --local`
 //! makes; every bad input is a typed InvalidArgument naming its key, and the daemon keeps
-//! serving.
+//! serving. Images compare with the parity tests' bar (the daemon and `--local` may run
+//! ONNX Runtime with different thread counts).
 
 mod common;
 
@@ -10,6 +11,7 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
+use common::batch::assert_close;
 use common::{Daemon, PrivateBus, config_text, ctl_command, error_name, generate, root, wait};
 use zbus::zvariant::{OwnedValue, Value};
 
@@ -42,27 +44,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-/// Equal within one level on 99.9% of values and never more than 2 apart (the daemon and
-/// `--local` may run ONNX Runtime with different thread counts).
-fn assert_close(got: &[u8], want: &[u8], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: sizes");
-    let over_1 = got
-        .iter()
-        .zip(want)
-        .filter(|(a, b)| a.abs_diff(**b) > 1)
-        .count();
-    let max = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap();
-    assert!(
-        max <= 2 && over_1 * 1000 <= got.len(),
-        "{what}: max {max}, {over_1} over 1"
-    );
 }
 
 /// `diffusionctl generate --local` with these flags: the PNG's pixels.
