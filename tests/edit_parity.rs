@@ -1,4 +1,5 @@
-//! Pixel parity of image-to-image, inpainting (4- and 9-channel UNets), Turbo settings and
+//! Pixel parity of image-to-image, inpainting (4- and 9-channel UNets), LCM-distilled UNets
+//! (text and image to image), Turbo settings and
 //! '!' prompts with Optimum: every case in tests/golden/edit/manifest.json (written by
 //! onnx/make_edit_references.py with Optimum's ORT pipelines) is generated in-process from
 //! its seed and compared with today's tolerances: float images within 1e-3, PNG bytes
@@ -212,4 +213,9 @@ fn turbo_settings_match_optimum() {
 #[test]
 fn exclamation_prompts_match_optimum_with_and_without_tokenizer_json() {
     check(|c| model(c, "tiny-sd2-v") || (c.mode == "txt2img" && model(c, "tiny-sdxl")));
+}
+
+#[test]
+fn lcm_distilled_txt2img_and_img2img_match_optimum() {
+    check(|c| model(c, "tiny-lcm"));
 }

@@ -34,6 +34,7 @@ pub(crate) fn resolved(model: &str, steps: usize) -> ResolvedRequest {
         priority: 0,
         latents: None,
         edit: None,
+        guidance_embedding: false,
     }
 }
 

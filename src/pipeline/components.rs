@@ -173,6 +173,10 @@ pub struct Unet {
     timestep_fixed_one: bool,
     hidden: Spec,
     added: Option<(Spec, Spec)>,
+    /// LCM-distilled UNets: the guidance embedding input `[B, time_cond_proj_dim]`.
+    timestep_cond: Option<Spec>,
+    /// Its value for the current generation (set before [`Unet::bind`] or [`Unet::run`]).
+    guidance: Option<ArrayD<f32>>,
     out: Spec,
     /// Reused input/output buffers of the current batch shape (all-f32 graphs).
     bound: Option<Bound>,
@@ -209,14 +213,10 @@ impl Unet {
             None
         };
         let out = req(Side::Output, "out_sample", FLOATS, &[4])?;
-        if signature::find(&session, Side::Input, "timestep_cond").is_some() {
-            return Err(crate::model::ModelError::Signature {
-                path: path.to_path_buf(),
-                message: "UNets with a 'timestep_cond' input (LCM-distilled) are not supported yet"
-                    .into(),
-            }
-            .into());
-        }
+        let timestep_cond = match signature::find(&session, Side::Input, "timestep_cond") {
+            Some(_) => Some(req(Side::Input, "timestep_cond", FLOATS, &[2])?),
+            None => None,
+        };
         let timestep_fixed_one = session
             .inputs()
             .iter()
@@ -231,6 +231,8 @@ impl Unet {
             timestep_fixed_one,
             hidden,
             added,
+            timestep_cond,
+            guidance: None,
             out,
             bound: None,
         })
@@ -244,6 +246,18 @@ impl Unet {
             && f32s(&self.hidden)
             && f32s(&self.out)
             && self.added.as_ref().is_none_or(|(a, b)| f32s(a) && f32s(b))
+            && self.timestep_cond.as_ref().is_none_or(f32s)
+    }
+
+    /// Whether the graph takes a guidance embedding (`timestep_cond`: LCM-distilled).
+    pub fn takes_guidance_embedding(&self) -> bool {
+        self.timestep_cond.is_some()
+    }
+
+    /// The guidance embedding `[B, dim]` of the next generation's rows (LCM-distilled
+    /// UNets); bound with the conditioning.
+    pub fn set_guidance_embedding(&mut self, embedding: Option<ArrayD<f32>>) {
+        self.guidance = embedding;
     }
 
     /// Prepares bound buffers for a generation whose UNet batch is `dims` (`[B, 4, h, w]`)
@@ -297,6 +311,9 @@ impl Unet {
         if let Some(a) = added {
             bind(b, "text_embeds", a.text_embeds.view())?;
             bind(b, "time_ids", a.time_ids.view())?;
+        }
+        if let (Some(_), Some(g)) = (self.timestep_cond, self.guidance.as_ref()) {
+            bind(b, "timestep_cond", g.view())?;
         }
         Ok(true)
     }
@@ -357,6 +374,12 @@ impl Unet {
             inputs.push((
                 "time_ids".into(),
                 float_input(a.time_ids.view(), ti.elem).map_err(&err)?,
+            ));
+        }
+        if let (Some(spec), Some(g)) = (self.timestep_cond, self.guidance.as_ref()) {
+            inputs.push((
+                "timestep_cond".into(),
+                float_input(g.view(), spec.elem).map_err(&err)?,
             ));
         }
         let outputs = self

@@ -67,3 +67,26 @@ fn std_unbiased<'a>(values: impl Iterator<Item = &'a f32> + Clone) -> f32 {
     let ss: f64 = values.map(|&v| (f64::from(v) - mean).powi(2)).sum();
     (ss / (n.saturating_sub(1).max(1)) as f64).sqrt() as f32
 }
+
+/// The guidance embedding of an LCM-distilled UNet (`timestep_cond`), one row per image:
+/// diffusers' `get_guidance_scale_embedding(w = guidance_scale - 1, dim)` in float32:
+/// `w * 1000` times `exp(arange(dim/2) * -(ln 10000 / (dim/2 - 1)))`, then the sines
+/// followed by the cosines (a zero column appended when `dim` is odd).
+pub(super) fn guidance_embedding(batch: &[&ResolvedRequest], dim: usize) -> ArrayD<f32> {
+    let half = dim / 2;
+    let step = 10000f32.ln() / (half as f32 - 1.0);
+    let freqs: Vec<f32> = (0..half).map(|k| (k as f32 * -step).exp()).collect();
+    let rows: Vec<f32> = batch
+        .iter()
+        .flat_map(|p| std::iter::repeat_n((p.guidance_scale - 1.0) as f32 * 1000.0, p.num_images))
+        .collect();
+    let mut out = ArrayD::<f32>::zeros(ndarray::IxDyn(&[rows.len(), dim]));
+    for (mut row, &w) in out.axis_iter_mut(Axis(0)).zip(&rows) {
+        for (k, &f) in freqs.iter().enumerate() {
+            let x = w * f;
+            row[k] = x.sin();
+            row[half + k] = x.cos();
+        }
+    }
+    out
+}

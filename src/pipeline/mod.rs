@@ -280,7 +280,16 @@ impl Pipeline {
         };
         debug_assert!(batch.iter().all(|p| p.batch_key() == first.batch_key()));
         let name = first.scheduler;
-        let mut sched = scheduler::create(name, &self.bundle.scheduler_config, first.steps)?;
+        let config = &self.bundle.scheduler_config;
+        // diffusers' LCM image-to-image pipeline puts the strength into the LCM schedule and
+        // runs every step; the others start later in the full schedule.
+        let lcm_edit = first.guidance_embedding && first.edit.is_some();
+        let mut sched = match &first.edit {
+            Some(e) if lcm_edit => {
+                scheduler::create_with_strength(name, config, first.steps, e.strength)?
+            }
+            _ => scheduler::create(name, config, first.steps)?,
+        };
         let mut timings = StageTimings::default();
         // Stage spans: with RUST_LOG=diffusiond=debug each stage's duration is logged as it
         // closes (trace adds one span per step and per UNet run). Disabled spans cost an
@@ -308,16 +317,19 @@ impl Pipeline {
         let cond = tracing::debug_span!("text_encoder").in_scope(|| self.encode_prompts(batch))?;
         timings.text_encoder = t0.elapsed();
 
-        let begin = first.edit.as_ref().map_or(0, |e| {
-            latents::begin_index(first.steps, e.strength, sched.order())
-        });
+        let begin = match &first.edit {
+            Some(e) if !lcm_edit => latents::begin_index(first.steps, e.strength, sched.order()),
+            _ => 0,
+        };
         let (mut latents, mut noise, inpaint) = match &first.edit {
             None => {
                 let (l, n) = self.initial_latents(batch, sched.as_ref())?;
                 (l, n, None)
             }
             Some(_) => {
-                sched.set_begin_index(begin);
+                if !lcm_edit {
+                    sched.set_begin_index(begin);
+                }
                 let encoder =
                     self.vae_encoder
                         .as_mut()
@@ -341,6 +353,20 @@ impl Pipeline {
             }
         };
         let guidance = Guidance::for_batch(batch);
+        let embedding = match (
+            self.unet.takes_guidance_embedding(),
+            self.bundle.time_cond_proj_dim,
+        ) {
+            (true, Some(dim)) => Some(guidance::guidance_embedding(batch, dim)),
+            (true, None) => {
+                return Err(PipelineError::Model(crate::model::ModelError::Signature {
+                    path: self.bundle.onnx("unet"),
+                    message: "the UNet takes 'timestep_cond' but unet/config.json has no time_cond_proj_dim".into(),
+                }));
+            }
+            _ => None,
+        };
+        self.unet.set_guidance_embedding(embedding);
         tracing::debug_span!("denoise").in_scope(|| {
             self.denoise(
                 &cond,

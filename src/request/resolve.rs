@@ -59,6 +59,9 @@ pub struct ResolvedRequest {
     pub latents: Option<ArrayD<f32>>,
     /// Image-to-image or inpainting: the images and the strength.
     pub edit: Option<Edit>,
+    /// An LCM-distilled UNet (`time_cond_proj_dim`): the guidance scale goes into its
+    /// `timestep_cond` embedding, and there is no classifier-free guidance batch.
+    pub guidance_embedding: bool,
 }
 
 /// What an image-to-image or inpainting request starts from. The image's size (rounded
@@ -100,9 +103,10 @@ impl Mode {
 pub type BatchKey = (usize, usize, usize, &'static str, bool, Mode, u64);
 
 impl ResolvedRequest {
-    /// Whether classifier-free guidance runs (diffusers: `guidance_scale > 1`).
+    /// Whether classifier-free guidance runs (diffusers: `guidance_scale > 1`; never on an
+    /// LCM-distilled UNet, which takes the scale as an embedding).
     pub fn do_cfg(&self) -> bool {
-        self.guidance_scale > 1.0
+        !self.guidance_embedding && self.guidance_scale > 1.0
     }
 
     /// Requests with equal keys can share one UNet batch.
@@ -440,7 +444,27 @@ pub fn resolve(
     // The scheduler's own rules decide which step counts it can run.
     scheduler::check_steps(scheduler, &bundle.scheduler_config, steps)
         .map_err(|e| invalid("steps", e.to_string()))?;
-    if let Some(e) = &edit {
+    let guidance_embedding = bundle.time_cond_proj_dim.is_some();
+    if let (Some(e), true) = (&edit, guidance_embedding) {
+        // diffusers' LCM image-to-image pipeline: the strength goes into the LCM schedule
+        // and every step runs.
+        if e.mask.is_some() {
+            return Err(invalid(
+                "mask_image",
+                "LCM-distilled models have no inpainting pipeline in diffusers; use image-to-image",
+            ));
+        }
+        if scheduler != "lcm" {
+            return Err(invalid(
+                "scheduler",
+                format!(
+                    "image-to-image on an LCM-distilled model runs with the lcm scheduler, not '{scheduler}'"
+                ),
+            ));
+        }
+        scheduler::create_with_strength(scheduler, &bundle.scheduler_config, steps, e.strength)
+            .map_err(|err| invalid("strength", err.to_string()))?;
+    } else if let Some(e) = &edit {
         // diffusers' get_timesteps: int(steps * strength) steps run; none is an error there.
         if (steps as f64 * e.strength) < 1.0 {
             return Err(invalid(
@@ -469,6 +493,7 @@ pub fn resolve(
         priority: req.priority.unwrap_or(defaults::PRIORITY),
         latents: None,
         edit,
+        guidance_embedding,
     })
 }
 

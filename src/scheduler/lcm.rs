@@ -24,6 +24,21 @@ pub fn create(
     Ok(Box::new(Lcm::new(config, num_inference_steps)?))
 }
 
+/// Builds `LCMScheduler` with `set_timesteps(num_inference_steps, strength=strength)`, as
+/// diffusers' LCM image-to-image pipeline does: the distillation schedule shrinks to its
+/// first `int(original_inference_steps * strength)` entries, and every step runs.
+pub fn create_with_strength(
+    config: &ResolvedConfig,
+    num_inference_steps: usize,
+    strength: f64,
+) -> Result<Box<dyn Scheduler>, SchedulerError> {
+    Ok(Box::new(Lcm::with_strength(
+        config,
+        num_inference_steps,
+        strength,
+    )?))
+}
+
 /// The float32 scalars of one LCM step.
 #[derive(Debug, Clone, Copy)]
 struct Coefficients {
@@ -52,9 +67,18 @@ pub struct Lcm {
 impl Lcm {
     /// `LCMScheduler.from_config(config)` then `set_timesteps(n)`.
     pub fn new(cfg: &ResolvedConfig, n: usize) -> Result<Self, SchedulerError> {
+        Lcm::with_strength(cfg, n, 1.0)
+    }
+
+    /// `LCMScheduler.from_config(config)` then `set_timesteps(n, strength=strength)`.
+    pub fn with_strength(
+        cfg: &ResolvedConfig,
+        n: usize,
+        strength: f64,
+    ) -> Result<Self, SchedulerError> {
         check_steps(cfg, NAME, n)?;
         let schedule = NoiseSchedule::new(cfg, ZeroSnrTail::Keep)?;
-        let ts = lcm_timesteps(cfg, n)?;
+        let ts = lcm_timesteps(cfg, n, strength)?;
         schedule.check_timesteps(&ts, NAME)?;
         Ok(Self {
             timesteps: ts.iter().map(|&t| t as f64).collect(),
@@ -96,10 +120,14 @@ impl Lcm {
     }
 }
 
-/// `set_timesteps(n)` with `strength = 1`: `n` indices spread (floor of
+/// `set_timesteps(n, strength)`: `n` indices spread (floor of
 /// `linspace(0, len, n, endpoint=False)`) over the reversed distillation schedule
-/// `arange(1, original_steps + 1) * (n_train // original_steps) - 1`.
-fn lcm_timesteps(cfg: &ResolvedConfig, n: usize) -> Result<Vec<i64>, SchedulerError> {
+/// `arange(1, int(original_steps * strength) + 1) * (n_train // original_steps) - 1`.
+fn lcm_timesteps(
+    cfg: &ResolvedConfig,
+    n: usize,
+    strength: f64,
+) -> Result<Vec<i64>, SchedulerError> {
     let original = cfg.original_inference_steps;
     let refuse = |message: String| SchedulerError::InvalidSteps {
         scheduler: NAME,
@@ -121,7 +149,13 @@ fn lcm_timesteps(cfg: &ResolvedConfig, n: usize) -> Result<Vec<i64>, SchedulerEr
         )));
     }
     let k = (cfg.num_train_timesteps / original) as i64;
-    let origin: Vec<i64> = (1..=original as i64).rev().map(|i| i * k - 1).collect();
+    let kept = (original as f64 * strength) as i64;
+    if kept < n as i64 {
+        return Err(refuse(format!(
+            "original_inference_steps x strength = {original} x {strength} leaves {kept} distillation steps, fewer than the steps asked for"
+        )));
+    }
+    let origin: Vec<i64> = (1..=kept).rev().map(|i| i * k - 1).collect();
     Ok(np_linspace_no_endpoint(0.0, origin.len() as f64, n)
         .into_iter()
         .map(|v| origin[(v.floor() as usize).min(origin.len() - 1)])

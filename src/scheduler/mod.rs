@@ -238,6 +238,28 @@ pub fn create(
     }
 }
 
+/// Scheduler `name` with the strength in its schedule, as diffusers' LCM image-to-image
+/// pipeline configures it (`set_timesteps(n, strength=...)`); only `lcm` takes one.
+pub fn create_with_strength(
+    name: &str,
+    config: &SchedulerConfig,
+    num_inference_steps: usize,
+    strength: f64,
+) -> Result<Box<dyn Scheduler>, SchedulerError> {
+    match class_for_name(name) {
+        Some((SchedulerClass::Lcm, _)) => lcm::create_with_strength(
+            &config.resolve(SchedulerClass::Lcm)?,
+            num_inference_steps,
+            strength,
+        ),
+        Some(_) => Err(SchedulerError::InvalidConfig {
+            scheduler: NAMES.iter().copied().find(|n| *n == name).unwrap_or("?"),
+            message: "only the lcm scheduler takes the strength into its schedule".into(),
+        }),
+        None => Err(SchedulerError::Unknown(name.to_owned())),
+    }
+}
+
 /// Whether scheduler `name` can run `num_inference_steps` with `config`: the request
 /// resolver's check. The scheduler's own constructor decides (a few microseconds of
 /// timestep arithmetic); the pipeline builds its own scheduler per batch, since a
