@@ -102,7 +102,22 @@ fn default_max_length() -> f64 {
 #[derive(Clone)]
 pub struct ClipTokenizer {
     inner: Tokenizer,
+    /// The same tokenizer without padding and truncation.
+    raw: Tokenizer,
     max_length: usize,
+    /// The start, end and padding tokens' ids.
+    ids: SpecialIds,
+}
+
+/// The ids of a tokenizer's start, end and padding tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecialIds {
+    /// `bos_token` (`<|startoftext|>`).
+    pub bos: i64,
+    /// `eos_token` (`<|endoftext|>`).
+    pub eos: i64,
+    /// `pad_token` (`<|endoftext|>` for CLIP-L, `!` for SD2.x and SDXL's second encoder).
+    pub pad: i64,
 }
 
 impl std::fmt::Debug for ClipTokenizer {
@@ -148,12 +163,34 @@ impl ClipTokenizer {
             .as_ref()
             .map(|t| t.content().to_string())
             .unwrap_or_else(|| "<|endoftext|>".to_string());
-        let pad_id = inner
-            .token_to_id(&pad_token)
-            .ok_or_else(|| TokenizerError::File {
-                path: dir.join("tokenizer_config.json"),
-                message: format!("pad token '{pad_token}' is not in the vocabulary"),
-            })?;
+        let id_of = |token: &str, what: &str| {
+            inner
+                .token_to_id(token)
+                .ok_or_else(|| TokenizerError::File {
+                    path: dir.join("tokenizer_config.json"),
+                    message: format!("{what} token '{token}' is not in the vocabulary"),
+                })
+        };
+        let pad_id = id_of(&pad_token, "pad")?;
+        let named = |t: &Option<TokenSpec>, default: &str| {
+            t.as_ref()
+                .map_or_else(|| default.to_string(), |t| t.content().to_string())
+        };
+        let ids = SpecialIds {
+            bos: i64::from(id_of(
+                &named(&config.specials.bos_token, "<|startoftext|>"),
+                "bos",
+            )?),
+            eos: i64::from(id_of(
+                &named(&config.specials.eos_token, "<|endoftext|>"),
+                "eos",
+            )?),
+            pad: i64::from(pad_id),
+        };
+        let mut raw = inner.clone();
+        raw.with_padding(None);
+        raw.with_truncation(None)
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
         inner.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::Fixed(max_length),
             direction: PaddingDirection::Right,
@@ -170,7 +207,27 @@ impl ClipTokenizer {
                 stride: 0,
             }))
             .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
-        Ok(ClipTokenizer { inner, max_length })
+        Ok(ClipTokenizer {
+            inner,
+            raw,
+            max_length,
+            ids,
+        })
+    }
+
+    /// The start, end and padding tokens' ids.
+    pub fn special_ids(&self) -> SpecialIds {
+        self.ids
+    }
+
+    /// Token ids of a text without start and end tokens, padding or truncation (the
+    /// pieces AUTOMATIC1111's prompt syntax chunks).
+    pub fn encode_raw(&self, text: &str) -> Result<Vec<i64>, TokenizerError> {
+        let encoding = self
+            .raw
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+        Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
     }
 
     /// The fixed sequence length (77 for CLIP).
@@ -190,12 +247,7 @@ impl ClipTokenizer {
     /// How many tokens the prompt has before truncation (start and end tokens included),
     /// so a caller can warn that a prompt was cut.
     pub fn untruncated_len(&self, text: &str) -> Result<usize, TokenizerError> {
-        let mut plain = self.inner.clone();
-        plain.with_padding(None);
-        plain
-            .with_truncation(None)
-            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
-        plain
+        self.raw
             .encode(text, true)
             .map(|e| e.len())
             .map_err(|e| TokenizerError::Tokenizers(e.to_string()))

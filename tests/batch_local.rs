@@ -320,3 +320,101 @@ fn an_unwritable_file_pauses_the_batch_and_a_rerun_resumes_it() {
     assert_eq!(pngs(&out), all_files(&items));
     assert!(leftovers(&out).is_empty(), "{:?}", leftovers(&out));
 }
+
+/// Image-to-image and inpainting lines name their images relative to the manifest; each
+/// image equals `generate --local`'s with the same files; a line naming a missing file is
+/// refused before anything runs; a changed image makes it another batch.
+#[test]
+fn edit_lines_read_images_relative_to_the_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = common::root().join("tests/golden/edit/inputs");
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for f in ["init-96x64.png", "mask-96x64-hard.png"] {
+        std::fs::copy(inputs.join(f), images.join(f)).unwrap();
+    }
+    let manifest = dir.path().join("edits.jsonl");
+    std::fs::write(
+        &manifest,
+        concat!(
+            r#"{"prompt":"a lighthouse","seed":5,"steps":4,"init_image":"images/init-96x64.png","strength":0.75,"name":"img2img"}"#,
+            "\n",
+            r#"{"prompt":"a lighthouse","seed":6,"steps":4,"init_image":"images/init-96x64.png","mask_image":"images/mask-96x64-hard.png","name":"inpaint"}"#,
+            "\n",
+            r#"{"prompt":"plain","seed":7,"steps":4,"width":64,"height":64,"name":"plain"}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let o = run(&batch_args(&manifest, &out, &[]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(pngs(&out), ["img2img.png", "inpaint.png", "plain.png"]);
+    let init = images.join("init-96x64.png");
+    let mask = images.join("mask-96x64-hard.png");
+    let refs = dir.path().join("refs");
+    std::fs::create_dir_all(&refs).unwrap();
+    let model = tiny();
+    for (name, extra) in [
+        (
+            "img2img",
+            vec![
+                "--seed",
+                "5",
+                "--init-image",
+                init.to_str().unwrap(),
+                "--strength",
+                "0.75",
+            ],
+        ),
+        (
+            "inpaint",
+            vec![
+                "--seed",
+                "6",
+                "--init-image",
+                init.to_str().unwrap(),
+                "--mask-image",
+                mask.to_str().unwrap(),
+            ],
+        ),
+    ] {
+        let target = refs.join(format!("{name}.png"));
+        let mut args = vec![
+            "generate",
+            "--local",
+            "--model-dir",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a lighthouse",
+            "--steps",
+            "4",
+            "--output",
+            target.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let g = ctl_command(&args).output().unwrap();
+        assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+        assert_close(&rgb(&out.join(format!("{name}.png"))), &rgb(&target), name);
+    }
+    // Another image under the same name: another batch (refused for this folder).
+    std::fs::copy(
+        inputs.join("init-96x64.png"),
+        images.join("mask-96x64-hard.png"),
+    )
+    .unwrap();
+    let o = run(&batch_args(&manifest, &out, &[]));
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--restart"), "{}", text(&o));
+    // A missing file: one error naming the line and key, nothing run.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        r#"{"prompt":"x","init_image":"images/nope.png"}"#.to_string() + "\n",
+    )
+    .unwrap();
+    let o = run(&batch_args(&bad, &dir.path().join("out2"), &[]));
+    assert!(!o.status.success());
+    assert!(text(&o).contains("init_image"), "{}", text(&o));
+    assert!(!dir.path().join("out2").join("00000.png").exists());
+}

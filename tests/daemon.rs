@@ -4,10 +4,12 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, PrivateBus, root};
+use common::{
+    Daemon, Dict, PrivateBus, error_name, generate, png_rgb, request_dict, result_pngs, root,
+    tokio_runtime, wait,
+};
 use futures_lite::StreamExt;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 use zbus::{Connection, Proxy};
@@ -17,8 +19,6 @@ const PATH: &str = "/io/github/Diffusiond1";
 const MANAGER: &str = "io.github.Diffusiond1.Manager";
 const JOB: &str = "io.github.Diffusiond1.Job";
 
-type Dict = HashMap<String, OwnedValue>;
-
 /// A bad request, the error name it must get, and a phrase its message must hold.
 type BadCase = (
     Vec<(&'static str, Value<'static>)>,
@@ -26,54 +26,12 @@ type BadCase = (
     &'static str,
 );
 
-fn request(pairs: &[(&str, Value<'_>)]) -> Dict {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.try_to_owned().unwrap()))
-        .collect()
-}
-
 async fn manager(conn: &Connection) -> Proxy<'static> {
     Proxy::new(conn, NAME, PATH, MANAGER).await.unwrap()
 }
 
 async fn job(conn: &Connection, path: &OwnedObjectPath) -> Proxy<'static> {
     Proxy::new(conn, NAME, path.clone(), JOB).await.unwrap()
-}
-
-async fn generate(conn: &Connection, req: Dict) -> zbus::Result<OwnedObjectPath> {
-    manager(conn).await.call("Generate", &(req,)).await
-}
-
-/// Calls Wait(); the reply comes when the job ends.
-async fn wait(conn: &Connection, path: &OwnedObjectPath) -> zbus::Result<Dict> {
-    let msg = conn
-        .call_method(Some(NAME), path.as_str(), Some(JOB), "Wait", &())
-        .await?;
-    msg.body().deserialize::<Dict>()
-}
-
-fn error_name(e: &zbus::Error) -> String {
-    match e {
-        zbus::Error::MethodError(name, _, _) => name.to_string(),
-        other => format!("{other:?}"),
-    }
-}
-
-fn pngs(result: &Dict) -> Vec<Vec<u8>> {
-    let v: &Value<'_> = &result["images"];
-    Vec::<Vec<u8>>::try_from(v.try_clone().unwrap()).unwrap()
-}
-
-fn rgb(png: &[u8]) -> Vec<u8> {
-    image::load_from_memory(png).unwrap().to_rgb8().into_raw()
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 #[test]
@@ -107,11 +65,11 @@ fn generate_over_dbus_equals_the_local_pipeline() {
         .status()
         .unwrap();
     assert!(status.success());
-    runtime().block_on(async {
+    tokio_runtime().block_on(async {
         let conn = bus.connect().await;
         let path = generate(
             &conn,
-            request(&[
+            request_dict(&[
                 ("prompt", Value::from("a red circle")),
                 ("negative_prompt", Value::from("blurry")),
                 ("steps", Value::U32(6)),
@@ -123,9 +81,12 @@ fn generate_over_dbus_equals_the_local_pipeline() {
         .await
         .unwrap();
         let result = wait(&conn, &path).await.unwrap();
-        let images = pngs(&result);
+        let images = result_pngs(&result);
         assert_eq!(images.len(), 1);
-        assert_eq!(rgb(&images[0]), rgb(&std::fs::read(&local).unwrap()));
+        assert_eq!(
+            png_rgb(&images[0]),
+            png_rgb(&std::fs::read(&local).unwrap())
+        );
         assert_eq!(u64::try_from(&result["seed"]).unwrap(), 42);
         let state: String = job(&conn, &path).await.get_property("State").await.unwrap();
         assert_eq!(state, "succeeded");
@@ -136,14 +97,14 @@ fn generate_over_dbus_equals_the_local_pipeline() {
 fn twenty_concurrent_jobs_from_four_clients_all_complete() {
     let bus = PrivateBus::start();
     let _d = Daemon::start(&bus, "[jobs]\nmax_batch_images = 4\njobs_per_caller = 32\n");
-    runtime().block_on(async {
+    tokio_runtime().block_on(async {
         // Every client submits all its jobs first, then all 20 are waited on at once.
         let mut waits = Vec::new();
         for client in 0..4u64 {
             let conn = bus.connect().await;
             for i in 0..5u64 {
                 let seed = client * 100 + i;
-                let req = request(&[
+                let req = request_dict(&[
                     ("prompt", Value::from(format!("job {seed}"))),
                     ("steps", Value::U32(2)),
                     ("seed", Value::U64(seed)),
@@ -162,7 +123,7 @@ fn twenty_concurrent_jobs_from_four_clients_all_complete() {
             let (path, seed, result) = w.await.unwrap();
             assert!(paths.insert(path.to_string()), "duplicate job path");
             assert_eq!(u64::try_from(&result["seed"]).unwrap(), seed);
-            assert_eq!(pngs(&result).len(), 1);
+            assert_eq!(result_pngs(&result).len(), 1);
             batched = batched.max(u32::try_from(&result["batch_size"]).unwrap());
         }
         assert_eq!(paths.len(), 20);
@@ -173,7 +134,7 @@ fn twenty_concurrent_jobs_from_four_clients_all_complete() {
 
 /// A job slow enough to interrupt: 256×256, many steps.
 fn slow_request() -> Dict {
-    request(&[
+    request_dict(&[
         ("prompt", Value::from("slow")),
         ("width", Value::U32(256)),
         ("height", Value::U32(256)),
@@ -216,7 +177,7 @@ async fn state(conn: &Connection, path: &OwnedObjectPath) -> String {
 fn cancel_stops_a_running_job_within_a_step() {
     let bus = PrivateBus::start();
     let _d = Daemon::start(&bus, "");
-    runtime().block_on(async {
+    tokio_runtime().block_on(async {
         let conn = bus.connect().await;
         let path = generate(&conn, slow_request()).await.unwrap();
         let j = job(&conn, &path).await;
@@ -238,7 +199,7 @@ fn cancel_stops_a_running_job_within_a_step() {
         // The daemon keeps serving, and the worker is free again.
         let next = generate(
             &conn,
-            request(&[("prompt", Value::from("after")), ("steps", Value::U32(2))]),
+            request_dict(&[("prompt", Value::from("after")), ("steps", Value::U32(2))]),
         )
         .await
         .unwrap();
@@ -246,7 +207,7 @@ fn cancel_stops_a_running_job_within_a_step() {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(pngs(&result).len(), 1);
+        assert_eq!(result_pngs(&result).len(), 1);
     });
 }
 
@@ -254,7 +215,7 @@ fn cancel_stops_a_running_job_within_a_step() {
 fn a_caller_that_leaves_the_bus_has_its_jobs_cancelled() {
     let bus = PrivateBus::start();
     let _d = Daemon::start(&bus, "");
-    runtime().block_on(async {
+    tokio_runtime().block_on(async {
         let observer = bus.connect().await;
         let leaver = bus.connect().await;
         let running = generate(&leaver, slow_request()).await.unwrap();
@@ -280,7 +241,7 @@ fn a_caller_that_leaves_the_bus_has_its_jobs_cancelled() {
 fn a_full_queue_answers_queue_full() {
     let bus = PrivateBus::start();
     let _d = Daemon::start(&bus, "[jobs]\nqueue_depth = 2\n");
-    runtime().block_on(async {
+    tokio_runtime().block_on(async {
         let conn = bus.connect().await;
         let a = generate(&conn, slow_request()).await.unwrap();
         let b = generate(&conn, slow_request()).await.unwrap();
@@ -433,10 +394,10 @@ fn every_bad_option_gets_its_typed_error_and_the_daemon_keeps_serving() {
             "unknown key 'colour'",
         ),
     ];
-    runtime().block_on(async {
+    tokio_runtime().block_on(async {
         let conn = bus.connect().await;
         for (pairs, name, needle) in cases {
-            let err = generate(&conn, request(&pairs)).await.unwrap_err();
+            let err = generate(&conn, request_dict(&pairs)).await.unwrap_err();
             assert_eq!(error_name(&err), name, "{pairs:?}");
             assert!(format!("{err:?}").contains(needle), "{pairs:?}: {err:?}");
         }
@@ -448,14 +409,14 @@ fn every_bad_option_gets_its_typed_error_and_the_daemon_keeps_serving() {
         assert_eq!(error_name(&err), "io.github.Diffusiond1.Error.UnknownModel");
         let path = generate(
             &conn,
-            request(&[
+            request_dict(&[
                 ("prompt", Value::from("still here")),
                 ("steps", Value::U32(2)),
             ]),
         )
         .await
         .unwrap();
-        assert_eq!(pngs(&wait(&conn, &path).await.unwrap()).len(), 1);
+        assert_eq!(result_pngs(&wait(&conn, &path).await.unwrap()).len(), 1);
         assert!(
             job(&conn, &path)
                 .await
@@ -470,7 +431,7 @@ fn every_bad_option_gets_its_typed_error_and_the_daemon_keeps_serving() {
 fn sigterm_during_a_job_exits_cleanly_after_the_final_signal() {
     let bus = PrivateBus::start();
     let mut daemon = Daemon::start(&bus, "[jobs]\nshutdown_grace_secs = 0\n");
-    runtime().block_on(async {
+    tokio_runtime().block_on(async {
         let conn = bus.connect().await;
         let path = generate(&conn, slow_request()).await.unwrap();
         let queued = generate(&conn, slow_request()).await.unwrap();
@@ -512,11 +473,11 @@ fn sigterm_during_a_job_exits_cleanly_after_the_final_signal() {
 fn served_introspection_equals_the_shipped_xml() {
     let bus = PrivateBus::start();
     let _d = Daemon::start(&bus, "");
-    runtime().block_on(async {
+    tokio_runtime().block_on(async {
         let conn = bus.connect().await;
         let path = generate(
             &conn,
-            request(&[("prompt", Value::from("x")), ("steps", Value::U32(1))]),
+            request_dict(&[("prompt", Value::from("x")), ("steps", Value::U32(1))]),
         )
         .await
         .unwrap();
@@ -622,7 +583,7 @@ fn output_fds_receive_the_pngs_and_a_slow_reader_does_not_stall_the_worker() {
     use std::os::fd::OwnedFd;
     let bus = PrivateBus::start();
     let _d = Daemon::start(&bus, "");
-    runtime().block_on(async {
+    tokio_runtime().block_on(async {
         let conn = bus.connect().await;
         let dir = tempfile::tempdir().unwrap();
         let file_path = dir.path().join("out.png");
@@ -631,7 +592,7 @@ fn output_fds_receive_the_pngs_and_a_slow_reader_does_not_stall_the_worker() {
         let (mut reader, writer) = std::io::pipe().unwrap();
         let fds: Vec<zbus::zvariant::Fd<'static>> =
             vec![OwnedFd::from(file).into(), OwnedFd::from(writer).into()];
-        let mut req = request(&[
+        let mut req = request_dict(&[
             ("prompt", Value::from("to fds")),
             ("width", Value::U32(512)),
             ("height", Value::U32(512)),
@@ -646,12 +607,12 @@ fn output_fds_receive_the_pngs_and_a_slow_reader_does_not_stall_the_worker() {
         // Another job still runs and finishes while that pipe is full.
         let other = generate(
             &conn,
-            request(&[("prompt", Value::from("other")), ("steps", Value::U32(1))]),
+            request_dict(&[("prompt", Value::from("other")), ("steps", Value::U32(1))]),
         )
         .await
         .unwrap();
         let done = tokio::time::timeout(Duration::from_secs(120), wait(&conn, &other)).await;
-        assert_eq!(pngs(&done.unwrap().unwrap()).len(), 1);
+        assert_eq!(result_pngs(&done.unwrap().unwrap()).len(), 1);
         // Now read the pipe while waiting for the first job.
         let read = tokio::task::spawn_blocking(move || {
             let mut bytes = Vec::new();
@@ -662,7 +623,7 @@ fn output_fds_receive_the_pngs_and_a_slow_reader_does_not_stall_the_worker() {
             .unwrap()
             .unwrap();
         assert!(
-            pngs(&result).is_empty(),
+            result_pngs(&result).is_empty(),
             "images go to the fds, not the reply"
         );
         let from_pipe = read.await.unwrap().unwrap();

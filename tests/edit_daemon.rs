@@ -1,21 +1,22 @@
-//! Image-to-image and inpainting over D-Bus, with the real daemon on a private bus: the
-//! init image and mask sent as bytes (`init_image`, `mask_image`) and as file descriptors
-//! (`init_image_fd`, `mask_image_fd`) give the image `diffusionctl generate --local`
+//! Image-to-image, inpainting, LCM-distilled models and AUTOMATIC1111 prompts over D-Bus,
+//! with the real daemon on a private bus: the init image and mask sent as bytes
+//! (`init_image`, `mask_image`) and as file descriptors (`init_image_fd`, `mask_image_fd`),
+//! an LCM model, and `prompt_syntax` `a1111` give the image `diffusionctl generate --local`
 //! makes; every bad input is a typed InvalidArgument naming its key, and the daemon keeps
 //! serving. Images compare with the parity tests' bar (the daemon and `--local` may run
 //! ONNX Runtime with different thread counts).
 
 mod common;
 
-use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use common::batch::assert_close;
-use common::{Daemon, PrivateBus, config_text, ctl_command, error_name, generate, root, wait};
+use common::{
+    Daemon, Dict, PrivateBus, config_text, ctl_command, error_name, generate, png_rgb, result_pngs,
+    root, tokio_runtime, wait,
+};
 use zbus::zvariant::{OwnedValue, Value};
-
-type Dict = HashMap<String, OwnedValue>;
 
 const INVALID: &str = "io.github.Diffusiond1.Error.InvalidArgument";
 
@@ -30,26 +31,15 @@ fn request(pairs: Vec<(&str, Value<'_>)>) -> Dict {
         .collect()
 }
 
-fn pngs(result: &Dict) -> Vec<Vec<u8>> {
-    let v: &Value<'_> = &result["images"];
-    Vec::<Vec<u8>>::try_from(v.try_clone().unwrap()).unwrap()
-}
-
-fn rgb(png: &[u8]) -> Vec<u8> {
-    image::load_from_memory(png).unwrap().to_rgb8().into_raw()
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// `diffusionctl generate --local` with these flags: the PNG's pixels.
+/// `diffusionctl generate --local` on tiny-sd15 with these flags: the PNG's pixels.
 fn local(dir: &Path, flags: &[&str]) -> Vec<u8> {
+    local_with(dir, "onnx/tiny-sd15", flags)
+}
+
+/// `diffusionctl generate --local` on the fixture `model` with these flags: the PNG's pixels.
+fn local_with(dir: &Path, model: &str, flags: &[&str]) -> Vec<u8> {
     let out = dir.join("local.png");
-    let model = root().join("onnx/tiny-sd15");
+    let model = root().join(model);
     let mut args = vec![
         "generate",
         "--local",
@@ -61,7 +51,7 @@ fn local(dir: &Path, flags: &[&str]) -> Vec<u8> {
     args.extend_from_slice(flags);
     let o = ctl_command(&args).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    rgb(&std::fs::read(out).unwrap())
+    png_rgb(&std::fs::read(out).unwrap())
 }
 
 fn fd(path: &Path) -> OwnedValue {
@@ -104,7 +94,7 @@ fn images_as_bytes_and_as_fds_give_the_local_image() {
     let o = ctl_command(&args).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let png = std::fs::read(&out).unwrap();
-    assert_close(&rgb(&png), &want_inpaint, "inpaint, bytes");
+    assert_close(&png_rgb(&png), &want_inpaint, "inpaint, bytes");
     let params = String::from_utf8_lossy(&png).to_string();
     assert!(
         params.contains("Mode: inpaint"),
@@ -113,7 +103,7 @@ fn images_as_bytes_and_as_fds_give_the_local_image() {
     assert!(params.contains("Denoising strength: 0.75"));
     assert!(params.contains("Mask hash: "));
 
-    runtime().block_on(async {
+    tokio_runtime().block_on(async {
         let conn = bus.connect().await;
         let base = |extra: Vec<(&'static str, OwnedValue)>| {
             let mut r = request(vec![
@@ -138,13 +128,21 @@ fn images_as_bytes_and_as_fds_give_the_local_image() {
         .await
         .unwrap();
         let result = wait(&conn, &job).await.unwrap();
-        assert_close(&rgb(&pngs(&result)[0]), &want_img2img, "img2img, bytes");
+        assert_close(
+            &png_rgb(&result_pngs(&result)[0]),
+            &want_img2img,
+            "img2img, bytes",
+        );
         // File descriptors.
         let job = generate(&conn, base(vec![("init_image_fd", fd(&init))]))
             .await
             .unwrap();
         let result = wait(&conn, &job).await.unwrap();
-        assert_close(&rgb(&pngs(&result)[0]), &want_img2img, "img2img, fd");
+        assert_close(
+            &png_rgb(&result_pngs(&result)[0]),
+            &want_img2img,
+            "img2img, fd",
+        );
         let job = generate(
             &conn,
             base(vec![
@@ -155,7 +153,114 @@ fn images_as_bytes_and_as_fds_give_the_local_image() {
         .await
         .unwrap();
         let result = wait(&conn, &job).await.unwrap();
-        assert_close(&rgb(&pngs(&result)[0]), &want_inpaint, "inpaint, fds");
+        assert_close(
+            &png_rgb(&result_pngs(&result)[0]),
+            &want_inpaint,
+            "inpaint, fds",
+        );
+    });
+}
+
+/// A long prompt with weights, an escape and BREAK, in AUTOMATIC1111's syntax.
+const A1111_PROMPT: &str = "a (lighthouse:1.3) at dusk, \\(oil\\) painting, [blurry], \
+    waves, rocks, seagulls, clouds, a small boat, fishermen, nets, a harbour, old houses, \
+    cobblestones, lanterns, a church tower, hills, pine trees, a winding road, a bridge, \
+    BREAK ((dramatic sky)), storm, rain, lightning, golden hour, warm light, long shadows, \
+    volumetric fog, highly detailed, masterpiece, best quality, sharp focus, rich colors, \
+    a river winding through the valley, birds, distant mountains, snow";
+
+#[test]
+fn lcm_models_and_a1111_prompts_over_dbus_give_the_local_image() {
+    let bus = PrivateBus::start();
+    let lcm = root().join("onnx/tiny-lcm");
+    let _d = Daemon::start_with_config(
+        &bus,
+        &config_text(&format!("[models.lcm]\npath = \"{}\"\n", lcm.display())),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let init = inputs().join("init-64x64.png");
+    let lcm_flags = [
+        "--prompt",
+        "a lighthouse",
+        "--seed",
+        "5",
+        "--steps",
+        "4",
+        "--guidance",
+        "8",
+    ];
+    let want_lcm = local_with(dir.path(), "onnx/tiny-lcm", &lcm_flags);
+    let mut lcm_edit = lcm_flags.to_vec();
+    lcm_edit.extend(["--init-image", init.to_str().unwrap(), "--strength", "0.5"]);
+    let want_lcm_edit = local_with(dir.path(), "onnx/tiny-lcm", &lcm_edit);
+    let a1111 = [
+        "--prompt",
+        A1111_PROMPT,
+        "--negative-prompt",
+        "(ugly:1.2), text",
+        "--seed",
+        "9",
+        "--steps",
+        "3",
+    ];
+    let mut a1111_flags = a1111.to_vec();
+    a1111_flags.extend(["--prompt-syntax", "a1111"]);
+    let want_a1111 = local(dir.path(), &a1111_flags);
+    assert_ne!(
+        want_a1111,
+        local(dir.path(), &a1111),
+        "the syntax changes the image"
+    );
+
+    // diffusionctl through the daemon, LCM image-to-image.
+    let out = dir.path().join("daemon.png");
+    let mut args = vec!["generate", "--address", bus.address(), "--model", "lcm"];
+    args.extend(["--output", out.to_str().unwrap()]);
+    args.extend_from_slice(&lcm_edit);
+    let o = ctl_command(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_close(
+        &png_rgb(&std::fs::read(&out).unwrap()),
+        &want_lcm_edit,
+        "LCM img2img",
+    );
+
+    tokio_runtime().block_on(async {
+        let conn = bus.connect().await;
+        let job = generate(
+            &conn,
+            request(vec![
+                ("model", Value::from("lcm")),
+                ("prompt", Value::from("a lighthouse")),
+                ("seed", Value::U64(5)),
+                ("steps", Value::U32(4)),
+                ("guidance_scale", Value::F64(8.0)),
+            ]),
+        )
+        .await
+        .unwrap();
+        let result = wait(&conn, &job).await.unwrap();
+        assert_close(&png_rgb(&result_pngs(&result)[0]), &want_lcm, "LCM txt2img");
+
+        let job = generate(
+            &conn,
+            request(vec![
+                ("prompt", Value::from(A1111_PROMPT)),
+                ("negative_prompt", Value::from("(ugly:1.2), text")),
+                ("seed", Value::U64(9)),
+                ("steps", Value::U32(3)),
+                ("prompt_syntax", Value::from("a1111")),
+            ]),
+        )
+        .await
+        .unwrap();
+        let result = wait(&conn, &job).await.unwrap();
+        let png = &result_pngs(&result)[0];
+        assert_close(&png_rgb(png), &want_a1111, "a1111 prompt");
+        assert!(
+            String::from_utf8_lossy(png).contains("Prompt syntax: a1111"),
+            "the PNG parameters record the syntax"
+        );
     });
 }
 
@@ -258,8 +363,12 @@ fn every_bad_image_input_is_a_typed_error_naming_its_key() {
             vec![p(), ("init_image", Value::from("a path"))],
             "'init_image'",
         ),
+        (
+            vec![p(), ("prompt_syntax", Value::from("webui"))],
+            "'prompt_syntax'",
+        ),
     ];
-    runtime().block_on(async {
+    tokio_runtime().block_on(async {
         let conn = bus.connect().await;
         for (pairs, needle) in cases {
             let shown: Vec<&str> = pairs.iter().map(|(k, _)| *k).collect();
@@ -280,6 +389,6 @@ fn every_bad_image_input_is_a_typed_error_naming_its_key() {
         let job = generate(&conn, request(vec![p(), ("steps", Value::U32(1))]))
             .await
             .unwrap();
-        assert_eq!(pngs(&wait(&conn, &job).await.unwrap()).len(), 1);
+        assert_eq!(result_pngs(&wait(&conn, &job).await.unwrap()).len(), 1);
     });
 }

@@ -5,14 +5,13 @@
 //! its seed and compared with today's tolerances: float images within 1e-3, PNG bytes
 //! within 1 level on ≥ 99.9% of values and never more than 2 apart.
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+mod common;
 
+use std::path::{Path, PathBuf};
+
+use common::parity::{Diff, ort_runtime};
 use diffusiond::pipeline::{GenerateParams, Pipeline};
 use diffusiond::request::ImageInput;
-use diffusiond::runtime::{Runtime, RuntimeSettings};
-use ndarray::{Array3, ArrayD};
-use ndarray_npy::read_npy;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize, Clone)]
@@ -44,7 +43,7 @@ struct Manifest {
 }
 
 fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    common::root()
 }
 
 fn golden() -> PathBuf {
@@ -54,16 +53,6 @@ fn golden() -> PathBuf {
 fn cases() -> Vec<Case> {
     let text = std::fs::read_to_string(golden().join("manifest.json")).unwrap();
     serde_json::from_str::<Manifest>(&text).unwrap().cases
-}
-
-fn runtime() -> &'static Runtime {
-    static RT: OnceLock<Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        let mut s = RuntimeSettings::default();
-        s.session.intra_threads = 1;
-        s.session.inter_threads = 1;
-        Runtime::init(s).expect("ONNX Runtime (run scripts/setup)")
-    })
 }
 
 fn image(rel: &Option<String>) -> Option<ImageInput> {
@@ -116,12 +105,6 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-fn read_png(path: &Path) -> Array3<u8> {
-    let img = image::open(path).unwrap().to_rgb8();
-    let (w, h) = img.dimensions();
-    Array3::from_shape_vec((h as usize, w as usize, 3), img.into_raw()).unwrap()
-}
-
 /// Runs every case `select` picks and checks it against the reference.
 fn check(select: impl Fn(&Case) -> bool) {
     let selected: Vec<Case> = cases().into_iter().filter(|c| select(c)).collect();
@@ -133,7 +116,7 @@ fn check(select: impl Fn(&Case) -> bool) {
         let dir = model_dir(case, scratch.path());
         let key = format!("{}:{}", case.model, case.strip_tokenizer_json);
         if loaded.as_ref().is_none_or(|(k, _)| *k != key) {
-            loaded = Some((key, Pipeline::load(runtime(), &dir).unwrap()));
+            loaded = Some((key, Pipeline::load(ort_runtime(), &dir).unwrap()));
         }
         let pipeline = &mut loaded.as_mut().unwrap().1;
         let result = match pipeline.generate(&params(case), &mut |_, _| true) {
@@ -151,31 +134,17 @@ fn check(select: impl Fn(&Case) -> bool) {
             continue;
         }
         assert_eq!(result.images.len(), case.num_images, "{}", case.id);
-        let (mut float_max, mut pixel_max, mut over_1, mut values) = (0f32, 0u8, 0usize, 0usize);
+        let mut diff = Diff::default();
         for (i, img) in result.images.iter().enumerate() {
-            let want: ArrayD<f32> = read_npy(golden().join(&case.images[i])).unwrap();
-            let want = want.into_dimensionality::<ndarray::Ix3>().unwrap();
-            assert_eq!(img.float.shape(), want.shape(), "{}", case.id);
-            float_max = (&img.float - &want)
-                .iter()
-                .fold(float_max, |m, d| m.max(d.abs()));
-            let png = read_png(&golden().join(&case.pngs[i]));
-            for (a, b) in img.rgb.iter().zip(png.iter()) {
-                let d = a.abs_diff(*b);
-                pixel_max = pixel_max.max(d);
-                over_1 += usize::from(d > 1);
-            }
-            values += png.len();
+            diff.add(
+                img,
+                &golden().join(&case.images[i]),
+                &golden().join(&case.pngs[i]),
+            );
         }
-        eprintln!(
-            "{}: float max {float_max:.2e}, pixel max {pixel_max}, >1 level {over_1}/{values}",
-            case.id
-        );
-        if float_max > 1e-3 || pixel_max > 2 || over_1 * 1000 > values {
-            failures.push(format!(
-                "{}: float max {float_max:.2e}, pixel max {pixel_max}, >1 level {over_1}/{values}",
-                case.id
-            ));
+        eprintln!("{}: {diff}", case.id);
+        if !diff.within_bar() {
+            failures.push(format!("{}: {diff}", case.id));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

@@ -4,15 +4,17 @@
 //! float images within 1e-3, PNG bytes within 1 level on ≥ 99.9% of values and never
 //! more than 2 apart, and the initial latents within 1e-6.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
+use common::parity::{Diff, ort_runtime, read_png};
 use diffusiond::pipeline::{GenerateParams, Pipeline};
 use diffusiond::rng::{self, RngKind};
-use diffusiond::runtime::{Runtime, RuntimeSettings};
 use diffusiond::scheduler;
-use ndarray::{Array3, ArrayD};
+use ndarray::ArrayD;
 use ndarray_npy::read_npy;
 use serde::Deserialize;
 
@@ -43,7 +45,7 @@ struct Manifest {
 }
 
 fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    common::root()
 }
 
 fn golden_dir() -> PathBuf {
@@ -55,29 +57,9 @@ fn cases() -> Vec<Case> {
     serde_json::from_str::<Manifest>(&text).unwrap().cases
 }
 
-fn runtime() -> &'static Runtime {
-    static RT: OnceLock<Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        let mut s = RuntimeSettings::default();
-        // The reference ran with one intra-op thread and deterministic kernels.
-        s.session.intra_threads = 1;
-        s.session.inter_threads = 1;
-        Runtime::init(s).expect("ONNX Runtime (run scripts/setup)")
-    })
-}
-
 fn pipelines() -> &'static Mutex<HashMap<String, Pipeline>> {
     static P: OnceLock<Mutex<HashMap<String, Pipeline>>> = OnceLock::new();
     P.get_or_init(|| Mutex::new(HashMap::new()))
-}
-
-/// Worst differences seen in one case.
-#[derive(Debug, Default, Clone, Copy)]
-struct Diff {
-    float_max: f32,
-    pixel_max: u8,
-    pixel_over_1: usize,
-    pixels: usize,
 }
 
 fn params(case: &Case) -> GenerateParams {
@@ -102,7 +84,7 @@ fn run_case(case: &Case) -> Diff {
     let mut map = pipelines().lock().unwrap_or_else(|e| e.into_inner());
     let pipeline = map
         .entry(case.model.clone())
-        .or_insert_with(|| Pipeline::load(runtime(), &root().join(&case.model)).unwrap());
+        .or_insert_with(|| Pipeline::load(ort_runtime(), &root().join(&case.model)).unwrap());
     let result = pipeline
         .generate(&params(case), &mut |_, _| true)
         .unwrap_or_else(|e| panic!("{}: {e}", case.id));
@@ -114,28 +96,13 @@ fn run_case(case: &Case) -> Diff {
     assert_eq!(result.images.len(), case.num_images);
     let mut diff = Diff::default();
     for (i, img) in result.images.iter().enumerate() {
-        let want: ArrayD<f32> = read_npy(golden_dir().join(&case.images[i])).unwrap();
-        let want = want.into_dimensionality::<ndarray::Ix3>().unwrap();
-        assert_eq!(img.float.shape(), want.shape(), "{}", case.id);
-        let fmax = (&img.float - &want)
-            .iter()
-            .fold(0f32, |m, d| m.max(d.abs()));
-        diff.float_max = diff.float_max.max(fmax);
-        let png = read_png(&golden_dir().join(&case.pngs[i]));
-        for (a, b) in img.rgb.iter().zip(png.iter()) {
-            let d = a.abs_diff(*b);
-            diff.pixel_max = diff.pixel_max.max(d);
-            diff.pixel_over_1 += usize::from(d > 1);
-        }
-        diff.pixels += png.len();
+        diff.add(
+            img,
+            &golden_dir().join(&case.images[i]),
+            &golden_dir().join(&case.pngs[i]),
+        );
     }
     diff
-}
-
-fn read_png(path: &Path) -> Array3<u8> {
-    let img = image::open(path).unwrap().to_rgb8();
-    let (w, h) = img.dimensions();
-    Array3::from_shape_vec((h as usize, w as usize, 3), img.into_raw()).unwrap()
 }
 
 fn check_scheduler(name: &str) {
@@ -146,24 +113,8 @@ fn check_scheduler(name: &str) {
     assert!(!selected.is_empty(), "no golden cases for {name}");
     for case in &selected {
         let d = run_case(case);
-        eprintln!(
-            "{}: float max {:.2e}, pixel max {}, >1 level {}/{}",
-            case.id, d.float_max, d.pixel_max, d.pixel_over_1, d.pixels
-        );
-        assert!(
-            d.float_max <= 1e-3,
-            "{}: float diff {}",
-            case.id,
-            d.float_max
-        );
-        assert!(d.pixel_max <= 2, "{}: pixel diff {}", case.id, d.pixel_max);
-        assert!(
-            d.pixel_over_1 * 1000 <= d.pixels,
-            "{}: {} of {} values differ by more than 1",
-            case.id,
-            d.pixel_over_1,
-            d.pixels
-        );
+        eprintln!("{}: {d}", case.id);
+        assert!(d.within_bar(), "{}: {d}", case.id);
     }
 }
 
@@ -243,7 +194,7 @@ fn batched_requests_match_their_references() {
     let mut map = pipelines().lock().unwrap_or_else(|e| e.into_inner());
     let pipeline = map
         .entry(a.model.clone())
-        .or_insert_with(|| Pipeline::load(runtime(), &root().join(&a.model)).unwrap());
+        .or_insert_with(|| Pipeline::load(ort_runtime(), &root().join(&a.model)).unwrap());
     let run_options = ort::session::RunOptions::new().unwrap();
     let out = pipeline
         .generate_batch(&[&pa, &pb], &run_options, &mut |_, _| true)

@@ -5,7 +5,8 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::request::GenerateRequest;
+use crate::request::{GenerateRequest, ImageInput};
+use crate::wire::images::Slot;
 use crate::wire::keys;
 
 /// How the manifest's lines are read.
@@ -99,6 +100,49 @@ pub struct Options {
     pub shard: Shard,
     /// Most items (lines) a manifest may hold.
     pub max_items: usize,
+    /// The manifest's folder, which `init_image` and `mask_image` paths are relative to;
+    /// `None` where the manifest came as bytes (a daemon batch), which takes no paths.
+    pub base_dir: Option<std::path::PathBuf>,
+}
+
+/// The keys of a manifest line that name image files (read into the request).
+pub const IMAGE_KEYS: [Slot; 2] = [Slot::Init, Slot::Mask];
+
+/// The extra keys a manifest line may hold beyond the request keys.
+const EXTRA_KEYS: &[&str] = &["name", "init_image", "mask_image"];
+
+/// The extra keys of a stored item's canonical line: the name, and each image's absolute
+/// path and SHA-256.
+pub const STORED_EXTRA_KEYS: &[&str] = &[
+    "name",
+    "init_image",
+    "mask_image",
+    "init_image_sha256",
+    "mask_image_sha256",
+];
+
+/// Reads the images a stored canonical line names back into `request`, checking that each
+/// file still has the hash it had when the batch was submitted.
+pub fn read_stored_images(
+    object: &serde_json::Map<String, serde_json::Value>,
+    request: &mut GenerateRequest,
+) -> Result<(), String> {
+    for slot in IMAGE_KEYS {
+        let Some(serde_json::Value::String(path)) = object.get(slot.key()) else {
+            continue;
+        };
+        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+        let image = ImageInput::new(bytes);
+        let want = object.get(&format!("{}_sha256", slot.key()));
+        if want.and_then(|w| w.as_str()) != Some(image.sha256_hex().as_str()) {
+            return Err(format!(
+                "{path} ({}) changed since the batch was submitted",
+                slot.key()
+            ));
+        }
+        *slot.field(request) = Some(image);
+    }
+    Ok(())
 }
 
 /// One item of a manifest.
@@ -110,6 +154,8 @@ pub struct Item {
     pub name: String,
     /// The request: the line's keys, then the defaults, then the seed.
     pub request: GenerateRequest,
+    /// The image files the line names (absolute), by key.
+    pub image_paths: Vec<(Slot, std::path::PathBuf)>,
 }
 
 impl Item {
@@ -132,6 +178,14 @@ impl Item {
     pub fn canonical(&self) -> String {
         let mut object = keys::to_json(&self.request);
         object.insert("name".into(), self.name.clone().into());
+        // An image as its path and its hash: a rerun with a changed file is another batch,
+        // and the runner checks the file is still the one submitted.
+        for (slot, path) in &self.image_paths {
+            object.insert(slot.key().into(), path.display().to_string().into());
+            if let Some(image) = slot.field_ref(&self.request) {
+                object.insert(format!("{}_sha256", slot.key()), image.sha256_hex().into());
+            }
+        }
         serde_json::Value::Object(object).to_string()
     }
 }
@@ -255,6 +309,7 @@ pub fn parse_checked(
     let mut seen = 0usize;
     let mut defaults = keys::to_json(&options.defaults);
     defaults.remove("prompt");
+    let mut images = ImageCache::new();
     for (index, line) in text.lines().enumerate() {
         let line = line.trim_end_matches('\r');
         if line.trim().is_empty() {
@@ -267,7 +322,7 @@ pub fn parse_checked(
                 options.max_items
             )));
         }
-        match read_line(index, line, options, &defaults) {
+        match read_line(index, line, options, &defaults, &mut images) {
             Ok(item) => items.push(item),
             Err(mut e) => errors.append(&mut e),
         }
@@ -307,6 +362,7 @@ fn read_line(
     line: &str,
     options: &Options,
     defaults: &serde_json::Map<String, serde_json::Value>,
+    images: &mut ImageCache,
 ) -> Result<Item, Vec<LineError>> {
     let number = index + 1;
     let error = |key: Option<&str>, message: String| LineError {
@@ -329,8 +385,21 @@ fn read_line(
             merged.extend(object);
         }
     }
-    let (mut request, prompt, bad) = keys::from_json(&merged, &["name"]);
+    let (mut request, prompt, bad) = keys::from_json(&merged, EXTRA_KEYS);
     let mut errors: Vec<LineError> = bad.into_iter().map(|(k, m)| error(Some(&k), m)).collect();
+    let mut image_paths = Vec::new();
+    for slot in IMAGE_KEYS {
+        let Some(value) = merged.get(slot.key()) else {
+            continue;
+        };
+        match read_image(value, options.base_dir.as_deref(), images) {
+            Ok((path, image)) => {
+                *slot.field(&mut request) = Some(image);
+                image_paths.push((slot, path));
+            }
+            Err(m) => errors.push(error(Some(slot.key()), m)),
+        }
+    }
     if !prompt && !merged.contains_key("prompt") {
         errors.push(error(Some("prompt"), "is required".into()));
     }
@@ -370,7 +439,34 @@ fn read_line(
         index,
         name: name.unwrap_or_else(|| format!("{index:05}")),
         request,
+        image_paths,
     })
+}
+
+/// Image files already read while parsing one manifest (lines often share an image).
+type ImageCache = std::collections::HashMap<std::path::PathBuf, ImageInput>;
+
+/// An `init_image` or `mask_image` value: a path relative to the manifest's folder, read.
+fn read_image(
+    value: &serde_json::Value,
+    base: Option<&std::path::Path>,
+    cache: &mut ImageCache,
+) -> Result<(std::path::PathBuf, ImageInput), String> {
+    let serde_json::Value::String(rel) = value else {
+        return Err(format!("expected a path (a string), got {value}"));
+    };
+    let base = base.ok_or(
+        "image paths are read by `diffusionctl batch --local` only (a daemon batch gets the manifest as bytes, without its folder)",
+    )?;
+    let path = std::fs::canonicalize(base.join(rel))
+        .map_err(|e| format!("cannot read {}: {e}", base.join(rel).display()))?;
+    if let Some(image) = cache.get(&path) {
+        return Ok((path, image.clone()));
+    }
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let image = ImageInput::new(bytes);
+    cache.insert(path.clone(), image.clone());
+    Ok((path, image))
 }
 
 /// Names, and the files they make, are unique.
@@ -406,6 +502,7 @@ mod tests {
             base_seed: 100,
             shard: Shard::ALL,
             max_items: 1000,
+            base_dir: None,
         }
     }
 

@@ -143,11 +143,12 @@ pub fn stored_request(item: &PendingItem) -> Result<GenerateRequest, String> {
     let object = value
         .as_object()
         .ok_or_else(|| "stored item is not an object".to_string())?;
-    let (request, _, errors) = keys::from_json(object, &["name"]);
-    match errors.first() {
-        Some((k, m)) => Err(format!("stored item: '{k}': {m}")),
-        None => Ok(request),
+    let (mut request, _, errors) = keys::from_json(object, super::manifest::STORED_EXTRA_KEYS);
+    if let Some((k, m)) = errors.first() {
+        return Err(format!("stored item: '{k}': {m}"));
     }
+    super::manifest::read_stored_images(object, &mut request)?;
+    Ok(request)
 }
 
 impl Runner<'_> {

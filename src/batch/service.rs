@@ -199,6 +199,7 @@ impl Service {
             base_seed: submission.base_seed.unwrap_or_else(random_seed),
             shard: submission.shard,
             max_items: self.inner.settings.max_items,
+            base_dir: None,
         };
         let parsed = read_checked(manifest, &options, &self.inner.catalog, &self.inner.limits)?;
         if let Some(row) = self.store().find(owner, &parsed.identity)? {

@@ -478,6 +478,7 @@ mod tests {
             base_seed: 1,
             shard: Shard::ALL,
             max_items: 10,
+            base_dir: None,
         };
         manifest::parse(text.as_bytes(), &options).unwrap().items
     }

@@ -35,6 +35,7 @@ pub(crate) fn resolved(model: &str, steps: usize) -> ResolvedRequest {
         latents: None,
         edit: None,
         guidance_embedding: false,
+        prompt_syntax: Default::default(),
     }
 }
 

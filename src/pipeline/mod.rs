@@ -2,6 +2,7 @@
 //! classifier-free guidance) → VAE decoder → pixels, in the order and arithmetic of
 //! diffusers' `StableDiffusionPipeline` / `StableDiffusionXLPipeline` as Optimum runs them.
 
+mod a1111;
 mod arrays;
 pub mod components;
 mod guidance;
@@ -503,12 +504,24 @@ impl Pipeline {
 
     fn encode_request(&mut self, params: &ResolvedRequest) -> Result<Encoded, PipelineError> {
         let n = params.num_images;
-        let (cond, cond_pooled) = self.encode_text(&params.prompt)?;
         let zero_uncond = self.bundle.kind == PipelineKind::StableDiffusionXl
             && self.bundle.force_zeros_for_empty_prompt
             && params.negative_prompt.is_none();
+        let a1111 = params.prompt_syntax == crate::prompt_syntax::PromptSyntax::A1111;
+        let mut a1111_negative = None;
+        let (cond, cond_pooled) = if a1111 {
+            let negative = (params.do_cfg() && !zero_uncond)
+                .then(|| params.negative_prompt.as_deref().unwrap_or(""));
+            let (cond, negative) = self.encode_a1111(&params.prompt, negative)?;
+            a1111_negative = negative;
+            cond
+        } else {
+            self.encode_text(&params.prompt)?
+        };
         let uncond = if !params.do_cfg() {
             None
+        } else if let Some(negative) = a1111_negative {
+            Some(negative)
         } else if zero_uncond {
             Some((
                 Array3::zeros(cond.raw_dim()),

@@ -84,6 +84,8 @@ pub struct GenerateRequest {
     pub mask_image: Option<ImageInput>,
     /// How much of the init image is repainted, in (0, 1].
     pub strength: Option<f64>,
+    /// How the prompt text is read (diffusers' plain text, or AUTOMATIC1111's syntax).
+    pub prompt_syntax: Option<crate::prompt_syntax::PromptSyntax>,
 }
 
 /// A model's own defaults for keys a request leaves out (`[models.NAME]` in the config):

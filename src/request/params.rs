@@ -40,6 +40,8 @@ pub struct GenerateParams {
     pub mask_image: Option<ImageInput>,
     /// Image-to-image / inpainting strength; `None` is diffusers' default for the mode.
     pub strength: Option<f64>,
+    /// How the prompt text is read.
+    pub prompt_syntax: crate::prompt_syntax::PromptSyntax,
 }
 
 impl Default for GenerateParams {
@@ -60,6 +62,7 @@ impl Default for GenerateParams {
             init_image: None,
             mask_image: None,
             strength: None,
+            prompt_syntax: Default::default(),
         }
     }
 }
@@ -108,6 +111,7 @@ impl GenerateParams {
             init_image: self.init_image.clone(),
             mask_image: self.mask_image.clone(),
             strength: self.strength,
+            prompt_syntax: Some(self.prompt_syntax),
         }
     }
 }

@@ -6,6 +6,7 @@ use ndarray::ArrayD;
 
 use super::{GenerateRequest, ImageInput, Limits, ModelDefaults, RequestError, defaults};
 use crate::model::{ModelBundle, PipelineKind};
+use crate::prompt_syntax::{self, PromptSyntax};
 use crate::rng::RngKind;
 use crate::scheduler;
 
@@ -62,6 +63,8 @@ pub struct ResolvedRequest {
     /// An LCM-distilled UNet (`time_cond_proj_dim`): the guidance scale goes into its
     /// `timestep_cond` embedding, and there is no classifier-free guidance batch.
     pub guidance_embedding: bool,
+    /// How the prompt and negative prompt are read.
+    pub prompt_syntax: PromptSyntax,
 }
 
 /// What an image-to-image or inpainting request starts from. The image's size (rounded
@@ -99,8 +102,10 @@ impl Mode {
 }
 
 /// What makes two requests share one UNet batch: size, steps, scheduler, guidance on/off,
-/// mode, and the strength's bits (it decides where the schedule starts).
-pub type BatchKey = (usize, usize, usize, &'static str, bool, Mode, u64);
+/// mode, the strength's bits (it decides where the schedule starts), and for
+/// AUTOMATIC1111 prompts a hash of the texts (their chunk count sets the length of the
+/// text conditioning, which rows of one batch share).
+pub type BatchKey = (usize, usize, usize, &'static str, bool, Mode, u64, u64);
 
 impl ResolvedRequest {
     /// Whether classifier-free guidance runs (diffusers: `guidance_scale > 1`; never on an
@@ -119,7 +124,21 @@ impl ResolvedRequest {
             self.do_cfg(),
             self.mode(),
             self.edit.as_ref().map_or(0, |e| e.strength.to_bits()),
+            self.text_key(),
         )
+    }
+
+    /// 0 for diffusers' syntax; a hash of the prompt and negative prompt for a1111.
+    fn text_key(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        match self.prompt_syntax {
+            PromptSyntax::Diffusers => 0,
+            PromptSyntax::A1111 => {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (&self.prompt, &self.negative_prompt).hash(&mut h);
+                h.finish() | 1
+            }
+        }
     }
 
     /// Text to image, image to image or inpainting.
@@ -177,6 +196,7 @@ impl ResolvedRequest {
             init_image: self.edit.as_ref().map(|e| e.init.clone()),
             mask_image: self.edit.as_ref().and_then(|e| e.mask.clone()),
             strength: self.edit.as_ref().map(|e| e.strength),
+            prompt_syntax: Some(self.prompt_syntax),
         }
     }
 
@@ -194,7 +214,7 @@ impl ResolvedRequest {
             }
         }
         format!(
-            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Guidance rescale: {}, Seed: {}, RNG: {}, Size: {}x{}, Mode: {}{}, Model: {}, ONNX Runtime: {}, diffusiond: {}",
+            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Guidance rescale: {}, Seed: {}, RNG: {}, Size: {}x{}, Mode: {}{}, Prompt syntax: {}, Model: {}, ONNX Runtime: {}, diffusiond: {}",
             self.prompt,
             self.negative_prompt.as_deref().unwrap_or(""),
             self.steps,
@@ -207,6 +227,7 @@ impl ResolvedRequest {
             self.height,
             self.mode().as_str(),
             edit,
+            self.prompt_syntax,
             self.model,
             ort_version,
             crate::VERSION
@@ -272,6 +293,16 @@ pub fn resolve(
     };
 
     over("prompt", req.prompt.len(), limits.max_prompt_bytes)?;
+    let prompt_syntax = req.prompt_syntax.unwrap_or_default();
+    if prompt_syntax == PromptSyntax::A1111 {
+        // The weights must parse; the pipeline parses again when it encodes.
+        prompt_syntax::parse_attention(&req.prompt)
+            .map_err(|e| invalid("prompt", e.to_string()))?;
+        if let Some(n) = &req.negative_prompt {
+            prompt_syntax::parse_attention(n)
+                .map_err(|e| invalid("negative_prompt", e.to_string()))?;
+        }
+    }
     let negative_len = req.negative_prompt.as_ref().map_or(0, String::len);
     over("negative_prompt", negative_len, limits.max_prompt_bytes)?;
 
@@ -494,6 +525,7 @@ pub fn resolve(
         latents: None,
         edit,
         guidance_embedding,
+        prompt_syntax,
     })
 }
 

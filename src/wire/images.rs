@@ -35,6 +35,14 @@ impl Slot {
         }
     }
 
+    /// The image of this slot a request holds.
+    pub fn field_ref(self, request: &GenerateRequest) -> Option<&ImageInput> {
+        match self {
+            Slot::Init => request.init_image.as_ref(),
+            Slot::Mask => request.mask_image.as_ref(),
+        }
+    }
+
     /// The request field this image fills.
     pub fn field(self, request: &mut GenerateRequest) -> &mut Option<ImageInput> {
         match self {

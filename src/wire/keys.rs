@@ -12,6 +12,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use zbus::zvariant::{OwnedValue, Value};
 
 use super::images::{self, Slot};
+use crate::prompt_syntax::PromptSyntax;
 use crate::request::GenerateRequest;
 use crate::rng::RngKind;
 
@@ -138,6 +139,18 @@ impl Wire for RngKind {
     }
 }
 
+impl Wire for PromptSyntax {
+    const SIGNATURE: &'static str = "s";
+    fn read(key: &str, v: &Value<'_>) -> Result<Self, String> {
+        String::read(key, v)?
+            .parse()
+            .map_err(|e| format!("'{key}': {e}"))
+    }
+    fn write(&self) -> Value<'_> {
+        Value::from(self.name())
+    }
+}
+
 /// A row for an optional field of [`GenerateRequest`] of the same name.
 macro_rules! key {
     ($field:ident: $ty:ty) => {
@@ -223,6 +236,7 @@ pub const KEYS: &[Key] = &[
     key!(num_images: u32),
     key!(priority: i32),
     key!(strength: f64),
+    key!(prompt_syntax: PromptSyntax),
     image_key!(Slot::Init),
     image_key!(Slot::Mask),
     image_fd_key!(Slot::Init),
@@ -511,6 +525,7 @@ mod tests {
             strength: Some(0.5),
             init_image: None,
             mask_image: None,
+            prompt_syntax: Some(PromptSyntax::A1111),
         };
         let owned = to_owned_dict(&req);
         // Every generation key is written but the images (bytes, never in a property);

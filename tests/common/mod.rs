@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod checker;
+pub mod parity;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -311,6 +312,28 @@ pub fn gdbus_as_nobody(address: &str, path: &str, method: &str) -> Command {
     ])
     .env("HOME", "/nonexistent");
     c
+}
+
+/// A `Generate` request or result dict.
+pub type Dict = std::collections::HashMap<String, zbus::zvariant::OwnedValue>;
+
+/// The PNGs of a finished job's `images`.
+pub fn result_pngs(result: &Dict) -> Vec<Vec<u8>> {
+    let v: &zbus::zvariant::Value<'_> = &result["images"];
+    Vec::<Vec<u8>>::try_from(v.try_clone().unwrap()).unwrap()
+}
+
+/// A PNG's pixels as RGB bytes.
+pub fn png_rgb(png: &[u8]) -> Vec<u8> {
+    image::load_from_memory(png).unwrap().to_rgb8().into_raw()
+}
+
+/// A multi-threaded tokio runtime for a test's async part.
+pub fn tokio_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// A request dict from pairs.

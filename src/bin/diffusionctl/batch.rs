@@ -131,6 +131,12 @@ fn read(args: &BatchArgs) -> Result<Read, Failure> {
         base_seed: 0,
         shard: args.shard.unwrap_or(Shard::ALL),
         max_items: usize::MAX,
+        // Image paths are relative to the manifest, and read here, with --local only.
+        base_dir: args.local.then(|| {
+            manifest_path
+                .parent()
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        }),
     };
     Ok(Read {
         bytes,

@@ -154,6 +154,11 @@ pub struct RequestFlags {
     /// [default: 0.8 for image-to-image (0.3 on SDXL), 1.0 for inpainting].
     #[arg(long)]
     pub strength: Option<f64>,
+    /// How the prompt is read: `diffusers` (plain text, truncated at 77 tokens, as
+    /// diffusers) or `a1111` (AUTOMATIC1111's (weights), [weights], BREAK and long prompts
+    /// in 75-token chunks) [default: diffusers].
+    #[arg(long, value_name = "diffusers|a1111")]
+    pub prompt_syntax: Option<diffusiond::prompt_syntax::PromptSyntax>,
 }
 
 impl RequestFlags {
@@ -170,6 +175,7 @@ impl RequestFlags {
             scheduler: self.scheduler.clone(),
             num_images: self.num_images,
             strength: self.strength,
+            prompt_syntax: self.prompt_syntax,
             ..GenerateRequest::default()
         }
     }

@@ -245,7 +245,7 @@ fn png_parameters_name_every_setting() {
         "{text}"
     );
     assert!(text.contains(
-        "Seed: 5, RNG: torch, Size: 64x64, Mode: txt2img, Model: tiny, ONNX Runtime: 1.32.0"
+        "Seed: 5, RNG: torch, Size: 64x64, Mode: txt2img, Prompt syntax: diffusers, Model: tiny, ONNX Runtime: 1.32.0"
     ));
 }
 
