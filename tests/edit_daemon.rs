@@ -261,6 +261,33 @@ fn lcm_models_and_a1111_prompts_over_dbus_give_the_local_image() {
             String::from_utf8_lossy(png).contains("Prompt syntax: a1111"),
             "the PNG parameters record the syntax"
         );
+
+        // Past limits.max_prompt_chunks (8) once tokenized: the job fails as an invalid
+        // argument naming the limit, and the daemon goes on.
+        let job = generate(
+            &conn,
+            request(vec![
+                ("prompt", Value::from("a lighthouse BREAK ".repeat(9))),
+                ("steps", Value::U32(1)),
+                ("prompt_syntax", Value::from("a1111")),
+            ]),
+        )
+        .await
+        .unwrap();
+        let err = wait(&conn, &job).await.unwrap_err();
+        assert_eq!(error_name(&err), INVALID, "{err:?}");
+        assert!(format!("{err:?}").contains("max_prompt_chunks"), "{err:?}");
+        let job = generate(
+            &conn,
+            request(vec![
+                ("prompt", Value::from("a lighthouse BREAK ".repeat(7))),
+                ("steps", Value::U32(1)),
+                ("prompt_syntax", Value::from("a1111")),
+            ]),
+        )
+        .await
+        .unwrap();
+        assert_eq!(result_pngs(&wait(&conn, &job).await.unwrap()).len(), 1);
     });
 }
 
@@ -385,6 +412,17 @@ fn every_bad_image_input_is_a_typed_error_naming_its_key() {
         req.insert("init_image_fd".into(), pipe);
         let err = generate(&conn, req).await.unwrap_err();
         assert!(format!("{err:?}").contains("regular file"), "{err:?}");
+        // A sound header over data cut short: accepted, then the job fails as an invalid
+        // argument when it decodes the image.
+        let job = generate(
+            &conn,
+            request(vec![p(), ("init_image", bytes(&init[..60]))]),
+        )
+        .await
+        .unwrap();
+        let err = wait(&conn, &job).await.unwrap_err();
+        assert_eq!(error_name(&err), INVALID, "{err:?}");
+        assert!(format!("{err:?}").contains("init_image"), "{err:?}");
         // The daemon still serves.
         let job = generate(&conn, request(vec![p(), ("steps", Value::U32(1))]))
             .await

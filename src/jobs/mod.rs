@@ -135,6 +135,10 @@ pub enum Failure {
     /// Generation failed (ONNX Runtime, or an internal error).
     #[error("{0}")]
     Inference(String),
+    /// The request proved invalid only when it ran (an init image whose header was fine
+    /// but whose data does not decode, a prompt over the chunk limit once tokenized).
+    #[error("{0}")]
+    InvalidArgument(String),
     /// The images could not be delivered (writing to `output_fds`, encoding).
     #[error("{0}")]
     Output(String),

@@ -36,6 +36,7 @@ pub(crate) fn resolved(model: &str, steps: usize) -> ResolvedRequest {
         edit: None,
         guidance_embedding: false,
         prompt_syntax: Default::default(),
+        max_prompt_chunks: usize::MAX,
     }
 }
 

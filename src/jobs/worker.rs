@@ -215,10 +215,15 @@ impl Engine {
     ) {
         let generations: Vec<Result<Generation, Failure>> = match result {
             Ok(g) => g.into_iter().map(Ok).collect(),
-            Err(e) => batch
-                .iter()
-                .map(|_| Err(Failure::Inference(e.to_string())))
-                .collect(),
+            Err(e) => {
+                let failure = match e {
+                    PipelineError::InvalidArgument { .. } | PipelineError::Request(_) => {
+                        Failure::InvalidArgument(e.to_string())
+                    }
+                    _ => Failure::Inference(e.to_string()),
+                };
+                batch.iter().map(|_| Err(failure.clone())).collect()
+            }
         };
         for (job, generation) in batch.into_iter().zip(generations) {
             if cancelled.contains(&job.id) {

@@ -20,11 +20,12 @@ pub(super) type Encoded = (Array3<f32>, Option<Array2<f32>>);
 
 impl Pipeline {
     /// Encodes a prompt and (when `negative` is `Some`) a negative prompt in webui's
-    /// syntax, padded to one chunk count.
+    /// syntax, padded to one chunk count, which may not exceed `max_chunks`.
     pub(super) fn encode_a1111(
         &mut self,
         prompt: &str,
         negative: Option<&str>,
+        max_chunks: usize,
     ) -> Result<(Encoded, Option<Encoded>), PipelineError> {
         let invalid = |param, e: prompt_syntax::PromptSyntaxError| PipelineError::InvalidArgument {
             param,
@@ -53,6 +54,15 @@ impl Pipeline {
             .flat_map(|(_, c, n)| std::iter::once(c.len()).chain(n.as_ref().map(Vec::len)))
             .max()
             .unwrap_or(1);
+        if count > max_chunks {
+            return Err(PipelineError::InvalidArgument {
+                param: "prompt",
+                message: format!(
+                    "takes {count} chunks of 75 tokens (with the negative prompt \
+                     and BREAKs); at most {max_chunks} (limits.max_prompt_chunks)"
+                ),
+            });
+        }
         let mut cond = Vec::new();
         let mut uncond = Vec::new();
         let (mut pooled, mut negative_pooled) = (None, None);

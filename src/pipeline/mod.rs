@@ -512,7 +512,8 @@ impl Pipeline {
         let (cond, cond_pooled) = if a1111 {
             let negative = (params.do_cfg() && !zero_uncond)
                 .then(|| params.negative_prompt.as_deref().unwrap_or(""));
-            let (cond, negative) = self.encode_a1111(&params.prompt, negative)?;
+            let (cond, negative) =
+                self.encode_a1111(&params.prompt, negative, params.max_prompt_chunks)?;
             a1111_negative = negative;
             cond
         } else {

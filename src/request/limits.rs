@@ -28,6 +28,10 @@ pub struct Limits {
     pub max_batch_items: usize,
     /// Most unfinished batches one caller (Unix user) may have.
     pub max_batches_per_caller: usize,
+    /// Most 75-token chunks an AUTOMATIC1111-syntax prompt (or its negative) may take on
+    /// any text encoder: each chunk lengthens the text conditioning every UNet step
+    /// attends to.
+    pub max_prompt_chunks: usize,
     /// Largest init image or mask, in encoded bytes (the pixel size is held to
     /// `max_width`, `max_height` and `max_pixels`, read from the header).
     pub max_image_bytes: usize,
@@ -49,6 +53,7 @@ impl Default for Limits {
             memory_budget: None,
             max_batch_items: 100_000,
             max_batches_per_caller: 4,
+            max_prompt_chunks: 8,
             max_image_bytes: 32 << 20,
         }
     }
@@ -69,6 +74,7 @@ impl Limits {
             memory_budget: None,
             max_batch_items: usize::MAX,
             max_batches_per_caller: usize::MAX,
+            max_prompt_chunks: usize::MAX,
             max_image_bytes: usize::MAX,
         }
     }

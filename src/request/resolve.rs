@@ -65,6 +65,9 @@ pub struct ResolvedRequest {
     pub guidance_embedding: bool,
     /// How the prompt and negative prompt are read.
     pub prompt_syntax: PromptSyntax,
+    /// Most 75-token chunks an AUTOMATIC1111-syntax prompt may take (`limits.max_prompt_chunks`;
+    /// counted when the job's text is tokenized).
+    pub max_prompt_chunks: usize,
 }
 
 /// What an image-to-image or inpainting request starts from. The image's size (rounded
@@ -526,6 +529,7 @@ pub fn resolve(
         edit,
         guidance_embedding,
         prompt_syntax,
+        max_prompt_chunks: limits.max_prompt_chunks,
     })
 }
 

@@ -82,6 +82,7 @@ impl From<Failure> for Error {
         match f {
             Failure::ModelLoad(m) => Error::ModelLoadFailed(m),
             Failure::Inference(m) | Failure::Output(m) => Error::InferenceFailed(m),
+            Failure::InvalidArgument(m) => Error::InvalidArgument(m),
         }
     }
 }
