@@ -84,14 +84,7 @@ fn check(model: &str) {
             continue;
         }
         assert_eq!(result.images.len(), case.num_images, "{}", case.id);
-        let mut diff = Diff::default();
-        for (i, img) in result.images.iter().enumerate() {
-            diff.add(
-                img,
-                &golden().join(&case.images[i]),
-                &golden().join(&case.pngs[i]),
-            );
-        }
+        let diff = Diff::of_images(&result.images, &golden(), &case.images, &case.pngs);
         eprintln!("{} (weighted: {}): {diff}", case.id, case.weighted);
         if !diff.within_bar() {
             failures.push(format!("{}: {diff}", case.id));
@@ -129,14 +122,7 @@ fn the_same_words_without_weights_miss_the_weighted_reference() {
     let mut unweighted = params(&case);
     unweighted.prompt = "a red circle on a blue background".into();
     let got = pipeline.generate(&unweighted, &mut |_, _| true).unwrap();
-    let mut diff = Diff::default();
-    for (i, img) in got.images.iter().enumerate() {
-        diff.add(
-            img,
-            &golden().join(&case.images[i]),
-            &golden().join(&case.pngs[i]),
-        );
-    }
+    let diff = Diff::of_images(&got.images, &golden(), &case.images, &case.pngs);
     eprintln!("unweighted against {}: {diff}", case.id);
     assert!(
         !diff.within_bar(),

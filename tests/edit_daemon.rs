@@ -264,29 +264,18 @@ fn lcm_models_and_a1111_prompts_over_dbus_give_the_local_image() {
 
         // Past limits.max_prompt_chunks (8) once tokenized: the job fails as an invalid
         // argument naming the limit, and the daemon goes on.
-        let job = generate(
-            &conn,
+        let breaks = |n: usize| {
             request(vec![
-                ("prompt", Value::from("a lighthouse BREAK ".repeat(9))),
+                ("prompt", Value::from("a lighthouse BREAK ".repeat(n))),
                 ("steps", Value::U32(1)),
                 ("prompt_syntax", Value::from("a1111")),
-            ]),
-        )
-        .await
-        .unwrap();
+            ])
+        };
+        let job = generate(&conn, breaks(9)).await.unwrap();
         let err = wait(&conn, &job).await.unwrap_err();
         assert_eq!(error_name(&err), INVALID, "{err:?}");
         assert!(format!("{err:?}").contains("max_prompt_chunks"), "{err:?}");
-        let job = generate(
-            &conn,
-            request(vec![
-                ("prompt", Value::from("a lighthouse BREAK ".repeat(7))),
-                ("steps", Value::U32(1)),
-                ("prompt_syntax", Value::from("a1111")),
-            ]),
-        )
-        .await
-        .unwrap();
+        let job = generate(&conn, breaks(7)).await.unwrap();
         assert_eq!(result_pngs(&wait(&conn, &job).await.unwrap()).len(), 1);
     });
 }

@@ -134,14 +134,7 @@ fn check(select: impl Fn(&Case) -> bool) {
             continue;
         }
         assert_eq!(result.images.len(), case.num_images, "{}", case.id);
-        let mut diff = Diff::default();
-        for (i, img) in result.images.iter().enumerate() {
-            diff.add(
-                img,
-                &golden().join(&case.images[i]),
-                &golden().join(&case.pngs[i]),
-            );
-        }
+        let diff = Diff::of_images(&result.images, &golden(), &case.images, &case.pngs);
         eprintln!("{}: {diff}", case.id);
         if !diff.within_bar() {
             failures.push(format!("{}: {diff}", case.id));

@@ -94,15 +94,7 @@ fn run_case(case: &Case) -> Diff {
         case.id
     );
     assert_eq!(result.images.len(), case.num_images);
-    let mut diff = Diff::default();
-    for (i, img) in result.images.iter().enumerate() {
-        diff.add(
-            img,
-            &golden_dir().join(&case.images[i]),
-            &golden_dir().join(&case.pngs[i]),
-        );
-    }
-    diff
+    Diff::of_images(&result.images, &golden_dir(), &case.images, &case.pngs)
 }
 
 fn check_scheduler(name: &str) {

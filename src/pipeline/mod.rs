@@ -9,13 +9,14 @@ mod guidance;
 pub mod image;
 mod latents;
 pub mod preprocess;
+mod text;
 mod text_cache;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ndarray::{Array2, Array3, Array4, ArrayD, Axis, IxDyn, concatenate, s};
+use ndarray::{Array4, ArrayD, Axis, IxDyn, s};
 use ort::session::RunOptions;
 
 pub use crate::request::{GenerateParams, Limits};
@@ -27,10 +28,11 @@ use crate::rng::NoiseSource;
 use crate::runtime::{Runtime, RuntimeError};
 use crate::scheduler::{self, Scheduler, SchedulerError};
 use crate::tokenizer::{ClipTokenizer, TokenizerError};
-use arrays::{all_finite, repeat_rows, shape_err};
+use arrays::{all_finite, shape_err};
 use components::{AddedCond, TextEncoder, Unet, VaeDecoder, VaeEncoder};
 use guidance::{Guidance, guide};
 use latents::{BatchNoise, Inpaint, draw_latents};
+use text::Conditioning;
 
 /// Errors from loading a pipeline or generating with it.
 #[derive(Debug, thiserror::Error)]
@@ -448,130 +450,7 @@ struct Start<'a> {
     inpaint: Option<&'a Inpaint>,
 }
 
-/// Text conditioning for the UNet, already laid out as the UNet batch wants it.
-struct Conditioning {
-    /// `[2N or N, 77, D]`: uncond rows first when CFG is on.
-    hidden: ArrayD<f32>,
-    /// SDXL: pooled embeddings `[2N or N, P]` and time ids `[2N or N, 6]`.
-    added: Option<(ArrayD<f32>, ArrayD<f32>)>,
-}
-
-/// One request's embeddings, each repeated for its images.
-struct Encoded {
-    cond: ArrayD<f32>,
-    cond_pooled: Option<ArrayD<f32>>,
-    uncond: Option<(ArrayD<f32>, Option<ArrayD<f32>>)>,
-}
-
 impl Pipeline {
-    /// Encodes every request's prompt and negative prompt as diffusers' `encode_prompt`
-    /// does, repeats each for its images, and stacks them: all uncond rows, then all cond.
-    fn encode_prompts(
-        &mut self,
-        batch: &[&ResolvedRequest],
-    ) -> Result<Conditioning, PipelineError> {
-        let encoded = batch
-            .iter()
-            .map(|p| self.encode_request(p))
-            .collect::<Result<Vec<_>, _>>()?;
-        let stack = |parts: Vec<ndarray::ArrayViewD<'_, f32>>| {
-            concatenate(Axis(0), &parts).map_err(shape_err)
-        };
-        let mut hidden_parts = Vec::new();
-        let mut pooled_parts = Vec::new();
-        for e in &encoded {
-            if let Some((u, up)) = &e.uncond {
-                hidden_parts.push(u.view());
-                pooled_parts.extend(up.as_ref().map(|a| a.view()));
-            }
-        }
-        for e in &encoded {
-            hidden_parts.push(e.cond.view());
-            pooled_parts.extend(e.cond_pooled.as_ref().map(|a| a.view()));
-        }
-        let hidden = stack(hidden_parts)?;
-        let added = if pooled_parts.is_empty() {
-            None
-        } else {
-            let pooled = stack(pooled_parts)?;
-            let rows = pooled.len_of(Axis(0));
-            let (h, w) = (batch[0].height as f32, batch[0].width as f32);
-            let ids = Array2::from_shape_fn((rows, 6), |(_, j)| [h, w, 0.0, 0.0, h, w][j]);
-            Some((pooled, ids.into_dyn()))
-        };
-        Ok(Conditioning { hidden, added })
-    }
-
-    fn encode_request(&mut self, params: &ResolvedRequest) -> Result<Encoded, PipelineError> {
-        let n = params.num_images;
-        let zero_uncond = self.bundle.kind == PipelineKind::StableDiffusionXl
-            && self.bundle.force_zeros_for_empty_prompt
-            && params.negative_prompt.is_none();
-        let a1111 = params.prompt_syntax == crate::prompt_syntax::PromptSyntax::A1111;
-        let mut a1111_negative = None;
-        let (cond, cond_pooled) = if a1111 {
-            let negative = (params.do_cfg() && !zero_uncond)
-                .then(|| params.negative_prompt.as_deref().unwrap_or(""));
-            let (cond, negative) =
-                self.encode_a1111(&params.prompt, negative, params.max_prompt_chunks)?;
-            a1111_negative = negative;
-            cond
-        } else {
-            self.encode_text(&params.prompt)?
-        };
-        let uncond = if !params.do_cfg() {
-            None
-        } else if let Some(negative) = a1111_negative {
-            Some(negative)
-        } else if zero_uncond {
-            Some((
-                Array3::zeros(cond.raw_dim()),
-                cond_pooled.as_ref().map(|p| Array2::zeros(p.raw_dim())),
-            ))
-        } else {
-            Some(self.encode_text(params.negative_prompt.as_deref().unwrap_or(""))?)
-        };
-        let rep3 = |a: &Array3<f32>| repeat_rows(a.view().into_dyn(), n);
-        let rep2 = |a: &Array2<f32>| repeat_rows(a.view().into_dyn(), n);
-        Ok(Encoded {
-            cond: rep3(&cond),
-            cond_pooled: cond_pooled.as_ref().map(rep2),
-            uncond: uncond.map(|(u, up)| (rep3(&u), up.as_ref().map(rep2))),
-        })
-    }
-
-    /// One prompt through every tokenizer and text encoder; SDXL concatenates the two
-    /// encoders' hidden states and takes the pooled output of the second. Recent texts
-    /// come from the cache.
-    fn encode_text(
-        &mut self,
-        text: &str,
-    ) -> Result<(Array3<f32>, Option<Array2<f32>>), PipelineError> {
-        if let Some(hit) = self.text_cache.get(text) {
-            return Ok(hit);
-        }
-        let encoded = self.encode_text_uncached(text)?;
-        self.text_cache.put(text, &encoded);
-        Ok(encoded)
-    }
-
-    fn encode_text_uncached(
-        &mut self,
-        text: &str,
-    ) -> Result<(Array3<f32>, Option<Array2<f32>>), PipelineError> {
-        let mut hiddens = Vec::new();
-        let mut pooled = None;
-        for (tok, enc) in self.tokenizers.iter().zip(self.encoders.iter_mut()) {
-            let ids = tok.encode(text)?;
-            let (h, p) = enc.encode(&[ids])?;
-            hiddens.push(h);
-            pooled = p.or(pooled);
-        }
-        let views: Vec<_> = hiddens.iter().map(|h| h.view()).collect();
-        let hidden = concatenate(Axis(2), &views).map_err(shape_err)?;
-        Ok((hidden, pooled))
-    }
-
     /// The denoise loop. The UNet input and guidance buffers are allocated once and
     /// refilled each step.
     #[allow(clippy::too_many_arguments)]

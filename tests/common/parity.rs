@@ -64,6 +64,17 @@ impl Diff {
         self.pixels += png.len();
     }
 
+    /// One case's images against the reference files `npys` and `pngs` (paths relative
+    /// to `dir`), image by image.
+    pub fn of_images(got: &[GeneratedImage], dir: &Path, npys: &[String], pngs: &[String]) -> Diff {
+        assert_eq!(got.len(), npys.len(), "images generated vs reference");
+        let mut diff = Diff::default();
+        for ((img, npy), png) in got.iter().zip(npys).zip(pngs) {
+            diff.add(img, &dir.join(npy), &dir.join(png));
+        }
+        diff
+    }
+
     /// Whether the case meets the parity bar.
     pub fn within_bar(&self) -> bool {
         self.float_max <= 1e-3 && self.pixel_max <= 2 && self.pixel_over_1 * 1000 <= self.pixels
