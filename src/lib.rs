@@ -28,13 +28,23 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub fn version_report(runtime: &runtime::Runtime) -> String {
     let available = runtime::available_providers().unwrap_or_default();
     let in_use: Vec<String> = runtime.providers().iter().map(|p| p.to_string()).collect();
-    format!(
+    let mut report = format!(
         "diffusiond {VERSION}\nONNX Runtime {} ({})\nexecution providers available: {}\nexecution providers in use: {}\n",
         runtime.version(),
         runtime.library().path.display(),
         available.join(", "),
         in_use.join(", "),
-    )
+    );
+    for skipped in runtime.skipped_providers() {
+        report += &format!("not used: {}: {}\n", skipped.provider, skipped.reason);
+    }
+    if available.iter().any(|p| p == "CUDAExecutionProvider") {
+        report += &match runtime::gpu::cuda_devices() {
+            Ok(n) => format!("CUDA devices: {n}\n"),
+            Err(reason) => format!("CUDA devices: none ({reason})\n"),
+        };
+    }
+    report
 }
 
 /// Logging setup shared by the binaries.

@@ -5,6 +5,7 @@
 //! is then built through [`Runtime::session`], so the options live in one place.
 
 pub mod discovery;
+pub mod gpu;
 pub mod providers;
 pub mod settings;
 
@@ -72,6 +73,8 @@ pub fn load_library(settings: &RuntimeSettings) -> Result<&'static LoadedLibrary
     let inputs =
         Inputs::from_environment(settings.library_path.clone(), settings.project_dir.clone());
     let loaded = load_first(&discovery::candidates(&inputs))?;
+    // A GPU build's CUDA/cuDNN/TensorRT libraries, from where scripts/setup put them.
+    gpu::preload(&loaded.path);
     Ok(LOADED.get_or_init(|| loaded))
 }
 
@@ -117,6 +120,7 @@ pub struct Runtime {
     env: Environment,
     settings: RuntimeSettings,
     providers: Vec<ProviderKind>,
+    skipped: Vec<providers::Fallback>,
     library: &'static LoadedLibrary,
 }
 
@@ -135,9 +139,11 @@ impl Runtime {
         providers::validate(&settings).map_err(RuntimeError::InvalidSettings)?;
         let library = load_library(&settings)?;
         let available = available_providers()?;
-        let (chosen, skipped) = providers::plan(&settings.execution_providers, |p| {
+        let (chosen, mut skipped) = providers::plan(&settings.execution_providers, |p| {
             available.iter().any(|a| a == p.ort_name())
         });
+        let (chosen, unusable) = providers::confirm(chosen, |p| gpu::probe(p, &library.path));
+        skipped.extend(unusable);
         for f in &skipped {
             tracing::warn!(provider = %f.provider, reason = %f.reason, "execution provider unavailable, falling back");
         }
@@ -146,6 +152,7 @@ impl Runtime {
             env,
             settings,
             providers: chosen,
+            skipped,
             library,
         })
     }
@@ -153,6 +160,11 @@ impl Runtime {
     /// The execution providers sessions are created with, in order.
     pub fn providers(&self) -> &[ProviderKind] {
         &self.providers
+    }
+
+    /// The providers asked for that are not used, and why.
+    pub fn skipped_providers(&self) -> &[providers::Fallback] {
+        &self.skipped
     }
 
     /// The library file in use.

@@ -55,6 +55,32 @@ pub fn plan(
     (chosen, skipped)
 }
 
+/// Drops the chosen providers that `probe` says cannot run on this machine (a library
+/// missing, no NVIDIA driver, no CUDA device), keeping the order and the reason. The CPU
+/// provider is never probed.
+pub fn confirm(
+    chosen: Vec<ProviderKind>,
+    probe: impl Fn(ProviderKind) -> Result<(), String>,
+) -> (Vec<ProviderKind>, Vec<Fallback>) {
+    let mut kept = Vec::new();
+    let mut skipped = Vec::new();
+    for p in chosen {
+        let usable = if p == ProviderKind::Cpu {
+            Ok(())
+        } else {
+            probe(p)
+        };
+        match usable {
+            Ok(()) => kept.push(p),
+            Err(reason) => skipped.push(Fallback {
+                provider: p,
+                reason,
+            }),
+        }
+    }
+    (kept, skipped)
+}
+
 /// Builds the `ort` dispatch for one provider from the settings.
 pub fn dispatch(kind: ProviderKind, settings: &RuntimeSettings) -> ExecutionProviderDispatch {
     match kind {
@@ -144,6 +170,31 @@ mod tests {
     fn cpu_is_appended_when_not_requested() {
         let (chosen, _) = plan(&[Cuda], |_| true);
         assert_eq!(*chosen.last().unwrap(), Cpu);
+    }
+
+    #[test]
+    fn providers_that_cannot_run_here_are_dropped_with_their_reason() {
+        let (kept, skipped) = confirm(vec![Tensorrt, Cuda, Cpu], |p| match p {
+            Tensorrt => Err("libnvinfer.so.10: cannot open shared object file".into()),
+            Cuda => Err("no CUDA device (CUresult 100)".into()),
+            Cpu => panic!("the CPU provider is not probed"),
+        });
+        assert_eq!(kept, vec![Cpu]);
+        assert_eq!(
+            skipped,
+            vec![
+                Fallback {
+                    provider: Tensorrt,
+                    reason: "libnvinfer.so.10: cannot open shared object file".into()
+                },
+                Fallback {
+                    provider: Cuda,
+                    reason: "no CUDA device (CUresult 100)".into()
+                },
+            ]
+        );
+        let (kept, skipped) = confirm(vec![Cuda, Cpu], |_| Ok(()));
+        assert_eq!((kept, skipped.len()), (vec![Cuda, Cpu], 0));
     }
 
     #[test]
