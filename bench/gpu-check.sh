@@ -7,18 +7,20 @@
 #   PHASES=setup,build bench/gpu-check.sh     # a subset (setup build models cuda trt)
 #
 # What it needs on the machine (checked first; it stops with a message when missing):
-#   * an NVIDIA driver, CUDA 12 + cuDNN 9 runtime libraries on the loader path (the
-#     onnxruntime-gpu 1.32.0 wheel's providers link against them), TensorRT 10 for the trt phase;
-#   * ONNX Runtime GPU: `scripts/setup --gpu` (PyPI), or ORT_GPU_WHEEL=path/to/onnxruntime_gpu-1.32.0-*.whl
-#     to install offline; the same wheel serves diffusiond (runtime/lib) and Python (PYTHONPATH);
+#   * an NVIDIA driver (CUDA 13 capable), and TensorRT 10 for the trt phase;
+#   * ONNX Runtime GPU 1.31.1 with the CUDA 13 / cuDNN 9 libraries: `scripts/setup --gpu [--tensorrt]`
+#     (PyPI), or ORT_GPU_WHEEL=path/to/onnxruntime_gpu-1.31.1-*.whl to install the wheel offline (the
+#     CUDA libraries then come from the loader path, or from an offline bundle's lib folder:
+#     ORT_DYLIB_PATH=PREFIX/lib/diffusiond/libonnxruntime.so.1.31.1, see docs/bundle.md); the same
+#     runtime/python serves diffusiond (runtime/lib) and Python (PYTHONPATH);
 #   * the Python side of onnx/requirements.txt (torch with CUDA, diffusers, optimum-onnx) for the fp16
 #     export and the Optimum runner: PYTHON=... selects the interpreter (default: python3);
 #   * cargo (or prebuilt binaries: BIN_DIR=folder holding diffusiond, diffusionctl, examples/bench_pipeline,
-#     built with `cargo build --release --features cuda,tensorrt --bins --example bench_pipeline`).
+#     built with `cargo build --release --bins --example bench_pipeline`; cuda and tensorrt are default features).
 #
 # Phases and their time budget (timeouts, seconds):
 #   setup   60  ONNX Runtime GPU into runtime/ (scripts/setup --gpu or the wheel)
-#   build  180  cargo build --release --features cuda,tensorrt --bins --example bench_pipeline
+#   build  180  cargo build --release --bins --example bench_pipeline
 #   models 150  fp16 export of `small` and `sd15-scale` (bench/export_fp16.py, on CUDA)
 #   cuda   120  bench/run.py: diffusiond CUDA EP (in-process + daemon) vs Optimum CUDA EP + IO binding
 #   trt    180  bench/run.py: diffusiond TensorRT EP (fp16, engine + timing cache) in-process;
@@ -57,7 +59,7 @@ if has setup; then
     PYTHON=$PYTHON timeout 60 scripts/setup --gpu || die "scripts/setup --gpu failed (no PyPI here? pass ORT_GPU_WHEEL=...)"
   fi
 fi
-export ORT_DYLIB_PATH="$root/runtime/lib/libonnxruntime.so.1.32.0"
+export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$root/runtime/lib/libonnxruntime.so.1.31.1}
 [ -e "$ORT_DYLIB_PATH" ] || die "no $ORT_DYLIB_PATH: run the setup phase"
 # the Python runner uses the very same ONNX Runtime build
 export PYTHONPATH="$root/runtime/python${PYTHONPATH:+:$PYTHONPATH}"
@@ -69,8 +71,8 @@ EOF
 
 BIN_DIR=${BIN_DIR:-}
 if has build && [ -z "$BIN_DIR" ]; then
-  say "build: cargo build --release --features cuda,tensorrt"
-  timeout 180 cargo build --release --features cuda,tensorrt --bins --example bench_pipeline || die "cargo build failed"
+  say "build: cargo build --release"
+  timeout 180 cargo build --release --bins --example bench_pipeline || die "cargo build failed"
 fi
 if [ -n "$BIN_DIR" ]; then
   mkdir -p target/release/examples
