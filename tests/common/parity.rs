@@ -77,7 +77,14 @@ impl Diff {
 
     /// Whether the case meets the parity bar.
     pub fn within_bar(&self) -> bool {
-        self.float_max <= 1e-3 && self.pixel_max <= 2 && self.pixel_over_1 * 1000 <= self.pixels
+        self.within(1e-3)
+    }
+
+    /// The parity bar with another bound on the float images (the PNG bar is the same).
+    pub fn within(&self, float_max: f32) -> bool {
+        self.float_max <= float_max
+            && self.pixel_max <= 2
+            && self.pixel_over_1 * 1000 <= self.pixels
     }
 }
 
