@@ -85,24 +85,11 @@ fn model_dir(case: &Case, scratch: &Path) -> PathBuf {
         return dir;
     }
     let copy = scratch.join("model");
-    copy_dir(&dir, &copy);
+    common::copy_dir(&dir, &copy);
     for tok in ["tokenizer", "tokenizer_2"] {
         let _ = std::fs::remove_file(copy.join(tok).join("tokenizer.json"));
     }
     copy
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 /// Runs every case `select` picks and checks it against the reference.

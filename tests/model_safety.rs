@@ -138,25 +138,13 @@ fn the_shipped_models_pass() {
 /// A copy of tiny-sd15 whose UNet is the crafted `absolute.onnx`.
 fn bad_model() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
-    copy_dir(&root().join("onnx/tiny-sd15"), tmp.path());
+    common::copy_dir(&root().join("onnx/tiny-sd15"), tmp.path());
     std::fs::copy(
         unsafe_dir().join("absolute.onnx"),
         tmp.path().join("unet/model.onnx"),
     )
     .unwrap();
     tmp
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 #[test]

@@ -13,6 +13,7 @@
 //! session's inputs and outputs once it is loaded. Every error names the file.
 
 mod catalog;
+pub mod graph_inputs;
 pub mod memory;
 pub mod safety;
 pub mod signature;
@@ -139,6 +140,10 @@ pub struct ModelBundle {
     pub time_cond_proj_dim: Option<usize>,
     /// Whether the folder has a VAE encoder (image-to-image and inpainting need one).
     pub has_vae_encoder: bool,
+    /// Whether the folder has an fp32 VAE decoder beside an fp16 one
+    /// (`vae_decoder_fp32/model.onnx`): latents the main decoder turns into non-finite
+    /// values (fp16 overflow) are decoded again with it.
+    pub has_vae_decoder_fp32: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -252,6 +257,7 @@ impl ModelBundle {
             unet_in_channels: unet.in_channels.unwrap_or(4),
             time_cond_proj_dim: unet.time_cond_proj_dim,
             has_vae_encoder: dir.join("vae_encoder/model.onnx").is_file(),
+            has_vae_decoder_fp32: dir.join("vae_decoder_fp32/model.onnx").is_file(),
         };
         bundle.check_files()?;
         Ok(bundle)
@@ -302,6 +308,9 @@ impl ModelBundle {
         files.push(self.onnx("vae_decoder"));
         if self.has_vae_encoder {
             files.push(self.onnx("vae_encoder"));
+        }
+        if self.has_vae_decoder_fp32 {
+            files.push(self.onnx("vae_decoder_fp32"));
         }
         files
     }
@@ -361,5 +370,6 @@ pub(crate) fn test_bundle() -> ModelBundle {
         unet_in_channels: 4,
         time_cond_proj_dim: None,
         has_vae_encoder: true,
+        has_vae_decoder_fp32: false,
     }
 }

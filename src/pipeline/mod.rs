@@ -142,6 +142,8 @@ pub struct Pipeline {
     encoders: Vec<TextEncoder>,
     unet: Unet,
     vae: VaeDecoder,
+    /// An fp32 VAE decoder for latents `vae` (fp16) turns into non-finite values.
+    vae_fp32: Option<VaeDecoder>,
     /// The VAE encoder, when the folder has one (image-to-image and inpainting).
     vae_encoder: Option<VaeEncoder>,
     ort_version: String,
@@ -194,6 +196,11 @@ impl Pipeline {
             .collect::<Result<Vec<_>, _>>()?;
         let unet = Unet::load(runtime, &bundle.onnx("unet"), sdxl)?;
         let vae = VaeDecoder::load(runtime, &bundle.onnx("vae_decoder"))?;
+        let vae_fp32 = if bundle.has_vae_decoder_fp32 {
+            Some(VaeDecoder::load(runtime, &bundle.onnx("vae_decoder_fp32"))?)
+        } else {
+            None
+        };
         let vae_encoder = if bundle.has_vae_encoder {
             Some(VaeEncoder::load(runtime, &bundle.onnx("vae_encoder"))?)
         } else {
@@ -205,6 +212,7 @@ impl Pipeline {
             encoders,
             unet,
             vae,
+            vae_fp32,
             vae_encoder,
             ort_version: runtime.version().to_string(),
             text_cache: text_cache::TextCache::default(),
@@ -597,7 +605,17 @@ impl Pipeline {
             Some(shrink) if shrink_after => shrink,
             _ => run_options,
         };
-        let decoded = self.vae.decode(latents.view().into_dyn(), options)?;
+        let mut decoded = self.vae.decode(latents.view().into_dyn(), options)?;
+        if !all_finite(decoded.view())
+            && let Some(fp32) = self.vae_fp32.as_mut()
+        {
+            // fp16 VAE decoders overflow on some latents (SDXL's above all): decode again
+            // in fp32, as diffusers' `force_upcast` does.
+            tracing::warn!(
+                "the VAE decoder produced non-finite values; decoding again with vae_decoder_fp32"
+            );
+            decoded = fp32.decode(latents.view().into_dyn(), options)?;
+        }
         if !all_finite(decoded.view()) {
             return Err(PipelineError::NonFinite {
                 stage: "vae",
