@@ -186,7 +186,7 @@ pub async fn run(
     };
     let watchdog = spawn_watchdog();
     notify(&[sd_notify::NotifyState::Status("loading ONNX Runtime")]);
-    let runtime = Arc::new(Runtime::init(settings.runtime.clone())?);
+    let runtime = Arc::new(Runtime::init(settings.engine_runtime())?);
     let providers = runtime.providers().iter().map(|p| p.to_string()).collect();
     notify(&[sd_notify::NotifyState::Status("opening the model folders")]);
     // Each folder is read and checked once, off the async threads; requests are resolved

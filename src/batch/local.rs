@@ -211,7 +211,7 @@ pub fn run(
 
     let output = Output::open(&batch.output_dir, &temp_dir(&batch.output_dir, shard))
         .map_err(|e| io(&format!("cannot use {}", batch.output_dir.display()), e))?;
-    let runtime = Runtime::init(settings.runtime.clone())
+    let runtime = Runtime::init(settings.engine_runtime())
         .map(Arc::new)
         .map_err(|e| BatchError::Model(e.to_string()))?;
     let backend = Arc::new(OrtBackend::new(runtime));

@@ -58,6 +58,18 @@ pub struct Settings {
     pub jobs: JobSettings,
 }
 
+impl Settings {
+    /// The `[runtime]` settings for an engine that serves these settings' requests: TensorRT
+    /// profiles then cover what `[limits]` and `jobs.max_batch_images` accept.
+    pub fn engine_runtime(&self) -> RuntimeSettings {
+        let mut runtime = self.runtime.clone();
+        runtime.tensorrt = runtime
+            .tensorrt
+            .accepting(&self.limits, self.jobs.max_batch_images);
+        runtime
+    }
+}
+
 /// One `[models.NAME]` table: the folder, and defaults for requests that leave keys out
 /// (a request's own values win; then these; then the folder's own size and scheduler and
 /// the built-in defaults).

@@ -12,6 +12,7 @@ use ort::value::{Tensor, TensorRef};
 use super::PipelineError;
 use crate::model::signature::{self, Elem, FLOATS, IDS, Side, Spec, TIMESTEP};
 use crate::runtime::Runtime;
+use crate::runtime::tensorrt::SessionShapes;
 
 fn ort_err(path: &Path) -> impl Fn(ort::Error) -> PipelineError + '_ {
     move |e| PipelineError::Inference {
@@ -59,14 +60,16 @@ pub struct TextEncoder {
 impl TextEncoder {
     /// Loads the encoder. `hidden` picks the embeddings to use: `last_hidden_state`
     /// (SD1/2) or the second-to-last `hidden_states.N` (SDXL); `pooled` names the
-    /// pooled output SDXL's second encoder supplies (`text_embeds`).
+    /// pooled output SDXL's second encoder supplies (`text_embeds`); `shapes` as for
+    /// [`Unet::load`].
     pub fn load(
         runtime: &Runtime,
         path: &Path,
         penultimate: bool,
         pooled: Option<&str>,
+        shapes: &SessionShapes,
     ) -> Result<TextEncoder, PipelineError> {
-        let session = runtime.session(path)?;
+        let session = runtime.session_for(path, shapes)?;
         let ids = signature::require(&session, path, Side::Input, "input_ids", IDS, &[2])?;
         let hidden_name = if penultimate {
             penultimate_hidden_state(&session, path)?
@@ -196,8 +199,14 @@ struct Bound {
 
 impl Unet {
     /// Loads the UNet and checks its signature; `sdxl` requires `text_embeds` and `time_ids`.
-    pub fn load(runtime: &Runtime, path: &Path, sdxl: bool) -> Result<Unet, PipelineError> {
-        let session = runtime.session(path)?;
+    /// `shapes` is what the pipeline feeds it (TensorRT's optimization profile).
+    pub fn load(
+        runtime: &Runtime,
+        path: &Path,
+        sdxl: bool,
+        shapes: &SessionShapes,
+    ) -> Result<Unet, PipelineError> {
+        let session = runtime.session_for(path, shapes)?;
         let req = |side, name: &str, elems, ranks: &[usize]| {
             signature::require(&session, path, side, name, elems, ranks)
         };
@@ -422,9 +431,14 @@ pub struct VaeEncoder {
 }
 
 impl VaeEncoder {
-    /// Loads the encoder and checks `sample` → `latent_parameters`.
-    pub fn load(runtime: &Runtime, path: &Path) -> Result<VaeEncoder, PipelineError> {
-        let session = runtime.session(path)?;
+    /// Loads the encoder and checks `sample` → `latent_parameters`; `shapes` as for
+    /// [`Unet::load`].
+    pub fn load(
+        runtime: &Runtime,
+        path: &Path,
+        shapes: &SessionShapes,
+    ) -> Result<VaeEncoder, PipelineError> {
+        let session = runtime.session_for(path, shapes)?;
         let input = signature::require(&session, path, Side::Input, "sample", FLOATS, &[4])?;
         let output = signature::require(
             &session,
@@ -468,9 +482,14 @@ pub struct VaeDecoder {
 }
 
 impl VaeDecoder {
-    /// Loads the decoder and checks `latent_sample` → `sample`.
-    pub fn load(runtime: &Runtime, path: &Path) -> Result<VaeDecoder, PipelineError> {
-        let session = runtime.session(path)?;
+    /// Loads the decoder and checks `latent_sample` → `sample`; `shapes` as for
+    /// [`Unet::load`].
+    pub fn load(
+        runtime: &Runtime,
+        path: &Path,
+        shapes: &SessionShapes,
+    ) -> Result<VaeDecoder, PipelineError> {
+        let session = runtime.session_for(path, shapes)?;
         let input = signature::require(&session, path, Side::Input, "latent_sample", FLOATS, &[4])?;
         let output = signature::require(&session, path, Side::Output, "sample", FLOATS, &[4])?;
         Ok(VaeDecoder {

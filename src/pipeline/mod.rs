@@ -25,6 +25,7 @@ pub use image::GeneratedImage;
 use crate::model::{ModelBundle, ModelError, PipelineKind};
 use crate::request::{self, ModelDefaults, ModelRef, RequestError, ResolvedRequest};
 use crate::rng::NoiseSource;
+use crate::runtime::tensorrt::{Component, SessionShapes};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::scheduler::{self, Scheduler, SchedulerError};
 use crate::tokenizer::{ClipTokenizer, TokenizerError};
@@ -185,24 +186,43 @@ impl Pipeline {
             .iter()
             .map(|d| ClipTokenizer::from_dir(d))
             .collect::<Result<Vec<_>, _>>()?;
+        // What each graph is fed, for TensorRT's optimization profiles.
+        let tokens = tokenizers
+            .iter()
+            .map(ClipTokenizer::max_length)
+            .max()
+            .unwrap_or(77);
+        let shapes = |c| SessionShapes::new(c, &bundle, tokens);
         let encoders = bundle
             .text_encoders()
             .iter()
             .enumerate()
             .map(|(i, c)| {
                 let pooled = (sdxl && i == 1).then_some("text_embeds");
-                TextEncoder::load(runtime, &bundle.onnx(c), sdxl, pooled)
+                let s = shapes(Component::TextEncoder);
+                TextEncoder::load(runtime, &bundle.onnx(c), sdxl, pooled, &s)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let unet = Unet::load(runtime, &bundle.onnx("unet"), sdxl)?;
-        let vae = VaeDecoder::load(runtime, &bundle.onnx("vae_decoder"))?;
+        let unet = Unet::load(
+            runtime,
+            &bundle.onnx("unet"),
+            sdxl,
+            &shapes(Component::Unet),
+        )?;
+        let decoder = shapes(Component::VaeDecoder);
+        let vae = VaeDecoder::load(runtime, &bundle.onnx("vae_decoder"), &decoder)?;
         let vae_fp32 = if bundle.has_vae_decoder_fp32 {
-            Some(VaeDecoder::load(runtime, &bundle.onnx("vae_decoder_fp32"))?)
+            Some(VaeDecoder::load(
+                runtime,
+                &bundle.onnx("vae_decoder_fp32"),
+                &decoder,
+            )?)
         } else {
             None
         };
         let vae_encoder = if bundle.has_vae_encoder {
-            Some(VaeEncoder::load(runtime, &bundle.onnx("vae_encoder"))?)
+            let s = shapes(Component::VaeEncoder);
+            Some(VaeEncoder::load(runtime, &bundle.onnx("vae_encoder"), &s)?)
         } else {
             None
         };

@@ -2,12 +2,15 @@
 //!
 //! [`Runtime::init`] finds and loads `libonnxruntime` once per process, creates the
 //! `ort` environment, and decides which execution providers to use. Every model session
-//! is then built through [`Runtime::session`], so the options live in one place.
+//! is then built through [`Runtime::session`] or, for pipeline components,
+//! [`Runtime::session_for`] (which adds TensorRT's optimization profile: [`tensorrt`]), so
+//! the options live in one place.
 
 pub mod discovery;
 pub mod gpu;
 pub mod providers;
 pub mod settings;
+pub mod tensorrt;
 
 use std::ffi::CStr;
 use std::path::{Path, PathBuf};
@@ -182,8 +185,18 @@ impl Runtime {
         &self.library.version
     }
 
-    /// A session builder with the configured options and providers applied.
+    /// A session builder with the configured options and providers applied. TensorRT gets
+    /// no optimization profile and no caches here (their folders are keyed to a graph):
+    /// use [`Runtime::session`] or [`Runtime::session_for`] for those.
     pub fn session_builder(&self) -> Result<SessionBuilder, RuntimeError> {
+        self.builder_for(None)
+    }
+
+    /// A session builder for one session's TensorRT plan.
+    fn builder_for(
+        &self,
+        plan: Option<&tensorrt::SessionPlan>,
+    ) -> Result<SessionBuilder, RuntimeError> {
         let s = &self.settings.session;
         let mut b = Session::builder(&self.env)?
             .with_optimization_level(optimization_level(s))
@@ -200,13 +213,17 @@ impl Runtime {
                 .with_inter_threads(s.inter_threads)
                 .map_err(ort::Error::from)?;
         }
-        Ok(self.apply_providers(b))
+        Ok(self.apply_providers(b, plan))
     }
 
     /// Registers each chosen provider; one that fails to register is logged and skipped.
-    fn apply_providers(&self, mut builder: SessionBuilder) -> SessionBuilder {
+    fn apply_providers(
+        &self,
+        mut builder: SessionBuilder,
+        plan: Option<&tensorrt::SessionPlan>,
+    ) -> SessionBuilder {
         for &kind in &self.providers {
-            let ep = providers::dispatch(kind, &self.settings);
+            let ep = providers::dispatch_for(kind, &self.settings, plan);
             builder = match builder.with_execution_providers([ep]) {
                 Ok(b) => b,
                 Err(e) => {
@@ -218,13 +235,45 @@ impl Runtime {
         builder
     }
 
-    /// Creates a session for one ONNX file.
+    /// Creates a session for one ONNX file. With TensorRT in use, its engine and timing
+    /// caches are keyed to the file ([`tensorrt::plan`]), but it has no optimization
+    /// profile: pipeline components use [`Runtime::session_for`].
     pub fn session(&self, path: &Path) -> Result<Session, RuntimeError> {
+        self.create(path, None)
+    }
+
+    /// Creates a session for one pipeline component's ONNX file. With TensorRT among the
+    /// providers, the session gets an optimization profile covering every request the
+    /// daemon accepts (derived from the graph's inputs and `shapes`) and engine and timing
+    /// caches keyed to the graph's contents, the GPU and the build settings; the graph is
+    /// hashed for that key, once per file version (docs on
+    /// [`settings::TensorRtSettings`]). Without TensorRT this is [`Runtime::session`]: no
+    /// file is read besides by ONNX Runtime.
+    pub fn session_for(
+        &self,
+        path: &Path,
+        shapes: &tensorrt::SessionShapes,
+    ) -> Result<Session, RuntimeError> {
+        self.create(path, Some(shapes))
+    }
+
+    fn create(
+        &self,
+        path: &Path,
+        shapes: Option<&tensorrt::SessionShapes>,
+    ) -> Result<Session, RuntimeError> {
         let to_err = |message: String| RuntimeError::Session {
             path: path.to_path_buf(),
             message,
         };
-        self.session_builder()?
+        let plan = if self.providers.contains(&ProviderKind::Tensorrt) {
+            let plan = tensorrt::plan(path, shapes, &self.settings.tensorrt, self.version())
+                .map_err(|e| to_err(e.to_string()))?;
+            Some(plan)
+        } else {
+            None
+        };
+        self.builder_for(plan.as_ref())?
             .commit_from_file(path)
             .map_err(|e| to_err(e.to_string()))
     }

@@ -4,6 +4,7 @@
 use ort::ep::ExecutionProviderDispatch;
 
 use super::settings::{ProviderKind, RuntimeSettings};
+use super::tensorrt::SessionPlan;
 
 /// A provider that was asked for but will not be used, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,8 +82,21 @@ pub fn confirm(
     (kept, skipped)
 }
 
-/// Builds the `ort` dispatch for one provider from the settings.
+/// Builds the `ort` dispatch for one provider from the settings, for a session with no
+/// [`SessionPlan`] (TensorRT then gets no profile and no caches: see [`dispatch_for`]).
 pub fn dispatch(kind: ProviderKind, settings: &RuntimeSettings) -> ExecutionProviderDispatch {
+    dispatch_for(kind, settings, None)
+}
+
+/// Builds the `ort` dispatch for one provider of one session; `plan` is that session's
+/// TensorRT profile and keyed cache folders ([`super::tensorrt::plan`]).
+pub fn dispatch_for(
+    kind: ProviderKind,
+    settings: &RuntimeSettings,
+    plan: Option<&SessionPlan>,
+) -> ExecutionProviderDispatch {
+    #[cfg(not(feature = "tensorrt"))]
+    let _ = plan;
     match kind {
         ProviderKind::Cpu => ort::ep::CPU::default()
             .with_arena_allocator(settings.session.cpu_arena)
@@ -90,7 +104,7 @@ pub fn dispatch(kind: ProviderKind, settings: &RuntimeSettings) -> ExecutionProv
         #[cfg(feature = "cuda")]
         ProviderKind::Cuda => cuda(settings),
         #[cfg(feature = "tensorrt")]
-        ProviderKind::Tensorrt => tensorrt(settings),
+        ProviderKind::Tensorrt => tensorrt(settings, plan),
         // `plan` never chooses a provider that is not compiled in.
         #[allow(unreachable_patterns)]
         _ => ort::ep::CPU::default().build(),
@@ -113,20 +127,31 @@ fn cuda(settings: &RuntimeSettings) -> ExecutionProviderDispatch {
     ep.build()
 }
 
-/// The TensorRT provider with the `[runtime.tensorrt]` options.
+/// The TensorRT provider with the `[runtime.tensorrt]` options and one session's plan: its
+/// optimization profile and its keyed engine and timing cache folders. Without a plan
+/// there are no caches, since only a plan's folders are keyed to the graph.
 #[cfg(feature = "tensorrt")]
-fn tensorrt(settings: &RuntimeSettings) -> ExecutionProviderDispatch {
+fn tensorrt(settings: &RuntimeSettings, plan: Option<&SessionPlan>) -> ExecutionProviderDispatch {
     let t = &settings.tensorrt;
     let mut ep = ort::ep::TensorRT::default()
         .with_device_id(t.device_id)
         .with_fp16(t.fp16)
         .with_builder_optimization_level(t.builder_optimization_level.get());
-    if let Some(dir) = &t.engine_cache_dir {
+    let Some(plan) = plan else {
+        return ep.build();
+    };
+    if let Some(p) = &plan.profile {
+        ep = ep
+            .with_profile_min_shapes(p.min_shapes())
+            .with_profile_opt_shapes(p.opt_shapes())
+            .with_profile_max_shapes(p.max_shapes());
+    }
+    if let Some(dir) = &plan.engine_cache_dir {
         ep = ep
             .with_engine_cache(true)
             .with_engine_cache_path(dir.display());
     }
-    if let Some(dir) = &t.timing_cache_dir {
+    if let Some(dir) = &plan.timing_cache_dir {
         ep = ep
             .with_timing_cache(true)
             .with_timing_cache_path(dir.display());
@@ -135,13 +160,13 @@ fn tensorrt(settings: &RuntimeSettings) -> ExecutionProviderDispatch {
 }
 
 /// Checks what the types of [`RuntimeSettings`] cannot: that the provider list is not
-/// empty. Provider options (`runtime.cuda.*`, `runtime.tensorrt.*`) are typed and are
+/// empty, and that the TensorRT profile sizes are in order. Provider options (`runtime.cuda.*`, `runtime.tensorrt.*`) are typed and are
 /// refused, naming their key, when the config is deserialized.
 pub fn validate(settings: &RuntimeSettings) -> Result<(), String> {
     if settings.execution_providers.is_empty() {
         return Err("runtime.execution_providers: the list is empty (use [\"cpu\"])".into());
     }
-    Ok(())
+    settings.tensorrt.validate()
 }
 
 #[cfg(test)]
@@ -249,5 +274,21 @@ mod tests {
         let mut s = RuntimeSettings::default();
         s.tensorrt.builder_optimization_level = 5.try_into().unwrap();
         assert_eq!(dispatch(Tensorrt, &s).name(), "TensorrtExecutionProvider");
+        let plan = SessionPlan {
+            profile: Some(crate::runtime::tensorrt::Profile {
+                ranges: vec![crate::runtime::tensorrt::ShapeRange {
+                    input: "sample".into(),
+                    min: vec![1, 4, 8, 8],
+                    opt: vec![2, 4, 64, 64],
+                    max: vec![8, 4, 128, 128],
+                }],
+            }),
+            engine_cache_dir: Some("/var/cache/diffusiond/trt/0123456789abcdef".into()),
+            timing_cache_dir: Some("/var/cache/diffusiond/timing/fedcba9876543210".into()),
+        };
+        assert_eq!(
+            dispatch_for(Tensorrt, &s, Some(&plan)).name(),
+            "TensorrtExecutionProvider"
+        );
     }
 }

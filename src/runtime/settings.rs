@@ -10,6 +10,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::tensorrt;
+
 /// An execution provider diffusiond can ask ONNX Runtime for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -232,6 +234,34 @@ impl fmt::Display for BuilderOptimizationLevel {
 }
 
 /// TensorRT execution provider options (passed through to ONNX Runtime).
+///
+/// Every session is built with one optimization profile that covers the requests the
+/// daemon accepts, so TensorRT builds one engine per graph instead of rebuilding when a
+/// new shape arrives (src/runtime/tensorrt/ derives it from each graph's inputs). With a
+/// profile for every dynamic input, ONNX Runtime builds the engine when the session is
+/// created, so the model load takes the build time (minutes for a UNet, once per engine
+/// cache key), not the first request. Its ranges, per image side and batch:
+///
+/// | axis | min | opt | max |
+/// |---|---|---|---|
+/// | image side (px; latents: ÷ VAE factor) | `min_size`, else the model's size multiple | `opt_size`, else the model's native size | `max_size`, else `limits.max_width`/`max_height` capped at 8 × the native size |
+/// | UNet batch rows | 1 | 2 (1 for LCM) | 2 × `max_batch` (guidance doubles it) |
+/// | VAE batch | 1 | 1 | `max_batch` |
+/// | UNet text sequence | 77 | 77 | 77 × `limits.max_prompt_chunks` |
+/// | text encoder rows × tokens | 1 × 77 | 1 × 77 | 2 × `max_batch` × 77 |
+///
+/// Sides are rounded to the model's size multiple (min up, max and opt down). Axes a graph
+/// declares fixed stay fixed; a graph with a dynamic input diffusiond cannot size gets no
+/// profile, with a warning naming the file and input (its engine is then rebuilt for
+/// larger shapes, as without profiles).
+///
+/// `max_batch` defaults to the most images the worker puts in one batch, the larger of
+/// `jobs.max_batch_images` and `limits.max_images` (16 with the defaults). The `[limits]` and
+/// `[jobs]` values are those [`TensorRtSettings::accepting`] was given, else their
+/// defaults. A request outside the profile fails with TensorRT's shape error, so narrow
+/// these only together with `[limits]`. TensorRT sizes an engine's activation memory for
+/// the largest shapes, so a smaller `max_size` and `max_batch` (with `[limits]` to match)
+/// is what saves GPU memory.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TensorRtSettings {
@@ -239,12 +269,35 @@ pub struct TensorRtSettings {
     pub device_id: i32,
     /// Build fp16 engines.
     pub fp16: bool,
-    /// Where built engines are cached; empty disables the cache.
+    /// Where built engines are cached; unset disables the cache. Each graph's engines go
+    /// into a subfolder named by a key over the graph's contents (the `.onnx` file and its
+    /// external data), the GPU, the TensorRT and ONNX Runtime versions, the profile, `fp16`
+    /// and `builder_optimization_level`, so a changed model never loads a stale engine.
+    /// The first load of a model version reads all its files once to hash them (about a
+    /// second per GB); `digests/` here remembers each file's hash by path, size and mtime.
+    /// Old subfolders are not removed.
     pub engine_cache_dir: Option<PathBuf>,
-    /// Where the timing cache lives; empty disables it.
+    /// Where the timing cache lives; unset disables it. Shared by every model, in a
+    /// subfolder keyed by the GPU and the TensorRT version.
     pub timing_cache_dir: Option<PathBuf>,
     /// Builder optimization level, 0–5 (TensorRT's default is 3).
     pub builder_optimization_level: BuilderOptimizationLevel,
+    /// Smallest image side the engines take, in pixels (a multiple of 8; unset: the
+    /// model's size multiple, 64 for SD 1.x/2.x, 32 for SDXL).
+    pub min_size: Option<tensorrt::ProfileSize>,
+    /// Image side TensorRT tunes its kernels for (unset: the model's native size, 512 for
+    /// SD 1.5, 1024 for SDXL).
+    pub opt_size: Option<tensorrt::ProfileSize>,
+    /// Largest image side the engines take (unset: `limits.max_width`/`max_height`, at
+    /// most 8 × the model's native size).
+    pub max_size: Option<tensorrt::ProfileSize>,
+    /// Most images in one batch (unset: the larger of `jobs.max_batch_images` and
+    /// `limits.max_images`). The UNet's batch is twice this with guidance.
+    pub max_batch: Option<tensorrt::ProfileBatch>,
+    /// What the daemon accepts (`[limits]`, `[jobs]`), set by
+    /// [`TensorRtSettings::accepting`]; not a config key.
+    #[serde(skip)]
+    pub accepted: Option<tensorrt::AcceptedRequests>,
 }
 
 impl Default for TensorRtSettings {
@@ -255,7 +308,44 @@ impl Default for TensorRtSettings {
             engine_cache_dir: None,
             timing_cache_dir: None,
             builder_optimization_level: BuilderOptimizationLevel::default(),
+            min_size: None,
+            opt_size: None,
+            max_size: None,
+            max_batch: None,
+            accepted: None,
         }
+    }
+}
+
+impl TensorRtSettings {
+    /// These settings for a daemon that accepts what `limits` and `max_batch_images`
+    /// (`jobs.max_batch_images`) allow: the profiles' defaults then cover it.
+    pub fn accepting(mut self, limits: &crate::request::Limits, max_batch_images: usize) -> Self {
+        self.accepted = Some(tensorrt::AcceptedRequests::new(limits, max_batch_images));
+        self
+    }
+
+    /// Checks what the types cannot: `min_size` ≤ `opt_size` ≤ `max_size` where given.
+    pub fn validate(&self) -> Result<(), String> {
+        let sides = [
+            ("min_size", self.min_size),
+            ("opt_size", self.opt_size),
+            ("max_size", self.max_size),
+        ];
+        for (i, (a, va)) in sides.iter().enumerate() {
+            for (b, vb) in &sides[i + 1..] {
+                if let (Some(va), Some(vb)) = (va, vb)
+                    && va > vb
+                {
+                    return Err(format!(
+                        "runtime.tensorrt.{a}: {} is above runtime.tensorrt.{b} ({})",
+                        va.get(),
+                        vb.get()
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -426,6 +516,62 @@ mod tests {
             ArenaExtendStrategy::SameAsRequested
         );
         assert_eq!(r.tensorrt.builder_optimization_level.get(), 4);
+    }
+
+    #[test]
+    fn bad_tensorrt_profile_values_name_the_key() {
+        for (key, value, says) in [
+            ("min_size", "100", "image side 100 is not a multiple of 8"),
+            ("opt_size", "0", "image side 0 is not a multiple of 8"),
+            (
+                "max_size",
+                "20000",
+                "image side 20000 is not a multiple of 8",
+            ),
+            ("max_batch", "0", "batch of 0 images is not from 1 to 256"),
+            (
+                "max_batch",
+                "300",
+                "batch of 300 images is not from 1 to 256",
+            ),
+        ] {
+            let err = load_err(&format!("[runtime.tensorrt]\n{key} = {value}\n"));
+            assert!(err.contains(&format!("`runtime.tensorrt.{key}`")), "{err}");
+            assert!(err.contains(says), "{err}");
+        }
+        let err = load_err("[runtime.tensorrt]\nmin_size = 1024\nmax_size = 512\n");
+        assert!(
+            err.contains(
+                "runtime.tensorrt.min_size: 1024 is above runtime.tensorrt.max_size (512)"
+            ),
+            "{err}"
+        );
+        let err = load_err("[runtime.tensorrt]\nopt_size = 1024\nmax_size = 768\n");
+        assert!(
+            err.contains("runtime.tensorrt.opt_size: 1024 is above"),
+            "{err}"
+        );
+        let err = load_err("[runtime.tensorrt]\nmin_size = 768\nopt_size = 512\n");
+        assert!(
+            err.contains("runtime.tensorrt.min_size: 768 is above"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tensorrt_profile_values_load() {
+        let t = load(
+            "[runtime.tensorrt]\nmin_size = 512\nopt_size = 1024\nmax_size = 1536\nmax_batch = 2\n",
+        )
+        .runtime
+        .tensorrt;
+        let got = [t.min_size, t.opt_size, t.max_size].map(|s| s.map(|s| s.get()));
+        assert_eq!(got, [Some(512), Some(1024), Some(1536)]);
+        assert_eq!(t.max_batch.map(|b| b.get()), Some(2));
+        assert_eq!(t.accepted, None);
+        let t = load("").runtime.tensorrt;
+        assert_eq!(t, TensorRtSettings::default());
+        assert!(t.validate().is_ok());
     }
 
     #[test]
