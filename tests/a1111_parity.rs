@@ -32,18 +32,12 @@ struct Case {
     unet_timesteps: Vec<f64>,
 }
 
-#[derive(Deserialize)]
-struct Manifest {
-    cases: Vec<Case>,
-}
-
 fn golden() -> std::path::PathBuf {
     common::root().join("tests/golden/a1111/images")
 }
 
 fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(golden().join("manifest.json")).unwrap();
-    serde_json::from_str::<Manifest>(&text).unwrap().cases
+    common::parity::manifest_cases(&golden())
 }
 
 fn params(case: &Case) -> GenerateParams {

@@ -37,11 +37,6 @@ struct Case {
     unet_timesteps: Vec<f64>,
 }
 
-#[derive(Deserialize)]
-struct Manifest {
-    cases: Vec<Case>,
-}
-
 fn root() -> &'static Path {
     common::root()
 }
@@ -51,8 +46,7 @@ fn golden() -> PathBuf {
 }
 
 fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(golden().join("manifest.json")).unwrap();
-    serde_json::from_str::<Manifest>(&text).unwrap().cases
+    common::parity::manifest_cases(&golden())
 }
 
 fn image(rel: &Option<String>) -> Option<ImageInput> {

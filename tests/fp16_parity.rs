@@ -67,11 +67,6 @@ enum Reference {
     F32Host,
 }
 
-#[derive(Deserialize)]
-struct Manifest {
-    cases: Vec<Case>,
-}
-
 fn root() -> &'static Path {
     common::root()
 }
@@ -81,8 +76,7 @@ fn golden() -> PathBuf {
 }
 
 fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(golden().join("manifest.json")).unwrap();
-    serde_json::from_str::<Manifest>(&text).unwrap().cases
+    common::parity::manifest_cases(&golden())
 }
 
 fn params(case: &Case) -> GenerateParams {

@@ -39,11 +39,6 @@ struct Case {
     unet_timesteps: Vec<f64>,
 }
 
-#[derive(Deserialize)]
-struct Manifest {
-    cases: Vec<Case>,
-}
-
 fn root() -> &'static Path {
     common::root()
 }
@@ -53,8 +48,7 @@ fn golden_dir() -> PathBuf {
 }
 
 fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(golden_dir().join("manifest.json")).unwrap();
-    serde_json::from_str::<Manifest>(&text).unwrap().cases
+    common::parity::manifest_cases(&golden_dir())
 }
 
 fn pipelines() -> &'static Mutex<HashMap<String, Pipeline>> {

@@ -25,6 +25,19 @@ pub fn ort_runtime() -> &'static Runtime {
     })
 }
 
+/// The `cases` of a golden folder's `manifest.json`, each read as `C`.
+pub fn manifest_cases<C: serde::de::DeserializeOwned>(dir: &Path) -> Vec<C> {
+    #[derive(serde::Deserialize)]
+    struct Manifest<C> {
+        cases: Vec<C>,
+    }
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str::<Manifest<C>>(&text)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .cases
+}
+
 /// A PNG's pixels as `[H, W, 3]`.
 pub fn read_png(path: &Path) -> Array3<u8> {
     let img = image::open(path).unwrap().to_rgb8();
