@@ -638,3 +638,30 @@ fn output_fds_receive_the_pngs_and_a_slow_reader_does_not_stall_the_worker() {
         );
     });
 }
+
+/// `ListModels` says where each model stands: `unloaded` before its first job, `loaded`
+/// after it (`loading`, or `building` with TensorRT, while a load runs).
+#[test]
+fn list_models_reports_each_models_state() {
+    let bus = PrivateBus::start();
+    let _d = Daemon::start(&bus, "");
+    tokio_runtime().block_on(async {
+        let conn = bus.connect().await;
+        let states = |list: Vec<Dict>| -> Vec<String> {
+            list.iter()
+                .map(|m| String::try_from(m["state"].try_clone().unwrap()).unwrap())
+                .collect()
+        };
+        let list: Vec<Dict> = manager(&conn).await.call("ListModels", &()).await.unwrap();
+        assert_eq!(states(list), ["unloaded"]);
+        let job = generate(
+            &conn,
+            request_dict(&[("prompt", Value::from("x")), ("steps", Value::U32(1))]),
+        )
+        .await
+        .unwrap();
+        wait(&conn, &job).await.unwrap();
+        let list: Vec<Dict> = manager(&conn).await.call("ListModels", &()).await.unwrap();
+        assert_eq!(states(list), ["loaded"]);
+    });
+}

@@ -272,6 +272,11 @@ impl Manager {
                         .and_then(|b| b.default_scheduler)
                         .unwrap_or("")
                         .to_string(),
+                    state: crate::wire::reply::model_state_name(
+                        self.engine.model_state(name),
+                        self.providers.iter().any(|p| p == "tensorrt"),
+                    )
+                    .to_string(),
                 }
             })
             .collect())

@@ -41,6 +41,7 @@ use crate::request::ResolvedRequest;
 pub use admission::Admission;
 pub use backend::{Backend, Model, OrtBackend, RunControl};
 pub use queue::{Queue, QueueError};
+pub use slots::ModelState;
 use slots::Slots;
 
 /// A job's number; its D-Bus path ends with it.
@@ -378,6 +379,11 @@ impl Engine {
     /// Whether a model is loaded (ready or in use).
     pub fn is_loaded(&self, model: &str) -> bool {
         self.lock().slots.is_loaded(model)
+    }
+
+    /// Where a model stands: unloaded, loading, loaded or failed.
+    pub fn model_state(&self, model: &str) -> ModelState {
+        self.lock().slots.state(model)
     }
 
     /// Cancels a job. A queued job ends at once; a running one within one step (and a

@@ -22,6 +22,19 @@ enum Slot {
 
 type Waiter = oneshot::Sender<Result<(), Failure>>;
 
+/// Where a model stands, as `ListModels` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelState {
+    /// Not loaded (never, or unloaded since).
+    Unloaded,
+    /// A load is running (with TensorRT, engines are built or read from the cache then).
+    Loading,
+    /// Loaded: ready, or running a batch.
+    Loaded,
+    /// The last load failed (reported to the jobs that waited; the next request retries).
+    Failed,
+}
+
 /// Every configured model's slot, and the callers waiting for loads.
 pub(super) struct Slots {
     slots: HashMap<String, Slot>,
@@ -34,6 +47,16 @@ impl Slots {
         Slots {
             slots: names.map(|n| (n.to_string(), Slot::Unloaded)).collect(),
             waiters: HashMap::new(),
+        }
+    }
+
+    /// Where `name` stands (unknown names read as unloaded).
+    pub fn state(&self, name: &str) -> ModelState {
+        match self.slots.get(name) {
+            None | Some(Slot::Unloaded) => ModelState::Unloaded,
+            Some(Slot::Loading) => ModelState::Loading,
+            Some(Slot::Ready { .. } | Slot::InUse) => ModelState::Loaded,
+            Some(Slot::Failed(_)) => ModelState::Failed,
         }
     }
 
@@ -153,5 +176,46 @@ impl Slots {
             }
         }
         next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::backend::RunControl;
+    use crate::pipeline::{Generation, PipelineError, ProgressFn};
+    use crate::request::ResolvedRequest;
+
+    /// A model the slots only hold.
+    struct Held;
+
+    impl Model for Held {
+        fn generate(
+            &mut self,
+            _: &[&ResolvedRequest],
+            _: &RunControl,
+            _: &mut ProgressFn<'_>,
+        ) -> Result<Vec<Generation>, PipelineError> {
+            unreachable!("the slots never run a model")
+        }
+    }
+
+    #[test]
+    fn states_follow_the_loads() {
+        let mut slots = Slots::new(["a"].into_iter());
+        assert_eq!(slots.state("a"), ModelState::Unloaded);
+        assert!(slots.begin_load("a"));
+        assert_eq!(slots.state("a"), ModelState::Loading);
+        slots.finish_load("a", Err(Failure::ModelLoad("x".into())));
+        assert_eq!(slots.state("a"), ModelState::Failed);
+        slots.take_failures();
+        assert!(slots.begin_load("a"));
+        slots.finish_load("a", Ok(Box::new(Held)));
+        assert_eq!(slots.state("a"), ModelState::Loaded);
+        let model = slots.take("a").unwrap();
+        assert_eq!(slots.state("a"), ModelState::Loaded);
+        slots.put_back("a", model);
+        slots.unload("a");
+        assert_eq!(slots.state("a"), ModelState::Unloaded);
     }
 }

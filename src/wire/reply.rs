@@ -147,6 +147,23 @@ pub struct ModelInfo {
     /// Its default scheduler (empty when the folder's is not one diffusiond knows).
     #[serde(with = "as_value")]
     pub scheduler: String,
+    /// `unloaded`, `loading`, `building` (loading with the TensorRT provider in use, which
+    /// builds its engines then unless they are cached), `loaded` or `failed`.
+    #[serde(with = "as_value")]
+    pub state: String,
+}
+
+/// A model's `state` in `ListModels`: a load with the TensorRT provider in use is
+/// `building` (its engines are built then, unless the cache holds them).
+pub fn model_state_name(state: crate::jobs::ModelState, tensorrt: bool) -> &'static str {
+    use crate::jobs::ModelState;
+    match state {
+        ModelState::Unloaded => "unloaded",
+        ModelState::Loading if tensorrt => "building",
+        ModelState::Loading => "loading",
+        ModelState::Loaded => "loaded",
+        ModelState::Failed => "failed",
+    }
 }
 
 #[cfg(test)]
@@ -226,6 +243,18 @@ mod tests {
         assert_eq!(r.timings.map(|t| t["png"]), Some(0.5));
     }
     #[test]
+    fn model_states_have_one_name_each() {
+        use crate::jobs::ModelState::*;
+        let names: Vec<_> = [Unloaded, Loading, Loaded, Failed]
+            .into_iter()
+            .map(|s| model_state_name(s, false))
+            .collect();
+        assert_eq!(names, ["unloaded", "loading", "loaded", "failed"]);
+        assert_eq!(model_state_name(Loading, true), "building");
+        assert_eq!(model_state_name(Loaded, true), "loaded");
+    }
+
+    #[test]
     fn model_info_reads_back_as_a_plain_dict() {
         let info = ModelInfo {
             name: "tiny".into(),
@@ -234,13 +263,14 @@ mod tests {
             default: false,
             kind: "sd".into(),
             scheduler: "pndm".into(),
+            state: "loaded".into(),
         };
         let ctxt = Context::new_dbus(LE, 0);
         let bytes = to_bytes(ctxt, &vec![info.clone()]).expect("serializes");
         let (dicts, _): (Vec<HashMap<String, OwnedValue>>, _) = bytes.deserialize().unwrap();
         assert_eq!(<&str>::try_from(&dicts[0]["name"]).unwrap(), "tiny");
         assert!(bool::try_from(&dicts[0]["loaded"]).unwrap());
-        assert_eq!(dicts[0].len(), 6);
+        assert_eq!(dicts[0].len(), 7);
         let (back, _): (Vec<ModelInfo>, _) = bytes.deserialize().unwrap();
         assert_eq!(back, vec![info]);
     }

@@ -99,6 +99,10 @@ pub fn format_status(status: &Status) -> String {
             if m.loaded {
                 tags.push("loaded");
             }
+            // A load in progress (TensorRT: building engines) or a failed one.
+            if matches!(m.state.as_str(), "loading" | "building" | "failed") {
+                tags.push(m.state.as_str());
+            }
             if tags.is_empty() {
                 m.name.clone()
             } else {
