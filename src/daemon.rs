@@ -13,7 +13,7 @@ use crate::config::Settings;
 use crate::dbus::{self, Manager, Registry};
 use crate::jobs::{Engine, OrtBackend};
 use crate::model::{Catalog, ModelSpec};
-use crate::runtime::{Runtime, RuntimeError};
+use crate::runtime::{ProviderKind, Runtime, RuntimeError};
 pub use crate::wire::Bus;
 use crate::wire::{BUS_NAME, MANAGER_PATH};
 
@@ -67,12 +67,17 @@ fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
 }
 
 /// Loads the `preload` models before the daemon reports ready, extending systemd's start
-/// timeout (EXTEND_TIMEOUT_USEC) every few seconds while a load runs. A model that fails
-/// to load is logged; the daemon still serves the others.
-async fn preload(engine: &Engine, names: &[String]) {
+/// timeout (EXTEND_TIMEOUT_USEC) every few seconds while a load runs (with `tensorrt`, the
+/// status says engines are being built: minutes for a UNet the first time). A model that
+/// fails to load is logged; the daemon still serves the others.
+async fn preload(engine: &Engine, names: &[String], tensorrt: bool) {
     const EXTEND: Duration = Duration::from_secs(30);
     for name in names {
-        let status = format!("loading model '{name}'");
+        let status = if tensorrt {
+            format!("loading model '{name}': building TensorRT engines (unless cached)")
+        } else {
+            format!("loading model '{name}'")
+        };
         let ping = || {
             notify(&[
                 sd_notify::NotifyState::Status(&status),
@@ -244,7 +249,8 @@ pub async fn run(
     );
     notify(&[sd_notify::NotifyState::Status("taking the bus name")]);
     let conn = connect(&bus, manager).await?;
-    preload(&engine, &settings.preload).await;
+    let tensorrt = runtime.providers().contains(&ProviderKind::Tensorrt);
+    preload(&engine, &settings.preload, tensorrt).await;
     let retention = Duration::from_secs(settings.jobs.retention_secs);
     let jobs = registry.job_count();
     let pump = tokio::spawn(dbus::pump_events(conn.clone(), registry, rx, retention));
