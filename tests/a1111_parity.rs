@@ -66,18 +66,19 @@ fn check(model: &str) {
         .expect("fixture model");
     let mut failures = Vec::new();
     for case in &selected {
-        let result = match pipeline.generate(&params(case), &mut |_, _| true) {
+        let result = match common::parity::generate_case(
+            &mut pipeline,
+            &params(case),
+            &case.id,
+            &case.unet_timesteps,
+            case.num_images,
+        ) {
             Ok(r) => r,
             Err(e) => {
-                failures.push(format!("{}: {e}", case.id));
+                failures.push(e);
                 continue;
             }
         };
-        if result.timesteps != case.unet_timesteps {
-            failures.push(format!("{}: UNet timesteps differ", case.id));
-            continue;
-        }
-        assert_eq!(result.images.len(), case.num_images, "{}", case.id);
         let diff = Diff::of_images(&result.images, &golden(), &case.images, &case.pngs);
         eprintln!("{} (weighted: {}): {diff}", case.id, case.weighted);
         if !diff.within_bar() {

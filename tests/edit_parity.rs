@@ -100,21 +100,19 @@ fn check(select: impl Fn(&Case) -> bool) {
             loaded = Some((key, Pipeline::load(ort_runtime(), &dir).unwrap()));
         }
         let pipeline = &mut loaded.as_mut().unwrap().1;
-        let result = match pipeline.generate(&params(case), &mut |_, _| true) {
+        let result = match common::parity::generate_case(
+            pipeline,
+            &params(case),
+            &case.id,
+            &case.unet_timesteps,
+            case.num_images,
+        ) {
             Ok(r) => r,
             Err(e) => {
-                failures.push(format!("{}: {e}", case.id));
+                failures.push(e);
                 continue;
             }
         };
-        if result.timesteps != case.unet_timesteps {
-            failures.push(format!(
-                "{}: UNet timesteps {:?}, want {:?}",
-                case.id, result.timesteps, case.unet_timesteps
-            ));
-            continue;
-        }
-        assert_eq!(result.images.len(), case.num_images, "{}", case.id);
         let diff = Diff::of_images(&result.images, &golden(), &case.images, &case.pngs);
         eprintln!("{}: {diff}", case.id);
         if !diff.within_bar() {

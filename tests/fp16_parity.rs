@@ -108,21 +108,19 @@ fn check(reference: Reference, select: impl Fn(&Case) -> bool) {
     let mut failures = Vec::new();
     for case in &selected {
         assert_eq!(case.model, MODEL, "{}", case.id);
-        let result = match pipeline.generate(&params(case), &mut |_, _| true) {
+        let result = match common::parity::generate_case(
+            &mut pipeline,
+            &params(case),
+            &case.id,
+            &case.unet_timesteps,
+            case.num_images,
+        ) {
             Ok(r) => r,
             Err(e) => {
-                failures.push(format!("{}: {e}", case.id));
+                failures.push(e);
                 continue;
             }
         };
-        if result.timesteps != case.unet_timesteps {
-            failures.push(format!(
-                "{}: UNet timesteps {:?}, want {:?}",
-                case.id, result.timesteps, case.unet_timesteps
-            ));
-            continue;
-        }
-        assert_eq!(result.images.len(), case.num_images, "{}", case.id);
         let optimum = Diff::of_images(&result.images, &golden(), &case.images, &case.pngs);
         let f32_host = Diff::of_images(
             &result.images,

@@ -8,7 +8,7 @@ use std::fmt;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use diffusiond::pipeline::GeneratedImage;
+use diffusiond::pipeline::{GenerateParams, GeneratedImage, Generation, Pipeline};
 use diffusiond::runtime::{Runtime, RuntimeSettings};
 use ndarray::{Array3, ArrayD};
 use ndarray_npy::read_npy;
@@ -36,6 +36,29 @@ pub fn manifest_cases<C: serde::de::DeserializeOwned>(dir: &Path) -> Vec<C> {
     serde_json::from_str::<Manifest<C>>(&text)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .cases
+}
+
+/// Generates one golden case and checks what every golden test checks first: that it runs,
+/// that the UNet saw the reference's timesteps, and that it made `images` images. `Err`
+/// names the case and what differed.
+pub fn generate_case(
+    pipeline: &mut Pipeline,
+    params: &GenerateParams,
+    id: &str,
+    unet_timesteps: &[f64],
+    images: usize,
+) -> Result<Generation, String> {
+    let result = pipeline
+        .generate(params, &mut |_, _| true)
+        .map_err(|e| format!("{id}: {e}"))?;
+    if result.timesteps != unet_timesteps {
+        return Err(format!(
+            "{id}: UNet timesteps {:?}, want {unet_timesteps:?}",
+            result.timesteps
+        ));
+    }
+    assert_eq!(result.images.len(), images, "{id}");
+    Ok(result)
 }
 
 /// A PNG's pixels as `[H, W, 3]`.
