@@ -6,6 +6,7 @@
 //! [`Runtime::session_for`] (which adds TensorRT's optimization profile: [`tensorrt`]), so
 //! the options live in one place.
 
+pub mod devices;
 pub mod discovery;
 pub mod gpu;
 pub mod providers;
@@ -20,6 +21,7 @@ use ort::environment::Environment;
 use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 
+pub use devices::WorkerDevice;
 pub use settings::{ProviderKind, RuntimeSettings, SessionSettings};
 
 use discovery::{Attempt, Candidate, Inputs};
@@ -125,6 +127,8 @@ pub struct Runtime {
     providers: Vec<ProviderKind>,
     skipped: Vec<providers::Fallback>,
     library: &'static LoadedLibrary,
+    /// The worker these sessions are for (the first, unless from [`Runtime::workers`]).
+    device: WorkerDevice,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -140,6 +144,7 @@ impl Runtime {
     /// Loads ONNX Runtime and prepares the environment and provider list.
     pub fn init(settings: RuntimeSettings) -> Result<Runtime, RuntimeError> {
         providers::validate(&settings).map_err(RuntimeError::InvalidSettings)?;
+        devices::validate(&settings.devices).map_err(RuntimeError::InvalidSettings)?;
         let library = load_library(&settings)?;
         let available = available_providers()?;
         let (chosen, mut skipped) = providers::plan(&settings.execution_providers, |p| {
@@ -150,14 +155,77 @@ impl Runtime {
         for f in &skipped {
             tracing::warn!(provider = %f.provider, reason = %f.reason, "execution provider unavailable, falling back");
         }
+        if devices::on_gpu(&chosen) && !settings.devices.is_empty() {
+            let count = gpu::cuda_devices().map_err(RuntimeError::InvalidSettings)?;
+            devices::check_present(&settings.devices, count)
+                .map_err(RuntimeError::InvalidSettings)?;
+        }
         let env = ort::init().with_name("diffusiond").build()?;
-        Ok(Runtime {
+        let mut runtime = Runtime {
             env,
             settings,
             providers: chosen,
             skipped,
             library,
-        })
+            device: WorkerDevice {
+                worker: 0,
+                gpu: None,
+            },
+        };
+        // The first worker's view is the runtime's own (`diffusiond --version`, --local).
+        if let Some((device, settings)) = runtime.plan().into_iter().next() {
+            runtime.device = device;
+            runtime.settings = settings;
+        }
+        Ok(runtime)
+    }
+
+    fn plan(&self) -> Vec<(WorkerDevice, RuntimeSettings)> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        devices::plan(&self.settings, &self.providers, cores)
+    }
+
+    /// One runtime per worker (`runtime.devices`): the same library, environment and
+    /// providers, each with its worker's device ids and thread share
+    /// ([`devices::plan`]).
+    pub fn workers(&self) -> Vec<Runtime> {
+        self.plan()
+            .into_iter()
+            .map(|(device, settings)| Runtime {
+                env: self.env.clone(),
+                settings,
+                providers: self.providers.clone(),
+                skipped: self.skipped.clone(),
+                library: self.library,
+                device,
+            })
+            .collect()
+    }
+
+    /// The worker and device these sessions are for.
+    pub fn device(&self) -> WorkerDevice {
+        self.device
+    }
+
+    /// The CUDA device whose memory holds a UNet's bound buffers: the worker's GPU when
+    /// the CUDA or TensorRT provider is in use; `None`: host memory (the CPU provider).
+    pub fn io_device(&self) -> Option<i32> {
+        if !devices::on_gpu(&self.providers) {
+            return None;
+        }
+        self.device
+            .gpu
+            .map(|d| i32::try_from(d).unwrap_or(i32::MAX))
+    }
+
+    /// Whether the first provider replays the UNet from CUDA graphs
+    /// (`runtime.cuda.cuda_graph` or `runtime.tensorrt.cuda_graph`).
+    pub fn cuda_graph(&self) -> bool {
+        match self.providers.first() {
+            Some(ProviderKind::Tensorrt) => self.settings.tensorrt.cuda_graph,
+            Some(ProviderKind::Cuda) => self.settings.cuda.cuda_graph,
+            _ => false,
+        }
     }
 
     /// The execution providers sessions are created with, in order.

@@ -120,7 +120,8 @@ fn cuda(settings: &RuntimeSettings) -> ExecutionProviderDispatch {
     let mut ep = ort::ep::CUDA::default()
         .with_device_id(c.device_id)
         .with_arena_extend_strategy(c.arena_extend_strategy.to_ort())
-        .with_conv_algorithm_search(c.conv_algorithm_search.to_ort());
+        .with_conv_algorithm_search(c.conv_algorithm_search.to_ort())
+        .with_cuda_graph(c.cuda_graph);
     if c.memory_limit > 0 {
         ep = ep.with_memory_limit(c.memory_limit);
     }
@@ -136,7 +137,8 @@ fn tensorrt(settings: &RuntimeSettings, plan: Option<&SessionPlan>) -> Execution
     let mut ep = ort::ep::TensorRT::default()
         .with_device_id(t.device_id)
         .with_fp16(t.fp16)
-        .with_builder_optimization_level(t.builder_optimization_level.get());
+        .with_builder_optimization_level(t.builder_optimization_level.get())
+        .with_cuda_graph(t.cuda_graph);
     let Some(plan) = plan else {
         return ep.build();
     };

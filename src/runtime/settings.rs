@@ -180,6 +180,11 @@ pub struct CudaSettings {
     pub arena_extend_strategy: ArenaExtendStrategy,
     /// How cuDNN picks convolution algorithms.
     pub conv_algorithm_search: ConvAlgorithmSearch,
+    /// Capture each UNet shape's step in a CUDA graph and replay it (ONNX Runtime's
+    /// `enable_cuda_graph`). The UNet then runs on buffers kept in device memory, one
+    /// graph per batch shape; it needs every UNet node on the CUDA provider, so a graph
+    /// with CPU nodes fails to load with ONNX Runtime's message. Off by default.
+    pub cuda_graph: bool,
 }
 
 /// A TensorRT builder optimization level that is known to be in TensorRT's range, 0–5
@@ -282,6 +287,10 @@ pub struct TensorRtSettings {
     pub timing_cache_dir: Option<PathBuf>,
     /// Builder optimization level, 0–5 (TensorRT's default is 3).
     pub builder_optimization_level: BuilderOptimizationLevel,
+    /// Capture TensorRT's engine runs in CUDA graphs (`trt_cuda_graph_enable`); the UNet
+    /// then runs on buffers kept in device memory, one graph per batch shape. Off by
+    /// default.
+    pub cuda_graph: bool,
     /// Smallest image side the engines take, in pixels (a multiple of 8; unset: the
     /// model's size multiple, 64 for SD 1.x/2.x, 32 for SDXL).
     pub min_size: Option<tensorrt::ProfileSize>,
@@ -308,6 +317,7 @@ impl Default for TensorRtSettings {
             engine_cache_dir: None,
             timing_cache_dir: None,
             builder_optimization_level: BuilderOptimizationLevel::default(),
+            cuda_graph: false,
             min_size: None,
             opt_size: None,
             max_size: None,
@@ -366,6 +376,13 @@ pub struct RuntimeSettings {
     pub cuda: CudaSettings,
     /// TensorRT options.
     pub tensorrt: TensorRtSettings,
+    /// One worker per entry, each with its own sessions; the queue spreads batches over
+    /// them. With the CUDA or TensorRT provider each entry is a GPU index (it replaces
+    /// `cuda.device_id` and `tensorrt.device_id` for that worker), and every index must be
+    /// present. With the CPU provider the entries only count workers, which share the
+    /// cores (`session.intra_threads` 0 gives each its share). Empty (the default): one
+    /// worker on `cuda.device_id`/`tensorrt.device_id`.
+    pub devices: Vec<u32>,
 }
 
 impl Default for RuntimeSettings {
@@ -377,6 +394,7 @@ impl Default for RuntimeSettings {
             session: SessionSettings::default(),
             cuda: CudaSettings::default(),
             tensorrt: TensorRtSettings::default(),
+            devices: Vec::new(),
         }
     }
 }
