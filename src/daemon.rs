@@ -107,6 +107,36 @@ async fn preload(engine: &Engine, names: &[String], tensorrt: bool) {
     }
 }
 
+/// sd_notify's `STATUS=` while serving: ready, and the models loading now (building
+/// TensorRT engines, with TensorRT), so `systemctl status` shows why a first job waits.
+pub fn serving_status(loading: &[String], tensorrt: bool) -> String {
+    let ready = format!("ready: serving {BUS_NAME}");
+    if loading.is_empty() {
+        return ready;
+    }
+    let names: Vec<String> = loading.iter().map(|n| format!("'{n}'")).collect();
+    let what = if tensorrt {
+        "building TensorRT engines (unless cached) for"
+    } else {
+        "loading"
+    };
+    let noun = if loading.len() == 1 {
+        "model"
+    } else {
+        "models"
+    };
+    format!("{ready}; {what} {noun} {}", names.join(", "))
+}
+
+/// Says in `STATUS=` which models load, each time that changes (loads a job or
+/// `LoadModel` started after the daemon became ready).
+async fn report_loads(mut loads: tokio::sync::watch::Receiver<Vec<String>>, tensorrt: bool) {
+    while loads.changed().await.is_ok() {
+        let status = serving_status(&loads.borrow_and_update(), tensorrt);
+        notify(&[sd_notify::NotifyState::Status(&status)]);
+    }
+}
+
 async fn connect(bus: &Bus, manager: Manager) -> Result<Connection, DaemonError> {
     let builder = bus.builder()?;
     // Serve the objects first, then take the name: activated callers arrive at once.
@@ -226,7 +256,7 @@ pub async fn run(
         .map(Arc::new)
         .map_err(|e| DaemonError::Start(e.to_string()))?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let backend = Arc::new(OrtBackend::new(runtime.clone()));
+    let backend = Arc::new(OrtBackend::new(&runtime));
     let budget = settings.limits.budget();
     let (engine, worker) =
         Engine::start(backend, catalog.clone(), settings.jobs.clone(), budget, tx)
@@ -266,8 +296,9 @@ pub async fn run(
     tracing::info!(bus = ?bus, "serving {BUS_NAME}");
     notify(&[
         sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status("ready: serving io.github.Diffusiond1"),
+        sd_notify::NotifyState::Status(&serving_status(&[], tensorrt)),
     ]);
+    let status = tokio::spawn(report_loads(engine.loads(), tensorrt));
 
     tokio::select! {
         () = shutdown => tracing::info!("shutting down"),
@@ -292,10 +323,11 @@ pub async fn run(
             service.stop_all();
         }
         draining.shutdown(grace);
-        let _ = worker.join();
+        worker.join();
     })
     .await;
     engine.flush_events().await;
+    status.abort();
     watcher.abort();
     pump.abort();
     batch_pump.abort();
@@ -386,4 +418,26 @@ async fn serve_batches(
         _ => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::serving_status;
+
+    #[test]
+    fn status_names_the_models_loading() {
+        assert_eq!(
+            serving_status(&[], false),
+            "ready: serving io.github.Diffusiond1"
+        );
+        assert_eq!(
+            serving_status(&["tiny".into()], false),
+            "ready: serving io.github.Diffusiond1; loading model 'tiny'"
+        );
+        assert_eq!(
+            serving_status(&["a".into(), "b".into()], true),
+            "ready: serving io.github.Diffusiond1; building TensorRT engines (unless cached) \
+             for models 'a', 'b'"
+        );
+    }
 }

@@ -38,6 +38,12 @@ pub fn version_report(runtime: &runtime::Runtime) -> String {
     for skipped in runtime.skipped_providers() {
         report += &format!("not used: {}: {}\n", skipped.provider, skipped.reason);
     }
+    let workers: Vec<String> = runtime
+        .workers()
+        .iter()
+        .map(|w| w.device().to_string())
+        .collect();
+    report += &format!("workers: {}\n", workers.join(", "));
     if available.iter().any(|p| p == "CUDAExecutionProvider") {
         report += &match runtime::gpu::cuda_devices() {
             Ok(n) => format!("CUDA devices: {n}\n"),

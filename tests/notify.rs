@@ -158,3 +158,59 @@ fn no_watchdog_pings_when_the_pid_is_not_ours() {
         "{messages:#?}"
     );
 }
+
+#[test]
+fn a_load_after_ready_shows_in_the_status_until_it_ends() {
+    let bus = PrivateBus::start();
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let config = dir.path().join("diffusiond.toml");
+    std::fs::write(&config, common::config_text("")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_diffusiond"))
+        .args(["--address", bus.address(), "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let mut messages: Vec<String> = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let mut asked = false;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let loading = "STATUS=ready: serving io.github.Diffusiond1; loading model 'tiny'\n";
+    let ready = "STATUS=ready: serving io.github.Diffusiond1\n";
+    while Instant::now() < deadline {
+        if let Ok(n) = socket.recv(&mut buf) {
+            messages.push(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+        if !asked && messages.iter().any(|m| m.contains("READY=1")) {
+            // A load the daemon did not start itself: LoadModel after READY=1.
+            let out = Command::new("busctl")
+                .args(["--address", bus.address(), "call", "io.github.Diffusiond1"])
+                .args(["/io/github/Diffusiond1", "io.github.Diffusiond1.Manager"])
+                .args(["LoadModel", "s", "tiny"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            asked = true;
+        }
+        let at = messages.iter().position(|m| m == loading);
+        if at.is_some_and(|i| messages[i..].iter().any(|m| m == ready)) {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let at = messages
+        .iter()
+        .position(|m| m == loading)
+        .unwrap_or_else(|| panic!("no loading status: {messages:#?}"));
+    assert!(
+        messages[at..].iter().any(|m| m == ready),
+        "the status went back to ready: {messages:#?}"
+    );
+}

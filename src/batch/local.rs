@@ -214,7 +214,7 @@ pub fn run(
     let runtime = Runtime::init(settings.engine_runtime())
         .map(Arc::new)
         .map_err(|e| BatchError::Model(e.to_string()))?;
-    let backend = Arc::new(OrtBackend::new(runtime));
+    let backend = Arc::new(OrtBackend::new(&runtime));
     // Nothing listens to the engine's events here: each outcome goes to the runner.
     let (events, _) = tokio::sync::mpsc::unbounded_channel();
     let (engine, worker) = Engine::start(
@@ -242,7 +242,7 @@ pub fn run(
     let end = runner.run(LOCAL_ID, own_uid(), resumed);
     report.seconds = started.elapsed().as_secs_f64();
     engine.shutdown(std::time::Duration::ZERO);
-    let _ = worker.join();
+    worker.join();
     stopper.set(None);
     output.close();
     let store = store.into_inner().unwrap_or_else(|e| e.into_inner());

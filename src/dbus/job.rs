@@ -189,6 +189,7 @@ fn wait_result(view: &JobView, out: &Arc<JobOutput>) -> WaitResult {
         height: view.height,
         steps: view.steps,
         batch_size: out.batch_images as u32,
+        device: out.device.clone(),
         timings: reply::timings(out),
     }
 }

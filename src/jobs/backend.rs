@@ -14,8 +14,17 @@ use crate::runtime::Runtime;
 
 /// Loads models. Called on a loading thread of its own.
 pub trait Backend: Send + Sync + 'static {
-    /// Loads the model `name` from its opened folder; the error says why not.
-    fn load(&self, name: &str, bundle: &Arc<ModelBundle>) -> Result<Box<dyn Model>, String>;
+    /// The workers' devices, one entry per worker thread (`cpu`, `cuda:0`, ...).
+    fn workers(&self) -> Vec<String>;
+
+    /// Loads the model `name` from its opened folder for `worker` (an index into
+    /// [`Backend::workers`]); the error says why not.
+    fn load(
+        &self,
+        name: &str,
+        bundle: &Arc<ModelBundle>,
+        worker: usize,
+    ) -> Result<Box<dyn Model>, String>;
 
     /// A run control for one batch.
     fn run_control(&self) -> Result<RunControl, String>;
@@ -83,26 +92,46 @@ impl RunControl {
     }
 }
 
-/// Models as ONNX Runtime sessions on one [`Runtime`].
+/// Models as ONNX Runtime sessions, one [`Runtime`] per worker ([`Runtime::workers`]:
+/// `runtime.devices`).
 pub struct OrtBackend {
-    runtime: Arc<Runtime>,
+    runtimes: Vec<Runtime>,
     version: String,
 }
 
 impl OrtBackend {
-    /// A backend over a loaded runtime.
-    pub fn new(runtime: Arc<Runtime>) -> OrtBackend {
+    /// A backend with one worker per configured device of a loaded runtime.
+    pub fn new(runtime: &Runtime) -> OrtBackend {
         let version = runtime.version().to_string();
-        OrtBackend { runtime, version }
+        OrtBackend {
+            runtimes: runtime.workers(),
+            version,
+        }
     }
 }
 
 impl Backend for OrtBackend {
-    fn load(&self, _name: &str, bundle: &Arc<ModelBundle>) -> Result<Box<dyn Model>, String> {
+    fn workers(&self) -> Vec<String> {
+        self.runtimes
+            .iter()
+            .map(|r| r.device().to_string())
+            .collect()
+    }
+
+    fn load(
+        &self,
+        _name: &str,
+        bundle: &Arc<ModelBundle>,
+        worker: usize,
+    ) -> Result<Box<dyn Model>, String> {
+        let runtime = self
+            .runtimes
+            .get(worker)
+            .ok_or_else(|| format!("no worker {worker}"))?;
         // The folder was checked when it was opened; check its graphs again in case they
         // changed since, then load.
         bundle.check_files().map_err(|e| e.to_string())?;
-        Pipeline::from_bundle(&self.runtime, bundle.clone())
+        Pipeline::from_bundle(runtime, bundle.clone())
             .map(|p| Box::new(p) as Box<dyn Model>)
             .map_err(|e| e.to_string())
     }

@@ -17,6 +17,7 @@ impl Engine {
         job: &QueuedJob,
         g: Generation,
         batch_images: usize,
+        device: &str,
     ) -> Outcome {
         let _png = tracing::debug_span!("png", job = job.id).entered();
         let t0 = Instant::now();
@@ -40,6 +41,7 @@ impl Engine {
             png_secs: t0.elapsed().as_secs_f64(),
             total_secs: started.elapsed().as_secs_f64(),
             batch_images,
+            device: device.to_string(),
         }))
     }
 

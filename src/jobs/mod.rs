@@ -10,8 +10,11 @@
 //! * [`backend`]: the small trait the worker loads and runs models through, so unit tests
 //!   drive the engine with a fake pipeline ([`backend::OrtBackend`] is the real one).
 //!
-//! Threads: one worker thread runs the pipelines (ONNX Runtime calls block); models load
-//! on their own threads, so a load never holds up jobs on a model that is already loaded.
+//! Threads: one worker thread per device (`runtime.devices`, [`Backend::workers`]) runs
+//! the pipelines (ONNX Runtime calls block), each on its own sessions; the queue hands each
+//! idle worker the next batch for a model it has loaded, split fairly when several idle
+//! workers could take it. Models load on their own threads, so a load (a TensorRT engine
+//! build) never holds up jobs on a model that is already loaded.
 //! All shared state sits behind one mutex; every change that another thread waits for
 //! (a job queued, a model loaded, a batch finished, shutdown) is signalled on one
 //! condition variable. Nothing polls.
@@ -125,6 +128,8 @@ pub struct JobOutput {
     pub total_secs: f64,
     /// Images in the UNet batch.
     pub batch_images: usize,
+    /// The worker's device the batch ran on (`cpu`, `cpu#1`, `cuda:0`, ...).
+    pub device: String,
 }
 
 /// Why a job or a model load failed; each kind maps to one D-Bus error (`wire::error`).
@@ -223,18 +228,21 @@ pub fn next_job_id(last: &std::sync::atomic::AtomicU64, now_micros: u64) -> JobI
     }
 }
 
-/// The batch on the worker: its jobs, those cancelled meanwhile, and its run control.
+/// The batch on a worker: its jobs, those cancelled meanwhile, its run control, and its
+/// estimated peak memory (bytes), which the other workers' batches leave room for.
 struct Running {
     control: Arc<RunControl>,
     jobs: HashSet<JobId>,
     cancelled: HashSet<JobId>,
+    peak: u64,
 }
 
 struct State {
     queue: Queue,
     slots: Slots,
     admission: Admission,
-    running: Option<Running>,
+    /// Each worker's batch, by worker number.
+    running: Vec<Option<Running>>,
     /// Jobs writing their images to callers' fds, with their cancel flags.
     delivering: HashMap<JobId, Arc<AtomicBool>>,
     shutting_down: bool,
@@ -250,11 +258,27 @@ struct Shared {
     memory_budget: Option<u64>,
     catalog: Arc<Catalog>,
     backend: Arc<dyn Backend>,
+    /// Each worker's device name ([`Backend::workers`]).
+    devices: Vec<String>,
     /// Jobs whose outcome goes to a [`Reply`] channel. Its own lock, never held while
     /// waiting for `state`.
     replies: Mutex<HashMap<JobId, Reply>>,
+    /// The models loading now ([`Engine::loads`]).
+    loads: tokio::sync::watch::Sender<Vec<String>>,
     /// The last job number given out ([`Engine::next_id`]).
     last_id: std::sync::atomic::AtomicU64,
+}
+
+/// The worker threads; [`Workers::join`] returns once every one has exited.
+pub struct Workers(Vec<JoinHandle<()>>);
+
+impl Workers {
+    /// Waits for every worker thread (they exit after [`Engine::shutdown`]).
+    pub fn join(self) {
+        for handle in self.0 {
+            let _ = handle.join();
+        }
+    }
 }
 
 /// The job engine: a handle the daemon layer clones freely.
@@ -264,21 +288,27 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the worker thread over the configured models (`catalog`) and a backend that
-    /// loads and runs them. Batches stay under `memory_budget` (bytes) when it is set.
+    /// Starts one worker thread per [`Backend::workers`] entry over the configured models
+    /// (`catalog`) and a backend that loads and runs them. The batches running at once
+    /// stay under `memory_budget` (bytes) together when it is set.
     pub fn start(
         backend: Arc<dyn Backend>,
         catalog: Arc<Catalog>,
         settings: JobSettings,
         memory_budget: Option<u64>,
         events: UnboundedSender<Event>,
-    ) -> std::io::Result<(Engine, JoinHandle<()>)> {
+    ) -> std::io::Result<(Engine, Workers)> {
+        let mut devices = backend.workers();
+        if devices.is_empty() {
+            devices.push("default".into());
+        }
+        let workers = devices.len();
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 queue: Queue::default(),
-                slots: Slots::new(catalog.names()),
+                slots: Slots::new(catalog.names(), workers),
                 admission: Admission::default(),
-                running: None,
+                running: (0..workers).map(|_| None).collect(),
                 delivering: HashMap::new(),
                 shutting_down: false,
             }),
@@ -288,15 +318,34 @@ impl Engine {
             memory_budget,
             catalog,
             backend,
+            devices,
+            loads: tokio::sync::watch::Sender::new(Vec::new()),
             replies: Mutex::new(HashMap::new()),
             last_id: std::sync::atomic::AtomicU64::new(0),
         });
         let engine = Engine { shared };
-        let worker = engine.clone();
-        let handle = std::thread::Builder::new()
-            .name("diffusiond-worker".into())
-            .spawn(move || worker.work())?;
-        Ok((engine, handle))
+        let mut handles = Vec::with_capacity(workers);
+        for (n, device) in engine.shared.devices.iter().enumerate() {
+            let worker = engine.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("worker-{device}"))
+                .spawn(move || worker.work(n));
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    // Those already started exit once told to stop.
+                    engine.shutdown(Duration::ZERO);
+                    Workers(handles).join();
+                    return Err(e);
+                }
+            }
+        }
+        Ok((engine, Workers(handles)))
+    }
+
+    /// The workers' devices, one per worker thread (`cpu`, `cpu#1`, `cuda:0`, ...).
+    pub fn devices(&self) -> &[String] {
+        &self.shared.devices
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -376,12 +425,31 @@ impl Engine {
         self.lock().admission.len()
     }
 
-    /// Whether a model is loaded (ready or in use).
+    /// Whether a model is loaded (ready or in use) on every worker.
     pub fn is_loaded(&self, model: &str) -> bool {
-        self.lock().slots.is_loaded(model)
+        self.lock().slots.is_loaded_everywhere(model)
     }
 
-    /// Where a model stands: unloaded, loading, loaded or failed.
+    /// The models loading now, by name; changes as loads start and end (the daemon says
+    /// so in sd_notify's `STATUS=`).
+    pub fn loads(&self) -> tokio::sync::watch::Receiver<Vec<String>> {
+        self.shared.loads.subscribe()
+    }
+
+    /// Publishes the models loading now when the set changed.
+    fn publish_loads(&self, st: &State) {
+        let now = st.slots.loading();
+        self.shared.loads.send_if_modified(|seen| {
+            let changed = *seen != now;
+            if changed {
+                *seen = now;
+            }
+            changed
+        });
+    }
+
+    /// Where a model stands over the workers: loaded (on any), loading, failed or
+    /// unloaded.
     pub fn model_state(&self, model: &str) -> ModelState {
         self.lock().slots.state(model)
     }
@@ -402,7 +470,12 @@ impl Engine {
             // The writer sees the flag within its poll interval and reports the job.
             return !flag.swap(true, std::sync::atomic::Ordering::SeqCst);
         }
-        let Some(run) = st.running.as_mut() else {
+        let Some(run) = st
+            .running
+            .iter_mut()
+            .flatten()
+            .find(|r| r.jobs.contains(&id))
+        else {
             return false;
         };
         if !run.jobs.contains(&id) || !run.cancelled.insert(id) {
@@ -424,7 +497,8 @@ impl Engine {
         ids.into_iter().filter(|&id| self.cancel(id)).count()
     }
 
-    /// Loads a model now and keeps it warm; resolves when it is ready.
+    /// Loads a model now on every worker and keeps it warm; resolves when every worker
+    /// has it (or with the first failure).
     pub fn load_model(
         &self,
         name: &str,
@@ -434,16 +508,20 @@ impl Engine {
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut st = self.lock();
-        if st.slots.is_loaded(name) {
+        if st.slots.is_loaded_everywhere(name) {
             let _ = tx.send(Ok(()));
         } else {
             st.slots.add_waiter(name, tx);
-            self.start_load(&mut st, name);
+            for worker in 0..st.running.len() {
+                if !st.slots.is_loaded_on(name, worker) {
+                    self.start_load(&mut st, name, worker);
+                }
+            }
         }
         Ok(rx)
     }
 
-    /// Unloads a model (at once if idle, else after its current batch).
+    /// Unloads a model on every worker (at once if idle, else after its current batch).
     pub fn unload_model(&self, name: &str) -> Result<(), EngineError> {
         if !self.shared.catalog.contains(name) {
             return Err(EngineError::UnknownModel(name.into()));
@@ -471,8 +549,9 @@ impl Engine {
         let deadline = Instant::now() + grace;
         let live = |st: &mut State| {
             st.running
-                .as_ref()
-                .is_some_and(|r| r.cancelled.len() < r.jobs.len())
+                .iter()
+                .flatten()
+                .any(|r| r.cancelled.len() < r.jobs.len())
         };
         let st = self.lock();
         let (mut st, _) = self
@@ -483,9 +562,10 @@ impl Engine {
         if live(&mut st) {
             let running: Vec<JobId> = st
                 .running
-                .as_ref()
-                .map(|r| r.jobs.difference(&r.cancelled).copied().collect())
-                .unwrap_or_default();
+                .iter()
+                .flatten()
+                .flat_map(|r| r.jobs.difference(&r.cancelled).copied())
+                .collect();
             drop(st);
             for id in running {
                 self.cancel(id);
@@ -496,7 +576,7 @@ impl Engine {
         let st = self
             .shared
             .wake
-            .wait_while(st, |st| st.running.is_some())
+            .wait_while(st, |st| st.running.iter().any(Option::is_some))
             .unwrap_or_else(|e| e.into_inner());
         // Images still being written to callers' fds: what is left of the grace period,
         // then cancelled (a writer notices within its poll interval).
@@ -517,27 +597,30 @@ impl Engine {
         self.notify();
     }
 
-    /// Marks a model loading and loads it on its own thread.
-    fn start_load(&self, st: &mut State, name: &str) {
-        if !st.slots.begin_load(name) {
+    /// Marks a model loading on `worker` and loads it on its own thread.
+    fn start_load(&self, st: &mut State, name: &str, worker: usize) {
+        if !st.slots.begin_load(name, worker) {
             return;
         }
+        self.publish_loads(st);
         let engine = self.clone();
         let owned = name.to_string();
         let spawned = std::thread::Builder::new()
             .name(format!("load-{name}"))
             .spawn(move || {
-                let result = engine.load(&owned);
-                engine.finish_load(&owned, result);
+                let result = engine.load(&owned, worker);
+                engine.finish_load(&owned, worker, result);
             });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a model-loading thread");
             let message = format!("cannot start a model-loading thread: {e}");
-            st.slots.finish_load(name, Err(Failure::ModelLoad(message)));
+            st.slots
+                .finish_load(name, worker, Err(Failure::ModelLoad(message)));
+            self.publish_loads(st);
         }
     }
 
-    fn load(&self, name: &str) -> Result<Box<dyn Model>, Failure> {
+    fn load(&self, name: &str, worker: usize) -> Result<Box<dyn Model>, Failure> {
         let entry = self
             .shared
             .catalog
@@ -547,18 +630,29 @@ impl Engine {
             .bundle
             .as_ref()
             .map_err(|m| Failure::ModelLoad(m.clone()))?;
-        self.shared
-            .backend
-            .load(name, bundle)
-            .map_err(Failure::ModelLoad)
+        self.shared.backend.load(name, bundle, worker).map_err(|e| {
+            match self.shared.devices.len() {
+                1 => Failure::ModelLoad(e),
+                _ => Failure::ModelLoad(format!("on {}: {e}", self.device(worker))),
+            }
+        })
     }
 
-    fn finish_load(&self, name: &str, result: Result<Box<dyn Model>, Failure>) {
+    fn finish_load(&self, name: &str, worker: usize, result: Result<Box<dyn Model>, Failure>) {
+        let device = self.device(worker);
         match &result {
-            Ok(_) => tracing::info!(model = name, "model loaded"),
-            Err(e) => tracing::error!(model = name, error = %e, "model failed to load"),
+            Ok(_) => tracing::info!(model = name, %device, "model loaded"),
+            Err(e) => tracing::error!(model = name, %device, error = %e, "model failed to load"),
         }
-        self.lock().slots.finish_load(name, result);
+        let mut st = self.lock();
+        st.slots.finish_load(name, worker, result);
+        self.publish_loads(&st);
+        drop(st);
         self.notify();
+    }
+
+    /// A worker's device, as results and logs name it.
+    fn device(&self, worker: usize) -> &str {
+        self.shared.devices.get(worker).map_or("?", String::as_str)
     }
 }

@@ -82,6 +82,24 @@ impl Queue {
         self.jobs.values()
     }
 
+    /// The lead of the next batch for `ready` ([`Queue::take_batch`]) and the images of
+    /// every queued job that could join it, without taking anything.
+    pub fn peek_batch(&self, ready: impl Fn(&str) -> bool) -> Option<(&QueuedJob, usize)> {
+        let lead = self.jobs.values().find(|j| ready(&j.request.model))?;
+        let key = lead.request.batch_key();
+        let images = self
+            .jobs
+            .values()
+            .filter(|j| {
+                j.request.model == lead.request.model
+                    && j.background == lead.background
+                    && j.request.batch_key() == key
+            })
+            .map(|j| j.request.num_images)
+            .sum();
+        Some((lead, images))
+    }
+
     /// The next batch: the first job (in run order) whose model `ready` says is loaded,
     /// plus later jobs with the same model and batch key, up to `max_images(lead)` images
     /// (the engine's batch limit, lowered where the memory budget needs it). Batch items
@@ -116,6 +134,13 @@ impl Queue {
             .filter_map(|k| self.jobs.remove(&k))
             .collect()
     }
+}
+
+/// The images one of `idle` workers takes from `images` compatible ones, so that idle
+/// workers with the model loaded share the work instead of one taking it all (the
+/// others take what is left when they look next).
+pub fn fair_share(images: usize, idle: usize) -> usize {
+    images.div_ceil(idle.max(1))
 }
 
 #[cfg(test)]
@@ -202,6 +227,27 @@ mod tests {
         assert_eq!(batch, vec![2]);
         assert_eq!(q.len(), 1);
         assert!(q.take_batch(|m| m == "warm", |_| 4).is_empty());
+    }
+
+    #[test]
+    fn idle_workers_share_a_batch() {
+        let mut q = Queue::default();
+        for id in 1..=5 {
+            q.push(job(id, 0, "a", 4));
+        }
+        q.push(job(6, 0, "a", 8)); // another batch key (steps)
+        q.push(job(7, 0, "b", 4));
+        let (lead, images) = q.peek_batch(|m| m == "a").unwrap();
+        assert_eq!((lead.id, images), (1, 5));
+        assert_eq!(q.len(), 7, "peeking takes nothing");
+        // Two idle workers: the first takes 3 of the 5, the second (alone idle then) the rest.
+        let first = q.take_batch(|m| m == "a", |_| fair_share(5, 2));
+        assert_eq!(first.len(), 3);
+        let (_, left) = q.peek_batch(|m| m == "a").unwrap();
+        assert_eq!(fair_share(left, 1), 2);
+        assert_eq!(fair_share(1, 4), 1);
+        assert_eq!(fair_share(0, 0), 0);
+        assert!(q.peek_batch(|m| m == "c").is_none());
     }
 
     #[test]

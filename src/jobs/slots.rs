@@ -1,5 +1,5 @@
-//! Model slots: each configured model is unloaded, loading, ready, in use by the worker,
-//! or failed (until the failure is reported to its queued jobs). Pure bookkeeping; the
+//! Model slots: on each worker, each configured model is unloaded, loading, ready, in use
+//! by that worker, or failed (until the failure is reported to its queued jobs). Pure bookkeeping; the
 //! engine starts the loads and runs the models.
 
 use std::collections::HashMap;
@@ -35,101 +35,158 @@ pub enum ModelState {
     Failed,
 }
 
-/// Every configured model's slot, and the callers waiting for loads.
+/// Every configured model's slot on each worker, and the callers waiting for loads.
 pub(super) struct Slots {
-    slots: HashMap<String, Slot>,
+    /// Per model, one slot per worker.
+    slots: HashMap<String, Vec<Slot>>,
+    workers: usize,
     waiters: HashMap<String, Vec<Waiter>>,
 }
 
 impl Slots {
-    /// All models unloaded.
-    pub fn new<'a>(names: impl Iterator<Item = &'a str>) -> Slots {
+    /// All models unloaded on each of `workers` workers.
+    pub fn new<'a>(names: impl Iterator<Item = &'a str>, workers: usize) -> Slots {
+        let workers = workers.max(1);
         Slots {
-            slots: names.map(|n| (n.to_string(), Slot::Unloaded)).collect(),
+            slots: names
+                .map(|n| {
+                    (
+                        n.to_string(),
+                        (0..workers).map(|_| Slot::Unloaded).collect(),
+                    )
+                })
+                .collect(),
+            workers,
             waiters: HashMap::new(),
         }
     }
 
-    /// Where `name` stands (unknown names read as unloaded).
+    fn get(&self, name: &str, worker: usize) -> Option<&Slot> {
+        self.slots.get(name).and_then(|v| v.get(worker))
+    }
+
+    fn get_mut(&mut self, name: &str, worker: usize) -> Option<&mut Slot> {
+        self.slots.get_mut(name).and_then(|v| v.get_mut(worker))
+    }
+
+    /// Where `name` stands over all workers: loaded when any worker has it, else loading
+    /// when any loads it, else failed when a load failed (unknown names read as unloaded).
     pub fn state(&self, name: &str) -> ModelState {
-        match self.slots.get(name) {
-            None | Some(Slot::Unloaded) => ModelState::Unloaded,
-            Some(Slot::Loading) => ModelState::Loading,
-            Some(Slot::Ready { .. } | Slot::InUse) => ModelState::Loaded,
-            Some(Slot::Failed(_)) => ModelState::Failed,
+        let Some(v) = self.slots.get(name) else {
+            return ModelState::Unloaded;
+        };
+        let any = |f: fn(&Slot) -> bool| v.iter().any(f);
+        if any(|s| matches!(s, Slot::Ready { .. } | Slot::InUse)) {
+            ModelState::Loaded
+        } else if any(|s| matches!(s, Slot::Loading)) {
+            ModelState::Loading
+        } else if any(|s| matches!(s, Slot::Failed(_))) {
+            ModelState::Failed
+        } else {
+            ModelState::Unloaded
         }
     }
 
-    /// Ready or in use.
-    pub fn is_loaded(&self, name: &str) -> bool {
-        matches!(self.slots.get(name), Some(Slot::Ready { .. } | Slot::InUse))
+    /// The models a worker is loading now, by name.
+    pub fn loading(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .slots
+            .iter()
+            .filter(|(_, v)| v.iter().any(|s| matches!(s, Slot::Loading)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        names.sort();
+        names
     }
 
-    /// Ready for the worker.
-    pub fn is_ready(&self, name: &str) -> bool {
-        matches!(self.slots.get(name), Some(Slot::Ready { .. }))
+    /// Ready or in use on `worker`.
+    pub fn is_loaded_on(&self, name: &str, worker: usize) -> bool {
+        matches!(
+            self.get(name, worker),
+            Some(Slot::Ready { .. } | Slot::InUse)
+        )
     }
 
-    /// Neither loaded nor loading nor failed.
-    pub fn is_unloaded(&self, name: &str) -> bool {
-        matches!(self.slots.get(name), Some(Slot::Unloaded))
+    /// Loaded on every worker.
+    pub fn is_loaded_everywhere(&self, name: &str) -> bool {
+        (0..self.workers).all(|w| self.is_loaded_on(name, w))
     }
 
-    /// Someone waits for `name` to load.
+    /// Ready for `worker`.
+    pub fn is_ready(&self, name: &str, worker: usize) -> bool {
+        matches!(self.get(name, worker), Some(Slot::Ready { .. }))
+    }
+
+    /// Neither loaded nor loading nor failed on `worker`.
+    pub fn is_unloaded(&self, name: &str, worker: usize) -> bool {
+        matches!(self.get(name, worker), Some(Slot::Unloaded))
+    }
+
+    /// Someone waits for `name` to load on every worker.
     pub fn add_waiter(&mut self, name: &str, tx: Waiter) {
         self.waiters.entry(name.to_string()).or_default().push(tx);
     }
 
-    /// Marks `name` loading; false when it is loading or loaded already.
-    pub fn begin_load(&mut self, name: &str) -> bool {
-        match self.slots.get(name) {
-            Some(Slot::Unloaded | Slot::Failed(_)) | None => {
-                self.slots.insert(name.to_string(), Slot::Loading);
+    /// Marks `name` loading on `worker`; false when it is loading or loaded there already.
+    pub fn begin_load(&mut self, name: &str, worker: usize) -> bool {
+        match self.get_mut(name, worker) {
+            Some(slot @ (Slot::Unloaded | Slot::Failed(_))) => {
+                *slot = Slot::Loading;
                 true
             }
             _ => false,
         }
     }
 
-    /// Records a load's result and answers its waiters.
-    pub fn finish_load(&mut self, name: &str, result: Result<Box<dyn Model>, Failure>) {
-        let reply = match result {
-            Ok(model) => {
-                self.slots.insert(
-                    name.to_string(),
-                    Slot::Ready {
-                        model,
-                        last_used: Instant::now(),
-                    },
-                );
-                Ok(())
-            }
-            Err(f) => {
-                self.slots.insert(name.to_string(), Slot::Failed(f.clone()));
-                Err(f)
-            }
+    /// Records a load's result on `worker`; once no worker is loading `name`, answers its
+    /// waiters: success when every worker has it, else the first failure.
+    pub fn finish_load(
+        &mut self,
+        name: &str,
+        worker: usize,
+        result: Result<Box<dyn Model>, Failure>,
+    ) {
+        let Some(slot) = self.get_mut(name, worker) else {
+            return;
+        };
+        *slot = match result {
+            Ok(model) => Slot::Ready {
+                model,
+                last_used: Instant::now(),
+            },
+            Err(f) => Slot::Failed(f),
+        };
+        let v = &self.slots[name];
+        if v.iter().any(|s| matches!(s, Slot::Loading)) {
+            return;
+        }
+        let reply = match v.iter().find_map(|s| match s {
+            Slot::Failed(f) => Some(f.clone()),
+            _ => None,
+        }) {
+            Some(f) => Err(f),
+            None => Ok(()),
         };
         for tx in self.waiters.remove(name).unwrap_or_default() {
             let _ = tx.send(reply.clone());
         }
     }
 
-    /// Takes a ready model for the worker (the slot is in use until [`Slots::put_back`]).
-    pub fn take(&mut self, name: &str) -> Option<Box<dyn Model>> {
-        match self.slots.insert(name.to_string(), Slot::InUse) {
-            Some(Slot::Ready { model, .. }) => Some(model),
+    /// Takes `worker`'s ready model (the slot is in use until [`Slots::put_back`]).
+    pub fn take(&mut self, name: &str, worker: usize) -> Option<Box<dyn Model>> {
+        let slot = self.get_mut(name, worker)?;
+        match std::mem::replace(slot, Slot::InUse) {
+            Slot::Ready { model, .. } => Some(model),
             other => {
-                if let Some(slot) = other {
-                    self.slots.insert(name.to_string(), slot);
-                }
+                *slot = other;
                 None
             }
         }
     }
 
     /// Returns a model after its batch, unless it was unloaded meanwhile.
-    pub fn put_back(&mut self, name: &str, model: Box<dyn Model>) {
-        if let Some(slot @ Slot::InUse) = self.slots.get_mut(name) {
+    pub fn put_back(&mut self, name: &str, worker: usize, model: Box<dyn Model>) {
+        if let Some(slot @ Slot::InUse) = self.get_mut(name, worker) {
             *slot = Slot::Ready {
                 model,
                 last_used: Instant::now(),
@@ -137,41 +194,67 @@ impl Slots {
         }
     }
 
-    /// Frees a model: at once when ready or failed; when in use, after its batch.
+    /// Frees a model on every worker: at once when ready or failed; when in use, after
+    /// its batch.
     pub fn unload(&mut self, name: &str) {
-        if let Some(slot) = self.slots.get_mut(name) {
-            *slot = match slot {
-                Slot::Ready { .. } | Slot::Failed(_) | Slot::InUse => Slot::Unloaded,
-                Slot::Loading => return,
-                Slot::Unloaded => Slot::Unloaded,
-            };
+        if let Some(v) = self.slots.get_mut(name) {
+            for slot in v.iter_mut() {
+                if !matches!(slot, Slot::Loading) {
+                    *slot = Slot::Unloaded;
+                }
+            }
         }
     }
 
-    /// The failed models and why; their slots go back to unloaded, so a later request
-    /// retries the load.
+    /// The models whose loads failed with no worker left that has or is loading them, and
+    /// why; their slots go back to unloaded, so a later request retries. A worker whose
+    /// load failed while another serves the model keeps its failure (it does not retry on
+    /// every queued job) until the model is unloaded everywhere or loaded again.
     pub fn take_failures(&mut self) -> HashMap<String, Failure> {
         let mut failed = HashMap::new();
-        for (name, slot) in self.slots.iter_mut() {
-            if let Slot::Failed(f) = slot {
-                failed.insert(name.clone(), f.clone());
-                *slot = Slot::Unloaded;
+        for (name, v) in self.slots.iter_mut() {
+            let live = v
+                .iter()
+                .any(|s| matches!(s, Slot::Loading | Slot::Ready { .. } | Slot::InUse));
+            if live {
+                continue;
+            }
+            for slot in v.iter_mut() {
+                if let Slot::Failed(f) = slot {
+                    failed.entry(name.clone()).or_insert_with(|| f.clone());
+                    *slot = Slot::Unloaded;
+                }
             }
         }
         failed
     }
 
     /// Unloads ready models unused for `idle`, and returns when the next one would be due.
+    /// A model unloaded on its last worker forgets the failures of the others.
     pub fn unload_idle(&mut self, idle: Duration, now: Instant) -> Option<Instant> {
         let mut next = None;
-        for (name, slot) in self.slots.iter_mut() {
-            if let Slot::Ready { last_used, .. } = slot {
-                let due = *last_used + idle;
-                if due <= now {
-                    tracing::info!(model = %name, "unloading idle model");
-                    *slot = Slot::Unloaded;
-                } else {
-                    next = Some(next.map_or(due, |n: Instant| n.min(due)));
+        for (name, v) in self.slots.iter_mut() {
+            let mut unloaded = false;
+            for (worker, slot) in v.iter_mut().enumerate() {
+                if let Slot::Ready { last_used, .. } = slot {
+                    let due = *last_used + idle;
+                    if due <= now {
+                        tracing::info!(model = %name, worker, "unloading idle model");
+                        *slot = Slot::Unloaded;
+                        unloaded = true;
+                    } else {
+                        next = Some(next.map_or(due, |n: Instant| n.min(due)));
+                    }
+                }
+            }
+            let live = v
+                .iter()
+                .any(|s| matches!(s, Slot::Loading | Slot::Ready { .. } | Slot::InUse));
+            if unloaded && !live {
+                for slot in v.iter_mut() {
+                    if matches!(slot, Slot::Failed(_)) {
+                        *slot = Slot::Unloaded;
+                    }
                 }
             }
         }
@@ -202,20 +285,75 @@ mod tests {
 
     #[test]
     fn states_follow_the_loads() {
-        let mut slots = Slots::new(["a"].into_iter());
+        let mut slots = Slots::new(["a"].into_iter(), 1);
         assert_eq!(slots.state("a"), ModelState::Unloaded);
-        assert!(slots.begin_load("a"));
+        assert!(slots.begin_load("a", 0));
         assert_eq!(slots.state("a"), ModelState::Loading);
-        slots.finish_load("a", Err(Failure::ModelLoad("x".into())));
+        slots.finish_load("a", 0, Err(Failure::ModelLoad("x".into())));
         assert_eq!(slots.state("a"), ModelState::Failed);
         slots.take_failures();
-        assert!(slots.begin_load("a"));
-        slots.finish_load("a", Ok(Box::new(Held)));
+        assert!(slots.begin_load("a", 0));
+        slots.finish_load("a", 0, Ok(Box::new(Held)));
         assert_eq!(slots.state("a"), ModelState::Loaded);
-        let model = slots.take("a").unwrap();
+        let model = slots.take("a", 0).unwrap();
         assert_eq!(slots.state("a"), ModelState::Loaded);
-        slots.put_back("a", model);
+        slots.put_back("a", 0, model);
         slots.unload("a");
         assert_eq!(slots.state("a"), ModelState::Unloaded);
+    }
+
+    #[test]
+    fn each_worker_has_its_own_slot() {
+        let mut slots = Slots::new(["a"].into_iter(), 2);
+        assert!(slots.begin_load("a", 0) && slots.begin_load("a", 1));
+        assert!(!slots.begin_load("a", 1), "already loading there");
+        let (tx, mut rx) = oneshot::channel();
+        slots.add_waiter("a", tx);
+        slots.finish_load("a", 1, Ok(Box::new(Held)));
+        assert_eq!(slots.state("a"), ModelState::Loaded);
+        assert!(slots.is_ready("a", 1) && !slots.is_ready("a", 0));
+        assert!(rx.try_recv().is_err(), "waiters wait for every worker");
+        slots.finish_load("a", 0, Ok(Box::new(Held)));
+        assert!(matches!(rx.try_recv(), Ok(Ok(()))));
+        assert!(slots.is_loaded_everywhere("a"));
+        let model = slots.take("a", 0).unwrap();
+        assert!(slots.take("a", 0).is_none(), "in use on worker 0");
+        assert!(slots.is_ready("a", 1), "worker 1 still has its own");
+        slots.put_back("a", 0, model);
+        assert!(slots.is_ready("a", 0));
+    }
+
+    #[test]
+    fn a_failure_is_reported_only_when_no_worker_serves_the_model() {
+        let mut slots = Slots::new(["a"].into_iter(), 2);
+        slots.begin_load("a", 0);
+        slots.begin_load("a", 1);
+        let (tx, mut rx) = oneshot::channel();
+        slots.add_waiter("a", tx);
+        slots.finish_load("a", 0, Err(Failure::ModelLoad("out of memory on 0".into())));
+        assert!(slots.take_failures().is_empty(), "worker 1 still loads");
+        slots.finish_load("a", 1, Ok(Box::new(Held)));
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Err(Failure::ModelLoad("out of memory on 0".into())),
+            "a waiter hears of the worker that failed"
+        );
+        assert!(slots.take_failures().is_empty(), "worker 1 serves it");
+        assert!(
+            !slots.is_unloaded("a", 0),
+            "the failed worker does not retry on its own"
+        );
+        // Unloaded everywhere: the old failure is forgotten, not reported later.
+        let due = slots.unload_idle(Duration::ZERO, Instant::now() + Duration::from_secs(1));
+        assert!(due.is_none());
+        assert!(slots.is_unloaded("a", 0) && slots.is_unloaded("a", 1));
+        assert!(slots.take_failures().is_empty());
+        // Failed on both: reported once, and both retry afterwards.
+        slots.begin_load("a", 0);
+        slots.begin_load("a", 1);
+        slots.finish_load("a", 0, Err(Failure::ModelLoad("x".into())));
+        slots.finish_load("a", 1, Err(Failure::ModelLoad("y".into())));
+        assert_eq!(slots.take_failures().len(), 1);
+        assert!(slots.is_unloaded("a", 0) && slots.is_unloaded("a", 1));
     }
 }

@@ -4,7 +4,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ndarray::Array3;
@@ -66,22 +65,41 @@ impl Gate {
     }
 }
 
-/// What the fake saw: each batch as the seeds of its requests.
+/// What the fake saw: each batch as the seeds of its requests, the worker each ran on,
+/// and how many ran at once.
 #[derive(Default)]
 struct Fake {
     batches: Mutex<Vec<Vec<u64>>>,
+    /// Each batch's worker and seeds.
+    by_worker: Mutex<Vec<(usize, Vec<u64>)>>,
+    /// Batches in `generate` now, and the most at once.
+    concurrent: Mutex<(usize, usize)>,
     gate: Gate,
 }
 
-struct FakeBackend(Arc<Fake>);
-struct FakeModel(Arc<Fake>);
+/// The fake backend with `.1` workers (`fake0`, `fake1`, ...). Model `broken` fails to
+/// load everywhere, `flaky` on every worker but the first.
+struct FakeBackend(Arc<Fake>, usize);
+struct FakeModel(Arc<Fake>, usize);
 
 impl Backend for FakeBackend {
-    fn load(&self, name: &str, _: &Arc<ModelBundle>) -> Result<Box<dyn Model>, String> {
+    fn workers(&self) -> Vec<String> {
+        (0..self.1).map(|w| format!("fake{w}")).collect()
+    }
+
+    fn load(
+        &self,
+        name: &str,
+        _: &Arc<ModelBundle>,
+        worker: usize,
+    ) -> Result<Box<dyn Model>, String> {
         if name == "broken" {
             return Err("broken/unet/model.onnx: no weights".into());
         }
-        Ok(Box::new(FakeModel(self.0.clone())))
+        if name == "flaky" && worker > 0 {
+            return Err("out of device memory".into());
+        }
+        Ok(Box::new(FakeModel(self.0.clone(), worker)))
     }
 
     fn run_control(&self) -> Result<RunControl, String> {
@@ -100,11 +118,27 @@ impl Model for FakeModel {
         control: &RunControl,
         progress: &mut ProgressFn<'_>,
     ) -> Result<Vec<Generation>, PipelineError> {
-        self.0
-            .batches
-            .lock()
-            .unwrap()
-            .push(batch.iter().map(|r| r.seed).collect());
+        let seeds: Vec<u64> = batch.iter().map(|r| r.seed).collect();
+        self.0.batches.lock().unwrap().push(seeds.clone());
+        self.0.by_worker.lock().unwrap().push((self.1, seeds));
+        {
+            let mut c = self.0.concurrent.lock().unwrap();
+            c.0 += 1;
+            c.1 = c.1.max(c.0);
+        }
+        let result = self.run(batch, control, progress);
+        self.0.concurrent.lock().unwrap().0 -= 1;
+        result
+    }
+}
+
+impl FakeModel {
+    fn run(
+        &mut self,
+        batch: &[&ResolvedRequest],
+        control: &RunControl,
+        progress: &mut ProgressFn<'_>,
+    ) -> Result<Vec<Generation>, PipelineError> {
         self.0.gate.wait(control);
         let steps = batch[0].steps;
         for step in 1..=steps {
@@ -149,7 +183,7 @@ struct Harness {
     engine: Engine,
     events: UnboundedReceiver<Event>,
     fake: Arc<Fake>,
-    worker: Option<JoinHandle<()>>,
+    worker: Option<Workers>,
     rt: tokio::runtime::Runtime,
     finished: HashMap<JobId, Outcome>,
     started: Vec<JobId>,
@@ -157,8 +191,17 @@ struct Harness {
 
 impl Harness {
     fn new(max_batch_images: usize) -> Harness {
+        Harness::with_workers(max_batch_images, 1, None)
+    }
+
+    /// An engine on `workers` fake workers, batches kept under `memory_budget` together.
+    fn with_workers(
+        max_batch_images: usize,
+        workers: usize,
+        memory_budget: Option<u64>,
+    ) -> Harness {
         let mut entries = BTreeMap::new();
-        for name in ["a", "b", "broken"] {
+        for name in ["a", "b", "broken", "flaky"] {
             let entry = CatalogEntry {
                 path: PathBuf::from("/fake").join(name),
                 bundle: Ok(bundle()),
@@ -179,8 +222,9 @@ impl Harness {
             ..JobSettings::default()
         };
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();
-        let backend = Arc::new(FakeBackend(fake.clone()));
-        let (engine, worker) = Engine::start(backend, catalog, settings, None, tx).unwrap();
+        let backend = Arc::new(FakeBackend(fake.clone(), workers));
+        let (engine, worker) =
+            Engine::start(backend, catalog, settings, memory_budget, tx).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -279,7 +323,7 @@ impl Drop for Harness {
         self.fake.gate.open();
         self.engine.shutdown(Duration::from_secs(1));
         if let Some(w) = self.worker.take() {
-            let _ = w.join();
+            w.join();
         }
     }
 }
@@ -497,7 +541,7 @@ fn shutdown_cancels_what_outlives_the_grace_period() {
     h.wait_finished(&[1, 2]);
     assert_eq!(h.state(1), JobState::Cancelled);
     assert_eq!(h.state(2), JobState::Cancelled);
-    h.worker.take().unwrap().join().unwrap();
+    h.worker.take().unwrap().join();
     let late = QueuedJob {
         id: 3,
         owner: 1,
@@ -531,7 +575,7 @@ fn shutdown_lets_a_job_finish_within_the_grace_period() {
     h.wait_finished(&[1]);
     assert_eq!(h.state(1), JobState::Succeeded);
     opener.join().unwrap();
-    h.worker.take().unwrap().join().unwrap();
+    h.worker.take().unwrap().join();
 }
 
 #[test]
@@ -579,3 +623,5 @@ fn job_numbers_follow_the_clock_and_never_repeat() {
     assert!(super::next_job_id(&restarted, super::unix_micros()) > 5_000);
     assert!(super::unix_micros() < 1 << 53);
 }
+
+mod workers;

@@ -1,6 +1,6 @@
-//! The worker thread: waits for a runnable batch, runs it on its model, reports every
-//! job exactly once. It sleeps on the engine's condition variable; the only timed wait
-//! is for the next idle-model unload.
+//! A worker thread (one per device): waits for a runnable batch, runs it on its own copy
+//! of the model, reports every job exactly once. It sleeps on the engine's condition
+//! variable; the only timed wait is for the next idle-model unload.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -11,48 +11,59 @@ use crate::pipeline::{Generation, PipelineError};
 use crate::request::ResolvedRequest;
 
 impl Engine {
-    /// The worker loop: pick a batch, run it, repeat; exit once shutting down and idle.
-    pub(super) fn work(self) {
-        while let Some((batch, model)) = self.next_batch() {
-            self.run_batch(batch, model);
+    /// The loop of worker `worker`: pick a batch, run it, repeat; exit once shutting down
+    /// and idle.
+    pub(super) fn work(self, worker: usize) {
+        while let Some((batch, model)) = self.next_batch(worker) {
+            self.run_batch(worker, batch, model);
         }
     }
 
-    /// Waits for a runnable batch; starts loads for queued jobs whose model is cold, and
-    /// fails jobs whose model cannot load. `None` once shutting down with nothing queued.
-    fn next_batch(&self) -> Option<(Vec<QueuedJob>, Box<dyn Model>)> {
+    /// Waits for a batch `worker` can run; starts its loads of models that queued jobs
+    /// need, and fails jobs whose model cannot load. `None` once shutting down with
+    /// nothing queued.
+    fn next_batch(&self, worker: usize) -> Option<(Vec<QueuedJob>, Box<dyn Model>)> {
         let mut st = self.lock();
         loop {
             self.fail_unloadable(&mut st);
-            let cold: Vec<String> = st
+            let mut cold: Vec<String> = st
                 .queue
                 .iter()
-                .filter(|j| st.slots.is_unloaded(&j.request.model))
+                .filter(|j| st.slots.is_unloaded(&j.request.model, worker))
                 .map(|j| j.request.model.clone())
                 .collect();
+            cold.dedup();
             for m in cold {
-                self.start_load(&mut st, &m);
+                self.start_load(&mut st, &m, worker);
             }
+            let cap = self.batch_limit(&st, worker);
             let state = &mut *st;
             let slots = &state.slots;
-            let batch = state
-                .queue
-                .take_batch(|m| slots.is_ready(m), |lead| self.batch_cap(lead));
+            let batch = match cap {
+                Some(cap) => state
+                    .queue
+                    .take_batch(|m| slots.is_ready(m, worker), |_| cap),
+                None => Vec::new(),
+            };
             if let Some(first) = batch.first() {
                 let name = first.request.model.clone();
-                match (st.slots.take(&name), self.shared.backend.run_control()) {
+                match (
+                    st.slots.take(&name, worker),
+                    self.shared.backend.run_control(),
+                ) {
                     (Some(model), Ok(control)) => {
-                        st.running = Some(Running {
+                        st.running[worker] = Some(Running {
                             control: Arc::new(control),
                             jobs: batch.iter().map(|j| j.id).collect(),
                             cancelled: HashSet::new(),
+                            peak: self.peak(&batch),
                         });
                         return Some((batch, model));
                     }
                     (model, result) => {
                         // Only out of memory makes run options fail: fail these jobs, keep serving.
                         if let Some(model) = model {
-                            st.slots.put_back(&name, model);
+                            st.slots.put_back(&name, worker, model);
                         }
                         let message = result.err().unwrap_or_else(|| "model not ready".into());
                         for j in batch {
@@ -87,24 +98,57 @@ impl Engine {
         }
     }
 
-    /// The most images a batch led by `lead` may hold: `jobs.max_batch_images`, fewer
-    /// when the memory budget would not hold them together (never fewer than the lead's
-    /// own, which was admitted alone).
-    fn batch_cap(&self, lead: &QueuedJob) -> usize {
+    /// The most images `worker`'s next batch may hold, or `None` when it must wait: its
+    /// lead does not fit in the memory the other workers' batches leave. The limit is
+    /// `jobs.max_batch_images`; an equal share of the compatible queued images when other
+    /// workers with the model loaded are idle too ([`super::queue::fair_share`]); fewer
+    /// when the memory budget would not hold them beside the other running batches. Never
+    /// fewer than the lead's own images (it was admitted alone).
+    fn batch_limit(&self, st: &State, worker: usize) -> Option<usize> {
+        let (lead, compatible) = st.queue.peek_batch(|m| st.slots.is_ready(m, worker))?;
         let r = &lead.request;
-        let mut cap = self.shared.settings.max_batch_images.max(r.num_images);
-        let profile = self
-            .shared
-            .catalog
-            .get(&r.model)
-            .and_then(|e| e.bundle.as_ref().ok())
-            .map(|b| &b.memory);
-        if let (Some(budget), Some(profile)) = (self.shared.memory_budget, profile) {
-            while cap > r.num_images && profile.peak(r.width, r.height, cap, r.do_cfg()) > budget {
-                cap -= 1;
-            }
+        let mut cap = self.shared.settings.max_batch_images;
+        let idle = (0..st.running.len())
+            .filter(|&w| st.running[w].is_none() && st.slots.is_ready(&r.model, w))
+            .count();
+        if idle > 1 {
+            cap = cap.min(super::queue::fair_share(compatible, idle));
         }
-        cap
+        cap = cap.max(r.num_images);
+        let Some(budget) = self.shared.memory_budget else {
+            return Some(cap);
+        };
+        let Some(profile) = self.memory_profile(&r.model) else {
+            return Some(cap);
+        };
+        let others: u64 = st.running.iter().flatten().map(|b| b.peak).sum();
+        let left = budget.saturating_sub(others);
+        let fits = |n: usize| profile.peak(r.width, r.height, n, r.do_cfg()) <= left;
+        if others > 0 && !fits(r.num_images) {
+            return None;
+        }
+        while cap > r.num_images && !fits(cap) {
+            cap -= 1;
+        }
+        Some(cap)
+    }
+
+    fn memory_profile(&self, model: &str) -> Option<&crate::model::memory::MemoryProfile> {
+        self.shared
+            .catalog
+            .get(model)
+            .and_then(|e| e.bundle.as_ref().ok())
+            .map(|b| &b.memory)
+    }
+
+    /// A batch's estimated peak memory (0 without a memory budget).
+    fn peak(&self, batch: &[QueuedJob]) -> u64 {
+        let r = &batch[0].request;
+        let images = batch.iter().map(|j| j.request.num_images).sum();
+        match (self.shared.memory_budget, self.memory_profile(&r.model)) {
+            (Some(_), Some(profile)) => profile.peak(r.width, r.height, images, r.do_cfg()),
+            _ => 0,
+        }
     }
 
     /// Jobs whose model failed to load end with that error.
@@ -127,14 +171,19 @@ impl Engine {
         }
     }
 
-    /// Runs one batch on the worker thread; every job gets exactly one Finished event.
-    fn run_batch(&self, batch: Vec<QueuedJob>, mut model: Box<dyn Model>) {
+    /// Runs one batch on worker `worker`'s thread; every job gets exactly one Finished
+    /// event.
+    fn run_batch(&self, worker: usize, batch: Vec<QueuedJob>, mut model: Box<dyn Model>) {
         let started = Instant::now();
         let name = batch[0].request.model.clone();
-        let control = self.lock().running.as_ref().map(|r| r.control.clone());
+        let control = self.lock().running[worker]
+            .as_ref()
+            .map(|r| r.control.clone());
         let images: usize = batch.iter().map(|j| j.request.num_images).sum();
+        let device = self.device(worker).to_string();
         let _batch =
-            tracing::info_span!("batch", model = %name, jobs = batch.len(), images).entered();
+            tracing::info_span!("batch", model = %name, %device, jobs = batch.len(), images)
+                .entered();
         for j in &batch {
             self.send(Event::Started(j.id, images as u32));
         }
@@ -142,7 +191,8 @@ impl Engine {
         let ids: Vec<JobId> = batch.iter().map(|j| j.id).collect();
         let result = match &control {
             Some(control) => {
-                let mut progress = |step: usize, total: usize| self.progress(&ids, step, total);
+                let mut progress =
+                    |step: usize, total: usize| self.progress(worker, &ids, step, total);
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     model.generate(&requests, control, &mut progress)
                 }))
@@ -160,12 +210,21 @@ impl Engine {
         };
         let cancelled = {
             let mut st = self.lock();
-            st.slots.put_back(&name, model);
-            st.running.take().map(|r| r.cancelled).unwrap_or_default()
+            st.slots.put_back(&name, worker, model);
+            st.running[worker]
+                .take()
+                .map(|r| r.cancelled)
+                .unwrap_or_default()
         };
         self.release_memory(&batch);
         self.notify();
-        self.finish_batch(batch, result, &cancelled, images, started);
+        let done = Done {
+            cancelled: &cancelled,
+            images,
+            started,
+            device: &device,
+        };
+        self.finish_batch(batch, result, &done);
     }
 
     /// After a batch with a large working set, hands the freed memory back to the system,
@@ -189,11 +248,12 @@ impl Engine {
         }
     }
 
-    /// Progress for every live job of the batch; false (stop) once all are cancelled.
-    fn progress(&self, ids: &[JobId], step: usize, total: usize) -> bool {
+    /// Progress for every live job of `worker`'s batch; false (stop) once all are
+    /// cancelled.
+    fn progress(&self, worker: usize, ids: &[JobId], step: usize, total: usize) -> bool {
         let live: Vec<JobId> = {
             let st = self.lock();
-            let cancelled = st.running.as_ref().map(|r| &r.cancelled);
+            let cancelled = st.running[worker].as_ref().map(|r| &r.cancelled);
             ids.iter()
                 .copied()
                 .filter(|id| !cancelled.is_some_and(|c| c.contains(id)))
@@ -209,10 +269,14 @@ impl Engine {
         &self,
         batch: Vec<QueuedJob>,
         result: Result<Vec<Generation>, PipelineError>,
-        cancelled: &HashSet<JobId>,
-        images: usize,
-        started: Instant,
+        done: &Done<'_>,
     ) {
+        let Done {
+            cancelled,
+            images,
+            started,
+            device,
+        } = *done;
         let generations: Vec<Result<Generation, Failure>> = match result {
             Ok(g) => g.into_iter().map(Ok).collect(),
             Err(e) => {
@@ -231,7 +295,7 @@ impl Engine {
             }
             let generation = match generation {
                 // A batch item's PNGs are encoded beside the next batch's denoising.
-                Ok(g) if job.background => match self.encode_aside(job, g, images, started) {
+                Ok(g) if job.background => match self.encode_aside(job, g, done) {
                     Ok(()) => continue,
                     Err(back) => (back.0, Ok(back.1)),
                 },
@@ -239,7 +303,7 @@ impl Engine {
             };
             let (job, generation) = generation;
             let outcome = match generation {
-                Ok(g) => self.encode(started, &job, g, images),
+                Ok(g) => self.encode(started, &job, g, images, device),
                 Err(f) => Outcome::Failed(f),
             };
             match outcome {
@@ -263,10 +327,10 @@ impl Engine {
         &self,
         job: QueuedJob,
         g: Generation,
-        images: usize,
-        started: Instant,
+        done: &Done<'_>,
     ) -> Result<(), Box<(QueuedJob, Generation)>> {
         let engine = self.clone();
+        let (images, started, device) = (done.images, done.started, done.device.to_string());
         let slot = Arc::new(std::sync::Mutex::new(Some((job, g))));
         let theirs = slot.clone();
         let spawned = std::thread::Builder::new()
@@ -274,7 +338,7 @@ impl Engine {
             .spawn(move || {
                 let taken = theirs.lock().unwrap_or_else(|e| e.into_inner()).take();
                 if let Some((job, g)) = taken {
-                    let outcome = engine.encode(started, &job, g, images);
+                    let outcome = engine.encode(started, &job, g, images, &device);
                     engine.send(Event::Finished(job.id, outcome));
                 }
             });
@@ -287,4 +351,17 @@ impl Engine {
                 .map_or(Ok(()), |back| Err(Box::new(back))),
         }
     }
+}
+
+/// What every job of a finished batch shares.
+#[derive(Clone, Copy)]
+struct Done<'a> {
+    /// Jobs cancelled while it ran (already reported).
+    cancelled: &'a HashSet<JobId>,
+    /// Images in the batch.
+    images: usize,
+    /// When it started.
+    started: Instant,
+    /// The worker's device.
+    device: &'a str,
 }

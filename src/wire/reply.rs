@@ -46,6 +46,9 @@ pub struct WaitResult {
     /// Images in the UNet batch the job ran in.
     #[serde(with = "as_value")]
     pub batch_size: u32,
+    /// The worker's device the batch ran on (`cpu`, `cpu#1`, `cuda:0`, ...).
+    #[serde(with = "as_value")]
+    pub device: String,
     /// Seconds per phase.
     #[serde(with = "as_value")]
     pub timings: HashMap<String, f64>,
@@ -121,6 +124,8 @@ pub struct JobResult {
     pub timings: Option<HashMap<String, f64>>,
     /// Images in the UNet batch this job ran in.
     pub batch_size: Option<u32>,
+    /// The worker's device the batch ran on (`runtime.devices`).
+    pub device: Option<String>,
 }
 
 /// One configured model, as `ListModels` describes it. Keys a reader does not find read
@@ -185,6 +190,7 @@ mod tests {
             png_secs: 0.5,
             total_secs: 2.0,
             batch_images: 3,
+            device: "cuda:1".into(),
         })
     }
 
@@ -200,6 +206,7 @@ mod tests {
             height: 96,
             steps: 13,
             batch_size: 3,
+            device: "cuda:1".into(),
         }
     }
 
@@ -228,7 +235,8 @@ mod tests {
         assert_eq!(t["total"], 2.0);
         assert_eq!(t["queued"], 0.25);
         assert_eq!(t.len(), 7);
-        assert_eq!(dict.len(), 10);
+        assert_eq!(<&str>::try_from(&dict["device"]).unwrap(), "cuda:1");
+        assert_eq!(dict.len(), 11);
     }
 
     #[test]
