@@ -425,9 +425,10 @@ impl Engine {
         self.lock().admission.len()
     }
 
-    /// Whether a model is loaded (ready or in use) on every worker.
+    /// Whether a model is loaded (ready or in use) on any worker, as its
+    /// [`Engine::model_state`] `Loaded` says.
     pub fn is_loaded(&self, model: &str) -> bool {
-        self.lock().slots.is_loaded_everywhere(model)
+        self.model_state(model) == ModelState::Loaded
     }
 
     /// The models loading now, by name; changes as loads start and end (the daemon says

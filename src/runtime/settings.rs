@@ -280,8 +280,14 @@ pub struct TensorRtSettings {
     /// and `builder_optimization_level`, so a changed model never loads a stale engine.
     /// The first load of a model version reads all its files once to hash them (about a
     /// second per GB); `digests/` here remembers each file's hash by path, size and mtime.
-    /// Old subfolders are not removed.
+    /// Subfolders for older versions of a graph are removed: see `engine_cache_keep`.
     pub engine_cache_dir: Option<PathBuf>,
+    /// How many engine cache subfolders to keep per graph file, the one in use included,
+    /// most recently used first (default 2: the current one and the one before it, so going
+    /// back to the previous model version or settings does not rebuild). 0 and 1 both keep
+    /// only the current one. Only subfolders whose `source.json` names the graph are
+    /// counted or removed; a subfolder this daemon has loaded since it started is kept.
+    pub engine_cache_keep: usize,
     /// Where the timing cache lives; unset disables it. Shared by every model, in a
     /// subfolder keyed by the GPU and the TensorRT version.
     pub timing_cache_dir: Option<PathBuf>,
@@ -315,6 +321,7 @@ impl Default for TensorRtSettings {
             device_id: 0,
             fp16: true,
             engine_cache_dir: None,
+            engine_cache_keep: 2,
             timing_cache_dir: None,
             builder_optimization_level: BuilderOptimizationLevel::default(),
             cuda_graph: false,
@@ -590,6 +597,17 @@ mod tests {
         let t = load("").runtime.tensorrt;
         assert_eq!(t, TensorRtSettings::default());
         assert!(t.validate().is_ok());
+    }
+
+    #[test]
+    fn engine_cache_keep_defaults_to_two() {
+        assert_eq!(load("").runtime.tensorrt.engine_cache_keep, 2);
+        let t = load("[runtime.tensorrt]\nengine_cache_keep = 0\n")
+            .runtime
+            .tensorrt;
+        assert_eq!(t.engine_cache_keep, 0);
+        let err = load_err("[runtime.tensorrt]\nengine_cache_keep = -1\n");
+        assert!(err.contains("engine_cache_keep"), "{err}");
     }
 
     #[test]

@@ -35,7 +35,7 @@ fn idle_workers_share_compatible_jobs_and_run_at_once() {
     let mut h = Harness::with_workers(4, 2, None);
     assert_eq!(h.engine.devices(), ["fake0", "fake1"]);
     load(&h, "a").unwrap();
-    assert!(h.engine.is_loaded("a"), "loaded on both workers");
+    assert!(h.engine.is_loaded("a"));
     // Four compatible jobs, both workers idle: each takes a share (how the four split
     // depends on when each worker looks; `queue::fair_share` is tested on its own), and
     // two batches are in flight at once (the gate holds them until both have started).

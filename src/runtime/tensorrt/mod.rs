@@ -21,6 +21,9 @@
 //!   read in full once), the GPU's name, the TensorRT and ONNX Runtime versions, the profile,
 //!   fp16 and the builder optimization level. Timing caches are shared between models:
 //!   `timing_cache_dir/<key>/`, with [`timing_key`] over the GPU and TensorRT version.
+//! - **Cleanup.** Each key folder records the graph it is for (`source.json`), and planning
+//!   a graph removes its older key folders beyond `engine_cache_keep` (the [`cleanup`]
+//!   module: what is never removed, and why).
 //!
 //! Nothing here runs unless TensorRT is among the providers in use; the pure parts
 //! (profiles, keys, digest records) are unit-tested, the effects (reading files, asking the
@@ -34,6 +37,7 @@ use std::time::{Instant, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
+pub mod cleanup;
 mod profile;
 
 pub use profile::{
@@ -227,12 +231,52 @@ fn host(device: i32) -> Host {
 /// Prepares a TensorRT session for the graph at `path`: its profile (when `shapes` says
 /// which component it is) and its keyed cache folders, created. Reads the graph's inputs;
 /// with `engine_cache_dir` set, hashes the graph and its external data (once per file
-/// version, see the module docs). Runs on the model-loading thread.
+/// version, see the module docs), records the key folder's graph and removes the graph's
+/// stale key folders ([`cleanup`]). Runs on the model-loading thread.
 pub fn plan(
     path: &Path,
     shapes: Option<&SessionShapes>,
     settings: &TensorRtSettings,
     onnx_runtime: &str,
+) -> Result<SessionPlan, TensorRtError> {
+    let wants_cache = settings.engine_cache_dir.is_some() || settings.timing_cache_dir.is_some();
+    let host = if wants_cache {
+        Some(host(settings.device_id))
+    } else {
+        None
+    };
+    let identity = match host.as_ref().map(|h| (&h.gpu, &h.tensorrt)) {
+        Some((Ok(gpu), Ok(trt))) => Some(HostIdentity { gpu, tensorrt: trt }),
+        Some((gpu, trt)) => {
+            let reason = gpu.as_ref().err().or(trt.as_ref().err());
+            tracing::warn!(
+                reason = reason.map_or("", String::as_str),
+                "the GPU or TensorRT version is unknown, so no cache key can be made: TensorRT caches are off"
+            );
+            None
+        }
+        None => None,
+    };
+    let planned = cleanup::Planned::process();
+    plan_on(path, shapes, settings, onnx_runtime, identity, planned)
+}
+
+/// The GPU name and TensorRT version a cache key is made for.
+#[derive(Debug, Clone, Copy)]
+struct HostIdentity<'a> {
+    gpu: &'a str,
+    tensorrt: &'a str,
+}
+
+/// [`plan`] for a known host (`None`: caches off), with the key folders this process has
+/// planned in `planned`.
+fn plan_on(
+    path: &Path,
+    shapes: Option<&SessionShapes>,
+    settings: &TensorRtSettings,
+    onnx_runtime: &str,
+    host: Option<HostIdentity<'_>>,
+    planned: &cleanup::Planned,
 ) -> Result<SessionPlan, TensorRtError> {
     let info = graph_inputs::read(path)?;
     let limits = ProfileLimits::from_settings(settings);
@@ -258,29 +302,11 @@ pub fn plan(
             "TensorRT optimization profile"
         );
     }
-    let wants_cache = settings.engine_cache_dir.is_some() || settings.timing_cache_dir.is_some();
-    let host = if wants_cache {
-        Some(host(settings.device_id))
-    } else {
-        None
-    };
-    let identity = match host.as_ref().map(|h| (&h.gpu, &h.tensorrt)) {
-        Some((Ok(gpu), Ok(trt))) => Some((gpu.as_str(), trt.as_str())),
-        Some((gpu, trt)) => {
-            let reason = gpu.as_ref().err().or(trt.as_ref().err());
-            tracing::warn!(
-                reason = reason.map_or("", String::as_str),
-                "the GPU or TensorRT version is unknown, so no cache key can be made: TensorRT caches are off"
-            );
-            None
-        }
-        None => None,
-    };
     let mut plan = SessionPlan {
         profile,
         ..SessionPlan::default()
     };
-    let Some((gpu, trt)) = identity else {
+    let Some(HostIdentity { gpu, tensorrt: trt }) = host else {
         return Ok(plan);
     };
     if let Some(root) = &settings.timing_cache_dir {
@@ -310,6 +336,7 @@ pub fn plan(
         let dir = root.join(&key);
         create_dir(&dir, "engine_cache_dir")?;
         tracing::info!(file = %path.display(), dir = %dir.display(), "TensorRT engine cache");
+        cleanup::after_plan(root, &key, path, settings.engine_cache_keep, planned);
         plan.engine_cache_dir = Some(dir);
     }
     Ok(plan)
