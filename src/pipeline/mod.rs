@@ -11,6 +11,8 @@ mod latents;
 pub mod preprocess;
 mod text;
 mod text_cache;
+pub mod unet;
+mod unet_device;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -238,6 +240,13 @@ impl Pipeline {
             text_cache: text_cache::TextCache::default(),
             shrink: shrink_options(runtime)?,
         })
+    }
+
+    /// Test hook: the UNet, e.g. to force its buffers' placement
+    /// ([`Unet::force_placement`]) or read what its device path did.
+    #[doc(hidden)]
+    pub fn unet_mut(&mut self) -> &mut Unet {
+        &mut self.unet
     }
 
     /// The bundle this pipeline runs.

@@ -257,13 +257,14 @@ impl Runtime {
     /// no optimization profile and no caches here (their folders are keyed to a graph):
     /// use [`Runtime::session`] or [`Runtime::session_for`] for those.
     pub fn session_builder(&self) -> Result<SessionBuilder, RuntimeError> {
-        self.builder_for(None)
+        self.builder_for(None, None)
     }
 
-    /// A session builder for one session's TensorRT plan.
+    /// A session builder for one session's TensorRT plan and pipeline component.
     fn builder_for(
         &self,
         plan: Option<&tensorrt::SessionPlan>,
+        component: Option<tensorrt::Component>,
     ) -> Result<SessionBuilder, RuntimeError> {
         let s = &self.settings.session;
         let mut b = Session::builder(&self.env)?
@@ -281,7 +282,7 @@ impl Runtime {
                 .with_inter_threads(s.inter_threads)
                 .map_err(ort::Error::from)?;
         }
-        Ok(self.apply_providers(b, plan))
+        Ok(self.apply_providers(b, plan, component))
     }
 
     /// Registers each chosen provider; one that fails to register is logged and skipped.
@@ -289,9 +290,11 @@ impl Runtime {
         &self,
         mut builder: SessionBuilder,
         plan: Option<&tensorrt::SessionPlan>,
+        component: Option<tensorrt::Component>,
     ) -> SessionBuilder {
+        let settings = providers::for_component(&self.settings, component);
         for &kind in &self.providers {
-            let ep = providers::dispatch_for(kind, &self.settings, plan);
+            let ep = providers::dispatch_for(kind, &settings, plan);
             builder = match builder.with_execution_providers([ep]) {
                 Ok(b) => b,
                 Err(e) => {
@@ -341,7 +344,7 @@ impl Runtime {
         } else {
             None
         };
-        self.builder_for(plan.as_ref())?
+        self.builder_for(plan.as_ref(), shapes.map(|s| s.component))?
             .commit_from_file(path)
             .map_err(|e| to_err(e.to_string()))
     }

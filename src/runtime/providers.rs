@@ -161,6 +161,24 @@ fn tensorrt(settings: &RuntimeSettings, plan: Option<&SessionPlan>) -> Execution
     ep.build()
 }
 
+/// The settings one session's providers get: CUDA graphs (`cuda.cuda_graph`,
+/// `tensorrt.cuda_graph`) only for the UNet, whose steps run through IoBinding with a
+/// graph id per shape; the text encoders and VAEs run plain, once per generation, and a
+/// captured graph would be replayed for their next, differently shaped run.
+pub fn for_component(
+    settings: &RuntimeSettings,
+    component: Option<super::tensorrt::Component>,
+) -> std::borrow::Cow<'_, RuntimeSettings> {
+    let graphs = settings.cuda.cuda_graph || settings.tensorrt.cuda_graph;
+    if !graphs || component == Some(super::tensorrt::Component::Unet) {
+        return std::borrow::Cow::Borrowed(settings);
+    }
+    let mut plain = settings.clone();
+    plain.cuda.cuda_graph = false;
+    plain.tensorrt.cuda_graph = false;
+    std::borrow::Cow::Owned(plain)
+}
+
 /// Checks what the types of [`RuntimeSettings`] cannot: that the provider list is not
 /// empty, and that the TensorRT profile sizes are in order. Provider options (`runtime.cuda.*`, `runtime.tensorrt.*`) are typed and are
 /// refused, naming their key, when the config is deserialized.
@@ -222,6 +240,32 @@ mod tests {
         );
         let (kept, skipped) = confirm(vec![Cuda, Cpu], |_| Ok(()));
         assert_eq!((kept, skipped.len()), (vec![Cuda, Cpu], 0));
+    }
+
+    #[test]
+    fn cuda_graphs_are_for_the_unet_only() {
+        use crate::runtime::tensorrt::Component;
+        let mut s = RuntimeSettings::default();
+        s.cuda.cuda_graph = true;
+        s.tensorrt.cuda_graph = true;
+        assert!(for_component(&s, Some(Component::Unet)).cuda.cuda_graph);
+        for other in [
+            None,
+            Some(Component::TextEncoder),
+            Some(Component::VaeDecoder),
+            Some(Component::VaeEncoder),
+        ] {
+            let plain = for_component(&s, other);
+            assert!(
+                !plain.cuda.cuda_graph && !plain.tensorrt.cuda_graph,
+                "{other:?}"
+            );
+        }
+        let off = RuntimeSettings::default();
+        assert!(matches!(
+            for_component(&off, None),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 
     #[test]

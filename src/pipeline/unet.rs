@@ -1,0 +1,474 @@
+//! The UNet: its session, its checked signature, and the buffers the denoise loop runs it
+//! on. Where those buffers live is a [`Placement`], chosen from the runtime when the UNet
+//! is loaded:
+//!
+//! * [`Placement::Host`] (the CPU provider, or a build without the `cuda` feature): an
+//!   all-f32 graph's `sample`, `timestep` and `out_sample` are ONNX Runtime tensors in host
+//!   memory, bound once per batch shape and read and written in place; other graphs run
+//!   with converted inputs ([`Unet::run`]).
+//! * [`Placement::Device`] (the CUDA or TensorRT provider: [`Runtime::io_device`]): every
+//!   input and output is bound in device memory, with host staging for the per-step
+//!   tensors (`unet_device.rs`), for f32 and fp16 graphs alike; with
+//!   [`Runtime::cuda_graph`] each batch shape also runs as a CUDA graph of its own.
+
+use std::path::{Path, PathBuf};
+
+use half::f16;
+use ndarray::{ArrayD, ArrayViewD, Axis};
+use ort::memory::{AllocationDevice, Allocator};
+use ort::session::{IoBinding, RunOptions, Session, SessionInputValue};
+use ort::value::Tensor;
+
+use super::PipelineError;
+use super::components::{LATENT_CHANNELS, component_name, float_input, float_output, ort_err};
+use super::unet_device::{DeviceIo, DeviceIoError, HostCond, IoSpecs, RunError};
+pub use super::unet_device::{DeviceIoStats, GRAPH_WARMUP_RUNS, MAX_GRAPHS, ShapeStats};
+use crate::model::signature::{self, Elem, FLOATS, Side, Spec, TIMESTEP};
+use crate::runtime::tensorrt::SessionShapes;
+use crate::runtime::{Runtime, RuntimeError, settings::ProviderKind};
+
+/// Where the UNet's bound input and output tensors live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Host memory: the CPU provider reads and writes them in place.
+    Host,
+    /// The memory of `device` number `id` (CUDA in production): the conditioning is copied
+    /// there once per generation, the latents and timestep each step, and the prediction
+    /// comes back each step.
+    Device {
+        /// ONNX Runtime's allocation device (`AllocationDevice::CUDA`).
+        device: AllocationDevice<'static>,
+        /// The device number.
+        id: i32,
+    },
+}
+
+impl Placement {
+    /// The placement for a runtime's sessions: the CUDA device when the CUDA or TensorRT
+    /// provider is in use ([`Runtime::io_device`]) and this build has the `cuda` feature
+    /// (`ort`'s device copies need it), else the host. CUDA graphs ([`Runtime::cuda_graph`])
+    /// need the device placement: without it they are refused, naming the setting.
+    pub fn for_runtime(runtime: &Runtime) -> Result<Placement, RuntimeError> {
+        let key = match runtime.providers().first() {
+            Some(ProviderKind::Tensorrt) => "runtime.tensorrt.cuda_graph",
+            _ => "runtime.cuda.cuda_graph",
+        };
+        match runtime.io_device() {
+            Some(id) if cfg!(feature = "cuda") => Ok(Placement::Device {
+                device: AllocationDevice::CUDA,
+                id,
+            }),
+            Some(_) if runtime.cuda_graph() => Err(RuntimeError::InvalidSettings(format!(
+                "{key}: CUDA graphs need the UNet's buffers in device memory, which needs \
+                 diffusiond built with the 'cuda' cargo feature"
+            ))),
+            None if runtime.cuda_graph() => Err(RuntimeError::InvalidSettings(format!(
+                "{key}: CUDA graphs need a CUDA device for the UNet's buffers, and this \
+                 worker has none"
+            ))),
+            _ => Ok(Placement::Host),
+        }
+    }
+}
+
+/// Extra UNet inputs SDXL needs.
+pub struct AddedCond<'a> {
+    /// Pooled text embeddings `[B, P]`.
+    pub text_embeds: ArrayViewD<'a, f32>,
+    /// Micro-conditioning `[B, 6]`.
+    pub time_ids: ArrayViewD<'a, f32>,
+}
+
+/// The UNet. Its bound buffers hold the session alive through their `IoBinding`s, so the
+/// field order does not matter for drop.
+pub struct Unet {
+    session: Session,
+    path: PathBuf,
+    sample: Spec,
+    timestep: Spec,
+    /// Declared length of a rank-1 timestep (1 when fixed at 1, else the batch).
+    timestep_fixed_one: bool,
+    hidden: Spec,
+    added: Option<(Spec, Spec)>,
+    /// LCM-distilled UNets: the guidance embedding input `[B, time_cond_proj_dim]`.
+    timestep_cond: Option<Spec>,
+    /// Its value for the current generation (set before [`Unet::bind`] or [`Unet::run`]).
+    guidance: Option<ArrayD<f32>>,
+    out: Spec,
+    /// Host placement: reused input/output buffers of the current batch shape (all-f32
+    /// graphs).
+    bound: Option<Bound>,
+    /// Device placement: the device-resident buffers, one set per batch shape.
+    device: Option<DeviceIo>,
+}
+
+/// An f32 UNet's I/O for one batch shape, kept across steps and generations: the input
+/// and output tensors are allocated once and bound with an [`IoBinding`], so a step
+/// writes the scaled latents straight into ONNX Runtime's input, runs, and reads the
+/// prediction in place; nothing is allocated or copied per step.
+struct Bound {
+    dims: Vec<usize>,
+    binding: IoBinding,
+    sample: Tensor<f32>,
+    timestep: Tensor<f32>,
+    out: Tensor<f32>,
+}
+
+impl Unet {
+    /// Loads the UNet and checks its signature; `sdxl` requires `text_embeds` and `time_ids`.
+    /// `shapes` is what the pipeline feeds it (TensorRT's optimization profile).
+    pub fn load(
+        runtime: &Runtime,
+        path: &Path,
+        sdxl: bool,
+        shapes: &SessionShapes,
+    ) -> Result<Unet, PipelineError> {
+        let session = runtime.session_for(path, shapes)?;
+        let req = |side, name: &str, elems, ranks: &[usize]| {
+            signature::require(&session, path, side, name, elems, ranks)
+        };
+        let sample = req(Side::Input, "sample", FLOATS, &[4])?;
+        let timestep = req(Side::Input, "timestep", TIMESTEP, &[0, 1])?;
+        let hidden = req(Side::Input, "encoder_hidden_states", FLOATS, &[3])?;
+        let added = if sdxl {
+            Some((
+                req(Side::Input, "text_embeds", FLOATS, &[2])?,
+                req(Side::Input, "time_ids", FLOATS, &[2])?,
+            ))
+        } else {
+            None
+        };
+        let out = req(Side::Output, "out_sample", FLOATS, &[4])?;
+        let timestep_cond = match signature::find(&session, Side::Input, "timestep_cond") {
+            Some(_) => Some(req(Side::Input, "timestep_cond", FLOATS, &[2])?),
+            None => None,
+        };
+        let timestep_fixed_one = session
+            .inputs()
+            .iter()
+            .find(|o| o.name() == "timestep")
+            .and_then(|o| o.dtype().tensor_shape().map(|s| s.first() == Some(&1)))
+            .unwrap_or(false);
+        let mut unet = Unet {
+            session,
+            path: path.to_path_buf(),
+            sample,
+            timestep,
+            timestep_fixed_one,
+            hidden,
+            added,
+            timestep_cond,
+            guidance: None,
+            out,
+            bound: None,
+            device: None,
+        };
+        let graphs = runtime.cuda_graph();
+        unet.place(Placement::for_runtime(runtime)?, graphs)?;
+        if let Placement::Device { device, id } = unet.placement() {
+            tracing::info!(
+                device = %format!("{}:{id}", device.as_str()),
+                cuda_graphs = graphs,
+                "UNet buffers in device memory"
+            );
+        }
+        Ok(unet)
+    }
+
+    /// Sets where the bound buffers live, dropping any held ones; `graphs`: name a CUDA
+    /// graph per batch shape in every run (device placement only).
+    fn place(&mut self, placement: Placement, graphs: bool) -> Result<(), PipelineError> {
+        self.bound = None;
+        self.device = None;
+        match placement {
+            Placement::Host if graphs => Err(PipelineError::InvalidArgument {
+                param: "cuda_graph",
+                message: "CUDA graphs need the UNet's buffers in device memory".into(),
+            }),
+            Placement::Host => Ok(()),
+            Placement::Device { device, id } => {
+                let io = DeviceIo::new(&self.session, &self.path, device, id, graphs)
+                    .map_err(|e| io_err(&self.path, &e))?;
+                self.device = Some(io);
+                Ok(())
+            }
+        }
+    }
+
+    /// Where the bound buffers live.
+    pub fn placement(&self) -> Placement {
+        match &self.device {
+            Some(io) => {
+                let (device, id) = io.device();
+                Placement::Device { device, id }
+            }
+            None => Placement::Host,
+        }
+    }
+
+    /// Whether the steps run as CUDA graphs (one per batch shape).
+    pub fn cuda_graphs(&self) -> bool {
+        self.device.as_ref().is_some_and(DeviceIo::graphs)
+    }
+
+    /// Test hook: puts the buffers at `placement` whatever the runtime says, e.g.
+    /// `Device { CPU, 0 }` on a CPU session runs the device path (staging tensors, copies
+    /// through `ort`'s identity sessions, conditioning bound once, one graph id per shape
+    /// when `graphs`) without a GPU.
+    #[doc(hidden)]
+    pub fn force_placement(
+        &mut self,
+        placement: Placement,
+        graphs: bool,
+    ) -> Result<(), PipelineError> {
+        self.place(placement, graphs)
+    }
+
+    /// Test hook: what the device path did so far (`None` on the host path).
+    #[doc(hidden)]
+    pub fn device_io_stats(&self) -> Option<DeviceIoStats> {
+        self.device.as_ref().map(DeviceIo::stats)
+    }
+
+    /// The element types the graph declares for its inputs and output.
+    fn specs(&self) -> IoSpecs {
+        IoSpecs {
+            sample: self.sample,
+            timestep: self.timestep,
+            hidden: self.hidden,
+            added: self.added,
+            timestep_cond: self.timestep_cond,
+            out: self.out,
+        }
+    }
+
+    /// The timestep's shape for a UNet batch of `batch` rows: a scalar, `[1]` when the graph
+    /// fixes it at 1, else `[batch]`.
+    fn timestep_dims(&self, batch: usize) -> Vec<usize> {
+        match (self.timestep.rank, self.timestep_fixed_one) {
+            (0, _) => vec![],
+            (_, true) => vec![1],
+            _ => vec![batch],
+        }
+    }
+
+    /// Whether every tensor the UNet exchanges is f32, so buffers can be bound in place.
+    fn all_f32(&self) -> bool {
+        let f32s = |s: &Spec| s.elem == Elem::F32;
+        f32s(&self.sample)
+            && f32s(&self.timestep)
+            && f32s(&self.hidden)
+            && f32s(&self.out)
+            && self.added.as_ref().is_none_or(|(a, b)| f32s(a) && f32s(b))
+            && self.timestep_cond.as_ref().is_none_or(f32s)
+    }
+
+    /// Whether the graph takes a guidance embedding (`timestep_cond`: LCM-distilled).
+    pub fn takes_guidance_embedding(&self) -> bool {
+        self.timestep_cond.is_some()
+    }
+
+    /// The guidance embedding `[B, dim]` of the next generation's rows (LCM-distilled
+    /// UNets); bound with the conditioning.
+    pub fn set_guidance_embedding(&mut self, embedding: Option<ArrayD<f32>>) {
+        self.guidance = embedding;
+    }
+
+    /// Prepares bound buffers for a generation whose UNet batch is `dims` (`[B, 4, h, w]`)
+    /// with this conditioning (bound once, for every step). Returns `false` on the host
+    /// path when the graph is not all-f32: the caller then uses [`Unet::run`]. The device
+    /// path binds every graph (fp16 too) and returns `true`.
+    pub fn bind(
+        &mut self,
+        dims: &[usize],
+        hidden: ArrayViewD<'_, f32>,
+        added: Option<&AddedCond<'_>>,
+    ) -> Result<bool, PipelineError> {
+        if self.device.is_some() {
+            return self.bind_device(dims, hidden, added);
+        }
+        if !self.all_f32() {
+            self.bound = None;
+            return Ok(false);
+        }
+        let err = ort_err(&self.path);
+        if self.bound.as_ref().is_none_or(|b| b.dims != dims) {
+            self.bound = None;
+            let alloc = Allocator::default();
+            let ts_dims = self.timestep_dims(dims[0]);
+            let sample = Tensor::<f32>::new(&alloc, dims.to_vec()).map_err(&err)?;
+            let timestep = Tensor::<f32>::new(&alloc, ts_dims).map_err(&err)?;
+            // The prediction has the latents' 4 channels, whatever the input has (9 for an
+            // inpainting UNet).
+            let out_dims = [dims[0], LATENT_CHANNELS, dims[2], dims[3]];
+            let mut out = Tensor::<f32>::new(&alloc, out_dims.to_vec()).map_err(&err)?;
+            let mut binding = self.session.create_binding().map_err(&err)?;
+            binding.bind_output("out_sample", &mut out).map_err(&err)?;
+            self.bound = Some(Bound {
+                dims: dims.to_vec(),
+                binding,
+                sample,
+                timestep,
+                out,
+            });
+        }
+        let Some(b) = self.bound.as_mut() else {
+            return Ok(false);
+        };
+        // The conditioning is copied into an owned tensor once per generation, not per step
+        // (binding a borrowed `TensorRef` would make ort clone it through a helper session).
+        let bind = |b: &mut Bound, name: &str, v: ArrayViewD<'_, f32>| {
+            let value = Tensor::from_array(v.to_owned()).map_err(&err)?;
+            b.binding.bind_input(name, &value).map_err(&err)
+        };
+        bind(b, "encoder_hidden_states", hidden)?;
+        if let Some(a) = added {
+            bind(b, "text_embeds", a.text_embeds.view())?;
+            bind(b, "time_ids", a.time_ids.view())?;
+        }
+        if let (Some(_), Some(g)) = (self.timestep_cond, self.guidance.as_ref()) {
+            bind(b, "timestep_cond", g.view())?;
+        }
+        Ok(true)
+    }
+
+    /// [`Unet::bind`] on the device path: selects (or allocates) the shape's device
+    /// buffers and copies the conditioning into them, for every graph type.
+    fn bind_device(
+        &mut self,
+        dims: &[usize],
+        hidden: ArrayViewD<'_, f32>,
+        added: Option<&AddedCond<'_>>,
+    ) -> Result<bool, PipelineError> {
+        let specs = self.specs();
+        let ts_dims = self.timestep_dims(dims[0]);
+        let Unet {
+            session,
+            path,
+            guidance,
+            device,
+            ..
+        } = self;
+        let Some(io) = device.as_mut() else {
+            return Ok(false);
+        };
+        let cond = HostCond {
+            hidden,
+            added: added.map(|a| (a.text_embeds.view(), a.time_ids.view())),
+            guidance: guidance.as_ref().map(|g| g.view()),
+        };
+        io.bind(session, &specs, dims, &ts_dims, &cond)
+            .map_err(|e| io_err(path, &e))?;
+        Ok(true)
+    }
+
+    /// The bound `sample` input (f32, whatever the graph takes), to fill before
+    /// [`Unet::run_bound`]. On the device path it is the host staging copy.
+    pub fn input_mut(&mut self) -> Option<ndarray::ArrayViewMutD<'_, f32>> {
+        if let Some(io) = self.device.as_mut() {
+            return io.input_mut();
+        }
+        self.bound.as_mut().map(|b| b.sample.extract_array_mut())
+    }
+
+    /// One UNet evaluation on the bound buffers: returns a view of `out_sample`. On the
+    /// device path with CUDA graphs the run uses the shape's own run options (its graph id),
+    /// so `run_options` cannot terminate it mid-run; the loop stops after the step.
+    pub fn run_bound(
+        &mut self,
+        timestep: f64,
+        run_options: &RunOptions,
+    ) -> Result<ArrayViewD<'_, f32>, PipelineError> {
+        if let Some(io) = self.device.as_mut() {
+            let path = &self.path;
+            return io
+                .run(&mut self.session, timestep, run_options)
+                .map_err(|e| match e {
+                    RunError::Run(e) => ort_err(path)(e),
+                    RunError::Io(e) => io_err(path, &e),
+                });
+        }
+        let err = ort_err(&self.path);
+        let b = self
+            .bound
+            .as_mut()
+            .ok_or_else(|| PipelineError::Inference {
+                component: component_name(&self.path),
+                message: "UNet buffers are not bound".into(),
+            })?;
+        b.timestep.extract_array_mut().fill(timestep as f32);
+        b.binding.bind_input("sample", &b.sample).map_err(&err)?;
+        b.binding
+            .bind_input("timestep", &b.timestep)
+            .map_err(&err)?;
+        drop(
+            self.session
+                .run_binding_with_options(&b.binding, run_options)
+                .map_err(&err)?,
+        );
+        Ok(b.out.extract_array())
+    }
+
+    /// One UNet evaluation: returns `out_sample` with the shape of `sample`.
+    pub fn run(
+        &mut self,
+        sample: ArrayViewD<'_, f32>,
+        timestep: f64,
+        hidden: ArrayViewD<'_, f32>,
+        added: Option<&AddedCond<'_>>,
+        run_options: &RunOptions,
+    ) -> Result<ArrayD<f32>, PipelineError> {
+        let err = ort_err(&self.path);
+        let batch = sample.len_of(Axis(0));
+        let mut inputs = ort::inputs![
+            "sample" => float_input(sample, self.sample.elem).map_err(&err)?,
+            "timestep" => self.timestep_value(timestep, batch).map_err(&err)?,
+            "encoder_hidden_states" => float_input(hidden, self.hidden.elem).map_err(&err)?,
+        ];
+        if let (Some(a), Some((te, ti))) = (added, self.added) {
+            inputs.push((
+                "text_embeds".into(),
+                float_input(a.text_embeds.view(), te.elem).map_err(&err)?,
+            ));
+            inputs.push((
+                "time_ids".into(),
+                float_input(a.time_ids.view(), ti.elem).map_err(&err)?,
+            ));
+        }
+        if let (Some(spec), Some(g)) = (self.timestep_cond, self.guidance.as_ref()) {
+            inputs.push((
+                "timestep_cond".into(),
+                float_input(g.view(), spec.elem).map_err(&err)?,
+            ));
+        }
+        let outputs = self
+            .session
+            .run_with_options(inputs, run_options)
+            .map_err(&err)?;
+        float_output(&outputs["out_sample"], self.out.elem).map_err(&err)
+    }
+
+    /// The timestep as the graph declares it. diffusers hands the scheduler's value to
+    /// Optimum, which casts it to the input's type (`astype`): float → f32, int → i64.
+    fn timestep_value(
+        &self,
+        t: f64,
+        batch: usize,
+    ) -> Result<SessionInputValue<'static>, ort::Error> {
+        let shape = self.timestep_dims(batch);
+        let n = shape.iter().product::<usize>().max(1);
+        Ok(match self.timestep.elem {
+            Elem::I64 => Tensor::from_array((shape, vec![t as i64; n]))?.into(),
+            Elem::F16 => Tensor::from_array((shape, vec![f16::from_f32(t as f32); n]))?.into(),
+            _ => Tensor::from_array((shape, vec![t as f32; n]))?.into(),
+        })
+    }
+}
+
+/// A device-buffer error as the pipeline reports a UNet failure.
+fn io_err(path: &Path, e: &DeviceIoError) -> PipelineError {
+    PipelineError::Inference {
+        component: component_name(path),
+        message: e.to_string(),
+    }
+}
