@@ -361,7 +361,8 @@ async fn open_batches(
         max_items: settings.limits.max_batch_items,
         per_caller: settings.limits.max_batches_per_caller,
         retention_secs: settings.jobs.batch_retention_secs,
-        window: 2 * settings.jobs.max_batch_images.max(1),
+        // About two UNet batches per worker, so every worker has a batch to take.
+        window: 2 * settings.jobs.max_batch_images.max(1) * engine.devices().len(),
     };
     let (engine, catalog, limits) = (engine.clone(), catalog.clone(), settings.limits.clone());
     let events = Arc::new(dbus::ChannelEvents(events));

@@ -236,7 +236,8 @@ pub fn run(
         output: &output,
         observer,
         control: &run_control,
-        window: 2 * settings.jobs.max_batch_images.max(1),
+        // About two UNet batches per worker, so every worker has a batch to take.
+        window: 2 * settings.jobs.max_batch_images.max(1) * engine.devices().len(),
     };
     let started = std::time::Instant::now();
     let end = runner.run(LOCAL_ID, own_uid(), resumed);

@@ -123,7 +123,7 @@ pub struct Runner<'a> {
     pub observer: &'a dyn Observer,
     /// Cancels or stops the run.
     pub control: &'a Control,
-    /// Images in the engine at once (about two UNet batches).
+    /// Images in the engine at once (about two UNet batches per worker).
     pub window: usize,
 }
 

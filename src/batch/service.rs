@@ -44,7 +44,7 @@ pub struct BatchSettings {
     /// Seconds a batch is kept after all its images were fetched
     /// (`jobs.batch_retention_secs`).
     pub retention_secs: u64,
-    /// Images in the engine at once per batch (2 × `jobs.max_batch_images`).
+    /// Images in the engine at once per batch (2 × `jobs.max_batch_images` × workers).
     pub window: usize,
 }
 
