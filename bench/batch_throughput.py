@@ -6,6 +6,8 @@
             from the client's start (the submit) to the newest PNG in D; the client's wall time
             is recorded too. (--restart: the daemon hands an identical, already finished batch
             back without running it again, so each round removes the previous round's first.)
+  daemon2   the same against a second diffusiond with two workers (`runtime.devices = [0, 1]`:
+            on the CPU, two sets of sessions that split the cores), on its own bus.
   local     `diffusionctl batch M --output-dir D --local --model-dir MODEL`: one process that
             loads the model and runs the batch. Timed as process wall time, load included; its
             own closing line (`N images in S s (R images/s)`) is recorded as `reported`.
@@ -69,12 +71,13 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import make_manifest  # noqa: E402
 
-RUNNERS = ("daemon", "local", "generate", "python")
+RUNNERS = ("daemon", "daemon2", "local", "generate", "python")
 NAME = "io.github.Diffusiond1"
 
 # what each runner's main figure times
 TIMED = {
     "daemon": "submit to last PNG (model loaded)",
+    "daemon2": "submit to last PNG (two workers, model loaded)",
     "local": "process wall, load included",
     "generate": "first start to last exit (model loaded)",
     "python": "generate only (load excluded)",
@@ -211,8 +214,9 @@ class Daemon:
     """diffusiond on the private bus with one model, `bench`, preloaded. Its batch state goes
     to $XDG_STATE_HOME/diffusiond, and XDG_STATE_HOME points into the harness's temp folder."""
 
-    def __init__(self, args, bus: Bus, tmp: Path, env: dict):
+    def __init__(self, args, bus: Bus, tmp: Path, env: dict, workers: int = 1):
         self.config = tmp / "diffusiond.toml"
+        devices = f"[runtime]\ndevices = {list(range(workers))}\n" if workers > 1 else ""
         session = ""
         if args.intra or args.inter:
             session = "[runtime.session]\n" + "".join(
@@ -224,6 +228,7 @@ preload = ["bench"]
 path = "{args.model_dir}"
 
 {session}
+{devices}
 [jobs]
 idle_unload_secs = 0
 """)
@@ -323,6 +328,8 @@ class Bench:
         self.ctl = args.bin_dir / "diffusionctl"
         self.bus: Bus | None = None
         self.daemon: Daemon | None = None
+        self.bus2: Bus | None = None
+        self.daemon2: Daemon | None = None
         # the flags every batch runner gets: defaults for keys a line leaves out
         self.req = ["--steps", args.steps, "--guidance", args.guidance, "--width", args.width,
                     "--height", args.height, "--seed", args.seed]
@@ -336,10 +343,23 @@ class Bench:
     def start_daemon(self) -> dict:
         self.bus = Bus(self.tmp / "bus")
         self.daemon = Daemon(self.args, self.bus, self.tmp, self.env)
-        info = dict(start_to_ready_s=self.daemon.start_to_ready_s)
+        return self.warm_up(self.daemon, self.bus)
+
+    def start_daemon2(self) -> dict:
+        """A second daemon with two workers (`runtime.devices = [0, 1]`) on its own bus,
+        config, log and state folder."""
+        tmp = self.tmp / "daemon2"
+        tmp.mkdir(exist_ok=True)
+        self.bus2 = Bus(tmp / "bus")
+        env = dict(self.env, XDG_STATE_HOME=str(tmp / "xdg-state"))
+        self.daemon2 = Daemon(self.args, self.bus2, tmp, env, workers=2)
+        return self.warm_up(self.daemon2, self.bus2)
+
+    def warm_up(self, daemon: Daemon, bus: Bus) -> dict:
+        info = dict(start_to_ready_s=daemon.start_to_ready_s)
         if self.args.warmup:
             it = self.items[0]
-            w = run_timed([self.ctl, "generate", "--address", self.bus.address, "--prompt", it["prompt"],
+            w = run_timed([self.ctl, "generate", "--address", bus.address, "--prompt", it["prompt"],
                            "--steps", it.get("steps", self.args.steps),
                            "--width", it.get("width", self.args.width), "--height", it.get("height", self.args.height),
                            "--seed", 1, "--output", self.tmp / "warmup.png"], self.args.timeout, self.env)
@@ -353,13 +373,14 @@ class Bench:
             raise RuntimeError(f"{d}: {len(want - got)} of {len(want)} files missing, e.g. {sorted(want - got)[:3]}")
         return mtimes(d)
 
-    def daemon_run(self, rnd: int) -> dict:
-        d = self.out("daemon", rnd)
+    def daemon_run(self, rnd: int, runner: str = "daemon") -> dict:
+        d = self.out(runner, rnd)
+        bus = self.bus2 if runner == "daemon2" else self.bus
         # --restart: the daemon keeps finished batches and hands the same manifest and
         # settings back without running them again; --restart removes the earlier round's
         # batch first, so every round generates all of its images
         r = run_timed([self.ctl, "batch", self.args.manifest, "--output-dir", d, *self.req, "--restart",
-                       "--address", self.bus.address], self.args.timeout, self.env)
+                       "--address", bus.address], self.args.timeout, self.env)
         t = self.check(d)
         seconds = t[-1] - r["start_epoch"]
         return dict(out=str(d), images=self.n_images, seconds=seconds, images_per_s=self.n_images / seconds,
@@ -368,6 +389,9 @@ class Bench:
                     client_peak_rss_kib=r["peak_rss_kib"], reported=reported(r["stdout"]),
                     stdout_tail=r["stdout"][-1500:],
                     stderr_tail=r["stderr"][-1500:])
+
+    def daemon2_run(self, rnd: int) -> dict:
+        return self.daemon_run(rnd, "daemon2")
 
     def local_run(self, rnd: int) -> dict:
         d = self.out("local", rnd)
@@ -591,6 +615,9 @@ def main() -> None:
             results["daemon"] = bench.start_daemon()
             print(f"daemon ready in {results['daemon']['start_to_ready_s']:.2f} s "
                   f"(model preloaded), warm-up {results['daemon'].get('warmup_s', 0):.2f} s", flush=True)
+        if "daemon2" in runners:
+            results["daemon2"] = bench.start_daemon2()
+            print(f"two-worker daemon ready in {results['daemon2']['start_to_ready_s']:.2f} s", flush=True)
         for rnd in range(args.rounds):
             order = runners[rnd % len(runners):] + runners[:rnd % len(runners)]
             got = {}
@@ -602,6 +629,8 @@ def main() -> None:
             results["rounds"].append(got)
         if bench.daemon is not None:
             results["daemon"]["vm_hwm_kib"] = vm_hwm(bench.daemon.proc.pid)
+        if bench.daemon2 is not None:
+            results["daemon2"]["vm_hwm_kib"] = vm_hwm(bench.daemon2.proc.pid)
         try:
             results["parity"] = compare(bench, results["rounds"][0], args.compare) if results["rounds"] else {}
         except ImportError as e:  # numpy/PIL missing: run with the reference venv's python
@@ -612,6 +641,8 @@ def main() -> None:
     finally:
         if bench.daemon is not None:
             bench.daemon.stop()
+        if bench.daemon2 is not None:
+            bench.daemon2.stop()
         cleanup()
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
