@@ -4,7 +4,7 @@
 # harness of bench/run.py. Sized for one H200 machine with 16 cores: about 8-10 minutes.
 #
 #   bench/gpu-check.sh              # everything; results in bench/results/gpu-*.json and $OUT
-#   PHASES=setup,build bench/gpu-check.sh     # a subset (setup build models cuda trt)
+#   PHASES=setup,build bench/gpu-check.sh     # a subset (setup build models cuda graphs trt)
 #
 # What it needs on the machine (checked first; it stops with a message when missing):
 #   * an NVIDIA driver (CUDA 13 capable), and TensorRT 10 for the trt phase;
@@ -23,13 +23,15 @@
 #   build  180  cargo build --release --bins --example bench_pipeline
 #   models 150  fp16 export of `small` and `sd15-scale` (bench/export_fp16.py, on CUDA)
 #   cuda   120  bench/run.py: diffusiond CUDA EP (in-process + daemon) vs Optimum CUDA EP + IO binding
+#   graphs  90  bench/run.py: diffusiond CUDA EP with runtime.cuda.cuda_graph (the UNet replayed from
+#               CUDA graphs; buffers in device memory, docs/gpu.md) vs Optimum, in-process, batch 1
 #   trt    180  bench/run.py: diffusiond TensorRT EP (fp16, engine + timing cache) in-process;
 #               the first round builds engines (reported as cold start), later rounds reuse the cache
 set -uo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-PHASES=${PHASES:-setup,build,models,cuda,trt}
+PHASES=${PHASES:-setup,build,models,cuda,graphs,trt}
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-$root/bench/out/gpu}
 mkdir -p "$OUT" bench/results
@@ -103,6 +105,14 @@ if has cuda; then
   BENCH_MODEL_SUFFIX=-fp16 run_bench "gpu-cuda-$stamp" 120 \
     --scales small,sd15-scale --batches 1,4 --rounds 2 --steps 20 --size 512 --repeats 3 \
     --providers cuda,cpu --py-provider CUDAExecutionProvider --py-io-binding
+fi
+
+if has graphs; then
+  say "graphs: diffusiond CUDA EP with CUDA graphs vs Optimum CUDA EP"
+  BENCH_MODEL_SUFFIX=-fp16 run_bench "gpu-cuda-graphs-$stamp" 90 \
+    --scales sd15-scale --batches 1 --rounds 2 --steps 20 --size 512 --repeats 3 --runners inproc,python \
+    --providers cuda,cpu --py-provider CUDAExecutionProvider --py-io-binding \
+    --extra-config "$(printf '[runtime.cuda]\ncuda_graph = true\n')"
 fi
 
 if has trt; then
