@@ -114,8 +114,16 @@ fn notify_messages_arrive_in_order() {
     );
 }
 
-#[test]
-fn no_watchdog_pings_when_the_pid_is_not_ours() {
+/// A diffusiond on a private bus with the tests' config, sending sd_notify messages to a
+/// socket of its own (read with a 100 ms timeout); `env` adds variables.
+fn started_with_socket(
+    env: &[(&str, &str)],
+) -> (
+    PrivateBus,
+    tempfile::TempDir,
+    UnixDatagram,
+    std::process::Child,
+) {
     let bus = PrivateBus::start();
     let dir = tempfile::tempdir().unwrap();
     let socket_path = dir.path().join("notify.sock");
@@ -125,15 +133,21 @@ fn no_watchdog_pings_when_the_pid_is_not_ours() {
         .unwrap();
     let config = dir.path().join("diffusiond.toml");
     std::fs::write(&config, common::config_text("")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_diffusiond"))
+    let child = Command::new(env!("CARGO_BIN_EXE_diffusiond"))
         .args(["--address", bus.address(), "--config"])
         .arg(&config)
         .env("NOTIFY_SOCKET", &socket_path)
-        .env("WATCHDOG_USEC", "100000")
-        .env("WATCHDOG_PID", "1")
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .spawn()
         .unwrap();
+    (bus, dir, socket, child)
+}
+
+#[test]
+fn no_watchdog_pings_when_the_pid_is_not_ours() {
+    let (_bus, _dir, socket, mut child) =
+        started_with_socket(&[("WATCHDOG_USEC", "100000"), ("WATCHDOG_PID", "1")]);
     let mut messages = Vec::new();
     let mut buf = vec![0u8; 4096];
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -161,22 +175,7 @@ fn no_watchdog_pings_when_the_pid_is_not_ours() {
 
 #[test]
 fn a_load_after_ready_shows_in_the_status_until_it_ends() {
-    let bus = PrivateBus::start();
-    let dir = tempfile::tempdir().unwrap();
-    let socket_path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let config = dir.path().join("diffusiond.toml");
-    std::fs::write(&config, common::config_text("")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_diffusiond"))
-        .args(["--address", bus.address(), "--config"])
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &socket_path)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
+    let (bus, _dir, socket, mut child) = started_with_socket(&[]);
     let mut messages: Vec<String> = Vec::new();
     let mut buf = vec![0u8; 4096];
     let mut asked = false;

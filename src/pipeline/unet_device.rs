@@ -605,15 +605,24 @@ impl Staged {
         }
     }
 
-    /// Host staging → device (narrowing `wide` first).
-    fn upload(&mut self, path: &Path, direction: &str) -> Result<(), DeviceIoError> {
+    /// The error of a copy of this buffer (`direction`: host to device or back).
+    fn copy_error<'a>(
+        &self,
+        path: &'a Path,
+        direction: &'a str,
+    ) -> impl Fn(ort::Error) -> DeviceIoError + Copy + use<'a> {
         let name = self.name;
-        let err = |source| DeviceIoError::Copy {
+        move |source| DeviceIoError::Copy {
             path: path.to_path_buf(),
             name,
             direction: direction.to_string(),
             source,
-        };
+        }
+    }
+
+    /// Host staging → device (narrowing `wide` first).
+    fn upload(&mut self, path: &Path, direction: &str) -> Result<(), DeviceIoError> {
+        let err = self.copy_error(path, direction);
         if let Some(w) = &self.wide {
             let mut host = self.host.try_extract_array_mut::<f16>().map_err(err)?;
             host.zip_mut_with(w, |h, &x| *h = f16::from_f32(x));
@@ -629,13 +638,7 @@ impl Staged {
         direction: &str,
         values: &ArrayViewD<'_, f32>,
     ) -> Result<(), DeviceIoError> {
-        let name = self.name;
-        let err = |source| DeviceIoError::Copy {
-            path: path.to_path_buf(),
-            name,
-            direction: direction.to_string(),
-            source,
-        };
+        let err = self.copy_error(path, direction);
         if let Ok(mut host) = self.host.try_extract_array_mut::<f32>() {
             host.assign(values);
         } else {
@@ -647,13 +650,7 @@ impl Staged {
 
     /// Device → host staging (widening into `wide` after).
     fn download(&mut self, path: &Path, direction: &str) -> Result<(), DeviceIoError> {
-        let name = self.name;
-        let err = |source| DeviceIoError::Copy {
-            path: path.to_path_buf(),
-            name,
-            direction: direction.to_string(),
-            source,
-        };
+        let err = self.copy_error(path, direction);
         self.device.copy_into(&mut self.host).map_err(err)?;
         if let Some(w) = &mut self.wide {
             let host = self.host.try_extract_array::<f16>().map_err(err)?;
