@@ -32,6 +32,7 @@ impl Engine {
                 .filter(|j| st.slots.is_unloaded(&j.request.model, worker))
                 .map(|j| j.request.model.clone())
                 .collect();
+            cold.sort();
             cold.dedup();
             for m in cold {
                 self.start_load(&mut st, &m, worker);
