@@ -129,14 +129,16 @@ impl Manager {
     #[zbus(out_args("job"))]
     async fn generate(
         &self,
-        request: keys::RawDict,
+        request: keys::RawDict<'_>,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
         #[zbus(object_server)] server: &zbus::ObjectServer,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<OwnedObjectPath, Error> {
         expect_args(&header, "Generate", "a{sv}")?;
-        let mut incoming = keys::parse(&request).map_err(Error::InvalidArgument)?;
+        let mut incoming =
+            keys::parse(&request, self.limits.max_image_bytes).map_err(Error::InvalidArgument)?;
+        drop(request);
         let fds = std::mem::take(&mut incoming.image_fds);
         if !fds.is_empty() {
             // File reads stay off the async threads.
@@ -161,7 +163,9 @@ impl Manager {
         let id = self.engine.next_id();
         let path = job_path(id);
         let (done_tx, done_rx) = watch::channel(false);
-        let view = Arc::new(Mutex::new(JobView::queued(owner, &resolved)));
+        let view = Arc::new(Mutex::new(
+            JobView::queued(owner, &resolved).followed_by(header.sender()),
+        ));
         let job = Job {
             view: view.clone(),
             done: done_rx,
@@ -206,7 +210,7 @@ impl Manager {
     async fn submit_batch(
         &self,
         manifest: Vec<u8>,
-        options: keys::RawDict,
+        options: keys::RawDict<'_>,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
         #[zbus(object_server)] server: &zbus::ObjectServer,
@@ -226,6 +230,7 @@ impl Manager {
                 .at(&path, Batch::new(self.batches()?, snapshot))
                 .await?;
         }
+        super::batch::follow(server, conn, path.as_ref(), header.sender()).await?;
         Ok(path)
     }
 

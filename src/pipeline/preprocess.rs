@@ -20,9 +20,23 @@ const PRECISION_BITS: u32 = 22;
 /// The Lanczos filter's support (PIL: `LANCZOS` has support 3).
 const LANCZOS_SUPPORT: f64 = 3.0;
 
-/// Decodes PNG or JPEG bytes to `[H, W, 3]` RGB, dropping alpha.
+/// Bytes a decode may allocate beyond its pixels (16 bytes a pixel covers 16-bit RGBA and
+/// the RGB copy): room for a real ICC profile or text chunk, never a decompression bomb's.
+const DECODE_SLACK_BYTES: u64 = 16 << 20;
+
+/// Decodes PNG or JPEG bytes to `[H, W, 3]` RGB, dropping alpha. What the decoder may
+/// allocate is bounded by the size the header gives (ancillary chunks included).
 pub fn decode_rgb(bytes: &[u8]) -> Result<Array3<u8>, String> {
-    let img = image::load_from_memory(bytes).map_err(|e| format!("cannot decode: {e}"))?;
+    let (w, h) = crate::request::header_dimensions(bytes)?;
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| format!("cannot decode: {e}"))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    limits.max_alloc = Some(u64::from(w) * u64::from(h) * 16 + DECODE_SLACK_BYTES);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| format!("cannot decode: {e}"))?;
     let rgb = img.to_rgb8();
     let (w, h) = rgb.dimensions();
     Array3::from_shape_vec((h as usize, w as usize, 3), rgb.into_raw()).map_err(|e| e.to_string())

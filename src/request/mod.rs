@@ -15,7 +15,7 @@ mod limits;
 mod params;
 mod resolve;
 
-pub use image::ImageInput;
+pub use image::{ImageInput, header_dimensions};
 pub use limits::{DEFAULT_MAX_GUIDANCE_SCALE, Limits};
 pub use params::GenerateParams;
 pub use resolve::{

@@ -7,6 +7,7 @@ use std::os::unix::fs::FileExt;
 
 use zbus::zvariant::Value;
 
+use super::raw::Field;
 use crate::request::{GenerateRequest, ImageInput};
 
 /// Which image a key carries.
@@ -52,19 +53,19 @@ impl Slot {
     }
 }
 
-/// Reads an `ay` value.
-pub fn bytes(key: &str, v: &Value<'_>) -> Result<ImageInput, String> {
-    let Value::Array(items) = v else {
+/// Reads an `ay` value of at most `max_bytes`: the size is checked before the bytes are
+/// copied out of the message.
+pub fn bytes(key: &str, v: &Field<'_>, max_bytes: usize) -> Result<ImageInput, String> {
+    let Field::Bytes(bytes) = v else {
         return Err(super::keys::type_error(key, "ay", v));
     };
-    let mut out = Vec::with_capacity(items.len());
-    for item in items.iter() {
-        match item {
-            Value::U8(b) => out.push(*b),
-            other => return Err(super::keys::type_error(key, "ay", other)),
-        }
+    if bytes.len() > max_bytes {
+        return Err(format!(
+            "'{key}': {} bytes is above the limit of {max_bytes} (limits.max_image_bytes)",
+            bytes.len()
+        ));
     }
-    Ok(ImageInput::new(out))
+    Ok(ImageInput::new(*bytes))
 }
 
 /// Writes an image as `ay`.
@@ -73,9 +74,9 @@ pub fn write(image: &ImageInput) -> Value<'_> {
 }
 
 /// Takes an `h` value.
-pub fn fd(key: &str, v: &Value<'_>) -> Result<OwnedFd, String> {
+pub fn fd(key: &str, v: &Field<'_>) -> Result<OwnedFd, String> {
     match v {
-        Value::Fd(fd) => fd
+        Field::Basic(Value::Fd(fd)) => fd
             .as_fd()
             .try_clone_to_owned()
             .map_err(|e| format!("'{key}': cannot use the file descriptor: {e}")),
@@ -106,11 +107,13 @@ pub fn read_fds(
         let len = usize::try_from(meta.len()).unwrap_or(usize::MAX);
         if len > max_bytes {
             return Err(format!(
-                "'{key}': {len} bytes is above the limit of {max_bytes}"
+                "'{key}': {len} bytes is above the limit of {max_bytes} (limits.max_image_bytes)"
             ));
         }
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, 0)
+        // Read straight into the shared buffer the request keeps: one copy of the bytes.
+        let mut buf: std::sync::Arc<[u8]> = std::iter::repeat_n(0u8, len).collect();
+        let dst = std::sync::Arc::get_mut(&mut buf).expect("a new buffer has one owner");
+        file.read_exact_at(dst, 0)
             .map_err(|e| format!("'{key}': cannot read the file: {e}"))?;
         *slot.field(request) = Some(ImageInput::new(buf));
     }

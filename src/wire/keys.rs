@@ -12,6 +12,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use zbus::zvariant::{OwnedValue, Value};
 
 use super::images::{self, Slot};
+pub use super::raw::{Field, RawDict};
 use crate::prompt_syntax::PromptSyntax;
 use crate::request::GenerateRequest;
 use crate::rng::RngKind;
@@ -53,7 +54,7 @@ pub struct Key {
     pub name: &'static str,
     /// Its D-Bus type signature.
     pub signature: &'static str,
-    read: fn(&mut Parsing, &Value<'_>) -> Result<(), String>,
+    read: fn(&mut Parsing, &Field<'_>) -> Result<(), String>,
     write: for<'a> fn(&'a GenerateRequest, &mut Dict<'a>),
 }
 
@@ -61,11 +62,14 @@ pub struct Key {
 struct Parsing {
     incoming: Incoming,
     prompt: bool,
+    /// Largest image sent as bytes (`limits.max_image_bytes`): checked before the bytes
+    /// are copied out of the message.
+    max_image_bytes: usize,
 }
 
 impl Parsing {
     /// Nothing read yet: every key at its default.
-    fn new() -> Parsing {
+    fn new(max_image_bytes: usize) -> Parsing {
         Parsing {
             incoming: Incoming {
                 request: GenerateRequest::default(),
@@ -74,6 +78,7 @@ impl Parsing {
                 image_fds: Vec::new(),
             },
             prompt: false,
+            max_image_bytes,
         }
     }
 }
@@ -81,14 +86,15 @@ impl Parsing {
 /// A Rust type as a D-Bus basic type.
 trait Wire: Sized {
     const SIGNATURE: &'static str;
-    fn read(key: &str, v: &Value<'_>) -> Result<Self, String>;
+    fn read(key: &str, v: &Field<'_>) -> Result<Self, String>;
     fn write(&self) -> Value<'_>;
 }
 
-pub(crate) fn type_error(key: &str, want: &str, got: &Value<'_>) -> String {
+/// The message for a value of the wrong D-Bus type.
+pub(crate) fn type_error(key: &str, want: &str, got: &Field<'_>) -> String {
     format!(
         "'{key}' must have D-Bus type '{want}', got '{}'",
-        got.value_signature()
+        got.signature()
     )
 }
 
@@ -96,9 +102,9 @@ macro_rules! basic {
     ($ty:ty, $sig:literal, $variant:ident) => {
         impl Wire for $ty {
             const SIGNATURE: &'static str = $sig;
-            fn read(key: &str, v: &Value<'_>) -> Result<Self, String> {
+            fn read(key: &str, v: &Field<'_>) -> Result<Self, String> {
                 match v {
-                    Value::$variant(x) => Ok(*x),
+                    Field::Basic(Value::$variant(x)) => Ok(*x),
                     other => Err(type_error(key, $sig, other)),
                 }
             }
@@ -116,9 +122,9 @@ basic!(bool, "b", Bool);
 
 impl Wire for String {
     const SIGNATURE: &'static str = "s";
-    fn read(key: &str, v: &Value<'_>) -> Result<Self, String> {
+    fn read(key: &str, v: &Field<'_>) -> Result<Self, String> {
         match v {
-            Value::Str(s) => Ok(s.to_string()),
+            Field::Basic(Value::Str(s)) => Ok(s.to_string()),
             other => Err(type_error(key, "s", other)),
         }
     }
@@ -129,7 +135,7 @@ impl Wire for String {
 
 impl Wire for RngKind {
     const SIGNATURE: &'static str = "s";
-    fn read(key: &str, v: &Value<'_>) -> Result<Self, String> {
+    fn read(key: &str, v: &Field<'_>) -> Result<Self, String> {
         String::read(key, v)?
             .parse()
             .map_err(|e| format!("'{key}': {e}"))
@@ -141,7 +147,7 @@ impl Wire for RngKind {
 
 impl Wire for PromptSyntax {
     const SIGNATURE: &'static str = "s";
-    fn read(key: &str, v: &Value<'_>) -> Result<Self, String> {
+    fn read(key: &str, v: &Field<'_>) -> Result<Self, String> {
         String::read(key, v)?
             .parse()
             .map_err(|e| format!("'{key}': {e}"))
@@ -177,7 +183,8 @@ macro_rules! image_key {
             name: $slot.key(),
             signature: "ay",
             read: |p, v| {
-                *$slot.field(&mut p.incoming.request) = Some(images::bytes($slot.key(), v)?);
+                *$slot.field(&mut p.incoming.request) =
+                    Some(images::bytes($slot.key(), v, p.max_image_bytes)?);
                 Ok(())
             },
             write: |r, d| {
@@ -261,81 +268,65 @@ pub const KEYS: &[Key] = &[
     },
 ];
 
-fn fds(key: &str, v: &Value<'_>) -> Result<Vec<OwnedFd>, String> {
-    let Value::Array(items) = v else {
+fn fds(key: &str, v: &Field<'_>) -> Result<Vec<OwnedFd>, String> {
+    let Field::Fds(items) = v else {
         return Err(type_error(key, "ah", v));
     };
     items
         .iter()
-        .map(|item| match item {
-            Value::Fd(fd) => fd
-                .as_fd()
+        .map(|fd| {
+            fd.as_fd()
                 .try_clone_to_owned()
-                .map_err(|e| format!("'{key}': cannot use the file descriptor: {e}")),
-            other => Err(type_error(key, "ah", other)),
+                .map_err(|e| format!("'{key}': cannot use the file descriptor: {e}"))
         })
         .collect()
 }
 
-/// An `a{sv}` as sent, every entry in order: a key sent twice stays twice, so it can be
-/// refused (a map would keep one of them silently).
-#[derive(Debug, Default)]
-pub struct RawDict(pub Vec<(String, OwnedValue)>);
-
-impl zbus::zvariant::Type for RawDict {
-    const SIGNATURE: &'static zbus::zvariant::Signature =
-        <HashMap<String, OwnedValue> as zbus::zvariant::Type>::SIGNATURE;
-}
-
-impl<'de> serde::Deserialize<'de> for RawDict {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Entries;
-        impl<'de> serde::de::Visitor<'de> for Entries {
-            type Value = RawDict;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("an a{sv} dictionary")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<RawDict, A::Error> {
-                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
-                while let Some(entry) = map.next_entry::<String, OwnedValue>()? {
-                    entries.push(entry);
-                }
-                Ok(RawDict(entries))
-            }
-        }
-        d.deserialize_map(Entries)
-    }
-}
-
-impl From<HashMap<String, OwnedValue>> for RawDict {
-    fn from(map: HashMap<String, OwnedValue>) -> Self {
-        RawDict(map.into_iter().collect())
-    }
-}
-
 /// Reads a `Generate` request: unknown keys, keys given twice and wrong types are errors
-/// naming the key; `prompt` is required.
-pub fn parse(raw: &RawDict) -> Result<Incoming, String> {
-    let mut p = Parsing::new();
-    let mut seen: Vec<&str> = Vec::with_capacity(raw.0.len());
-    for (name, value) in &raw.0 {
-        if seen.contains(&name.as_str()) {
-            return Err(format!("'{name}' is given more than once"));
-        }
-        seen.push(name);
-        let key = KEYS.iter().find(|k| k.name == name).ok_or_else(|| {
-            let known: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
-            format!("unknown key '{name}' (known: {})", known.join(", "))
-        })?;
-        (key.read)(&mut p, value)?;
-    }
+/// naming the key; `prompt` is required; an image sent as bytes may have at most
+/// `max_image_bytes` (`limits.max_image_bytes`).
+pub fn parse(raw: &RawDict<'_>, max_image_bytes: usize) -> Result<Incoming, String> {
+    let p = read_keys(raw, max_image_bytes)?;
     if !p.prompt {
         return Err("'prompt' is required".into());
     }
     Ok(p.incoming)
+}
+
+/// Reads every entry through its row.
+fn read_keys(raw: &RawDict<'_>, max_image_bytes: usize) -> Result<Parsing, String> {
+    let mut p = Parsing::new(max_image_bytes);
+    let mut seen: Vec<&str> = Vec::new();
+    for (name, value) in &raw.0 {
+        if seen.contains(&name.as_str()) {
+            return Err(format!("'{}' is given more than once", shown_key(name)));
+        }
+        seen.push(name);
+        let key = KEYS.iter().find(|k| k.name == name).ok_or_else(|| {
+            let known: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
+            format!(
+                "unknown key '{}' (known: {})",
+                shown_key(name),
+                known.join(", ")
+            )
+        })?;
+        (key.read)(&mut p, value)?;
+    }
+    Ok(p)
+}
+
+/// A key name a caller chose, as an error message shows it: at most 64 characters, control
+/// characters escaped.
+fn shown_key(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .take(64)
+        .flat_map(char::escape_default)
+        .collect();
+    if name.chars().nth(64).is_some() {
+        out.push_str("...");
+    }
+    out
 }
 
 /// The `a{sv}` for `Generate`, with only the keys that are set.
@@ -347,11 +338,16 @@ pub fn to_dict(request: &GenerateRequest) -> Dict<'_> {
     d
 }
 
-/// [`to_dict`] as owned values (a property's value), without the images' bytes.
+/// [`to_dict`] as owned values (a property's value), without the images: their rows are
+/// not even written (a `Value` array holds one `Value` per byte).
 pub fn to_owned_dict(request: &GenerateRequest) -> HashMap<String, OwnedValue> {
-    to_dict(request)
-        .into_iter()
-        .filter(|(k, _)| *k != Slot::Init.key() && *k != Slot::Mask.key())
+    let mut d = Dict::new();
+    for key in KEYS {
+        if key.name != Slot::Init.key() && key.name != Slot::Mask.key() {
+            (key.write)(request, &mut d);
+        }
+    }
+    d.into_iter()
         .filter_map(|(k, v)| v.try_to_owned().ok().map(|v| (k.to_string(), v)))
         .collect()
 }
@@ -366,20 +362,27 @@ pub const NOT_IN_MANIFEST: &[&str] = &[
     "mask_image_fd",
 ];
 
+/// Keys a batch's `defaults` may not hold, besides [`NOT_IN_MANIFEST`]: the images, which
+/// a daemon batch does not take (a default would be silently ignored otherwise).
+pub const NOT_A_BATCH_DEFAULT: &[&str] = &["prompt", "init_image", "mask_image"];
+
 /// Reads the defaults of a batch (`SubmitBatch`'s `defaults`): the keys a manifest line
-/// may hold, but not `prompt`, which each line gives.
-pub fn parse_defaults(raw: &RawDict) -> Result<GenerateRequest, String> {
+/// may hold, but not `prompt`, which each line gives, nor images.
+pub fn parse_defaults(raw: &RawDict<'_>) -> Result<GenerateRequest, String> {
     for (name, _) in &raw.0 {
-        if name == "prompt" || NOT_IN_MANIFEST.contains(&name.as_str()) {
+        if name == "init_image" || name == "mask_image" {
+            return Err(format!(
+                "'{name}' cannot be a batch default: daemon batches take no images \
+                 (run image-to-image batches with diffusionctl batch --local)"
+            ));
+        }
+        if NOT_A_BATCH_DEFAULT.contains(&name.as_str()) || NOT_IN_MANIFEST.contains(&name.as_str())
+        {
             return Err(format!("'{name}' cannot be a batch default"));
         }
     }
-    let mut with_prompt = RawDict(raw.0.clone());
-    with_prompt.0.push((
-        "prompt".into(),
-        OwnedValue::try_from(Value::from("")).map_err(|e| e.to_string())?,
-    ));
-    parse(&with_prompt).map(|i| i.request)
+    // Images are refused above: no bytes are read.
+    read_keys(raw, 0).map(|p| p.incoming.request)
 }
 
 /// Reads a manifest line (one JSON object) through the same rows as [`parse`]: each JSON
@@ -389,7 +392,7 @@ pub fn from_json(
     object: &serde_json::Map<String, serde_json::Value>,
     extra: &[&str],
 ) -> (GenerateRequest, bool, Vec<(String, String)>) {
-    let mut p = Parsing::new();
+    let mut p = Parsing::new(usize::MAX);
     let mut errors = Vec::new();
     for (name, json) in object {
         if extra.contains(&name.as_str()) {
@@ -412,7 +415,7 @@ pub fn from_json(
             continue;
         };
         let read = json_value(key.signature, json).and_then(|v| {
-            (key.read)(&mut p, &v).map_err(|e| {
+            (key.read)(&mut p, &Field::Basic(v)).map_err(|e| {
                 // The row's message is about D-Bus types; keep what it says of the value.
                 e.trim_start_matches(&format!("'{name}': ")).to_string()
             })
@@ -497,13 +500,11 @@ pub fn to_json(request: &GenerateRequest) -> serde_json::Map<String, serde_json:
 mod tests {
     use super::*;
 
-    fn raw(pairs: Vec<(&str, Value<'static>)>) -> RawDict {
-        RawDict(
-            pairs
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.try_to_owned().unwrap()))
-                .collect(),
-        )
+    use crate::wire::raw::through_wire;
+
+    /// `parse` of `pairs` as the daemon reads them off the wire.
+    fn parse_pairs(pairs: Vec<(&str, Value<'_>)>) -> Result<Incoming, String> {
+        through_wire(pairs, |raw| parse(&raw, 1 << 20))
     }
 
     #[test]
@@ -535,7 +536,11 @@ mod tests {
             let key = KEYS.iter().find(|key| key.name == k).unwrap();
             assert_eq!(v.value_signature().to_string(), key.signature, "{k}");
         }
-        let back = parse(&RawDict::from(owned)).unwrap();
+        let pairs: Vec<(&str, Value<'_>)> = owned
+            .iter()
+            .map(|(k, v)| (k.as_str(), Value::from(v.try_clone().unwrap())))
+            .collect();
+        let back = parse_pairs(pairs).unwrap();
         assert_eq!(back.request, req);
         assert!(back.output_fds.is_empty());
         assert!(back.cancel_on_disconnect);
@@ -598,50 +603,95 @@ mod tests {
             ),
         ];
         for (pairs, needle) in cases {
-            let err = parse(&raw(pairs)).unwrap_err();
+            let err = parse_pairs(pairs).unwrap_err();
             assert!(err.contains(needle), "{err:?} lacks {needle:?}");
         }
-        let twice = raw(vec![
+        // As the wire carries it: both entries reach the parser.
+        let twice = vec![
             ("prompt", Value::from("p")),
             ("steps", Value::U32(201)),
             ("steps", Value::U32(4)),
-        ]);
+        ];
         assert_eq!(
-            parse(&twice).unwrap_err(),
+            parse_pairs(twice).unwrap_err(),
             "'steps' is given more than once"
         );
-        // As the wire carries it: both entries reach the parser.
-        let ctxt = zbus::zvariant::serialized::Context::new_dbus(zbus::zvariant::LE, 0);
-        let sent: Vec<(&str, Value<'_>)> =
-            vec![("steps", Value::U32(201)), ("steps", Value::U32(4))];
-        let bytes = zbus::zvariant::to_bytes(ctxt, &PairsAsDict(sent)).unwrap();
-        let (read, _): (RawDict, _) = bytes.deserialize().unwrap();
-        assert_eq!(read.0.len(), 2);
-        let ok = parse(&raw(vec![
+        let ok = parse_pairs(vec![
             ("prompt", Value::from("p")),
             ("cancel_on_disconnect", Value::Bool(false)),
-        ]))
+        ])
         .unwrap();
         assert!(!ok.cancel_on_disconnect);
     }
 
-    /// Pairs written as an `a{sv}` with repeats, as a hostile client can send them.
-    struct PairsAsDict<'a>(Vec<(&'a str, Value<'a>)>);
-
-    impl zbus::zvariant::Type for PairsAsDict<'_> {
-        const SIGNATURE: &'static zbus::zvariant::Signature =
-            <HashMap<String, OwnedValue> as zbus::zvariant::Type>::SIGNATURE;
+    #[test]
+    fn images_are_held_to_the_byte_limit_and_other_bytes_are_refused_by_key() {
+        let image = vec![1u8; 4096];
+        let err = through_wire(
+            vec![
+                ("prompt", Value::from("p")),
+                ("init_image", Value::from(&image[..])),
+            ],
+            |raw| parse(&raw, 4095),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            "'init_image': 4096 bytes is above the limit of 4095 (limits.max_image_bytes)"
+        );
+        let ok = through_wire(
+            vec![
+                ("prompt", Value::from("p")),
+                ("init_image", Value::from(&image[..])),
+            ],
+            |raw| parse(&raw, 4096),
+        )
+        .unwrap();
+        assert_eq!(ok.request.init_image.unwrap().bytes(), &image[..]);
+        // Bytes under any other key are not read, and named.
+        let err = parse_pairs(vec![
+            ("prompt", Value::from("p")),
+            ("prompt_syntax", Value::from(&image[..])),
+        ])
+        .unwrap_err();
+        assert_eq!(err, "'prompt_syntax' must have D-Bus type 's', got 'ay'");
+        let long = "k".repeat(10_000) + "\u{1b}";
+        let err =
+            parse_pairs(vec![("prompt", Value::from("p")), (&long, Value::U32(1))]).unwrap_err();
+        assert!(
+            err.starts_with(&format!("unknown key '{}...'", "k".repeat(64))),
+            "{err}"
+        );
+        assert!(err.len() < 1000, "{}", err.len());
     }
 
-    impl serde::Serialize for PairsAsDict<'_> {
-        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            use serde::ser::SerializeMap;
-            let mut m = s.serialize_map(Some(self.0.len()))?;
-            for (k, v) in &self.0 {
-                m.serialize_entry(k, v)?;
-            }
-            m.end()
-        }
+    #[test]
+    fn batch_defaults_refuse_images_by_name() {
+        let mut inner = HashMap::new();
+        inner.insert("init_image", Value::from(&[1u8, 2][..]));
+        let err = through_wire(vec![("defaults", Value::from(inner))], |raw| {
+            let Field::Dict(d) = &raw.0[0].1 else {
+                panic!("not a dict")
+            };
+            parse_defaults(d)
+        })
+        .unwrap_err();
+        assert!(
+            err.starts_with("'init_image' cannot be a batch default"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_request_property_never_builds_the_images() {
+        let req = GenerateRequest {
+            prompt: "p".into(),
+            init_image: Some(crate::request::ImageInput::new(vec![0u8; 16])),
+            ..Default::default()
+        };
+        let owned = to_owned_dict(&req);
+        assert!(!owned.contains_key("init_image"));
+        assert!(owned.contains_key("prompt"));
     }
 
     #[test]

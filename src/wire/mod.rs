@@ -10,6 +10,7 @@ pub mod batch;
 pub mod error;
 pub mod images;
 pub mod keys;
+pub mod raw;
 pub mod reply;
 
 use zbus::zvariant::{ObjectPath, OwnedObjectPath};

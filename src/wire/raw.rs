@@ -1,0 +1,269 @@
+//! Request dicts (`a{sv}`) as the daemon reads them off the wire, decoded into compact
+//! values before any key is looked at.
+//!
+//! zvariant's generic [`Value`] turns an array into one `Value` per element: a 30 MiB
+//! `ay` becomes about 30 million enum values (over a gigabyte), before the key is known
+//! or a size limit is checked. [`RawDict`] decodes each entry by its signature instead:
+//!
+//! * basic types (numbers, strings, fds) as a [`Value`]: their size is their wire size;
+//! * `ay` under a key that carries bytes ([`BYTE_KEYS`]) as a slice borrowed from the
+//!   message, copied only once the key's size limit has passed;
+//! * `ah` as the list of fds (a message carries a handful; the bus bounds them);
+//! * `a{sv}` (batch `defaults`) as a nested [`RawDict`], read by the same rules;
+//! * a variant inside a variant as what it holds;
+//! * anything else (an unknown key's `ay`, an `as`, a struct) is skipped without being
+//!   built, and only its signature is kept for the error message.
+//!
+//! Written by hand because zvariant's `Value` has no way to decode by signature into
+//! compact forms; the visitor follows zvariant's own variant encoding (a signature, then
+//! the value), as `Value`'s `Deserialize` reads it.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, SeqAccess, Visitor};
+use zbus::zvariant::{self, Fd, OwnedFd, Signature, Value};
+
+/// Keys whose `ay` values are kept (the images of `Generate`). Bytes under any other key
+/// are never copied.
+pub const BYTE_KEYS: &[&str] = &["init_image", "mask_image"];
+
+/// An `a{sv}` as sent, every entry in order: a key sent twice stays twice, so it can be
+/// refused (a map would keep one of them silently). Values borrow from the message.
+#[derive(Debug, Default)]
+pub struct RawDict<'m>(pub Vec<(String, Field<'m>)>);
+
+/// One value of a [`RawDict`], decoded by its signature (module docs).
+#[derive(Debug)]
+pub enum Field<'m> {
+    /// A basic-type value (`y b n q i u x t d s o g h`).
+    Basic(Value<'m>),
+    /// An `ay` under one of [`BYTE_KEYS`], borrowed from the message.
+    Bytes(&'m [u8]),
+    /// An `ah`.
+    Fds(Vec<OwnedFd>),
+    /// An `a{sv}`.
+    Dict(RawDict<'m>),
+    /// Any other value: not decoded; its D-Bus signature.
+    Skipped(String),
+}
+
+impl Field<'_> {
+    /// The D-Bus signature of what was sent.
+    pub fn signature(&self) -> String {
+        match self {
+            Field::Basic(v) => v.value_signature().to_string(),
+            Field::Bytes(_) => "ay".into(),
+            Field::Fds(_) => "ah".into(),
+            Field::Dict(_) => "a{sv}".into(),
+            Field::Skipped(s) => s.clone(),
+        }
+    }
+
+    /// The basic value, if this is one.
+    pub fn basic(&self) -> Option<&Value<'_>> {
+        match self {
+            Field::Basic(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+impl zvariant::Type for RawDict<'_> {
+    const SIGNATURE: &'static Signature =
+        <std::collections::HashMap<String, zvariant::OwnedValue> as zvariant::Type>::SIGNATURE;
+}
+
+impl<'de: 'm, 'm> de::Deserialize<'de> for RawDict<'m> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entries<'m>(PhantomData<&'m ()>);
+        impl<'de: 'm, 'm> Visitor<'de> for Entries<'m> {
+            type Value = RawDict<'m>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an a{sv} dictionary")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<RawDict<'m>, A::Error> {
+                // The size hint is the caller's word: do not reserve from it.
+                let mut entries = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let bytes = BYTE_KEYS.contains(&key.as_str());
+                    let value = map.next_value_seed(FieldSeed {
+                        bytes,
+                        phantom: PhantomData,
+                    })?;
+                    entries.push((key, value));
+                }
+                Ok(RawDict(entries))
+            }
+        }
+        d.deserialize_map(Entries(PhantomData))
+    }
+}
+
+/// Reads one variant into a [`Field`]; `bytes`: whether an `ay` here is kept.
+struct FieldSeed<'m> {
+    bytes: bool,
+    phantom: PhantomData<&'m ()>,
+}
+
+impl<'de: 'm, 'm> DeserializeSeed<'de> for FieldSeed<'m> {
+    type Value = Field<'m>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Field<'m>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de: 'm, 'm> Visitor<'de> for FieldSeed<'m> {
+    type Value = Field<'m>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a variant")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Field<'m>, A::Error> {
+        let signature = seq
+            .next_element::<Signature>()?
+            .ok_or_else(|| de::Error::custom("a variant without a signature"))?;
+        let sig = signature.to_string();
+        let missing = || de::Error::custom("a variant without a value");
+        macro_rules! basic {
+            ($ty:ty, $variant:ident) => {
+                Field::Basic(Value::$variant(
+                    seq.next_element::<$ty>()?.ok_or_else(missing)?,
+                ))
+            };
+        }
+        let field = match sig.as_str() {
+            "y" => basic!(u8, U8),
+            "b" => basic!(bool, Bool),
+            "n" => basic!(i16, I16),
+            "q" => basic!(u16, U16),
+            "i" => basic!(i32, I32),
+            "u" => basic!(u32, U32),
+            "x" => basic!(i64, I64),
+            "t" => basic!(u64, U64),
+            "d" => basic!(f64, F64),
+            "s" => Field::Basic(Value::from(
+                seq.next_element::<&'de str>()?.ok_or_else(missing)?,
+            )),
+            "o" => Field::Basic(Value::ObjectPath(
+                seq.next_element::<zvariant::ObjectPath<'de>>()?
+                    .ok_or_else(missing)?,
+            )),
+            "g" => Field::Basic(Value::Signature(
+                seq.next_element::<Signature>()?.ok_or_else(missing)?,
+            )),
+            "h" => Field::Basic(Value::Fd(
+                seq.next_element::<Fd<'de>>()?.ok_or_else(missing)?,
+            )),
+            "v" => seq
+                .next_element_seed(FieldSeed {
+                    bytes: self.bytes,
+                    phantom: PhantomData,
+                })?
+                .ok_or_else(missing)?,
+            "ay" => {
+                // Borrowed either way: skipping a byte array costs nothing.
+                let bytes = seq.next_element::<&'de [u8]>()?.ok_or_else(missing)?;
+                if self.bytes {
+                    Field::Bytes(bytes)
+                } else {
+                    Field::Skipped(sig)
+                }
+            }
+            "ah" => Field::Fds(seq.next_element::<Vec<OwnedFd>>()?.ok_or_else(missing)?),
+            "a{sv}" => Field::Dict(seq.next_element::<RawDict<'m>>()?.ok_or_else(missing)?),
+            _ => {
+                seq.next_element::<IgnoredAny>()?.ok_or_else(missing)?;
+                Field::Skipped(sig)
+            }
+        };
+        Ok(field)
+    }
+}
+
+/// Serializes `pairs` as an `a{sv}` the way a client sends it (repeats kept) and reads it
+/// back through [`RawDict`]: the daemon's exact path, for tests. `f` sees the dict.
+#[cfg(test)]
+pub fn through_wire<R>(pairs: Vec<(&str, Value<'_>)>, f: impl FnOnce(RawDict<'_>) -> R) -> R {
+    let ctxt = zvariant::serialized::Context::new_dbus(zvariant::LE, 0);
+    let bytes = zvariant::to_bytes(ctxt, &PairsAsDict(pairs)).expect("serializable pairs");
+    let (read, _): (RawDict<'_>, _) = bytes.deserialize().expect("an a{sv}");
+    f(read)
+}
+
+/// Pairs written as an `a{sv}` with repeats, as a hostile client can send them.
+#[cfg(test)]
+pub struct PairsAsDict<'a>(pub Vec<(&'a str, Value<'a>)>);
+
+#[cfg(test)]
+impl zvariant::Type for PairsAsDict<'_> {
+    const SIGNATURE: &'static Signature =
+        <std::collections::HashMap<String, zvariant::OwnedValue> as zvariant::Type>::SIGNATURE;
+}
+
+#[cfg(test)]
+impl serde::Serialize for PairsAsDict<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_signature_is_decoded_compactly() {
+        let big = vec![7u8; 1 << 20];
+        let pairs = vec![
+            ("prompt", Value::from("a cat")),
+            ("steps", Value::U32(4)),
+            ("seed", Value::U64(9)),
+            ("init_image", Value::from(&big[..])),
+            ("unknown", Value::from(&big[..])),
+            ("words", Value::from(vec!["a", "b"])),
+            ("nested", Value::Value(Box::new(Value::U32(3)))),
+        ];
+        through_wire(pairs, |raw| {
+            let get = |k: &str| &raw.0.iter().find(|(n, _)| n == k).unwrap().1;
+            assert!(matches!(get("prompt"), Field::Basic(Value::Str(s)) if s.as_str() == "a cat"));
+            assert!(matches!(get("steps"), Field::Basic(Value::U32(4))));
+            assert!(matches!(get("seed"), Field::Basic(Value::U64(9))));
+            assert!(matches!(get("init_image"), Field::Bytes(b) if b.len() == 1 << 20));
+            assert!(matches!(get("unknown"), Field::Skipped(s) if s == "ay"));
+            assert!(matches!(get("words"), Field::Skipped(s) if s == "as"));
+            // A variant in a variant is read as what it holds.
+            assert!(matches!(get("nested"), Field::Basic(Value::U32(3))));
+            assert_eq!(get("words").signature(), "as");
+            assert_eq!(get("init_image").signature(), "ay");
+        });
+    }
+
+    #[test]
+    fn nested_dicts_follow_the_same_rules() {
+        let mut inner = std::collections::HashMap::new();
+        inner.insert("steps", Value::U32(3));
+        inner.insert("init_image", Value::from(&[1u8, 2, 3][..]));
+        inner.insert("junk", Value::from(&[0u8; 64][..]));
+        through_wire(vec![("defaults", Value::from(inner))], |raw| {
+            let Field::Dict(d) = &raw.0[0].1 else {
+                panic!("{:?}", raw.0[0].1)
+            };
+            assert_eq!(d.0.len(), 3);
+            for (k, v) in &d.0 {
+                match k.as_str() {
+                    "steps" => assert!(matches!(v, Field::Basic(Value::U32(3)))),
+                    "init_image" => assert!(matches!(v, Field::Bytes([1, 2, 3]))),
+                    "junk" => assert!(matches!(v, Field::Skipped(_))),
+                    other => panic!("{other}"),
+                }
+            }
+        });
+    }
+}
