@@ -5,11 +5,16 @@
 //! In the second case the fast tokenizer is assembled from them with the same
 //! normalizer, pre-tokenizer and post-processor that transformers' converter writes, so
 //! ids equal `CLIPTokenizerFast`'s. Prompts are padded and truncated to
-//! `model_max_length` (77) as `tokenizer_config.json` says.
+//! `model_max_length` (77) as `tokenizer_config.json` says. Every file is read only from
+//! a regular file and up to a size cap ([`crate::model::small_file`]).
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::model::small_file::{
+    MAX_CONFIG_BYTES, MAX_TOKENIZER_BYTES, SmallFileError, read_capped, read_text_capped,
+};
 use tokenizers::{
     PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection,
     TruncationParams, TruncationStrategy,
@@ -134,8 +139,8 @@ impl ClipTokenizer {
         let config = read_config(dir)?;
         let json = dir.join("tokenizer.json");
         let specials = special_tokens(dir, &config)?;
-        let mut inner = if json.is_file() {
-            let mut t = Tokenizer::from_file(&json).map_err(|e| TokenizerError::File {
+        let mut inner = if let Some(bytes) = read_file(&json, MAX_TOKENIZER_BYTES)? {
+            let mut t = Tokenizer::from_bytes(&bytes).map_err(|e| TokenizerError::File {
                 path: json.clone(),
                 message: e.to_string(),
             })?;
@@ -263,19 +268,30 @@ fn read_config(dir: &Path) -> Result<TokenizerConfig, TokenizerError> {
     )
 }
 
+/// A file of the folder of at most `cap` bytes, `None` when it is not there; read only
+/// from a regular file ([`read_capped`]).
+fn read_file(path: &Path, cap: u64) -> Result<Option<Vec<u8>>, TokenizerError> {
+    match read_capped(path, cap) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(SmallFileError::Missing) => Ok(None),
+        Err(e) => Err(TokenizerError::File {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }),
+    }
+}
+
 /// A JSON file of the folder, `None` when it is not there.
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, TokenizerError> {
-    if !path.is_file() {
+    let Some(bytes) = read_file(path, MAX_CONFIG_BYTES)? else {
         return Ok(None);
-    }
-    let err = |message: String| TokenizerError::File {
-        path: path.to_path_buf(),
-        message,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    serde_json::from_str(&text)
+    serde_json::from_slice(&bytes)
         .map(Some)
-        .map_err(|e| err(e.to_string()))
+        .map_err(|e| TokenizerError::File {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
 }
 
 /// The special tokens transformers splits out of a prompt before BPE: bos, eos, unk and
@@ -308,7 +324,7 @@ fn from_vocab_and_merges(dir: &Path, specials: &[String]) -> Result<Tokenizer, T
     let vocab_path = dir.join("vocab.json");
     let merges_path = dir.join("merges.txt");
     let read = |p: &Path| {
-        std::fs::read_to_string(p).map_err(|e| TokenizerError::File {
+        read_text_capped(p, MAX_TOKENIZER_BYTES).map_err(|e| TokenizerError::File {
             path: p.to_path_buf(),
             message: format!(
                 "{e} (a tokenizer folder needs tokenizer.json or vocab.json + merges.txt)"

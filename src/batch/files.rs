@@ -3,7 +3,27 @@
 //! and the folder's entry flushed too. A final name always holds a complete file.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+/// Opens a finished file to hand to a caller (`OpenResult`): read-only, and only when the
+/// name is a regular file itself. A symlink is refused (`O_NOFOLLOW`: the file a caller
+/// gets is never one a link points at), and so is anything but a regular file (opened
+/// with `O_NONBLOCK`, so a FIFO cannot block the open).
+pub fn open_finished(path: &Path) -> std::io::Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => std::io::Error::other("it is a symlink, which is never opened"),
+            _ => e,
+        })?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("it is not a regular file"));
+    }
+    Ok(file)
+}
 
 /// An output folder and the folder its temporary files live in.
 #[derive(Debug, Clone)]
@@ -127,5 +147,23 @@ mod tests {
         // A name with a folder that does not exist: the rename fails.
         assert!(out.write("missing/a.png", b"x").is_err());
         assert_eq!(std::fs::read_dir(root.path().join("t")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn finished_files_open_but_links_and_folders_do_not() {
+        let root = tempfile::tempdir().unwrap();
+        let file = root.path().join("a.png");
+        std::fs::write(&file, b"png").unwrap();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut open_finished(&file).unwrap(), &mut bytes).unwrap();
+        assert_eq!(bytes, b"png");
+        let secret = root.path().join("secret");
+        std::fs::write(&secret, b"not yours").unwrap();
+        let link = root.path().join("b.png");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        let e = open_finished(&link).unwrap_err();
+        assert!(e.to_string().contains("symlink"), "{e}");
+        let e = open_finished(root.path()).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 }

@@ -6,6 +6,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::request::{GenerateRequest, ImageInput};
+use crate::wire::error::echo;
 use crate::wire::images::Slot;
 use crate::wire::keys;
 
@@ -42,7 +43,10 @@ impl std::str::FromStr for Format {
         match s {
             "jsonl" => Ok(Format::Jsonl),
             "txt" => Ok(Format::Text),
-            other => Err(format!("unknown manifest format '{other}' (jsonl, txt)")),
+            other => Err(format!(
+                "unknown manifest format '{}' (jsonl, txt)",
+                echo(other)
+            )),
         }
     }
 }
@@ -75,7 +79,12 @@ impl std::fmt::Display for Shard {
 impl std::str::FromStr for Shard {
     type Err = String;
     fn from_str(s: &str) -> Result<Shard, String> {
-        let bad = || format!("'{s}' is not a shard: give I/N with 0 <= I < N, e.g. 0/4");
+        let bad = || {
+            format!(
+                "'{}' is not a shard: give I/N with 0 <= I < N, e.g. 0/4",
+                echo(s)
+            )
+        };
         let (i, n) = s.split_once('/').ok_or_else(bad)?;
         let index: u32 = i.trim().parse().map_err(|_| bad())?;
         let count: u32 = n.trim().parse().map_err(|_| bad())?;
@@ -336,6 +345,7 @@ pub fn parse_checked(
         errors.sort_by_key(|e| e.line);
         return Err(ManifestError { errors });
     }
+    check_shard(options.shard, &items).map_err(ManifestError::whole)?;
     let mut hash = Sha256::new();
     hash.update(format!("diffusiond batch 1 shard {}\n", options.shard));
     for item in items.iter().filter(|i| options.shard.holds(i.index)) {
@@ -348,6 +358,19 @@ pub fn parse_checked(
         shard: options.shard,
         identity,
     })
+}
+
+/// Refuses a shard that selects no item (shard I/N of a manifest of at most I items): it
+/// would run nothing and report success.
+fn check_shard(shard: Shard, items: &[Item]) -> Result<(), String> {
+    if items.iter().any(|i| shard.holds(i.index)) {
+        return Ok(());
+    }
+    Err(format!(
+        "shard {shard} selects none of the manifest's {} item(s): shard I/N runs the items \
+         on lines L where (L - 1) mod N = I; use fewer shards",
+        items.len()
+    ))
 }
 
 impl Manifest {
@@ -415,7 +438,7 @@ fn read_line(
         Some(other) => {
             errors.push(error(
                 Some("name"),
-                format!("expected a string, got {other}"),
+                format!("expected a string, got {}", echo(&other.to_string())),
             ));
             None
         }
@@ -453,13 +476,18 @@ fn read_image(
     cache: &mut ImageCache,
 ) -> Result<(std::path::PathBuf, ImageInput), String> {
     let serde_json::Value::String(rel) = value else {
-        return Err(format!("expected a path (a string), got {value}"));
+        return Err(format!(
+            "expected a path (a string), got {}",
+            echo(&value.to_string())
+        ));
     };
     let base = base.ok_or(
         "image paths are read by `diffusionctl batch --local` only (a daemon batch gets the manifest as bytes, without its folder)",
     )?;
-    let path = std::fs::canonicalize(base.join(rel))
-        .map_err(|e| format!("cannot read {}: {e}", base.join(rel).display()))?;
+    let path = std::fs::canonicalize(base.join(rel)).map_err(|e| {
+        let shown = base.join(rel).display().to_string();
+        format!("cannot read {}: {e}", echo(&shown))
+    })?;
     if let Some(image) = cache.get(&path) {
         return Ok((path, image.clone()));
     }
@@ -616,6 +644,40 @@ mod tests {
         assert!("2/2".parse::<Shard>().is_err());
         assert!("1/0".parse::<Shard>().is_err());
         assert!("x".parse::<Shard>().is_err());
+    }
+
+    #[test]
+    fn a_shard_that_selects_no_item_is_refused() {
+        let mut o = options(Format::Text);
+        o.shard = "5/8".parse().unwrap();
+        let e = parse(b"a\nb\nc\n", &o).unwrap_err().to_string();
+        assert!(
+            e.contains("shard 5/8 selects none of the manifest's 3 item(s)"),
+            "{e}"
+        );
+        // Lines count, blank ones included: items on lines 1 and 3 are both in shard 0/2.
+        o.shard = "1/2".parse().unwrap();
+        let e = parse(b"a\n\nc\n", &o).unwrap_err().to_string();
+        assert!(e.contains("selects none"), "{e}");
+        o.shard = "2/8".parse().unwrap();
+        assert_eq!(parse(b"a\nb\nc\n", &o).unwrap().selected().count(), 1);
+    }
+
+    #[test]
+    fn echoed_values_are_bounded() {
+        let o = options(Format::Jsonl);
+        let huge = format!(r#"{{"prompt":"p","name":[{}1]}}"#, "1,".repeat(50_000));
+        let e = parse(huge.as_bytes(), &o).unwrap_err().to_string();
+        assert!(e.contains("'name': expected a string"), "{e}");
+        assert!(e.len() < 500, "{} bytes: {}", e.len(), &e[..200]);
+        let e = format!("x{}", "y".repeat(100_000))
+            .parse::<Format>()
+            .unwrap_err();
+        assert!(e.len() < 500, "{} bytes", e.len());
+        let e = format!("1/{}", "9".repeat(100_000))
+            .parse::<Shard>()
+            .unwrap_err();
+        assert!(e.len() < 500, "{} bytes", e.len());
     }
 
     #[test]

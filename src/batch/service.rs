@@ -326,11 +326,12 @@ impl Service {
             })
             .ok_or_else(|| {
                 BatchError::NoResult(format!(
-                    "batch {id} has no finished file '{file}' (ListResults names them)"
+                    "batch {id} has no finished file '{}' (ListResults names them)",
+                    crate::wire::error::echo(file)
                 ))
             })?;
         let path = self.dir(id).join(file);
-        let f = std::fs::File::open(&path)
+        let f = super::files::open_finished(&path)
             .map_err(|e| BatchError::Io(format!("cannot open {}: {e}", path.display())))?;
         let fetched = self.store().mark_fetched(id, &item.name)?;
         let expiry = fetched.then(|| Duration::from_secs(self.inner.settings.retention_secs));

@@ -128,8 +128,8 @@ pub fn read(onnx: &Path) -> Result<GraphInfo, GraphInputsError> {
         file: onnx.to_path_buf(),
         message,
     };
-    let file = File::open(onnx).map_err(|e| err(e.to_string()))?;
-    let len = file.metadata().map_err(|e| err(e.to_string()))?.len();
+    let (file, meta) = super::small_file::open_regular(onnx).map_err(|e| err(e.to_string()))?;
+    let len = meta.len();
     let mut reader = Reader {
         r: BufReader::with_capacity(64 * 1024, file),
         pos: 0,

@@ -17,6 +17,7 @@ pub mod graph_inputs;
 pub mod memory;
 pub mod safety;
 pub mod signature;
+pub mod small_file;
 
 pub use catalog::{Catalog, CatalogEntry, ModelSpec};
 
@@ -33,6 +34,15 @@ pub enum ModelError {
     /// The folder does not exist.
     #[error("model folder {0} does not exist")]
     MissingFolder(PathBuf),
+    /// The folder's path exists but cannot be used as a folder: a symlink loop, not a
+    /// folder, no permission.
+    #[error("model folder {path}: {message}")]
+    BadFolder {
+        /// The folder.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// A required file is missing.
     #[error("{0}: file is missing")]
     MissingFile(PathBuf),
@@ -163,9 +173,7 @@ impl ModelBundle {
     /// component folders exist and that their graphs' external data is safe
     /// ([`safety::check_file`]).
     pub fn open(dir: &Path) -> Result<ModelBundle, ModelError> {
-        if !dir.is_dir() {
-            return Err(ModelError::MissingFolder(dir.to_path_buf()));
-        }
+        check_folder(dir)?;
         let index_path = dir.join("model_index.json");
         let index: ModelIndex = read_json(&index_path)?;
         let kind = match index.class_name.as_str() {
@@ -199,16 +207,12 @@ impl ModelBundle {
             .and_then(|class| scheduler::name_for_class(&class));
         let vae: VaeConfig = read_json(&dir.join("vae_decoder/config.json"))?;
         let unet_config = dir.join("unet/config.json");
-        let unet: UnetConfig = if unet_config.is_file() {
-            read_json(&unet_config)?
-        } else {
-            UnetConfig {
-                sample_size: None,
-                down_block_types: None,
-                in_channels: None,
-                time_cond_proj_dim: None,
-            }
-        };
+        let unet: UnetConfig = read_optional_json(&unet_config)?.unwrap_or(UnetConfig {
+            sample_size: None,
+            down_block_types: None,
+            in_channels: None,
+            time_cond_proj_dim: None,
+        });
         let vae_path = dir.join("vae_decoder/config.json");
         let vae_scale_factor = match &vae.block_out_channels {
             None => 8,
@@ -229,11 +233,7 @@ impl ModelBundle {
                     "sample_size {sample_size} x VAE factor {vae_scale_factor} is not a size between 1 and {MAX_DEFAULT_SIZE} pixels"
                 ),
             })?;
-        let unet_shape: memory::UnetShape = if unet_config.is_file() {
-            read_json(&unet_config)?
-        } else {
-            memory::UnetShape::default()
-        };
+        let unet_shape: memory::UnetShape = read_optional_json(&unet_config)?.unwrap_or_default();
         let vae_shape: memory::VaeShape = read_json(&vae_path)?;
         let mut components: Vec<&str> = match kind {
             PipelineKind::StableDiffusion => vec!["text_encoder"],
@@ -268,8 +268,15 @@ impl ModelBundle {
     /// again, so a folder changed since it was opened is never loaded unchecked.
     pub fn check_files(&self) -> Result<(), ModelError> {
         for f in self.required_files() {
-            if !f.is_file() {
-                return Err(ModelError::MissingFile(f));
+            match small_file::open_regular(&f) {
+                Ok(_) => {}
+                Err(small_file::SmallFileError::Missing) => return Err(ModelError::MissingFile(f)),
+                Err(e) => {
+                    return Err(ModelError::Malformed {
+                        path: f,
+                        message: e.to_string(),
+                    });
+                }
             }
         }
         // Only ever files inside the configured folder: refuse unsafe external data.
@@ -331,19 +338,45 @@ fn halvings(levels: usize, path: &Path, key: &str) -> Result<usize, ModelError> 
         })
 }
 
-/// Reads and parses a JSON file, naming it in every error.
+/// Checks that `dir` is a folder: a missing one is [`ModelError::MissingFolder`]; a
+/// symlink loop, a file or one that cannot be read is [`ModelError::BadFolder`], saying so.
+fn check_folder(dir: &Path) -> Result<(), ModelError> {
+    let bad = |message: String| ModelError::BadFolder {
+        path: dir.to_path_buf(),
+        message,
+    };
+    match std::fs::metadata(dir).map_err(small_file::SmallFileError::from) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(bad("is not a folder".into())),
+        Err(small_file::SmallFileError::Missing) => {
+            Err(ModelError::MissingFolder(dir.to_path_buf()))
+        }
+        Err(e) => Err(bad(e.to_string())),
+    }
+}
+
+/// Reads and parses a JSON file of at most [`small_file::MAX_CONFIG_BYTES`] (a regular
+/// file only: [`small_file::read_capped`]), naming it in every error.
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
-    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => ModelError::MissingFile(path.to_path_buf()),
-        _ => ModelError::Malformed {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        },
-    })?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Malformed {
+    read_optional_json(path)?.ok_or_else(|| ModelError::MissingFile(path.to_path_buf()))
+}
+
+/// [`read_json`], `None` when the file is not there.
+fn read_optional_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<Option<T>, ModelError> {
+    let malformed = |message: String| ModelError::Malformed {
         path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+        message,
+    };
+    let bytes = match small_file::read_capped(path, small_file::MAX_CONFIG_BYTES) {
+        Ok(bytes) => bytes,
+        Err(small_file::SmallFileError::Missing) => return Ok(None),
+        Err(e) => return Err(malformed(e.to_string())),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| malformed(e.to_string()))
 }
 
 /// A bundle that needs no folder, for unit tests of what reads bundles (64×64 SD model,

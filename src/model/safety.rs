@@ -144,8 +144,9 @@ pub fn check_file(onnx: &Path) -> Result<(), SafetyError> {
         file: onnx.to_path_buf(),
         message,
     };
-    let file = File::open(onnx).map_err(|e| malformed(e.to_string()))?;
-    let len = file.metadata().map_err(|e| malformed(e.to_string()))?.len();
+    let (file, meta) =
+        super::small_file::open_regular(onnx).map_err(|e| malformed(e.to_string()))?;
+    let len = meta.len();
     let dir = onnx
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

@@ -648,11 +648,14 @@ impl SchedulerConfig {
         Ok(serde_json::from_value(Value::Object(map))?)
     }
 
-    /// Reads and parses a `scheduler_config.json`.
+    /// Reads and parses a `scheduler_config.json`: a regular file of at most
+    /// [`MAX_CONFIG_BYTES`](crate::model::small_file::MAX_CONFIG_BYTES)
+    /// ([`read_text_capped`](crate::model::small_file::read_text_capped)).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        use crate::model::small_file::{MAX_CONFIG_BYTES, read_text_capped};
+        let text = read_text_capped(path, MAX_CONFIG_BYTES).map_err(|e| ConfigError::Io {
             path: path.to_path_buf(),
-            source,
+            source: e.into(),
         })?;
         Self::from_json_str(&text)
     }

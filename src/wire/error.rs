@@ -1,9 +1,29 @@
 //! The daemon's D-Bus errors (`io.github.Diffusiond1.Error.<Name>`), and the one place
 //! where the typed failures of the request resolver and the job engine become them.
 
+use std::borrow::Cow;
+
 use crate::batch::BatchError;
 use crate::jobs::{EngineError, Failure};
 use crate::request::RequestError;
+
+/// The most characters of caller text (a name, a key, a value) an error message repeats;
+/// see [`echo`].
+pub const MAX_ECHO_CHARS: usize = 80;
+
+/// Caller text as an error message repeats it: unchanged when it has at most
+/// [`MAX_ECHO_CHARS`] characters, else its first ones, an ellipsis and how long it was, so
+/// that a 100,000-character name costs an 80-character echo.
+pub fn echo(text: &str) -> Cow<'_, str> {
+    match text.char_indices().nth(MAX_ECHO_CHARS) {
+        None => Cow::Borrowed(text),
+        Some((cut, _)) => Cow::Owned(format!(
+            "{}… ({} characters)",
+            &text[..cut],
+            text.chars().count()
+        )),
+    }
+}
 
 /// Typed errors on the wire: `io.github.Diffusiond1.Error.<Name>`.
 #[derive(Debug, zbus::DBusError)]
@@ -91,6 +111,18 @@ impl From<Failure> for Error {
 mod tests {
     use super::*;
     use zbus::DBusError;
+
+    #[test]
+    fn echoes_of_caller_text_are_bounded() {
+        assert_eq!(echo("fox.png"), "fox.png");
+        let exact = "x".repeat(MAX_ECHO_CHARS);
+        assert_eq!(echo(&exact), exact.as_str());
+        let long = "é".repeat(100_000);
+        let e = echo(&long);
+        assert!(e.starts_with(&"é".repeat(MAX_ECHO_CHARS)), "{e}");
+        assert!(e.ends_with("… (100000 characters)"), "{e}");
+        assert!(e.chars().count() < MAX_ECHO_CHARS + 30, "{e}");
+    }
 
     #[test]
     fn names_carry_the_prefix() {
