@@ -124,6 +124,9 @@ pub struct JobSettings {
     pub queue_depth: usize,
     /// Most jobs one caller (Unix user) may have queued or running.
     pub jobs_per_caller: usize,
+    /// Most bytes of images (init images and masks, as sent) one caller's queued and
+    /// running jobs may hold; more get `QueueFull`.
+    pub image_bytes_per_caller: usize,
     /// Most images in one UNet batch (1 turns batching off).
     pub max_batch_images: usize,
     /// Seconds a finished job stays on the bus before it is removed.
@@ -155,6 +158,7 @@ impl Default for JobSettings {
         JobSettings {
             queue_depth: 64,
             jobs_per_caller: 16,
+            image_bytes_per_caller: 128 << 20,
             max_batch_images: 4,
             retention_secs: 300,
             idle_unload_secs: 600,
@@ -225,6 +229,7 @@ impl Settings {
         for (key, v) in [
             ("jobs.queue_depth", j.queue_depth),
             ("jobs.jobs_per_caller", j.jobs_per_caller),
+            ("jobs.image_bytes_per_caller", j.image_bytes_per_caller),
             ("jobs.max_batch_images", j.max_batch_images),
             ("limits.max_steps", self.limits.max_steps),
             ("limits.max_images", self.limits.max_images),

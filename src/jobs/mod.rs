@@ -391,13 +391,16 @@ impl Engine {
             return Err(EngineError::ShuttingDown);
         }
         if !job.background {
-            st.admission.admit(
-                job.id,
-                job.owner,
-                job.sender.clone(),
-                s.queue_depth,
-                s.jobs_per_caller,
-            )?;
+            let image_bytes = job.request.edit.as_ref().map_or(0, |e| {
+                e.init.bytes().len() + e.mask.as_ref().map_or(0, |m| m.bytes().len())
+            });
+            let bounds = admission::Bounds {
+                queue_depth: s.queue_depth,
+                per_caller: s.jobs_per_caller,
+                image_bytes_per_caller: s.image_bytes_per_caller,
+            };
+            st.admission
+                .admit(job.id, job.owner, job.sender.clone(), image_bytes, bounds)?;
         }
         let mut job = job;
         if let Some(reply) = job.reply.take() {

@@ -15,6 +15,19 @@ pub enum QueueError {
     /// This caller has `jobs_per_caller` jobs already.
     #[error("you have {0} jobs queued or running, the most allowed; retry later")]
     CallerFull(usize),
+    /// This caller's active jobs hold images of `held` bytes; `asked` more would pass
+    /// `jobs.image_bytes_per_caller`.
+    #[error(
+        "your queued and running jobs hold {held} bytes of images and this one {asked} more, over the limit of {limit} (jobs.image_bytes_per_caller); retry when one ends"
+    )]
+    CallerImageBytes {
+        /// Bytes the caller's active jobs hold.
+        held: usize,
+        /// Bytes this job would add.
+        asked: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 /// Run order: interactive jobs before batch items, then priority (higher first), then
