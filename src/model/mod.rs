@@ -406,3 +406,39 @@ pub(crate) fn test_bundle() -> ModelBundle {
         has_vae_decoder_fp32: false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_symlink_loop_folder_is_reported_as_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let looped = tmp.path().join("model");
+        std::os::unix::fs::symlink(&looped, &looped).unwrap();
+        let e = ModelBundle::open(&looped).unwrap_err();
+        assert!(matches!(e, ModelError::BadFolder { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.contains("symlink loop"), "{msg}");
+        assert!(!msg.contains("does not exist"), "{msg}");
+        let e = ModelBundle::open(&tmp.path().join("none")).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        let file = tmp.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        let e = ModelBundle::open(&file).unwrap_err();
+        assert!(e.to_string().ends_with("is not a folder"), "{e}");
+    }
+
+    #[test]
+    fn a_model_index_that_is_a_device_is_refused_naming_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let index = tmp.path().join("model_index.json");
+        std::os::unix::fs::symlink("/dev/zero", &index).unwrap();
+        let e = ModelBundle::open(tmp.path()).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("model_index.json") && msg.contains("character device"),
+            "{msg}"
+        );
+    }
+}

@@ -55,13 +55,7 @@ impl Pipeline {
             .max()
             .unwrap_or(1);
         if count > max_chunks {
-            return Err(PipelineError::InvalidArgument {
-                param: "prompt",
-                message: format!(
-                    "takes {count} chunks of 75 tokens (with the negative prompt \
-                     and BREAKs); at most {max_chunks} (limits.max_prompt_chunks)"
-                ),
-            });
+            return Err(too_many_chunks(count, max_chunks));
         }
         let mut cond = Vec::new();
         let mut uncond = Vec::new();
@@ -92,6 +86,18 @@ impl Pipeline {
     }
 }
 
+/// The refusal of a prompt that takes `count` chunks where `max_chunks` are allowed
+/// (`InvalidArgument` on the wire, starting `'prompt':` like every such error).
+fn too_many_chunks(count: usize, max_chunks: usize) -> PipelineError {
+    PipelineError::InvalidArgument {
+        param: "prompt",
+        message: format!(
+            "takes {count} chunks of 75 tokens (with the negative prompt \
+             and BREAKs); at most {max_chunks} (limits.max_prompt_chunks)"
+        ),
+    }
+}
+
 /// Each chunk through the encoder on its own, weighted, then concatenated:
 /// `[1, 77 * chunks, D]`, and the first chunk's pooled output.
 fn encode_chunks(
@@ -116,4 +122,30 @@ fn encode_chunks(
     let views: Vec<_> = hidden.iter().map(|a| a.view()).collect();
     let joined = concatenate(Axis(1), &views).map_err(shape_err)?;
     Ok((joined, pooled))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zbus::DBusError;
+
+    #[test]
+    fn the_chunk_limit_error_starts_with_the_key_on_the_wire() {
+        let e = too_many_chunks(9, 8);
+        assert_eq!(
+            e.to_string(),
+            "'prompt': takes 9 chunks of 75 tokens (with the negative prompt and BREAKs); \
+             at most 8 (limits.max_prompt_chunks)"
+        );
+        // The worker fails the job with the message; Wait() returns it as InvalidArgument.
+        let wire = crate::wire::Error::from(crate::jobs::Failure::InvalidArgument(e.to_string()));
+        assert_eq!(
+            wire.name().as_str(),
+            "io.github.Diffusiond1.Error.InvalidArgument"
+        );
+        assert!(
+            wire.description().unwrap().starts_with("'prompt': "),
+            "{wire:?}"
+        );
+    }
 }

@@ -41,8 +41,9 @@ use text::Conditioning;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PipelineError {
-    /// A request parameter is invalid; the message says which and why.
-    #[error("invalid {param}: {message}")]
+    /// A request parameter is invalid; the message says which and why, and starts with
+    /// the key in quotes as every `InvalidArgument` does (`'prompt': ...`).
+    #[error("'{param}': {message}")]
     InvalidArgument {
         /// The parameter's name (as the CLI and D-Bus call it).
         param: &'static str,

@@ -315,13 +315,13 @@ pub fn resolve(
             Some(v) => at_least_one(key, v)?,
             None => bundle.default_size,
         };
+        // The model's own limit: configured, else a multiple of its native size.
+        let model_max = configured.max_side(key).map_or(
+            bundle.default_size.saturating_mul(NATIVE_SIZE_FACTOR),
+            |m| m as usize,
+        );
         if v % multiple != 0 {
-            let below = v / multiple * multiple;
-            let nearest = if below == 0 {
-                format!("{multiple}")
-            } else {
-                format!("{below} or {}", below + multiple)
-            };
+            let nearest = size::suggested_sizes(v, multiple, max.min(model_max));
             return Err(invalid(
                 key,
                 format!(
@@ -330,11 +330,6 @@ pub fn resolve(
             ));
         }
         over(key, v, max)?;
-        // The model's own limit: configured, else a multiple of its native size.
-        let model_max = configured.max_side(key).map_or(
-            bundle.default_size.saturating_mul(NATIVE_SIZE_FACTOR),
-            |m| m as usize,
-        );
         if v > model_max {
             return Err(invalid(
                 key,
@@ -649,5 +644,6 @@ fn resolve_edit(
     )))
 }
 
+mod size;
 #[cfg(test)]
 mod tests;

@@ -63,6 +63,39 @@ fn given_values_win() {
 }
 
 #[test]
+fn a_size_suggestion_is_within_the_limits() {
+    let e = run(
+        GenerateRequest {
+            width: Some(u32::MAX),
+            ..prompt()
+        },
+        &Limits::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("'width': 4294967295 is not a multiple of 8"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("4294967296") && !e.contains("4294967288"),
+        "{e}"
+    );
+    // The model's own limit is 64 x 8 = 512 here (the global one 2048).
+    assert!(e.contains("(e.g. 512, the largest allowed)"), "{e}");
+    let e = run(
+        GenerateRequest {
+            height: Some(70),
+            ..prompt()
+        },
+        &Limits::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("(e.g. 64 or 72)"), "{e}");
+}
+
+#[test]
 fn bad_values_name_the_key() {
     let limits = Limits {
         max_steps: 60,
