@@ -3,15 +3,25 @@
 //! `OpenResult`, `Remove`. Only the owner or root may call the methods. The work is the
 //! batch service's ([`crate::batch::service`]), on blocking threads; properties read a
 //! view that batch events keep current, so reading one touches no disk.
+//!
+//! Privacy (docs/dbus-api.md): progress (`State`, `Total`, `Done`, `Failed`, the rate,
+//! `DiskBytes`) is public; what the submitter sent or made (`Owner`, `Label`,
+//! `ManifestHash`, `BaseSeed`, `Error`) only the owner or root may read, and the batch's
+//! signals are unicast to its [`Followers`]: the submitting connection, and every
+//! connection of the owner (or root) that has called a method or read an owner-only
+//! property since, which is how a client that reattaches from a new connection follows.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use zbus::message::Header;
+use zbus::names::UniqueName;
 use zbus::object_server::SignalEmitter;
-use zbus::zvariant::OwnedFd;
+use zbus::zvariant::{ObjectPath, OwnedFd};
 use zbus::{Connection, interface};
 
+use super::events::Followers;
+use super::job::property_error;
 use super::{Error, check_owner, expect_args};
 use crate::batch::service::{Events, Service, Snapshot};
 use crate::batch::{BatchError, BatchId, BatchState, Progress};
@@ -23,6 +33,7 @@ pub struct Batch {
     owner: u32,
     service: Service,
     view: Arc<Mutex<Snapshot>>,
+    followers: Followers,
 }
 
 /// Runs blocking batch work off the async threads.
@@ -43,12 +54,56 @@ impl Batch {
             owner: snapshot.row.owner,
             service,
             view: Arc::new(Mutex::new(snapshot)),
+            followers: Followers::default(),
         }
     }
 
     fn view(&self) -> std::sync::MutexGuard<'_, Snapshot> {
         self.view.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Only the owner or root passes; the caller's connection then follows the batch.
+    /// Returns the caller's uid.
+    async fn admit(&self, conn: &Connection, header: &Header<'_>) -> Result<u32, Error> {
+        let uid = check_owner(conn, header, self.owner).await?;
+        if let Some(sender) = header.sender() {
+            self.followers.add(conn, sender).await;
+        }
+        Ok(uid)
+    }
+
+    /// [`Batch::admit`] for an owner-only property; a read without a header is the
+    /// daemon's own (a `PropertiesChanged` going to the followers).
+    async fn admit_read(
+        &self,
+        conn: &Connection,
+        header: Option<&Header<'_>>,
+    ) -> zbus::fdo::Result<()> {
+        match header {
+            None => Ok(()),
+            Some(header) => self
+                .admit(conn, header)
+                .await
+                .map(drop)
+                .map_err(property_error),
+        }
+    }
+}
+
+/// Makes `sender` (the connection that submitted, or submitted again, the batch at `path`)
+/// a follower of it.
+pub(super) async fn follow(
+    server: &zbus::ObjectServer,
+    conn: &Connection,
+    path: ObjectPath<'_>,
+    sender: Option<&UniqueName<'_>>,
+) -> zbus::Result<()> {
+    let Some(sender) = sender else {
+        return Ok(());
+    };
+    let iface = server.interface::<_, Batch>(path).await?;
+    iface.get().await.followers.add(conn, sender).await;
+    Ok(())
 }
 
 #[interface(name = "io.github.Diffusiond1.Batch")]
@@ -59,10 +114,15 @@ impl Batch {
         self.view().row.state.as_str().to_string()
     }
 
-    /// Why the batch paused (an output error), or "".
+    /// Why the batch paused (an output error), or ""; owner or root only.
     #[zbus(property)]
-    fn error(&self) -> String {
-        self.view().row.error.clone()
+    async fn error(
+        &self,
+        #[zbus(header)] header: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<String> {
+        self.admit_read(conn, header.as_ref()).await?;
+        Ok(self.view().row.error.clone())
     }
 
     /// Items in the batch.
@@ -101,28 +161,49 @@ impl Batch {
         self.view().progress.counts.bytes
     }
 
-    /// The uid that submitted it.
+    /// The uid that submitted it; owner or root only.
     #[zbus(property(emits_changed_signal = "const"))]
-    fn owner(&self) -> u32 {
-        self.owner
+    async fn owner(
+        &self,
+        #[zbus(header)] header: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<u32> {
+        self.admit_read(conn, header.as_ref()).await?;
+        Ok(self.owner)
     }
 
-    /// The label given at submission (diffusionctl: the output folder).
+    /// The label given at submission (diffusionctl: the output folder); owner or root only.
     #[zbus(property(emits_changed_signal = "const"))]
-    fn label(&self) -> String {
-        self.view().row.label.clone()
+    async fn label(
+        &self,
+        #[zbus(header)] header: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<String> {
+        self.admit_read(conn, header.as_ref()).await?;
+        Ok(self.view().row.label.clone())
     }
 
-    /// SHA-256 of the batch's items and shard: equal for the same manifest and settings.
+    /// SHA-256 of the batch's items and shard: equal for the same manifest and settings;
+    /// owner or root only.
     #[zbus(property(emits_changed_signal = "const"))]
-    fn manifest_hash(&self) -> String {
-        self.view().row.identity.clone()
+    async fn manifest_hash(
+        &self,
+        #[zbus(header)] header: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<String> {
+        self.admit_read(conn, header.as_ref()).await?;
+        Ok(self.view().row.identity.clone())
     }
 
-    /// The base seed of lines without a seed.
+    /// The base seed of lines without a seed; owner or root only.
     #[zbus(property(emits_changed_signal = "const"))]
-    fn base_seed(&self) -> u64 {
-        self.view().row.base_seed
+    async fn base_seed(
+        &self,
+        #[zbus(header)] header: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<u64> {
+        self.admit_read(conn, header.as_ref()).await?;
+        Ok(self.view().row.base_seed)
     }
 
     /// Cancels the batch: no more items run (finished images stay).
@@ -132,7 +213,7 @@ impl Batch {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
         expect_args(&header, "Cancel", "")?;
-        let uid = check_owner(conn, &header, self.owner).await?;
+        let uid = self.admit(conn, &header).await?;
         let (service, id) = (self.service.clone(), self.id);
         blocking(move || service.cancel(id, uid)).await
     }
@@ -144,7 +225,7 @@ impl Batch {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
         expect_args(&header, "Resume", "")?;
-        let uid = check_owner(conn, &header, self.owner).await?;
+        let uid = self.admit(conn, &header).await?;
         let (service, id) = (self.service.clone(), self.id);
         blocking(move || service.resume(id, uid)).await
     }
@@ -157,7 +238,7 @@ impl Batch {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<Vec<String>, Error> {
         expect_args(&header, "ListResults", "")?;
-        let uid = check_owner(conn, &header, self.owner).await?;
+        let uid = self.admit(conn, &header).await?;
         let (service, id) = (self.service.clone(), self.id);
         let finished = blocking(move || service.results(id, uid)).await?;
         Ok(finished.into_iter().flat_map(|f| f.files).collect())
@@ -171,7 +252,7 @@ impl Batch {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<Vec<(String, String)>, Error> {
         expect_args(&header, "ListFailures", "")?;
-        let uid = check_owner(conn, &header, self.owner).await?;
+        let uid = self.admit(conn, &header).await?;
         let (service, id) = (self.service.clone(), self.id);
         let finished = blocking(move || service.results(id, uid)).await?;
         Ok(finished
@@ -191,7 +272,7 @@ impl Batch {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedFd, Error> {
         expect_args(&header, "OpenResult", "s")?;
-        let uid = check_owner(conn, &header, self.owner).await?;
+        let uid = self.admit(conn, &header).await?;
         let (service, id) = (self.service.clone(), self.id);
         let (fd, expiry) = blocking(move || service.open_result(id, uid, &name)).await?;
         if let Some(after) = expiry {
@@ -208,7 +289,7 @@ impl Batch {
         #[zbus(object_server)] server: &zbus::ObjectServer,
     ) -> Result<(), Error> {
         expect_args(&header, "Remove", "")?;
-        let uid = check_owner(conn, &header, self.owner).await?;
+        let uid = self.admit(conn, &header).await?;
         let (service, id) = (self.service.clone(), self.id);
         blocking(move || service.remove(id, uid)).await?;
         server.remove::<Batch, _>(batch_path(id)).await?;
@@ -311,8 +392,8 @@ async fn apply(conn: &Connection, event: BatchEvent) -> zbus::Result<()> {
         .object_server()
         .interface::<_, Batch>(batch_path(id))
         .await?;
-    let emitter = iface.signal_emitter();
     let batch = iface.get().await;
+    let emitters = batch.followers.emitters(iface.signal_emitter());
     match event {
         BatchEvent::Item {
             name,
@@ -321,18 +402,20 @@ async fn apply(conn: &Connection, event: BatchEvent) -> zbus::Result<()> {
             ..
         } => {
             batch.view().progress = progress;
-            Batch::item_finished(
-                emitter,
-                &name,
-                error.is_none(),
-                error.as_deref().unwrap_or(""),
-            )
-            .await?;
-            batch.done_changed(emitter).await?;
-            batch.failed_changed(emitter).await?;
-            batch.images_per_second_changed(emitter).await?;
-            batch.eta_seconds_changed(emitter).await?;
-            batch.disk_bytes_changed(emitter).await?;
+            for emitter in &emitters {
+                Batch::item_finished(
+                    emitter,
+                    &name,
+                    error.is_none(),
+                    error.as_deref().unwrap_or(""),
+                )
+                .await?;
+                batch.done_changed(emitter).await?;
+                batch.failed_changed(emitter).await?;
+                batch.images_per_second_changed(emitter).await?;
+                batch.eta_seconds_changed(emitter).await?;
+                batch.disk_bytes_changed(emitter).await?;
+            }
         }
         BatchEvent::State { state, error, .. } => {
             {
@@ -344,10 +427,12 @@ async fn apply(conn: &Connection, event: BatchEvent) -> zbus::Result<()> {
                     v.progress.eta_seconds = 0.0;
                 }
             }
-            batch.state_changed(emitter).await?;
-            batch.error_changed(emitter).await?;
-            batch.images_per_second_changed(emitter).await?;
-            batch.eta_seconds_changed(emitter).await?;
+            for emitter in &emitters {
+                batch.state_changed(emitter).await?;
+                batch.error_changed(emitter).await?;
+                batch.images_per_second_changed(emitter).await?;
+                batch.eta_seconds_changed(emitter).await?;
+            }
         }
     }
     Ok(())

@@ -1,14 +1,101 @@
 //! Engine events applied to Job objects (state, progress, signals, `Wait()` wake-ups),
 //! finished jobs retired after the retention time, and the jobs of callers that leave the
 //! bus cancelled.
+//!
+//! A job's or batch's own signals (`Progress`, `Finished`, `ItemFinished`, its
+//! `PropertiesChanged`) carry what its caller sent or made, so they are unicast to its
+//! [`Followers`], never broadcast (docs/dbus-api.md, "Privacy").
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use zbus::Connection;
+use zbus::names::{BusName, OwnedUniqueName, UniqueName};
+use zbus::object_server::SignalEmitter;
 
 use super::{Job, Manager, Registry};
 use crate::jobs::{Engine, Event, JobId, JobState, Outcome};
 use crate::wire::{MANAGER_PATH, job_path};
+
+/// The connections that receive one job's or batch's signals: the one that created it and
+/// those of its owner (or root) that have since called one of its methods or read one of
+/// its owner-only properties. Unique names are never reused on a bus, so a name that has
+/// left can never receive another caller's signal; at [`Followers::MAX`] names the ones
+/// that left are dropped (the oldest name goes when all are still there).
+#[derive(Debug, Default)]
+pub(super) struct Followers {
+    names: Mutex<Vec<OwnedUniqueName>>,
+}
+
+impl Followers {
+    /// Names kept per object.
+    pub const MAX: usize = 16;
+
+    /// How long the check for names that left may take.
+    const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+    fn names(&self) -> std::sync::MutexGuard<'_, Vec<OwnedUniqueName>> {
+        self.names.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Followers starting with `first` (the creating connection), if any.
+    pub fn starting_with(first: Option<&UniqueName<'_>>) -> Followers {
+        Followers {
+            names: Mutex::new(first.map(|n| n.to_owned().into()).into_iter().collect()),
+        }
+    }
+
+    /// Adds `name` (a connection that passed the owner check).
+    pub async fn add(&self, conn: &Connection, name: &UniqueName<'_>) {
+        let full = {
+            let names = self.names();
+            if names.iter().any(|n| n.as_str() == name.as_str()) {
+                return;
+            }
+            names.len() >= Self::MAX
+        };
+        if full {
+            self.drop_departed(conn).await;
+        }
+        let mut names = self.names();
+        if names.iter().any(|n| n.as_str() == name.as_str()) {
+            return;
+        }
+        if names.len() >= Self::MAX {
+            names.remove(0);
+        }
+        names.push(name.to_owned().into());
+    }
+
+    /// Drops the names that are no longer on the bus (a name whose check fails stays).
+    async fn drop_departed(&self, conn: &Connection) {
+        let Ok(dbus) = zbus::fdo::DBusProxy::new(conn).await else {
+            return;
+        };
+        let names = self.names().clone();
+        for name in names {
+            let asked = tokio::time::timeout(
+                Self::CHECK_TIMEOUT,
+                dbus.name_has_owner(BusName::from(name.as_ref())),
+            )
+            .await;
+            if let Ok(Ok(false)) = asked {
+                self.names().retain(|n| n != &name);
+            }
+        }
+    }
+
+    /// One emitter per follower, on `base`'s connection and path.
+    pub fn emitters(&self, base: &SignalEmitter<'_>) -> Vec<SignalEmitter<'static>> {
+        self.names()
+            .iter()
+            .map(|n| {
+                base.to_owned()
+                    .set_destination(BusName::Unique(n.clone().into()))
+            })
+            .collect()
+    }
+}
 
 /// Applies engine events to Job objects until the channel closes.
 pub async fn pump_events(
@@ -42,11 +129,10 @@ async fn apply_event(
     };
     let path = job_path(id);
     let iface = conn.object_server().interface::<_, Job>(&path).await?;
-    let emitter = iface.signal_emitter();
     let job = iface.get().await;
     // TotalSteps is announced only when it changes, not with every step.
     let mut total_changed = false;
-    {
+    let emitters = {
         let mut v = view.lock().unwrap_or_else(|e| e.into_inner());
         if v.state.is_final() {
             return Ok(()); // Late progress from a batch this job already left.
@@ -67,21 +153,30 @@ async fn apply_event(
                 v.outcome = Some(outcome.clone());
             }
         }
-    }
+        v.followers.emitters(iface.signal_emitter())
+    };
     match event {
         Event::Barrier(_) => {}
-        Event::Started(..) => job.state_changed(emitter).await?,
-        Event::Progress(_, step, total) => {
-            job.step_changed(emitter).await?;
-            if total_changed {
-                job.total_steps_changed(emitter).await?;
+        Event::Started(..) => {
+            for emitter in &emitters {
+                job.state_changed(emitter).await?;
             }
-            Job::progress(emitter, step, total).await?;
+        }
+        Event::Progress(_, step, total) => {
+            for emitter in &emitters {
+                job.step_changed(emitter).await?;
+                if total_changed {
+                    job.total_steps_changed(emitter).await?;
+                }
+                Job::progress(emitter, step, total).await?;
+            }
         }
         Event::Finished(_, outcome) => {
-            job.state_changed(emitter).await?;
-            job.error_changed(emitter).await?;
-            Job::finished(emitter, outcome.state().as_str()).await?;
+            for emitter in &emitters {
+                job.state_changed(emitter).await?;
+                job.error_changed(emitter).await?;
+                Job::finished(emitter, outcome.state().as_str()).await?;
+            }
             if let Some(e) = registry.lock().get(&id) {
                 let _ = e.done.send(true);
             }

@@ -1,14 +1,19 @@
 //! Job objects (`/io/github/Diffusiond1/job/<n>`): what each shows, `Wait()` and `Cancel()`.
+//! `State`, `Step` and `TotalSteps` are public; what the caller sent or made (`Request`,
+//! `Error`, `Owner`) only its owner or root may read, and the job's signals go to its
+//! [`Followers`] only (docs/dbus-api.md, "Privacy").
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 use zbus::message::Header;
+use zbus::names::UniqueName;
 use zbus::object_server::SignalEmitter;
 use zbus::zvariant::OwnedValue;
 use zbus::{Connection, interface};
 
+use super::events::Followers;
 use super::{Error, check_owner, expect_args};
 use crate::jobs::{Engine, JobId, JobOutput, JobState, Outcome};
 use crate::request::ResolvedRequest;
@@ -29,6 +34,8 @@ pub(super) struct JobView {
     pub width: u32,
     pub height: u32,
     pub steps: u32,
+    /// The connections that receive the job's signals.
+    pub followers: Arc<Followers>,
 }
 
 impl JobView {
@@ -47,6 +54,15 @@ impl JobView {
             width: request.width as u32,
             height: request.height as u32,
             steps: request.steps as u32,
+            followers: Arc::default(),
+        }
+    }
+
+    /// The view with `sender`, the connection that created the job, as its first follower.
+    pub fn followed_by(self, sender: Option<&UniqueName<'_>>) -> JobView {
+        JobView {
+            followers: Arc::new(Followers::starting_with(sender)),
+            ..self
         }
     }
 }
@@ -68,6 +84,45 @@ pub struct Job {
 impl Job {
     pub(super) fn view(&self) -> std::sync::MutexGuard<'_, JobView> {
         self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Only the owner or root passes; the caller's connection then follows the job.
+    /// Returns the caller's uid.
+    async fn admit(&self, conn: &Connection, header: &Header<'_>) -> Result<u32, Error> {
+        let (owner, followers) = {
+            let v = self.view();
+            (v.owner, v.followers.clone())
+        };
+        let uid = check_owner(conn, header, owner).await?;
+        if let Some(sender) = header.sender() {
+            followers.add(conn, sender).await;
+        }
+        Ok(uid)
+    }
+
+    /// [`Job::admit`] for a property read: a read without a header is the daemon's own
+    /// (a `PropertiesChanged` going to the followers).
+    async fn admit_read(
+        &self,
+        conn: &Connection,
+        header: Option<&Header<'_>>,
+    ) -> zbus::fdo::Result<()> {
+        match header {
+            None => Ok(()),
+            Some(header) => self
+                .admit(conn, header)
+                .await
+                .map(drop)
+                .map_err(property_error),
+        }
+    }
+}
+
+/// An owner check's error as a property read's.
+pub(super) fn property_error(e: Error) -> zbus::fdo::Error {
+    match e {
+        Error::AccessDenied(m) => zbus::fdo::Error::AccessDenied(m),
+        other => zbus::fdo::Error::Failed(other.to_string()),
     }
 }
 
@@ -91,10 +146,16 @@ impl Job {
         self.view().total
     }
 
-    /// The failure message; empty unless the job failed.
+    /// The failure message; empty unless the job failed. Only its owner or root may read
+    /// it (it may quote the request).
     #[zbus(property)]
-    fn error(&self) -> String {
-        self.view().error.clone()
+    async fn error(
+        &self,
+        #[zbus(header)] header: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<String> {
+        self.admit_read(conn, header.as_ref()).await?;
+        Ok(self.view().error.clone())
     }
 
     /// The validated request with defaults filled in; only its owner or root may read it
@@ -105,15 +166,7 @@ impl Job {
         #[zbus(header)] header: Option<Header<'_>>,
         #[zbus(connection)] conn: &Connection,
     ) -> zbus::fdo::Result<HashMap<String, OwnedValue>> {
-        let owner = self.view().owner;
-        if let Some(header) = &header {
-            check_owner(conn, header, owner)
-                .await
-                .map_err(|e| match e {
-                    Error::AccessDenied(m) => zbus::fdo::Error::AccessDenied(m),
-                    other => zbus::fdo::Error::Failed(other.to_string()),
-                })?;
-        }
+        self.admit_read(conn, header.as_ref()).await?;
         Ok(self
             .view()
             .request
@@ -122,10 +175,15 @@ impl Job {
             .collect())
     }
 
-    /// The Unix uid of the caller that created the job.
+    /// The Unix uid of the caller that created the job; only that uid or root may read it.
     #[zbus(property)]
-    fn owner(&self) -> u32 {
-        self.view().owner
+    async fn owner(
+        &self,
+        #[zbus(header)] header: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<u32> {
+        self.admit_read(conn, header.as_ref()).await?;
+        Ok(self.view().owner)
     }
 
     /// Replies when the job ends, with its result (or its error).
@@ -136,8 +194,7 @@ impl Job {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<WaitResult, Error> {
         expect_args(&header, "Wait", "")?;
-        let owner = self.view().owner;
-        check_owner(conn, &header, owner).await?;
+        self.admit(conn, &header).await?;
         let mut done = self.done.clone();
         // The sender is kept alive by the pump until the job is retired.
         let _ = done.wait_for(|d| *d).await;
@@ -158,8 +215,7 @@ impl Job {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
         expect_args(&header, "Cancel", "")?;
-        let owner = self.view().owner;
-        check_owner(conn, &header, owner).await?;
+        self.admit(conn, &header).await?;
         self.engine.cancel(self.id);
         Ok(())
     }
