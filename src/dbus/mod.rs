@@ -9,9 +9,11 @@
 //! * `manager`: the Manager object;
 //! * `job`: Job objects and what they show;
 //! * `events`: engine events → Job objects, retirement, callers leaving the bus;
-//! * `batch`: Batch objects, and batch events → their properties and signals.
+//! * `batch`: Batch objects, and batch events → their properties and signals;
+//! * `callers`: who is calling (credentials from the bus, asked once per connection).
 
 mod batch;
+mod callers;
 mod events;
 mod job;
 mod manager;
@@ -103,15 +105,10 @@ async fn check_owner(conn: &Connection, header: &Header<'_>, owner: u32) -> Resu
     }
 }
 
-/// The caller's Unix uid, from the bus (never from the message body).
+/// The caller's Unix uid, from the bus (never from the message body), asked once per
+/// connection ([`callers`]).
 async fn caller_uid(conn: &Connection, header: &Header<'_>) -> Result<u32, Error> {
-    let sender = header
-        .sender()
-        .ok_or_else(|| Error::AccessDenied("the message has no sender".into()))?;
-    let dbus = zbus::fdo::DBusProxy::new(conn).await?;
-    dbus.get_connection_unix_user(sender.clone().into())
-        .await
-        .map_err(|e| Error::ZBus(e.into()))
+    callers::credentials(conn, header).await.map(|c| c.uid)
 }
 
 #[cfg(test)]
