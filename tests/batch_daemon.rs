@@ -503,3 +503,91 @@ fn ctrl_c_detaches_without_cancelling() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(pngs(&out), all_files(&items));
 }
+
+fn gdbus_batch(bus: &PrivateBus, path: &str, method: &str, args: &[&str]) -> Output {
+    Command::new("gdbus")
+        .args(["call", "-a", bus.address(), "-d", "io.github.Diffusiond1"])
+        .args(["-o", path, "-m"])
+        .arg(format!("io.github.Diffusiond1.Batch.{method}"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `OpenResult` never follows a symlink: a finished file replaced by a link to another
+/// file is refused, not opened; a 100,000-character name comes back in the error cut
+/// short. A daemon batch whose shard selects no item is refused with an error saying so.
+#[test]
+fn open_result_refuses_symlinks_and_bounds_echoed_names() {
+    let Fixture {
+        dir,
+        state,
+        manifest,
+        out,
+        bus,
+        daemon: _daemon,
+        ..
+    } = fixture(1, 1);
+    // The client refuses it; so does the daemon, asked directly.
+    let o = batch_cmd(&bus, &manifest, &out, &["--shard", "3/4"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("shard 3/4 selects none of the manifest's 1 item(s)"),
+        "{}",
+        text(&o)
+    );
+    common::tokio_runtime().block_on(async {
+        let conn = bus.connect().await;
+        let manager = zbus::Proxy::new(
+            &conn,
+            "io.github.Diffusiond1",
+            "/io/github/Diffusiond1",
+            "io.github.Diffusiond1.Manager",
+        )
+        .await
+        .unwrap();
+        let options = common::request_dict(&[("shard", zbus::zvariant::Value::from("3/4"))]);
+        let bytes = std::fs::read(&manifest).unwrap();
+        let err = manager
+            .call::<_, _, zbus::zvariant::OwnedObjectPath>("SubmitBatch", &(bytes, options))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            common::error_name(&err),
+            "io.github.Diffusiond1.Error.InvalidManifest"
+        );
+        assert!(err.to_string().contains("shard 3/4 selects none"), "{err}");
+    });
+
+    let o = batch_cmd(&bus, &manifest, &out, &[]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let path = std::fs::read_to_string(out.join(".diffusiond/daemon-0-of-1.json")).unwrap();
+    let path: serde_json::Value = serde_json::from_str(&path).unwrap();
+    let path = path["batch"].as_str().unwrap().to_string();
+    let o = gdbus_batch(&bus, &path, "OpenResult", &["00000.png"]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // The finished file swapped for a link to a file the daemon may read.
+    let secret = dir.path().join("secret.png");
+    std::fs::write(&secret, b"not a result").unwrap();
+    let file = batch_dir(&state).join("00000.png");
+    std::fs::remove_file(&file).unwrap();
+    std::os::unix::fs::symlink(&secret, &file).unwrap();
+    let o = gdbus_batch(&bus, &path, "OpenResult", &["00000.png"]);
+    assert!(!o.status.success(), "a symlink was opened: {}", text(&o));
+    assert!(
+        text(&o).contains("io.github.Diffusiond1.Error.StorageFailed")
+            && text(&o).contains("symlink"),
+        "{}",
+        text(&o)
+    );
+
+    let long = "a".repeat(100_000);
+    let o = gdbus_batch(&bus, &path, "OpenResult", &[&long]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("no finished file"), "{}", &t[..t.len().min(500)]);
+    assert!(t.len() < 1000, "{} bytes echoed", t.len());
+}

@@ -418,3 +418,20 @@ fn edit_lines_read_images_relative_to_the_manifest() {
     assert!(text(&o).contains("init_image"), "{}", text(&o));
     assert!(!dir.path().join("out2").join("00000.png").exists());
 }
+
+/// A shard that selects no item (shard 3/4 of a two-line manifest) is refused with an
+/// error that says so; it does not succeed with nothing made.
+#[test]
+fn a_shard_that_selects_no_item_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(dir.path(), &items(2, 1));
+    let out = dir.path().join("out");
+    let o = run(&batch_args(&manifest, &out, &["--shard", "3/4"]));
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("shard 3/4 selects none of the manifest's 2 item(s)"),
+        "{}",
+        text(&o)
+    );
+    assert!(pngs(&out).is_empty());
+}

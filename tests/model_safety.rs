@@ -2,6 +2,8 @@
 //! onnx/make_unsafe_models.py) breaks one rule in one place a tensor can sit, and is
 //! refused with a message naming the file, the tensor and the rule; the shipped models
 //! pass; over D-Bus a refused model is `ModelLoadFailed` and client paths are never used.
+//! Model folders whose files are FIFOs, devices, symlink loops or too large are
+//! `unreadable` (saying why) while the other models are served.
 
 mod common;
 
@@ -243,4 +245,130 @@ fn over_dbus_an_unsafe_model_is_model_load_failed_and_paths_are_not_models() {
                 );
             }
         });
+}
+
+fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+/// Folders with one hostile file each, by model name, and what their error must say.
+fn hostile_models(tmp: &Path) -> Vec<(&'static str, PathBuf, &'static str)> {
+    let folder = |name: &str| {
+        let dir = tmp.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    };
+    let fifo = folder("fifo");
+    mkfifo(&fifo.join("model_index.json"));
+    let zero = folder("zero");
+    std::os::unix::fs::symlink("/dev/zero", zero.join("model_index.json")).unwrap();
+    let looped = folder("looped");
+    let index = looped.join("model_index.json");
+    std::os::unix::fs::symlink(&index, &index).unwrap();
+    let loop_dir = tmp.join("loop-dir");
+    std::os::unix::fs::symlink(&loop_dir, &loop_dir).unwrap();
+    let huge = folder("huge");
+    let f = std::fs::File::create(huge.join("model_index.json")).unwrap();
+    f.set_len(diffusiond::model::small_file::MAX_CONFIG_BYTES + 1)
+        .unwrap();
+    vec![
+        ("fifo", fifo, "FIFO (named pipe), not a regular file"),
+        ("zero", zero, "character device, not a regular file"),
+        ("looped", looped, "symlink loop"),
+        ("loopdir", loop_dir, "symlink loop"),
+        ("huge", huge, "limit"),
+    ]
+}
+
+/// The daemon starts with a FIFO, `/dev/zero`, a symlink loop and an oversized file as
+/// `model_index.json` (and a folder that is a symlink loop) configured beside the good
+/// model: it serves the good one; `ListModels` shows each bad one `unreadable` with its
+/// error naming the file and what is wrong; `Generate` on one is `ModelLoadFailed` saying
+/// the same. A model whose `tokenizer/vocab.json` is a FIFO (read at load time) fails its
+/// load saying so, and the worker goes on.
+#[test]
+fn models_whose_files_are_not_regular_files_are_unreadable_and_the_rest_are_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = hostile_models(tmp.path());
+    let tok = tmp.path().join("tokfifo");
+    common::copy_dir(&root().join("onnx/tiny-sd15"), &tok);
+    std::fs::remove_file(tok.join("tokenizer/tokenizer.json")).unwrap();
+    std::fs::remove_file(tok.join("tokenizer/vocab.json")).unwrap();
+    mkfifo(&tok.join("tokenizer/vocab.json"));
+    let mut extra = String::new();
+    for (name, path, _) in &models {
+        extra += &format!("[models.{name}]\npath = \"{}\"\n", path.display());
+    }
+    extra += &format!("[models.tokfifo]\npath = \"{}\"\n", tok.display());
+    let bus = PrivateBus::start();
+    let started = std::time::Instant::now();
+    let _d = Daemon::start(&bus, &extra);
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    common::tokio_runtime().block_on(async {
+        let conn = bus.connect().await;
+        let manager = zbus::Proxy::new(
+            &conn,
+            "io.github.Diffusiond1",
+            "/io/github/Diffusiond1",
+            "io.github.Diffusiond1.Manager",
+        )
+        .await
+        .unwrap();
+        let list: Vec<common::Dict> = manager.call("ListModels", &()).await.unwrap();
+        let field = |name: &str, key: &str| -> String {
+            let m = list
+                .iter()
+                .find(|m| <&str>::try_from(&m["name"]).unwrap() == name)
+                .unwrap_or_else(|| panic!("{name} not listed"));
+            <&str>::try_from(&m[key]).unwrap().to_string()
+        };
+        assert_eq!(field("tiny", "kind"), "sd");
+        assert_eq!(field("tiny", "error"), "");
+        assert_eq!(
+            field("tokfifo", "kind"),
+            "sd",
+            "its tokenizer is read at load"
+        );
+        for (name, path, why) in &models {
+            assert_eq!(field(name, "kind"), "unreadable", "{name}");
+            let error = field(name, "error");
+            println!("{name}: {error}");
+            assert!(
+                error.contains(&path.display().to_string()) && error.contains(why),
+                "{name}: {error}"
+            );
+        }
+        let req = |model: &str| {
+            common::request_dict(&[
+                ("prompt", Value::from("x")),
+                ("model", Value::from(model)),
+                ("steps", Value::U32(1)),
+            ])
+        };
+        let err = common::generate(&conn, req("fifo")).await.unwrap_err();
+        assert_eq!(
+            error_name(&err),
+            "io.github.Diffusiond1.Error.ModelLoadFailed"
+        );
+        assert!(err.to_string().contains("FIFO"), "{err}");
+        let err = manager
+            .call::<_, _, ()>("LoadModel", &("tokfifo",))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error_name(&err),
+            "io.github.Diffusiond1.Error.ModelLoadFailed",
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("vocab.json") && msg.contains("FIFO"), "{msg}");
+        // The good model is served.
+        let job = common::generate(&conn, req("tiny")).await.unwrap();
+        let result = common::wait(&conn, &job).await.unwrap();
+        assert_eq!(common::result_pngs(&result).len(), 1);
+    });
 }

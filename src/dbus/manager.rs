@@ -282,6 +282,7 @@ impl Manager {
                         self.providers.iter().any(|p| p == "tensorrt"),
                     )
                     .to_string(),
+                    error: entry.bundle.as_ref().err().cloned().unwrap_or_default(),
                 }
             })
             .collect())

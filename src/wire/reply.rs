@@ -156,6 +156,10 @@ pub struct ModelInfo {
     /// builds its engines then unless they are cached), `loaded` or `failed`.
     #[serde(with = "as_value")]
     pub state: String,
+    /// Why the folder could not be opened (`kind` `unreadable`): the message names the
+    /// file and what is wrong with it. Empty for a model that opened.
+    #[serde(with = "as_value")]
+    pub error: String,
 }
 
 /// A model's `state` in `ListModels`: a load with the TensorRT provider in use is
@@ -272,13 +276,14 @@ mod tests {
             kind: "sd".into(),
             scheduler: "pndm".into(),
             state: "loaded".into(),
+            error: String::new(),
         };
         let ctxt = Context::new_dbus(LE, 0);
         let bytes = to_bytes(ctxt, &vec![info.clone()]).expect("serializes");
         let (dicts, _): (Vec<HashMap<String, OwnedValue>>, _) = bytes.deserialize().unwrap();
         assert_eq!(<&str>::try_from(&dicts[0]["name"]).unwrap(), "tiny");
         assert!(bool::try_from(&dicts[0]["loaded"]).unwrap());
-        assert_eq!(dicts[0].len(), 7);
+        assert_eq!(dicts[0].len(), 8);
         let (back, _): (Vec<ModelInfo>, _) = bytes.deserialize().unwrap();
         assert_eq!(back, vec![info]);
     }
