@@ -347,6 +347,7 @@ async fn open_batches(
     catalog: &Arc<Catalog>,
     events: tokio::sync::mpsc::UnboundedSender<dbus::BatchEvent>,
 ) -> Result<crate::batch::service::Service, String> {
+    use crate::batch::quota::{Quota, Retention};
     use crate::batch::service::{BatchSettings, Service};
     let Some(root) = crate::config::state_dir(
         settings.jobs.state_dir.as_deref(),
@@ -359,8 +360,15 @@ async fn open_batches(
     };
     let batch_settings = BatchSettings {
         max_items: settings.limits.max_batch_items,
-        per_caller: settings.limits.max_batches_per_caller,
-        retention_secs: settings.jobs.batch_retention_secs,
+        quota: Quota {
+            unfinished: settings.limits.max_batches_per_caller as u64,
+            batches: settings.limits.max_stored_batches_per_caller as u64,
+            bytes: settings.limits.max_stored_bytes_per_caller,
+        },
+        retention: Retention {
+            fetched_secs: settings.jobs.batch_retention_secs,
+            unfetched_secs: settings.jobs.unfetched_batch_retention_secs,
+        },
         // About two UNet batches per worker, so every worker has a batch to take.
         window: 2 * settings.jobs.max_batch_images.max(1) * engine.devices().len(),
     };
@@ -377,6 +385,20 @@ async fn open_batches(
         tracing::warn!(error = %e, "batches are unavailable");
     }
     opened
+}
+
+/// Removes ended batches whose retention time has passed (those that end while the
+/// daemon runs), every [`crate::batch::service::Service::sweep_interval`].
+async fn sweep_batches(conn: zbus::Connection, service: crate::batch::service::Service) {
+    loop {
+        tokio::time::sleep(service.sweep_interval()).await;
+        let s = service.clone();
+        let expired = tokio::task::spawn_blocking(move || s.expired()).await;
+        let Ok(Ok(ids)) = expired else { continue };
+        for id in ids {
+            dbus::schedule_expiry(conn.clone(), service.clone(), id, Duration::ZERO);
+        }
+    }
 }
 
 /// Puts every stored batch on the bus, schedules the removal of fetched ones, then
@@ -412,6 +434,7 @@ async fn serve_batches(
     for (id, after) in expiring {
         dbus::schedule_expiry(conn.clone(), service.clone(), id, after);
     }
+    tokio::spawn(sweep_batches(conn.clone(), service.clone()));
     let s = service.clone();
     match tokio::task::spawn_blocking(move || s.resume_unfinished()).await {
         Ok(Ok(n)) if n > 0 => tracing::info!(batches = n, "unfinished batches resumed"),

@@ -5,7 +5,8 @@
 //! * [`manifest`]: reading `.jsonl`/`.txt` manifests into items (names, seeds, shards),
 //!   one error per bad line;
 //! * [`store`]: batch and item state in SQLite; an item is done only once its files are
-//!   in place;
+//!   in place; `schema`: the database's layout and upgrades;
+//! * [`quota`]: what one uid may keep stored, and when an ended batch expires;
 //! * [`files`]: output files written under a temporary name, flushed, then renamed;
 //! * [`runner`]: feeds a batch's items to the job engine and records each result;
 //! * [`local`]: `diffusionctl batch --local`, state kept in the output folder;
@@ -14,7 +15,9 @@
 pub mod files;
 pub mod local;
 pub mod manifest;
+pub mod quota;
 pub mod runner;
+mod schema;
 pub mod service;
 pub mod store;
 

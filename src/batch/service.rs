@@ -2,6 +2,9 @@
 //! their images in `batches/<id>/`, resumed when the daemon starts. Each running batch has
 //! a runner thread feeding the daemon's one engine, behind interactive jobs.
 //!
+//! Each uid's stored batches are bounded ([`super::quota`]); an ended batch is removed
+//! after its retention time ([`Service::expired`]), a cancelled one's unrun items at once.
+//!
 //! Every method here touches the disk: the D-Bus layer calls them on blocking threads.
 
 use std::collections::HashMap;
@@ -12,8 +15,9 @@ use std::time::Duration;
 
 use super::files::Output;
 use super::manifest::{Format, Options, Shard};
+use super::quota::{self, Quota, Retention};
 use super::runner::{Control, End, Observer, Progress, Runner};
-use super::store::{BatchId, BatchRow, BatchState, Counts, Finished, Store};
+use super::store::{Admitted, BatchId, BatchRow, BatchState, Counts, Finished, NewBatch, Store};
 use super::{BatchError, read_checked};
 use crate::jobs::Engine;
 use crate::model::Catalog;
@@ -39,11 +43,12 @@ pub struct Submission {
 pub struct BatchSettings {
     /// Most items in one batch (`limits.max_batch_items`).
     pub max_items: usize,
-    /// Most unfinished batches per uid (`limits.max_batches_per_caller`).
-    pub per_caller: usize,
-    /// Seconds a batch is kept after all its images were fetched
-    /// (`jobs.batch_retention_secs`).
-    pub retention_secs: u64,
+    /// Per-uid bounds on stored batches (`limits.max_batches_per_caller`,
+    /// `limits.max_stored_batches_per_caller`, `limits.max_stored_bytes_per_caller`).
+    pub quota: Quota,
+    /// How long ended batches stay (`jobs.batch_retention_secs`,
+    /// `jobs.unfetched_batch_retention_secs`).
+    pub retention: Retention,
     /// Images in the engine at once per batch (2 × `jobs.max_batch_images` × workers).
     pub window: usize,
 }
@@ -100,6 +105,12 @@ impl Observer for Forward {
     }
 }
 
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 impl Service {
     /// Opens (creating) the state under `root`; [`Service::resume_unfinished`] starts the
     /// batches a stopped daemon left unfinished.
@@ -129,15 +140,12 @@ impl Service {
                 events,
             }),
         };
-        let rows = service.store().batches()?;
-        let bytes: u64 = rows
-            .iter()
-            .filter_map(|r| service.store().counts(r.id).ok())
-            .map(|c| c.bytes)
-            .sum();
+        let rows = service.store().listing()?;
+        let bytes: u64 = rows.iter().map(|(_, c)| c.bytes).sum();
         tracing::info!(
             batches = rows.len(),
             disk = %crate::request::resolve_gib(bytes),
+            database = %crate::request::resolve_gib(service.store().file_bytes()),
             dir = %root.display(),
             "batch state opened"
         );
@@ -202,35 +210,31 @@ impl Service {
             base_dir: None,
         };
         let parsed = read_checked(manifest, &options, &self.inner.catalog, &self.inner.limits)?;
-        if let Some(row) = self.store().find(owner, &parsed.identity)? {
-            if row.state == BatchState::Paused {
-                self.resume(row.id, owner)?;
-            }
-            return Ok((row.id, false));
-        }
-        let unfinished = self
-            .store()
-            .batches()?
-            .iter()
-            .filter(|r| r.owner == owner && !r.state.is_final())
-            .count();
-        if unfinished >= self.inner.settings.per_caller {
-            return Err(BatchError::Limit(format!(
-                "you have {unfinished} unfinished batches, the most allowed (limits.max_batches_per_caller); wait for one, or cancel it"
-            )));
-        }
         let id = self.inner.engine.next_id();
         let items: Vec<_> = parsed.selected().cloned().collect();
-        self.store().create(
+        let batch = NewBatch {
             id,
             owner,
-            &parsed.identity,
-            &submission.label,
-            options.base_seed,
-            &items,
-        )?;
-        self.spawn(id, owner, false);
-        Ok((id, true))
+            identity: &parsed.identity,
+            label: &submission.label,
+            base_seed: options.base_seed,
+            items: &items,
+        };
+        // One transaction under the store's lock: the owner's count and the insert.
+        let admitted = self.store().admit(&batch, &self.inner.settings.quota)?;
+        match admitted {
+            Admitted::Created => {
+                self.spawn(id, owner, false);
+                Ok((id, true))
+            }
+            Admitted::Existing(row) => {
+                if row.state == BatchState::Paused {
+                    self.resume(row.id, owner)?;
+                }
+                Ok((row.id, false))
+            }
+            Admitted::Refused(e) => Err(BatchError::Limit(e.to_string())),
+        }
     }
 
     /// The batch, when `caller` may act on it (its owner, or root).
@@ -279,6 +283,7 @@ impl Service {
             Some(c) => c.cancel(&self.inner.engine),
             None => {
                 self.store().set_state(id, BatchState::Cancelled, "")?;
+                self.store().prune_cancelled(id)?;
                 self.inner
                     .events
                     .state_changed(id, BatchState::Cancelled, "");
@@ -334,25 +339,40 @@ impl Service {
         let f = super::files::open_finished(&path)
             .map_err(|e| BatchError::Io(format!("cannot open {}: {e}", path.display())))?;
         let fetched = self.store().mark_fetched(id, &item.name)?;
-        let expiry = fetched.then(|| Duration::from_secs(self.inner.settings.retention_secs));
+        let expiry =
+            fetched.then(|| Duration::from_secs(self.inner.settings.retention.fetched_secs));
         Ok((OwnedFd::from(f), expiry))
     }
 
-    /// Batches to remove later: fetched ones, with the retention time left.
+    /// Ended batches, with the retention time each has left ([`quota::expires_at`]).
     pub fn expiring(&self) -> Result<Vec<(BatchId, Duration)>, BatchError> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let keep = self.inner.settings.retention_secs;
+        let now = now_secs();
+        let retention = self.inner.settings.retention;
         Ok(self
             .batches()?
             .into_iter()
-            .filter(|r| r.state.is_final())
             .filter_map(|r| {
-                r.fetched_at
-                    .map(|t| (r.id, Duration::from_secs((t + keep).saturating_sub(now))))
+                quota::expires_at(r.ended_at, r.fetched_at, &retention)
+                    .map(|t| (r.id, Duration::from_secs(t.saturating_sub(now))))
             })
             .collect())
+    }
+
+    /// Ended batches whose retention time has passed (to [`Service::expire`]).
+    pub fn expired(&self) -> Result<Vec<BatchId>, BatchError> {
+        Ok(self
+            .expiring()?
+            .into_iter()
+            .filter(|(_, left)| left.is_zero())
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// How often [`Service::expired`] is worth asking: a tenth of the shortest retention
+    /// time, between 1 s and 10 minutes.
+    pub fn sweep_interval(&self) -> Duration {
+        let r = self.inner.settings.retention;
+        Duration::from_secs((r.fetched_secs.min(r.unfetched_secs) / 10).clamp(1, 600))
     }
 
     /// Removes a batch: cancels it if it runs, deletes its images and its state.
@@ -466,7 +486,12 @@ impl Service {
         self.set_run(id, None);
         let (state, error) = match end {
             Ok(End::Finished(state)) => (state, String::new()),
-            Ok(End::Cancelled) => (BatchState::Cancelled, String::new()),
+            Ok(End::Cancelled) => {
+                if let Err(e) = self.store().prune_cancelled(id) {
+                    tracing::warn!(batch = id, error = %e, "could not delete a cancelled batch's items");
+                }
+                (BatchState::Cancelled, String::new())
+            }
             Ok(End::Paused(message)) => (BatchState::Paused, message),
             Ok(End::Stopped) => {
                 tracing::info!(batch = id, "batch stopped; it resumes at the next start");

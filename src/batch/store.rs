@@ -3,13 +3,18 @@
 //! leaves it pending (and it runs again) or done (and it never runs again).
 //!
 //! `--local` keeps one file per shard in the output folder; the daemon keeps one file in
-//! its state directory for all batches.
+//! its state directory for all batches. Each batch row carries its item counts and bytes
+//! (kept current with each item, [`super::schema`]), so nothing that lists batches reads
+//! their items; [`Store::admit`] checks a uid's [`Quota`] and stores a new batch in one
+//! transaction.
 
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::manifest::Item;
+use super::quota::{self, Quota, QuotaError, Usage};
+use super::schema;
 
 /// A batch's number (the daemon's object path ends with it; `--local` uses 1).
 pub type BatchId = u64;
@@ -90,6 +95,8 @@ pub struct BatchRow {
     pub error: String,
     /// Unix seconds when every image had been fetched, once it has.
     pub fetched_at: Option<u64>,
+    /// Unix seconds when it ended (succeeded, failed or cancelled), once it has.
+    pub ended_at: Option<u64>,
 }
 
 /// Item counts of a batch.
@@ -105,7 +112,8 @@ pub struct Counts {
     pub images_left: u64,
     /// Images made (done items).
     pub images_done: u64,
-    /// Bytes of the batch's files.
+    /// Bytes the batch takes in the state: its files, plus its rows in the database
+    /// (estimated from their lengths, [`quota::item_bytes`]).
     pub bytes: u64,
 }
 
@@ -143,33 +151,6 @@ impl std::fmt::Debug for Store {
     }
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS batches (
-    id INTEGER PRIMARY KEY,
-    owner INTEGER NOT NULL,
-    identity TEXT NOT NULL,
-    label TEXT NOT NULL,
-    base_seed INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    error TEXT NOT NULL DEFAULT '',
-    created INTEGER NOT NULL,
-    fetched_at INTEGER
-);
-CREATE TABLE IF NOT EXISTS items (
-    batch INTEGER NOT NULL REFERENCES batches(id) ON DELETE CASCADE,
-    idx INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    request TEXT NOT NULL,
-    images INTEGER NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',
-    error TEXT NOT NULL DEFAULT '',
-    bytes INTEGER NOT NULL DEFAULT 0,
-    fetched INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (batch, idx)
-);
-CREATE INDEX IF NOT EXISTS items_state ON items(batch, state);
-";
-
 fn now_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -177,23 +158,15 @@ fn now_secs() -> i64 {
 }
 
 impl Store {
-    /// Opens (creating) the database at `path`.
+    /// Opens (creating, or upgrading) the database at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let shown = path.display().to_string();
         let wrap = |source| StoreError {
             path: shown.clone(),
             source,
         };
-        let conn = Connection::open(path).map_err(wrap)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(wrap)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(wrap)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(wrap)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(wrap)?;
-        conn.execute_batch(SCHEMA).map_err(wrap)?;
+        let mut conn = Connection::open(path).map_err(wrap)?;
+        schema::prepare(&mut conn).map_err(wrap)?;
         Ok(Store { conn, path: shown })
     }
 
@@ -204,7 +177,8 @@ impl Store {
         }
     }
 
-    /// Records a new batch and its items, all pending, in one transaction.
+    /// Records a new batch and its items, all pending, in one transaction (`--local`: no
+    /// quota, the caller owns the folder).
     pub fn create(
         &mut self,
         id: BatchId,
@@ -214,44 +188,58 @@ impl Store {
         base_seed: u64,
         items: &[Item],
     ) -> Result<(), StoreError> {
-        let path = self.path.clone();
-        let wrap = |source| StoreError {
-            path: path.clone(),
-            source,
+        let batch = NewBatch {
+            id,
+            owner,
+            identity,
+            label,
+            base_seed,
+            items,
         };
-        let tx = self.conn.transaction().map_err(wrap)?;
-        tx.execute(
-            "INSERT INTO batches (id, owner, identity, label, base_seed, state, created)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6)",
-            params![
-                id as i64,
-                owner,
-                identity,
-                label,
-                base_seed as i64,
-                now_secs()
-            ],
-        )
-        .map_err(wrap)?;
-        {
-            let mut insert = tx
-                .prepare(
-                    "INSERT INTO items (batch, idx, name, request, images) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .map_err(wrap)?;
-            for item in items {
-                insert
-                    .execute(params![
-                        id as i64,
-                        item.index as i64,
-                        item.name,
-                        item.canonical(),
-                        item.images() as i64
-                    ])
-                    .map_err(wrap)?;
-            }
+        let path = self.path.clone();
+        let tx = self.conn.transaction().map_err(|e| wrap_at(&path, e))?;
+        insert(&tx, &batch, &canonical(items)).map_err(|e| wrap_at(&path, e))?;
+        tx.commit().map_err(|e| wrap_at(&path, e))
+    }
+
+    /// Stores a new batch unless its owner already has one with this identity (returned
+    /// instead) or the owner's [`Quota`] refuses it: the check and the insert are one
+    /// `BEGIN IMMEDIATE` transaction, so parallel submissions cannot both pass a bound.
+    pub fn admit(&mut self, batch: &NewBatch<'_>, quota: &Quota) -> Result<Admitted, StoreError> {
+        let path = self.path.clone();
+        let wrap = |e| wrap_at(&path, e);
+        let lines = canonical(batch.items);
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(wrap)?;
+        let existing = tx
+            .query_row(
+                &format!(
+                    "SELECT {} FROM batches WHERE owner = ?1 AND identity = ?2 ORDER BY id DESC LIMIT 1",
+                    Self::COLUMNS
+                ),
+                params![batch.owner, batch.identity],
+                Self::row,
+            )
+            .optional()
+            .map_err(wrap)?;
+        if let Some(row) = existing {
+            return Ok(Admitted::Existing(row));
         }
-        tx.commit().map_err(wrap)
+        let usage = usage(&tx, batch.owner).map_err(wrap)?;
+        let adds = new_bytes(batch, &lines);
+        if let Err(e) = quota::admit(&usage, adds, quota) {
+            return Ok(Admitted::Refused(e));
+        }
+        insert(&tx, batch, &lines).map_err(wrap)?;
+        tx.commit().map_err(wrap)?;
+        Ok(Admitted::Created)
+    }
+
+    /// What `owner` has stored.
+    pub fn usage(&self, owner: u32) -> Result<Usage, StoreError> {
+        usage(&self.conn, owner).map_err(|e| self.wrap(e))
     }
 
     fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BatchRow> {
@@ -264,10 +252,12 @@ impl Store {
             state: BatchState::parse(&r.get::<_, String>(5)?),
             error: r.get(6)?,
             fetched_at: r.get::<_, Option<i64>>(7)?.map(|t| t as u64),
+            ended_at: r.get::<_, Option<i64>>(8)?.map(|t| t as u64),
         })
     }
 
-    const COLUMNS: &'static str = "id, owner, identity, label, base_seed, state, error, fetched_at";
+    const COLUMNS: &'static str =
+        "id, owner, identity, label, base_seed, state, error, fetched_at, ended_at";
 
     /// One batch.
     pub fn batch(&self, id: BatchId) -> Result<Option<BatchRow>, StoreError> {
@@ -333,63 +323,120 @@ impl Store {
         Ok(rows)
     }
 
-    /// An item's files are in place.
+    /// An item's files are in place. An item already ended is left as it is.
     pub fn mark_done(&self, id: BatchId, index: usize, bytes: u64) -> Result<(), StoreError> {
-        self.conn
-            .execute(
-                "UPDATE items SET state = 'done', bytes = ?3, error = '' WHERE batch = ?1 AND idx = ?2",
-                params![id as i64, index as i64, bytes as i64],
-            )
-            .map(drop)
-            .map_err(|e| self.wrap(e))
+        self.end_item(
+            id,
+            index,
+            "UPDATE items SET state = 'done', bytes = ?3, error = ''
+             WHERE batch = ?1 AND idx = ?2 AND state = 'pending'",
+            "UPDATE batches SET done = done + 1, images_done = images_done + ?2, bytes = bytes + ?3
+             WHERE id = ?1",
+            rusqlite::types::Value::Integer(bytes as i64),
+        )
     }
 
-    /// An item failed, for good.
+    /// An item failed, for good. An item already ended is left as it is.
     pub fn mark_failed(&self, id: BatchId, index: usize, error: &str) -> Result<(), StoreError> {
-        self.conn
-            .execute(
-                "UPDATE items SET state = 'failed', error = ?3 WHERE batch = ?1 AND idx = ?2",
-                params![id as i64, index as i64, error],
-            )
-            .map(drop)
-            .map_err(|e| self.wrap(e))
+        self.end_item(
+            id,
+            index,
+            "UPDATE items SET state = 'failed', error = ?3
+             WHERE batch = ?1 AND idx = ?2 AND state = 'pending'",
+            "UPDATE batches SET failed = failed + 1, images_failed = images_failed + ?2,
+                 state_bytes = state_bytes + length(CAST(?3 AS BLOB))
+             WHERE id = ?1",
+            rusqlite::types::Value::Text(error.to_string()),
+        )
     }
 
-    /// Sets the batch's state and error.
+    /// Ends a pending item (`item_sql`) and counts it in its batch's row (`count_sql`, with
+    /// the item's images as `?2`), in one transaction.
+    fn end_item(
+        &self,
+        id: BatchId,
+        index: usize,
+        item_sql: &str,
+        count_sql: &str,
+        value: rusqlite::types::Value,
+    ) -> Result<(), StoreError> {
+        let wrap = |e| self.wrap(e);
+        let tx = self.conn.unchecked_transaction().map_err(wrap)?;
+        let images: Option<i64> = tx
+            .query_row(
+                "SELECT images FROM items WHERE batch = ?1 AND idx = ?2 AND state = 'pending'",
+                params![id as i64, index as i64],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(wrap)?;
+        let Some(images) = images else {
+            return Ok(());
+        };
+        tx.execute(item_sql, params![id as i64, index as i64, value])
+            .map_err(wrap)?;
+        tx.execute(count_sql, params![id as i64, images, value])
+            .map_err(wrap)?;
+        tx.commit().map_err(wrap)
+    }
+
+    /// Sets the batch's state and error; an ended batch's retention starts
+    /// ([`BatchRow::ended_at`]).
     pub fn set_state(&self, id: BatchId, state: BatchState, error: &str) -> Result<(), StoreError> {
+        let ended = state.is_final().then(now_secs);
         self.conn
             .execute(
-                "UPDATE batches SET state = ?2, error = ?3 WHERE id = ?1",
-                params![id as i64, state.as_str(), error],
+                "UPDATE batches SET state = ?2, error = ?3,
+                     ended_at = CASE WHEN ?4 IS NULL THEN NULL ELSE COALESCE(ended_at, ?4) END
+                 WHERE id = ?1",
+                params![id as i64, state.as_str(), error, ended],
             )
             .map(drop)
             .map_err(|e| self.wrap(e))
     }
 
-    /// Item counts.
+    /// Item counts, read from the batch's row (no item is read).
     pub fn counts(&self, id: BatchId) -> Result<Counts, StoreError> {
         self.conn
             .query_row(
-                "SELECT COUNT(*),
-                        COALESCE(SUM(state = 'done'), 0),
-                        COALESCE(SUM(state = 'failed'), 0),
-                        COALESCE(SUM(CASE WHEN state = 'pending' THEN images ELSE 0 END), 0),
-                        COALESCE(SUM(CASE WHEN state = 'done' THEN images ELSE 0 END), 0),
-                        COALESCE(SUM(bytes), 0)
-                 FROM items WHERE batch = ?1",
+                &format!("SELECT {COUNTS} FROM batches WHERE id = ?1"),
                 [id as i64],
-                |r| {
-                    Ok(Counts {
-                        total: r.get::<_, i64>(0)? as u64,
-                        done: r.get::<_, i64>(1)? as u64,
-                        failed: r.get::<_, i64>(2)? as u64,
-                        images_left: r.get::<_, i64>(3)? as u64,
-                        images_done: r.get::<_, i64>(4)? as u64,
-                        bytes: r.get::<_, i64>(5)? as u64,
-                    })
-                },
+                counts_of,
             )
+            .optional()
+            .map(Option::unwrap_or_default)
             .map_err(|e| self.wrap(e))
+    }
+
+    /// Every batch with its counts, oldest first: one row each, no item is read.
+    pub fn listing(&self) -> Result<Vec<(BatchRow, Counts)>, StoreError> {
+        let mut q = self
+            .conn
+            .prepare(&format!(
+                "SELECT {}, {COUNTS} FROM batches ORDER BY id",
+                Self::COLUMNS
+            ))
+            .map_err(|e| self.wrap(e))?;
+        let rows = q
+            .query_map([], |r| {
+                let counts = Counts {
+                    total: r.get::<_, i64>(9)? as u64,
+                    done: r.get::<_, i64>(10)? as u64,
+                    failed: r.get::<_, i64>(11)? as u64,
+                    images_left: r.get::<_, i64>(12)? as u64,
+                    images_done: r.get::<_, i64>(13)? as u64,
+                    bytes: r.get::<_, i64>(14)? as u64,
+                };
+                Ok((Self::row(r)?, counts))
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| self.wrap(e))?;
+        Ok(rows)
+    }
+
+    /// Bytes the database takes on disk (its file, WAL and index).
+    pub fn file_bytes(&self) -> u64 {
+        schema::file_bytes(Path::new(&self.path))
     }
 
     /// Finished items (done or failed), in line order.
@@ -452,89 +499,151 @@ impl Store {
         Ok(true)
     }
 
-    /// Forgets a batch and its items.
+    /// Forgets a batch and its items, and gives the space back.
     pub fn remove(&self, id: BatchId) -> Result<(), StoreError> {
         self.conn
             .execute("DELETE FROM batches WHERE id = ?1", [id as i64])
-            .map(drop)
-            .map_err(|e| self.wrap(e))
+            .map_err(|e| self.wrap(e))?;
+        schema::reclaim(&self.conn).map_err(|e| self.wrap(e))
     }
+
+    /// Deletes a cancelled batch's pending items (they never run: a cancelled batch does
+    /// not resume) and gives the space back; its counts stay.
+    pub fn prune_cancelled(&self, id: BatchId) -> Result<(), StoreError> {
+        let wrap = |e| self.wrap(e);
+        let tx = self.conn.unchecked_transaction().map_err(wrap)?;
+        let deleted = tx
+            .execute(
+                "DELETE FROM items WHERE batch = ?1 AND state = 'pending'
+                 AND (SELECT state FROM batches WHERE id = ?1) = 'cancelled'",
+                [id as i64],
+            )
+            .map_err(wrap)?;
+        if deleted == 0 {
+            return Ok(());
+        }
+        tx.execute(&schema::state_bytes_update("b.id = ?1"), [id as i64])
+            .map_err(wrap)?;
+        tx.commit().map_err(wrap)?;
+        schema::reclaim(&self.conn).map_err(wrap)
+    }
+}
+
+/// A batch for [`Store::admit`].
+#[derive(Debug, Clone, Copy)]
+pub struct NewBatch<'a> {
+    /// Its number.
+    pub id: BatchId,
+    /// The uid that submits it.
+    pub owner: u32,
+    /// The manifest's identity.
+    pub identity: &'a str,
+    /// Its label.
+    pub label: &'a str,
+    /// The base seed of lines without one.
+    pub base_seed: u64,
+    /// Its items (the selected shard).
+    pub items: &'a [Item],
+}
+
+/// What [`Store::admit`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Admitted {
+    /// Stored.
+    Created,
+    /// The owner's batch with the same identity, stored before.
+    Existing(BatchRow),
+    /// A bound of the owner's quota; nothing was stored.
+    Refused(QuotaError),
+}
+
+/// The columns of a batch row's [`Counts`].
+const COUNTS: &str = "total, done, failed, images - images_done - images_failed, images_done,
+    bytes + state_bytes";
+
+fn counts_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Counts> {
+    Ok(Counts {
+        total: r.get::<_, i64>(0)? as u64,
+        done: r.get::<_, i64>(1)? as u64,
+        failed: r.get::<_, i64>(2)? as u64,
+        images_left: r.get::<_, i64>(3)? as u64,
+        images_done: r.get::<_, i64>(4)? as u64,
+        bytes: r.get::<_, i64>(5)? as u64,
+    })
+}
+
+fn wrap_at(path: &str, source: rusqlite::Error) -> StoreError {
+    StoreError {
+        path: path.to_string(),
+        source,
+    }
+}
+
+fn canonical(items: &[Item]) -> Vec<String> {
+    items.iter().map(Item::canonical).collect()
+}
+
+/// The estimated bytes of a new batch's rows.
+fn new_bytes(batch: &NewBatch<'_>, lines: &[String]) -> u64 {
+    let items: u64 = batch
+        .items
+        .iter()
+        .zip(lines)
+        .map(|(item, line)| quota::item_bytes(&item.name, line))
+        .sum();
+    quota::BATCH_OVERHEAD + batch.label.len() as u64 + batch.identity.len() as u64 + items
+}
+
+fn usage(conn: &Connection, owner: u32) -> rusqlite::Result<Usage> {
+    conn.query_row(
+        "SELECT COUNT(*),
+                COALESCE(SUM(state NOT IN ('succeeded', 'failed', 'cancelled')), 0),
+                COALESCE(SUM(bytes + state_bytes), 0)
+         FROM batches WHERE owner = ?1",
+        [owner],
+        |r| {
+            Ok(Usage {
+                batches: r.get::<_, i64>(0)? as u64,
+                unfinished: r.get::<_, i64>(1)? as u64,
+                bytes: r.get::<_, i64>(2)? as u64,
+            })
+        },
+    )
+}
+
+fn insert(conn: &Connection, batch: &NewBatch<'_>, lines: &[String]) -> rusqlite::Result<()> {
+    let images: u64 = batch.items.iter().map(|i| i.images() as u64).sum();
+    conn.execute(
+        "INSERT INTO batches (id, owner, identity, label, base_seed, state, created,
+                              total, images, state_bytes)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7, ?8, ?9)",
+        params![
+            batch.id as i64,
+            batch.owner,
+            batch.identity,
+            batch.label,
+            batch.base_seed as i64,
+            now_secs(),
+            batch.items.len() as i64,
+            images as i64,
+            new_bytes(batch, lines) as i64,
+        ],
+    )?;
+    let mut insert = conn.prepare(
+        "INSERT INTO items (batch, idx, name, request, images) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for (item, line) in batch.items.iter().zip(lines) {
+        insert.execute(params![
+            batch.id as i64,
+            item.index as i64,
+            item.name,
+            line,
+            item.images() as i64
+        ])?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::batch::manifest::{self, Format, Options, Shard};
-    use crate::request::GenerateRequest;
-
-    fn items() -> Vec<Item> {
-        let text = "a\nb\nc\n";
-        let options = Options {
-            format: Format::Text,
-            defaults: GenerateRequest {
-                num_images: Some(2),
-                ..Default::default()
-            },
-            base_seed: 1,
-            shard: Shard::ALL,
-            max_items: 10,
-            base_dir: None,
-        };
-        manifest::parse(text.as_bytes(), &options).unwrap().items
-    }
-
-    #[test]
-    fn items_move_from_pending_to_done_or_failed_and_survive_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.sqlite");
-        let mut store = Store::open(&path).unwrap();
-        store
-            .create(7, 1000, "abc", "/out", u64::MAX, &items())
-            .unwrap();
-        assert_eq!(store.pending(7).unwrap().len(), 3);
-        store.mark_done(7, 0, 1234).unwrap();
-        store.mark_failed(7, 2, "model 'x' failed to load").unwrap();
-        drop(store);
-
-        let store = Store::open(&path).unwrap();
-        let pending = store.pending(7).unwrap();
-        assert_eq!(pending.len(), 1);
-        assert_eq!(pending[0].name, "00001");
-        assert!(pending[0].request.contains("\"prompt\":\"b\""));
-        let counts = store.counts(7).unwrap();
-        assert_eq!(
-            counts,
-            Counts {
-                total: 3,
-                done: 1,
-                failed: 1,
-                images_left: 2,
-                images_done: 2,
-                bytes: 1234
-            }
-        );
-        let row = store.batch(7).unwrap().unwrap();
-        assert_eq!(row.base_seed, u64::MAX, "stored as its bits");
-        assert_eq!(row.state, BatchState::Running);
-        assert_eq!(store.find(1000, "abc").unwrap().map(|r| r.id), Some(7));
-        assert_eq!(store.find(1001, "abc").unwrap(), None);
-        let finished = store.finished(7).unwrap();
-        assert_eq!(finished[0].files, ["00000-0.png", "00000-1.png"]);
-        assert!(finished[1].files.is_empty());
-        assert_eq!(finished[1].error, "model 'x' failed to load");
-
-        assert!(!store.mark_fetched(7, "00000").unwrap(), "one item pending");
-        store.mark_done(7, 1, 10).unwrap();
-        assert!(
-            !store.mark_fetched(7, "00000").unwrap(),
-            "00001 not fetched"
-        );
-        assert!(store.mark_fetched(7, "00001").unwrap());
-        assert!(store.batch(7).unwrap().unwrap().fetched_at.is_some());
-        store.set_state(7, BatchState::Failed, "").unwrap();
-        assert_eq!(store.batches().unwrap()[0].state, BatchState::Failed);
-        store.remove(7).unwrap();
-        assert!(store.batch(7).unwrap().is_none());
-        assert!(store.pending(7).unwrap().is_empty(), "items go with it");
-    }
-}
+#[path = "store_tests.rs"]
+mod tests;

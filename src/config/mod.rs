@@ -151,6 +151,9 @@ pub struct JobSettings {
     /// Seconds a finished batch is kept after every one of its images was fetched;
     /// `Batch.Remove` removes one at once.
     pub batch_retention_secs: u64,
+    /// Seconds an ended batch whose images were not all fetched (cancelled, failed, or
+    /// never collected) is kept after it ended.
+    pub unfetched_batch_retention_secs: u64,
 }
 
 impl Default for JobSettings {
@@ -168,6 +171,7 @@ impl Default for JobSettings {
             priority_group: None,
             state_dir: None,
             batch_retention_secs: 7 * 24 * 3600,
+            unfetched_batch_retention_secs: 30 * 24 * 3600,
         }
     }
 }
@@ -239,6 +243,10 @@ impl Settings {
                 self.limits.max_batches_per_caller,
             ),
             ("limits.max_image_bytes", self.limits.max_image_bytes),
+            (
+                "limits.max_stored_batches_per_caller",
+                self.limits.max_stored_batches_per_caller,
+            ),
         ] {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{key}: must be at least 1")));

@@ -28,6 +28,13 @@ pub struct Limits {
     pub max_batch_items: usize,
     /// Most unfinished batches one caller (Unix user) may have.
     pub max_batches_per_caller: usize,
+    /// Most batches one caller may keep stored in the daemon, ended ones included (they
+    /// go after `jobs.batch_retention_secs` / `jobs.unfetched_batch_retention_secs`, or
+    /// on `Remove`).
+    pub max_stored_batches_per_caller: usize,
+    /// Most bytes one caller's stored batches may take in the state directory (images
+    /// plus their rows in the database), checked when a batch is submitted.
+    pub max_stored_bytes_per_caller: u64,
     /// Most 75-token chunks an AUTOMATIC1111-syntax prompt (or its negative) may take on
     /// any text encoder: each chunk lengthens the text conditioning every UNet step
     /// attends to.
@@ -53,6 +60,8 @@ impl Default for Limits {
             memory_budget: None,
             max_batch_items: 100_000,
             max_batches_per_caller: 4,
+            max_stored_batches_per_caller: 32,
+            max_stored_bytes_per_caller: 8 << 30,
             max_prompt_chunks: 8,
             max_image_bytes: 32 << 20,
         }
@@ -74,6 +83,8 @@ impl Limits {
             memory_budget: None,
             max_batch_items: usize::MAX,
             max_batches_per_caller: usize::MAX,
+            max_stored_batches_per_caller: usize::MAX,
+            max_stored_bytes_per_caller: u64::MAX,
             max_prompt_chunks: usize::MAX,
             max_image_bytes: usize::MAX,
         }
