@@ -516,7 +516,7 @@ fn gdbus_batch(bus: &PrivateBus, path: &str, method: &str, args: &[&str]) -> Out
 
 /// `OpenResult` never follows a symlink: a finished file replaced by a link to another
 /// file is refused, not opened; a 100,000-character name comes back in the error cut
-/// short. A daemon batch whose shard selects no item is refused with an error saying so.
+/// short.
 #[test]
 fn open_result_refuses_symlinks_and_bounds_echoed_names() {
     let Fixture {
@@ -528,7 +528,49 @@ fn open_result_refuses_symlinks_and_bounds_echoed_names() {
         daemon: _daemon,
         ..
     } = fixture(1, 1);
-    // The client refuses it; so does the daemon, asked directly.
+    let o = batch_cmd(&bus, &manifest, &out, &[]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let path = std::fs::read_to_string(out.join(".diffusiond/daemon-0-of-1.json")).unwrap();
+    let path: serde_json::Value = serde_json::from_str(&path).unwrap();
+    let path = path["batch"].as_str().unwrap().to_string();
+    let o = gdbus_batch(&bus, &path, "OpenResult", &["00000.png"]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // The finished file swapped for a link to a file the daemon may read.
+    let secret = dir.path().join("secret.png");
+    std::fs::write(&secret, b"not a result").unwrap();
+    let file = batch_dir(&state).join("00000.png");
+    std::fs::remove_file(&file).unwrap();
+    std::os::unix::fs::symlink(&secret, &file).unwrap();
+    let o = gdbus_batch(&bus, &path, "OpenResult", &["00000.png"]);
+    assert!(!o.status.success(), "a symlink was opened: {}", text(&o));
+    assert!(
+        text(&o).contains("io.github.Diffusiond1.Error.StorageFailed")
+            && text(&o).contains("symlink"),
+        "{}",
+        text(&o)
+    );
+
+    let long = "a".repeat(100_000);
+    let o = gdbus_batch(&bus, &path, "OpenResult", &[&long]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("no finished file"), "{}", &t[..t.len().min(500)]);
+    assert!(t.len() < 1000, "{} bytes echoed", t.len());
+}
+
+/// A daemon batch whose shard selects no item (3/4 of a one-line manifest) is refused with
+/// an error saying so, by the client and by the daemon asked directly; no batch is stored.
+#[test]
+fn a_shard_that_selects_no_item_is_refused() {
+    let Fixture {
+        dir: _dir,
+        manifest,
+        out,
+        bus,
+        daemon: _daemon,
+        ..
+    } = fixture(1, 1);
     let o = batch_cmd(&bus, &manifest, &out, &["--shard", "3/4"])
         .output()
         .unwrap();
@@ -561,33 +603,6 @@ fn open_result_refuses_symlinks_and_bounds_echoed_names() {
         assert!(err.to_string().contains("shard 3/4 selects none"), "{err}");
     });
 
-    let o = batch_cmd(&bus, &manifest, &out, &[]).output().unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    let path = std::fs::read_to_string(out.join(".diffusiond/daemon-0-of-1.json")).unwrap();
-    let path: serde_json::Value = serde_json::from_str(&path).unwrap();
-    let path = path["batch"].as_str().unwrap().to_string();
-    let o = gdbus_batch(&bus, &path, "OpenResult", &["00000.png"]);
-    assert!(o.status.success(), "{}", text(&o));
-
-    // The finished file swapped for a link to a file the daemon may read.
-    let secret = dir.path().join("secret.png");
-    std::fs::write(&secret, b"not a result").unwrap();
-    let file = batch_dir(&state).join("00000.png");
-    std::fs::remove_file(&file).unwrap();
-    std::os::unix::fs::symlink(&secret, &file).unwrap();
-    let o = gdbus_batch(&bus, &path, "OpenResult", &["00000.png"]);
-    assert!(!o.status.success(), "a symlink was opened: {}", text(&o));
-    assert!(
-        text(&o).contains("io.github.Diffusiond1.Error.StorageFailed")
-            && text(&o).contains("symlink"),
-        "{}",
-        text(&o)
-    );
-
-    let long = "a".repeat(100_000);
-    let o = gdbus_batch(&bus, &path, "OpenResult", &[&long]);
-    assert!(!o.status.success());
-    let t = text(&o);
-    assert!(t.contains("no finished file"), "{}", &t[..t.len().min(500)]);
-    assert!(t.len() < 1000, "{} bytes echoed", t.len());
+    let o = ctl(&bus, &["batch", "list"]);
+    assert!(text(&o).contains("0 batches"), "{}", text(&o));
 }
