@@ -66,7 +66,7 @@ impl FromStr for PromptSyntax {
             .into_iter()
             .find(|syntax| syntax.name() == s)
             .ok_or_else(|| PromptSyntaxError::UnknownSyntax {
-                value: s.to_string(),
+                value: crate::wire::error::echo(s).into_owned(),
             })
     }
 }
@@ -227,9 +227,10 @@ fn scale(segments: &mut [Segment], factor: f64) {
 
 /// The number of a `:number)` lexeme, as Python's `float()` reads it.
 fn parse_weight(number: &str, lexeme: &str) -> Result<f64, PromptSyntaxError> {
+    // Caller text, repeated cut short.
     let invalid = |_| PromptSyntaxError::InvalidWeight {
-        weight: number.to_string(),
-        lexeme: lexeme.to_string(),
+        weight: crate::wire::error::echo(number).into_owned(),
+        lexeme: crate::wire::error::echo(lexeme).into_owned(),
     };
     number.parse::<f64>().map_err(invalid)
 }

@@ -138,7 +138,8 @@ impl Catalog {
             self.entries
                 .get_key_value(name)
                 .ok_or_else(|| RequestError::UnknownModel {
-                    name: name.to_string(),
+                    // Caller text: repeated in the error cut short.
+                    name: crate::wire::error::echo(name).into_owned(),
                     known: self.names().collect::<Vec<_>>().join(", "),
                 })?;
         match &entry.bundle {
@@ -230,6 +231,15 @@ mod tests {
             err.contains("[models.odd] defaults: 'width': 100 is not a multiple of 16"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_unknown_name_is_echoed_cut_short() {
+        let long = "m".repeat(100_000);
+        let err = catalog().lookup(Some(&long)).unwrap_err().to_string();
+        assert!(err.starts_with("unknown model 'mmm"), "{err}");
+        assert!(err.contains("… (100000 characters)"), "{err}");
+        assert!(err.len() < 300, "{} bytes", err.len());
     }
 
     #[test]

@@ -436,7 +436,8 @@ pub fn resolve(
             .ok_or_else(|| {
                 invalid(
                     "scheduler",
-                    scheduler::SchedulerError::Unknown(name.into()).to_string(),
+                    scheduler::SchedulerError::Unknown(crate::wire::error::echo(name).into())
+                        .to_string(),
                 )
             })?,
         None => bundle.default_scheduler.ok_or_else(|| {

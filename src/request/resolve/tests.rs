@@ -96,6 +96,29 @@ fn a_size_suggestion_is_within_the_limits() {
 }
 
 #[test]
+fn caller_text_in_errors_is_cut_short() {
+    let long = "s".repeat(100_000);
+    let e = run(
+        GenerateRequest {
+            scheduler: Some(long.clone()),
+            ..prompt()
+        },
+        &Limits::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.starts_with("'scheduler': unknown scheduler 'sss"), "{e}");
+    assert!(e.len() < 400, "{} bytes", e.len());
+    let e = long.parse::<PromptSyntax>().unwrap_err().to_string();
+    assert!(e.len() < 200, "{} bytes", e.len());
+    let weight = format!("(a:1.{}.2)", "1".repeat(100_000));
+    let e = prompt_syntax::parse_attention(&weight)
+        .unwrap_err()
+        .to_string();
+    assert!(e.len() < 400, "{} bytes", e.len());
+}
+
+#[test]
 fn bad_values_name_the_key() {
     let limits = Limits {
         max_steps: 60,
