@@ -22,7 +22,7 @@ pub use crate::wire::reply::{JobResult, ModelInfo};
 use crate::wire::{JOB_PATH_PREFIX, keys};
 pub use batch::{BatchInfo, BatchProxy, FetchEvent, batch_path};
 use error::is_unknown_object;
-pub use error::{ClientError, Result};
+pub use error::{ClientError, Result, printable, printable_lines};
 pub use proxy::{JobProxy, ManagerProxy};
 
 /// How long a call other than `Wait()` may take before the client gives up.
@@ -258,7 +258,7 @@ impl Client {
         quick(
             &self.bus,
             "Generate",
-            self.manager.generate(keys::to_dict(request)),
+            self.manager.generate_sent(keys::to_sent_dict(request)),
         )
         .await
     }

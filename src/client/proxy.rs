@@ -18,6 +18,14 @@ pub trait Manager {
     /// Validates the request (`a{sv}`, keys of docs/dbus-api.md), queues a job, returns its path.
     fn generate(&self, request: HashMap<&str, Value<'_>>) -> zbus::Result<OwnedObjectPath>;
 
+    /// `Generate`, with images written as byte strings rather than a `Value` per byte
+    /// (what `diffusionctl` sends; the same message).
+    #[zbus(name = "Generate")]
+    fn generate_sent(
+        &self,
+        request: crate::wire::keys::SentDict<'_>,
+    ) -> zbus::Result<OwnedObjectPath>;
+
     /// One dictionary per configured model (`name`, `path`, `loaded`, `default`, `kind`,
     /// `scheduler`).
     fn list_models(&self) -> zbus::Result<Vec<ModelInfo>>;

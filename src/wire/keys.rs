@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use zbus::zvariant::{OwnedValue, Value};
 
 use super::images::{self, Slot};
-pub use super::raw::{Field, RawDict};
+pub use super::raw::{Field, RawDict, Sent, SentDict};
 use crate::prompt_syntax::PromptSyntax;
 use crate::request::GenerateRequest;
 use crate::rng::RngKind;
@@ -338,16 +338,37 @@ pub fn to_dict(request: &GenerateRequest) -> Dict<'_> {
     d
 }
 
-/// [`to_dict`] as owned values (a property's value), without the images: their rows are
-/// not even written (a `Value` array holds one `Value` per byte).
-pub fn to_owned_dict(request: &GenerateRequest) -> HashMap<String, OwnedValue> {
+/// The `a{sv}` a client sends for `Generate`: [`to_dict`], with the images written as
+/// byte strings ([`Sent::Bytes`]).
+pub fn to_sent_dict(request: &GenerateRequest) -> SentDict<'_> {
+    let mut sent: SentDict<'_> = to_dict_without_images(request)
+        .into_iter()
+        .map(|(k, v)| (k, Sent::Value(v)))
+        .collect();
+    for slot in [Slot::Init, Slot::Mask] {
+        if let Some(image) = slot.field_ref(request) {
+            sent.insert(slot.key(), Sent::Bytes(image.bytes()));
+        }
+    }
+    sent
+}
+
+/// [`to_dict`] without the image rows.
+fn to_dict_without_images(request: &GenerateRequest) -> Dict<'_> {
     let mut d = Dict::new();
     for key in KEYS {
         if key.name != Slot::Init.key() && key.name != Slot::Mask.key() {
             (key.write)(request, &mut d);
         }
     }
-    d.into_iter()
+    d
+}
+
+/// [`to_dict`] as owned values (a property's value), without the images: their rows are
+/// not even written (a `Value` array holds one `Value` per byte).
+pub fn to_owned_dict(request: &GenerateRequest) -> HashMap<String, OwnedValue> {
+    to_dict_without_images(request)
+        .into_iter()
         .filter_map(|(k, v)| v.try_to_owned().ok().map(|v| (k.to_string(), v)))
         .collect()
 }

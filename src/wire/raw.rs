@@ -182,6 +182,48 @@ impl<'de: 'm, 'm> Visitor<'de> for FieldSeed<'m> {
     }
 }
 
+/// A value a client sends in an `a{sv}`: a [`Value`], or bytes written as an `ay` variant
+/// straight from the slice (a `Value` would hold one `Value` per byte: 1.5 GB of client
+/// memory for a 30 MB image).
+#[derive(Debug)]
+pub enum Sent<'a> {
+    /// Any value.
+    Value(Value<'a>),
+    /// An `ay`.
+    Bytes(&'a [u8]),
+}
+
+/// The `a{sv}` a client sends.
+pub type SentDict<'a> = std::collections::HashMap<&'static str, Sent<'a>>;
+
+impl zvariant::Type for Sent<'_> {
+    const SIGNATURE: &'static Signature = &Signature::Variant;
+}
+
+impl serde::Serialize for Sent<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        /// Bytes serialized as one byte string (an `ay` under the D-Bus serializer).
+        struct ByteString<'a>(&'a [u8]);
+        impl serde::Serialize for ByteString<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_bytes(self.0)
+            }
+        }
+        match self {
+            Sent::Value(v) => v.serialize(s),
+            // zvariant's own variant encoding (as `Value` writes it): the signature, then
+            // the value under it.
+            Sent::Bytes(b) => {
+                let mut st = s.serialize_struct("Variant", 2)?;
+                st.serialize_field("signature", &Signature::Array(Signature::U8.into()))?;
+                st.serialize_field("value", &ByteString(b))?;
+                st.end()
+            }
+        }
+    }
+}
+
 /// Serializes `pairs` as an `a{sv}` the way a client sends it (repeats kept) and reads it
 /// back through [`RawDict`]: the daemon's exact path, for tests. `f` sees the dict.
 #[cfg(test)]
@@ -243,6 +285,28 @@ mod tests {
             assert_eq!(get("words").signature(), "as");
             assert_eq!(get("init_image").signature(), "ay");
         });
+    }
+
+    #[test]
+    fn sent_bytes_are_the_same_message_as_a_value_array() {
+        let image: Vec<u8> = (0..=255).cycle().take(100_003).collect();
+        let ctxt = zvariant::serialized::Context::new_dbus(zvariant::LE, 0);
+        let mut sent = SentDict::new();
+        sent.insert("init_image", Sent::Bytes(&image));
+        sent.insert("prompt", Sent::Value(Value::from("p")));
+        let a = zvariant::to_bytes(ctxt, &sent).unwrap();
+        // One entry each (a hash map's order, and so the padding, may differ): the very
+        // same bytes.
+        let one = |d: SentDict<'_>| zvariant::to_bytes(ctxt, &d).unwrap().to_vec();
+        let mut only_image = SentDict::new();
+        only_image.insert("init_image", Sent::Bytes(&image));
+        let mut as_value = SentDict::new();
+        as_value.insert("init_image", Sent::Value(Value::from(&image[..])));
+        assert_eq!(one(only_image), one(as_value));
+        let (read, _): (RawDict<'_>, _) = a.deserialize().unwrap();
+        let get = |k: &str| &read.0.iter().find(|(n, _)| n == k).unwrap().1;
+        assert!(matches!(get("init_image"), Field::Bytes(b) if *b == &image[..]));
+        assert!(matches!(get("prompt"), Field::Basic(Value::Str(s)) if s.as_str() == "p"));
     }
 
     #[test]
