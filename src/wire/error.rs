@@ -91,7 +91,10 @@ impl From<EngineError> for Error {
         match e {
             EngineError::Queue(q) => Error::QueueFull(q.to_string()),
             EngineError::ShuttingDown => Error::ShuttingDown(e.to_string()),
-            EngineError::UnknownModel(_) => Error::UnknownModel(e.to_string()),
+            // The name is caller text (LoadModel, UnloadModel): repeated cut short.
+            EngineError::UnknownModel(name) => {
+                Error::UnknownModel(format!("unknown model '{}'", echo(&name)))
+            }
             EngineError::Failed(f) => f.into(),
         }
     }
@@ -122,6 +125,16 @@ mod tests {
         assert!(e.starts_with(&"é".repeat(MAX_ECHO_CHARS)), "{e}");
         assert!(e.ends_with("… (100000 characters)"), "{e}");
         assert!(e.chars().count() < MAX_ECHO_CHARS + 30, "{e}");
+    }
+
+    #[test]
+    fn an_unknown_model_name_from_the_engine_is_cut_short() {
+        let e = Error::from(EngineError::UnknownModel("n".repeat(100_000)));
+        let d = e.description().unwrap();
+        assert!(d.starts_with("unknown model 'nnn"), "{d}");
+        assert!(d.len() < 200, "{} bytes", d.len());
+        let e = Error::from(EngineError::UnknownModel("tiny2".into()));
+        assert_eq!(e.description(), Some("unknown model 'tiny2'"));
     }
 
     #[test]
