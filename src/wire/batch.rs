@@ -48,6 +48,22 @@ pub mod options {
     pub const ALL: &[&str] = &[FORMAT, DEFAULTS, SEED, SHARD, LABEL];
 }
 
+/// Longest `label`, in bytes (a path: Linux's `PATH_MAX`). Labels are stored with the
+/// batch and shown in listings.
+pub const MAX_LABEL_BYTES: usize = 4096;
+
+/// A `label` within [`MAX_LABEL_BYTES`].
+fn label(text: String) -> Result<String, String> {
+    if text.len() > MAX_LABEL_BYTES {
+        return Err(format!(
+            "'{}' is {} bytes long; the most is {MAX_LABEL_BYTES}",
+            options::LABEL,
+            text.len()
+        ));
+    }
+    Ok(text)
+}
+
 fn string(key: &str, v: &Field<'_>) -> Result<String, String> {
     match v {
         Field::Basic(Value::Str(s)) => Ok(s.to_string()),
@@ -80,7 +96,7 @@ pub fn parse_submission(raw: &RawDict<'_>) -> Result<Submission, String> {
                     .parse()
                     .map_err(|e| format!("'{name}': {e}"))?
             }
-            options::LABEL => s.label = string(name, value)?,
+            options::LABEL => s.label = label(string(name, value)?)?,
             options::SEED => match value {
                 Field::Basic(Value::U64(n)) => s.base_seed = Some(*n),
                 other => {
@@ -173,5 +189,9 @@ mod tests {
         // Bytes in a batch's options are skipped, never built, and named by type.
         let e = parse("label", Value::from(&[0u8; 4096][..])).unwrap_err();
         assert_eq!(e, "'label' must have D-Bus type 's', got 'ay'");
+        let e = parse("label", Value::from("x".repeat(4097))).unwrap_err();
+        assert_eq!(e, "'label' is 4097 bytes long; the most is 4096");
+        let ok = parse("label", Value::from("x".repeat(4096))).unwrap();
+        assert_eq!(ok.label.len(), 4096);
     }
 }

@@ -1,7 +1,9 @@
 //! `diffusionctl batch`: a manifest in, a folder of PNGs out, in this process (`--local`,
 //! state in the folder) or through the daemon (state in its state directory; this client
 //! copies each finished image into the folder). Rerunning the same command finishes what
-//! is left; `batch status | list | cancel` manage daemon batches.
+//! is left; `batch status | list | cancel | remove` manage daemon batches. Text the daemon
+//! sends (labels, item names, errors: another user's, for root) is printed through
+//! [`printable`].
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -14,7 +16,7 @@ use diffusiond::batch::files::Output;
 use diffusiond::batch::local::{self, LocalBatch, LocalReport, STATE_DIR};
 use diffusiond::batch::service::Submission;
 use diffusiond::batch::{BatchState, End, Format, Observer, Options, Progress, Shard, manifest};
-use diffusiond::client::{BatchInfo, Client, ClientError, FetchEvent, batch_path};
+use diffusiond::client::{BatchInfo, Client, ClientError, FetchEvent, batch_path, printable};
 use diffusiond::config::{self, Settings};
 use diffusiond::request::{GenerateRequest, random_seed};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -83,6 +85,14 @@ enum BatchAction {
         #[command(flatten)]
         bus: BusArgs,
     },
+    /// Remove a daemon batch: cancel it if it runs, delete its images and state in the
+    /// daemon (files already copied into your folder stay).
+    Remove {
+        /// The batch: its number or its object path.
+        id: String,
+        #[command(flatten)]
+        bus: BusArgs,
+    },
 }
 
 /// Runs `diffusionctl batch ...`.
@@ -91,6 +101,7 @@ pub fn run(args: BatchArgs) -> Result<(), Failure> {
         Some(BatchAction::Status { id, bus }) => daemon(&bus.bus(), |c| status(c, id)),
         Some(BatchAction::List(bus)) => daemon(&bus.bus(), list),
         Some(BatchAction::Cancel { id, bus }) => daemon(&bus.bus(), |c| cancel(c, id)),
+        Some(BatchAction::Remove { id, bus }) => daemon(&bus.bus(), |c| remove(c, id)),
         None if args.local => run_local(&args),
         None => {
             if args.model_dir.is_some() {
@@ -179,7 +190,8 @@ impl Observer for BarObserver {
         self.0
             .set_message(rate_message(p.images_per_second, p.eta_seconds));
         if let Some(e) = error {
-            self.0.println(format!("{name}: failed: {e}"));
+            self.0
+                .println(format!("{}: failed: {}", printable(name), printable(e)));
         }
     }
 }
@@ -288,7 +300,7 @@ fn finish_local(
         );
     }
     for (name, error) in &report.failures {
-        eprintln!("{name}: failed: {error}");
+        eprintln!("{}: failed: {}", printable(name), printable(error));
     }
     match &report.end {
         End::Finished(BatchState::Succeeded) => Ok(()),
@@ -487,24 +499,28 @@ async fn run_daemon(client: Client, args: &BatchArgs) -> Result<(), Failure> {
         "succeeded" => Ok(()),
         "failed" => {
             for (name, error) in client.batch_failures(&path).await? {
-                eprintln!("{name}: failed: {error}");
+                eprintln!("{}: failed: {}", printable(&name), printable(&error));
             }
             Err(format!("{} of {} items failed", info.failed, info.total).into())
         }
         "paused" => Err(format!(
             "batch {id} paused: {}; nothing is lost: fix it and rerun the same command to resume",
-            info.error
+            printable(&info.error)
         )
         .into()),
-        other => Err(format!("batch {id} {other}").into()),
+        other => Err(format!("batch {id} {}", printable(other)).into()),
     }
 }
 
 fn describe(i: &BatchInfo) -> String {
     let id = i.path.rsplit('/').next().unwrap_or_default();
     let mut s = format!(
-        "batch {id}: {}; {}/{} items done, {} failed",
-        i.state, i.done, i.total, i.failed
+        "batch {}: {}; {}/{} items done, {} failed",
+        printable(id),
+        printable(&i.state),
+        i.done,
+        i.total,
+        i.failed
     );
     if i.images_per_second > 0.0 {
         s.push_str(&format!(
@@ -513,12 +529,12 @@ fn describe(i: &BatchInfo) -> String {
         ));
     }
     s.push_str(&format!(
-        "; {} on disk; {}",
+        "; {} on disk (images and state); {}",
         diffusiond::request::resolve_gib(i.disk_bytes),
-        i.label
+        printable(&i.label)
     ));
     if !i.error.is_empty() {
-        s.push_str(&format!("; error: {}", i.error));
+        s.push_str(&format!("; error: {}", printable(&i.error)));
     }
     s
 }
@@ -548,17 +564,17 @@ async fn list(client: Client) -> Result<(), Failure> {
         bytes += i.disk_bytes;
         println!(
             "{:<18} {:<10} {:>13} {:>7} {:>8.2} {:>9}  {}",
-            i.path.rsplit('/').next().unwrap_or_default(),
-            i.state,
+            printable(i.path.rsplit('/').next().unwrap_or_default()),
+            printable(&i.state),
             format!("{}/{}", i.done, i.total),
             i.failed,
             i.images_per_second,
             diffusiond::request::resolve_gib(i.disk_bytes),
-            i.label
+            printable(&i.label)
         );
     }
     println!(
-        "{} batches, {} on disk",
+        "{} batches, {} on disk (images and their state in the daemon's database)",
         infos.len(),
         diffusiond::request::resolve_gib(bytes)
     );
@@ -569,5 +585,12 @@ async fn cancel(client: Client, id: String) -> Result<(), Failure> {
     let path = batch_path(&id)?;
     client.cancel_batch(&path).await?;
     println!("cancelled {path}");
+    Ok(())
+}
+
+async fn remove(client: Client, id: String) -> Result<(), Failure> {
+    let path = batch_path(&id)?;
+    client.remove_batch(&path).await?;
+    println!("removed {path}");
     Ok(())
 }

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use diffusiond::client::{Bus, Client, ClientError, GenerateRequest, OnInterrupt};
+use diffusiond::client::{
+    Bus, Client, ClientError, GenerateRequest, OnInterrupt, printable, printable_lines,
+};
 use diffusiond::config::{self, Settings};
 use diffusiond::local;
 use diffusiond::request::ImageInput;
@@ -246,12 +248,13 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Messages can quote the daemon (and what a caller sent it): escaped.
         Err(Failure::Interrupted(message)) => {
-            eprintln!("diffusionctl: {message}");
+            eprintln!("diffusionctl: {}", printable_lines(&message));
             ExitCode::from(130)
         }
         Err(Failure::Other(message)) => {
-            eprintln!("diffusionctl: {message}");
+            eprintln!("diffusionctl: {}", printable_lines(&message));
             ExitCode::FAILURE
         }
     }
@@ -385,7 +388,7 @@ async fn wait(client: Client, job: String, output: Option<PathBuf>) -> Result<()
     .await?;
     if written.is_empty() {
         let state = result.state.as_deref().unwrap_or("succeeded");
-        println!("{state}: {}", output::describe_result(&result));
+        println!("{}: {}", printable(state), output::describe_result(&result));
     }
     for path in written {
         println!("{}", path.display());

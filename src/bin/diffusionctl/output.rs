@@ -1,9 +1,13 @@
 //! What `diffusionctl` prints and writes: output file names, result summaries, tables.
+//! Strings from the daemon go through [`printable`]: no control character reaches the
+//! terminal.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use diffusiond::client::{ClientError, JobResult, JobSummary, ModelInfo, Result, Status};
+use diffusiond::client::{
+    ClientError, JobResult, JobSummary, ModelInfo, Result, Status, printable,
+};
 use diffusiond::wire::JOB_PATH_PREFIX;
 
 /// `OUT.png` for one image; `OUT-0.png`, `OUT-1.png`, ... for several.
@@ -53,13 +57,13 @@ pub fn write_images(result: &JobResult, output: &Path) -> Result<Vec<PathBuf>> {
 pub fn describe_result(result: &JobResult) -> String {
     let mut s = String::new();
     if let Some(model) = &result.model {
-        let _ = write!(s, "model {model}");
+        let _ = write!(s, "model {}", printable(model));
     }
     if let Some(seed) = result.seed {
         let _ = write!(s, "{}seed {seed}", sep(&s));
     }
     if let Some(scheduler) = &result.scheduler {
-        let _ = write!(s, "{}scheduler {scheduler}", sep(&s));
+        let _ = write!(s, "{}scheduler {}", sep(&s), printable(scheduler));
     }
     if let (Some(w), Some(h)) = (result.width, result.height) {
         let _ = write!(s, "{}{w}x{h}", sep(&s));
@@ -80,12 +84,12 @@ fn sep(s: &str) -> &'static str {
 /// Formats `status` for people.
 pub fn format_status(status: &Status) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "diffusiond {}", status.version);
-    let _ = writeln!(s, "ONNX Runtime {}", status.runtime_version);
+    let _ = writeln!(s, "diffusiond {}", printable(&status.version));
+    let _ = writeln!(s, "ONNX Runtime {}", printable(&status.runtime_version));
     let _ = writeln!(
         s,
         "execution providers: {}",
-        status.execution_providers.join(", ")
+        printable(&status.execution_providers.join(", "))
     );
     let _ = writeln!(s, "queue length: {}", status.queue_length);
     let models: Vec<String> = status
@@ -103,10 +107,11 @@ pub fn format_status(status: &Status) -> String {
             if matches!(m.state.as_str(), "loading" | "building" | "failed") {
                 tags.push(m.state.as_str());
             }
+            let name = printable(&m.name);
             if tags.is_empty() {
-                m.name.clone()
+                name.into_owned()
             } else {
-                format!("{} ({})", m.name, tags.join(", "))
+                format!("{name} ({})", tags.join(", "))
             }
         })
         .collect();
@@ -120,12 +125,12 @@ pub fn format_models(models: &[ModelInfo]) -> String {
         .iter()
         .map(|m| {
             [
-                m.name.clone(),
-                m.kind.clone(),
-                m.scheduler.clone(),
+                printable(&m.name).into_owned(),
+                printable(&m.kind).into_owned(),
+                printable(&m.scheduler).into_owned(),
                 yes_no(m.loaded),
                 yes_no(m.default),
-                m.path.clone(),
+                printable(&m.path).into_owned(),
             ]
         })
         .collect();
@@ -141,10 +146,10 @@ pub fn format_jobs(jobs: &[JobSummary]) -> String {
         .iter()
         .map(|j| {
             [
-                job_label(&j.path).to_string(),
-                j.state.clone(),
+                printable(job_label(&j.path)).into_owned(),
+                printable(&j.state).into_owned(),
                 format!("{}/{}", j.step, j.total_steps),
-                j.path.clone(),
+                printable(&j.path).into_owned(),
             ]
         })
         .collect();
@@ -212,5 +217,22 @@ mod tests {
             t,
             "JOB  STATE    STEP  PATH\n1    running  3/20  /io/github/Diffusiond1/job/1\n"
         );
+    }
+
+    #[test]
+    fn daemon_strings_are_printed_escaped() {
+        let t = format_jobs(&[JobSummary {
+            path: "/j/1".into(),
+            state: "run\x1b[2K\nning".into(),
+            step: 0,
+            total_steps: 1,
+        }]);
+        assert!(t.contains("run\\x1b[2K\\nning"), "{t}");
+        assert_eq!(t.lines().count(), 2, "no forged line: {t}");
+        let r = JobResult {
+            model: Some("m\x07".into()),
+            ..Default::default()
+        };
+        assert_eq!(describe_result(&r), "model m\\x07");
     }
 }
