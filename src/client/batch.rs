@@ -215,7 +215,9 @@ impl Client {
     ) -> Result<BatchInfo> {
         let map = |e: zbus::Error| ClientError::from_zbus(&self.bus, e);
         let batch = self.batch(path).await?;
-        // Subscribe first, then list: no item is missed between the two.
+        // Subscribe first, then list: no item is missed between the two. ListResults also
+        // makes this connection one the daemon sends the batch's signals to (they are
+        // unicast to the owner's connections that use the batch: docs/dbus-api.md).
         let mut items = batch.receive_item_finished().await.map_err(map)?;
         let mut states = batch.receive_state_changed().await;
         let listed = self
