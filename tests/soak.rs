@@ -276,3 +276,386 @@ fn soak_and_fuzz() {
         println!("soak outcome: {n:>4}  {outcome}");
     }
 }
+
+/// A process's peak resident set size since its last reset ([`reset_peak`]), in kB.
+fn peak_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Resets a process's peak resident set size to what it holds now (`clear_refs` 5).
+fn reset_peak(pid: u32) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+}
+
+/// A valid 64×64 PNG of about `bytes`: its pixels, then a private ancillary chunk of
+/// random bytes (a decoder skips it), as a large PNG a caller may send.
+fn large_png(bytes: usize) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 90]));
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let png = png.into_inner();
+    let mut rng = rand_mt::Mt64::new(7);
+    let data: Vec<u8> = (0..bytes / 8)
+        .flat_map(|_| rng.next_u64().to_le_bytes())
+        .collect();
+    with_chunk(&png, b"prVt", &data)
+}
+
+/// `png` with a chunk of `kind` holding `data` after its header.
+fn with_chunk(png: &[u8], kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+    let mut chunk = (data.len() as u32).to_be_bytes().to_vec();
+    chunk.extend_from_slice(kind);
+    chunk.extend_from_slice(data);
+    let crc = crc32fast::hash(&chunk[4..]);
+    chunk.extend_from_slice(&crc.to_be_bytes());
+    // After the signature (8 bytes) and IHDR (25).
+    let mut out = png[..33].to_vec();
+    out.extend(chunk);
+    out.extend_from_slice(&png[33..]);
+    out
+}
+
+/// The test binary and `files`, copied where uid 65534 can read them (a checkout may sit
+/// in a private folder).
+fn stage_for_nobody(files: &[(&str, &[u8])]) -> (tempfile::TempDir, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = dir.path().join("soak-client");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (name, bytes) in files {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    (dir, exe)
+}
+
+/// `exe` (this test binary, staged) running `test` as uid 65534 with `env`.
+fn as_nobody(exe: &std::path::Path, test: &str, env: &[(&str, &str)]) -> std::process::Command {
+    let mut c = std::process::Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(exe)
+        .args([
+            "--exact",
+            test,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("HOME", "/nonexistent");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+/// Root's view while another uid sends large calls: how long `Generate` + `Wait` of a 64²
+/// job and a property read take.
+struct Latencies {
+    jobs: Vec<f64>,
+    reads: Vec<f64>,
+}
+
+impl Latencies {
+    fn max(v: &[f64]) -> f64 {
+        v.iter().copied().fold(0.0, f64::max)
+    }
+}
+
+/// One 64² job as root; its latency in seconds.
+async fn root_job(conn: &zbus::Connection, seed: u64) -> f64 {
+    let t = Instant::now();
+    let job = generate(
+        conn,
+        common::request_dict(&[
+            ("prompt", Value::from("root's job")),
+            ("steps", Value::U32(4)),
+            ("seed", Value::U64(seed)),
+        ]),
+    )
+    .await
+    .expect("root's Generate");
+    wait(conn, &job).await.expect("root's job");
+    t.elapsed().as_secs_f64()
+}
+
+/// Runs root jobs and property reads until `done` resolves.
+async fn measure_root_while<F: std::future::Future>(conn: &zbus::Connection, done: F) -> Latencies {
+    let manager = zbus::Proxy::new(conn, NAME, PATH, MANAGER).await.unwrap();
+    let mut lat = Latencies {
+        jobs: Vec::new(),
+        reads: Vec::new(),
+    };
+    let mut done = std::pin::pin!(done);
+    let mut seed = 0;
+    loop {
+        let t = Instant::now();
+        let read = manager.get_property::<u32>("QueueLength");
+        tokio::time::timeout(Duration::from_secs(60), read)
+            .await
+            .expect("a property read hung")
+            .expect("QueueLength");
+        lat.reads.push(t.elapsed().as_secs_f64());
+        seed += 1;
+        let job = tokio::time::timeout(Duration::from_secs(120), root_job(conn, seed));
+        tokio::select! {
+            _ = &mut done => break,
+            j = job => lat.jobs.push(j.expect("root's job hung")),
+        }
+    }
+    lat
+}
+
+/// Issue: a 30 MiB `ay` became one zvariant `Value` per byte before any check (1.3 GB), an
+/// fd's image was turned into such an array for the Job's `Request` property, and a PNG's
+/// compressed ancillary chunk was inflated to read its size. In a 3 GiB cgroup, as uid
+/// 65534: a 30 MiB image, a 30 MiB unknown key, 30 MiB batch defaults, four parallel 31 MB
+/// PNG files by fd and a PNG with a 256 MiB iCCP bomb. The daemon's peak stays under three
+/// times the bytes in flight, it stays up, and root's jobs and property reads meanwhile
+/// take normal time.
+#[test]
+fn large_byte_arrays_and_image_files_cost_their_size_and_stall_no_one() {
+    if !common::other_uids_or_skip() {
+        return;
+    }
+    let Some(cgroup) = common::cgroup::cgroup_or_skip(3 << 30) else {
+        return;
+    };
+    const FD_PNG: usize = 31_000_000;
+    let png = large_png(FD_PNG);
+    let (stage, exe) = stage_for_nobody(&[("large.png", &png)]);
+    let bus = PrivateBus::start();
+    bus.open_to_everyone();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("d.toml");
+    std::fs::write(&config, common::config_text("")).unwrap();
+    let mut daemon = common::cgroup::CgroupDaemon::start(&cgroup, &bus, &config);
+    let rt = common::tokio_runtime();
+    let conn = rt.block_on(bus.connect());
+    // Warm: the model loaded, one job run; then the idle latency.
+    rt.block_on(root_job(&conn, 100));
+    let idle = rt.block_on(async {
+        let mut best = f64::MAX;
+        for seed in 0..3 {
+            best = best.min(root_job(&conn, 200 + seed).await);
+        }
+        best
+    });
+    let rss_before = rss_kb(daemon.pid());
+    reset_peak(daemon.pid());
+
+    let png_path = stage.path().join("large.png");
+    let mut client = as_nobody(
+        &exe,
+        "hostile_large_inputs",
+        &[
+            ("SOAK_HOSTILE_BUS", bus.address()),
+            ("SOAK_HOSTILE_PNG", png_path.to_str().unwrap()),
+        ],
+    );
+    let t0 = Instant::now();
+    let (out, lat) = rt.block_on(async {
+        let out = tokio::task::spawn_blocking(move || client.output().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let lat = tokio::spawn({
+            let conn = conn.clone();
+            async move { measure_root_while(&conn, rx).await }
+        });
+        let out = out.await.unwrap();
+        let _ = tx.send(());
+        (out, lat.await.unwrap())
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the client as uid 65534 failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcome = |case: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.split_once(&format!("HOSTILE {case} ")).map(|(_, o)| o))
+            .unwrap_or_else(|| panic!("no outcome for {case}: {stdout}"))
+            .to_string()
+    };
+    let invalid = "io.github.Diffusiond1.Error.InvalidArgument";
+    for case in [
+        "init_image_30MiB",
+        "unknown_key_30MiB",
+        "batch_defaults_unknown_30MiB",
+        "batch_defaults_image_30MiB",
+    ] {
+        assert!(
+            outcome(case).starts_with(invalid),
+            "{case}: {}",
+            outcome(case)
+        );
+    }
+    assert!(
+        outcome("batch_defaults_image_30MiB").contains("'init_image' cannot be a batch default"),
+        "{}",
+        outcome("batch_defaults_image_30MiB")
+    );
+    for i in 0..4 {
+        assert_eq!(outcome(&format!("fd_png_{i}")), "succeeded");
+    }
+    assert_eq!(outcome("iccp_bomb"), "succeeded");
+    assert!(daemon.alive(), "the daemon died");
+    let peak = peak_kb(daemon.pid());
+    let in_flight_kb = (4 * FD_PNG as u64).max(30 << 20) / 1024;
+    println!(
+        "large inputs: RSS {} MiB before, peak {} MiB during ({} MiB in flight at most); \
+         root: idle job {:.2} s, {} jobs meanwhile, max {:.2} s; {} property reads, max {:.3} s; {:.0} s",
+        rss_before / 1024,
+        peak / 1024,
+        in_flight_kb / 1024,
+        idle,
+        lat.jobs.len(),
+        Latencies::max(&lat.jobs),
+        lat.reads.len(),
+        Latencies::max(&lat.reads),
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(
+        peak < rss_before + 3 * in_flight_kb,
+        "peak {peak} kB against {rss_before} kB before and {in_flight_kb} kB in flight"
+    );
+    assert!(!lat.jobs.is_empty(), "root ran no job meanwhile");
+    assert!(
+        Latencies::max(&lat.jobs) < 5.0 * idle + 2.0,
+        "root's jobs took up to {:.2} s (idle {idle:.2} s)",
+        Latencies::max(&lat.jobs)
+    );
+    assert!(
+        Latencies::max(&lat.reads) < 1.0,
+        "root's property reads took up to {:.2} s",
+        Latencies::max(&lat.reads)
+    );
+}
+
+/// The client side of the test above, run as uid 65534 (`SOAK_HOSTILE_BUS`): prints one
+/// `HOSTILE <case> <outcome>` line per call.
+#[test]
+#[ignore = "run as uid 65534 by large_byte_arrays_and_image_files_cost_their_size_and_stall_no_one"]
+fn hostile_large_inputs() {
+    use diffusiond::wire::keys::{Sent, SentDict};
+    let address = std::env::var("SOAK_HOSTILE_BUS").expect("SOAK_HOSTILE_BUS");
+    let png = std::env::var("SOAK_HOSTILE_PNG").expect("SOAK_HOSTILE_PNG");
+    let rt = common::tokio_runtime();
+    rt.block_on(async {
+        let conn = zbus::connection::Builder::address(address.as_str())
+            .unwrap()
+            .build()
+            .await
+            .unwrap();
+        let manager = zbus::Proxy::new(&conn, NAME, PATH, MANAGER).await.unwrap();
+        let mut rng = rand_mt::Mt64::new(30);
+        let junk: Vec<u8> = (0..(30 << 20) / 8)
+            .flat_map(|_| rng.next_u64().to_le_bytes())
+            .collect();
+        let report = |case: &str, r: zbus::Result<OwnedObjectPath>| {
+            let outcome = match r {
+                Ok(p) => format!("accepted {}", p.as_str()),
+                Err(e) => format!("{} {e}", error_name(&e)),
+            };
+            println!("HOSTILE {case} {outcome}");
+        };
+        let prompt = || Sent::Value(Value::from("hostile"));
+        let mut d = SentDict::new();
+        d.insert("prompt", prompt());
+        d.insert("init_image", Sent::Bytes(&junk));
+        report("init_image_30MiB", manager.call("Generate", &(d,)).await);
+        let mut d = SentDict::new();
+        d.insert("prompt", prompt());
+        d.insert("junk", Sent::Bytes(&junk));
+        report("unknown_key_30MiB", manager.call("Generate", &(d,)).await);
+        for (case, key) in [
+            ("batch_defaults_unknown_30MiB", "junk"),
+            ("batch_defaults_image_30MiB", "init_image"),
+        ] {
+            let mut defaults = SentDict::new();
+            defaults.insert(key, Sent::Bytes(&junk));
+            let mut options = SentDict::new();
+            options.insert("defaults", Sent::Dict(defaults));
+            let manifest: &[u8] = b"{\"prompt\": \"x\"}\n";
+            report(
+                case,
+                manager.call("SubmitBatch", &(manifest, options)).await,
+            );
+        }
+        drop(junk);
+        // Four large PNG files by fd at once, each run to its end.
+        let runs = (0..4).map(|i| {
+            let conn = conn.clone();
+            let manager = manager.clone();
+            let png = png.clone();
+            async move {
+                let file = std::fs::File::open(&png).unwrap();
+                let fd = OwnedFd::from(file);
+                let mut d = SentDict::new();
+                d.insert("prompt", prompt());
+                d.insert("init_image_fd", Sent::Value(Value::Fd(Fd::from(&fd))));
+                d.insert("steps", Sent::Value(Value::U32(4)));
+                d.insert("seed", Sent::Value(Value::U64(i)));
+                let r: zbus::Result<OwnedObjectPath> = manager.call("Generate", &(d,)).await;
+                let outcome = match r {
+                    Ok(job) => match wait(&conn, &job).await {
+                        Ok(_) => "succeeded".to_string(),
+                        Err(e) => format!("{} {e}", error_name(&e)),
+                    },
+                    Err(e) => format!("{} {e}", error_name(&e)),
+                };
+                println!("HOSTILE fd_png_{i} {outcome}");
+            }
+        });
+        let mut handles = Vec::new();
+        for run in runs {
+            handles.push(tokio::spawn(run));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+        // A PNG whose iCCP chunk inflates to 256 MiB: neither its header read nor its
+        // decode inflates it.
+        let bomb = iccp_bomb();
+        let mut d = SentDict::new();
+        d.insert("prompt", prompt());
+        d.insert("init_image", Sent::Bytes(&bomb));
+        d.insert("steps", Sent::Value(Value::U32(4)));
+        let outcome = match manager
+            .call::<_, _, OwnedObjectPath>("Generate", &(d,))
+            .await
+        {
+            Ok(job) => match wait(&conn, &job).await {
+                Ok(_) => "succeeded".to_string(),
+                Err(e) => format!("{} {e}", error_name(&e)),
+            },
+            Err(e) => format!("{} {e}", error_name(&e)),
+        };
+        println!("HOSTILE iccp_bomb {outcome}");
+    });
+}
+
+/// A valid 64×64 PNG with an `iCCP` chunk that inflates to 256 MiB (about 260 kB sent).
+fn iccp_bomb() -> Vec<u8> {
+    use std::io::Write;
+    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8, y as u8, 40]));
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let png = png.into_inner();
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..256 {
+        z.write_all(&zeros).unwrap();
+    }
+    let mut data = b"icc\0\0".to_vec();
+    data.extend(z.finish().unwrap());
+    with_chunk(&png, b"iCCP", &data)
+}

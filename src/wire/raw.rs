@@ -191,6 +191,8 @@ pub enum Sent<'a> {
     Value(Value<'a>),
     /// An `ay`.
     Bytes(&'a [u8]),
+    /// An `a{sv}` of such values.
+    Dict(SentDict<'a>),
 }
 
 /// The `a{sv}` a client sends.
@@ -218,6 +220,12 @@ impl serde::Serialize for Sent<'_> {
                 let mut st = s.serialize_struct("Variant", 2)?;
                 st.serialize_field("signature", &Signature::Array(Signature::U8.into()))?;
                 st.serialize_field("value", &ByteString(b))?;
+                st.end()
+            }
+            Sent::Dict(d) => {
+                let mut st = s.serialize_struct("Variant", 2)?;
+                st.serialize_field("signature", <SentDict<'_> as zvariant::Type>::SIGNATURE)?;
+                st.serialize_field("value", d)?;
                 st.end()
             }
         }
@@ -307,6 +315,17 @@ mod tests {
         let get = |k: &str| &read.0.iter().find(|(n, _)| n == k).unwrap().1;
         assert!(matches!(get("init_image"), Field::Bytes(b) if *b == &image[..]));
         assert!(matches!(get("prompt"), Field::Basic(Value::Str(s)) if s.as_str() == "p"));
+        // Nested: a dict of byte strings reads as the same dict.
+        let mut inner = SentDict::new();
+        inner.insert("init_image", Sent::Bytes(&image));
+        let mut outer = SentDict::new();
+        outer.insert("defaults", Sent::Dict(inner));
+        let c = zvariant::to_bytes(ctxt, &outer).unwrap();
+        let (read, _): (RawDict<'_>, _) = c.deserialize().unwrap();
+        let Field::Dict(d) = &read.0[0].1 else {
+            panic!("{:?}", read.0[0].1)
+        };
+        assert!(matches!(&d.0[0].1, Field::Bytes(b) if *b == &image[..]));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod batch;
+pub mod cgroup;
 pub mod checker;
 pub mod parity;
 
