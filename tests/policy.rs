@@ -3,7 +3,8 @@
 //! as other uids (setpriv): nobody outside the group is denied, group members and root
 //! may call, nobody but the service user may own the name, one caller cannot cancel or
 //! wait on another caller's job, a group member runs `diffusionctl batch` through the
-//! policy, and one user's work stays private from another (`privacy`).
+//! policy (following it to its end however many other connections come and go), and one
+//! user's work stays private from another (`privacy`).
 //!
 //! The policy names the user and group `diffusiond`, which a test machine lacks, so the
 //! test installs a copy naming existing accounts instead, the substitution the install
@@ -439,4 +440,43 @@ fn a_group_member_runs_batches_through_the_policy() {
         &[],
     )
     .unwrap();
+}
+
+/// A batch keeps [`Followers::MAX`](16) connections to send its signals to; connections
+/// that left make room, so a client that follows a batch to its end keeps its signals
+/// however many short-lived ones (`batch status`) come and go meanwhile.
+#[test]
+fn a_following_client_keeps_its_signals_while_other_connections_come_and_go() {
+    let Some(cast) = cast() else { return };
+    let bus = SystemBus::start();
+    let _d = bus.start_daemon(cast.service);
+    let alice = |args: &[&str]| bus.ctl(cast.alice, Some(cast.group), args);
+    let work = bus.folder_for(cast.alice, "alice");
+    let items = manifest(&work, "slow.jsonl", 3, 900, "slow");
+    let out = work.join("out").display().to_string();
+    let run = ["batch", items.as_str(), "--output-dir", out.as_str()];
+    let o = alice(&[&run[..], &["--detach"]].concat());
+    assert!(o.status.success(), "batch --detach: {}", text(&o));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    // The same command again reattaches (a new connection) and copies images as
+    // ItemFinished says they are ready, until the batch's State says it ended.
+    let follower = bus.ctl_spawn(cast.alice, Some(cast.group), &run);
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    for _ in 0..40 {
+        let o = alice(&["batch", "status", &id]);
+        assert!(o.status.success(), "batch status: {}", text(&o));
+    }
+    eprintln!("40 status calls in {:.1} s", t0.elapsed().as_secs_f64());
+    let o = harness::finish(follower, cast.alice, &run);
+    assert!(o.status.success(), "the follower: {}", text(&o));
+    for i in 0..3 {
+        let png = work.join(format!("out/slow-{i}.png"));
+        assert!(
+            png.is_file(),
+            "{} was not copied: {}",
+            png.display(),
+            text(&o)
+        );
+    }
 }

@@ -260,7 +260,12 @@ impl SystemBus {
     /// [`SystemBus::start_daemon`]), with a time limit: a client that waits for signals
     /// that never come fails instead of hanging.
     pub fn ctl(&self, who: Account, group: Option<u32>, args: &[&str]) -> Output {
-        let mut child = as_user(who, group)
+        finish(self.ctl_spawn(who, group, args), who, args)
+    }
+
+    /// [`SystemBus::ctl`] started, not waited for ([`finish`] waits).
+    pub fn ctl_spawn(&self, who: Account, group: Option<u32>, args: &[&str]) -> Child {
+        as_user(who, group)
             .arg(self.dir.path().join("bin/diffusionctl"))
             .args(args)
             .args(["--address", &self.address])
@@ -268,21 +273,7 @@ impl SystemBus {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let out = child.wait_with_output().unwrap();
-                panic!(
-                    "diffusionctl {args:?} as uid {} did not end in 180 s: {}",
-                    who.uid,
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        child.wait_with_output().unwrap()
+            .unwrap()
     }
 
     /// A folder under the bus's folder that `who` owns (for files it writes).
@@ -394,6 +385,25 @@ impl Drop for SystemBus {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Waits for a `diffusionctl` started by [`SystemBus::ctl_spawn`], up to 180 s: a client
+/// that waits for signals that never come fails the test instead of hanging it.
+pub fn finish(mut child: Child, who: Account, args: &[&str]) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "diffusionctl {args:?} as uid {} did not end in 180 s: {}",
+                who.uid,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
 }
 
 /// A `dbus-monitor` run by [`SystemBus::monitor`], writing what it receives to a file.
