@@ -31,7 +31,7 @@ impl Followers {
     /// Names kept per object.
     pub const MAX: usize = 16;
 
-    /// How long the check for names that left may take.
+    /// How long asking the bus which names left may take.
     const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
     fn names(&self) -> std::sync::MutexGuard<'_, Vec<OwnedUniqueName>> {
@@ -67,22 +67,18 @@ impl Followers {
         names.push(name.to_owned().into());
     }
 
-    /// Drops the names that are no longer on the bus (a name whose check fails stays).
+    /// Drops the names that are no longer on the bus: one `ListNames`, bounded in time
+    /// (when it fails, every name stays).
     async fn drop_departed(&self, conn: &Connection) {
-        let Ok(dbus) = zbus::fdo::DBusProxy::new(conn).await else {
+        let listed = tokio::time::timeout(Self::CHECK_TIMEOUT, async {
+            zbus::fdo::DBusProxy::new(conn).await?.list_names().await
+        })
+        .await;
+        let Ok(Ok(present)) = listed else {
             return;
         };
-        let names = self.names().clone();
-        for name in names {
-            let asked = tokio::time::timeout(
-                Self::CHECK_TIMEOUT,
-                dbus.name_has_owner(BusName::from(name.as_ref())),
-            )
-            .await;
-            if let Ok(Ok(false)) = asked {
-                self.names().retain(|n| n != &name);
-            }
-        }
+        let present: std::collections::HashSet<&str> = present.iter().map(|n| n.as_str()).collect();
+        self.names().retain(|n| present.contains(n.as_str()));
     }
 
     /// One emitter per follower, on `base`'s connection and path.
