@@ -3,6 +3,7 @@
 //! diffusers' `StableDiffusionPipeline` / `StableDiffusionXLPipeline` as Optimum runs them.
 
 mod a1111;
+mod arena;
 mod arrays;
 pub mod components;
 mod guidance;
@@ -154,13 +155,9 @@ pub struct Pipeline {
     /// Text-encoder outputs of recent prompts: a batch repeats prompts and negative
     /// prompts, and a text encoder's output depends on the text alone.
     text_cache: text_cache::TextCache,
-    /// With the CPU arena on: run options that shrink a session's arena after the run,
-    /// used for the last UNet step and the VAE decode of a batch whose working set is over
-    /// [`crate::model::memory::RELEASE_ABOVE`]. Every step of a batch reuses the arena's
-    /// buffers; after a large batch its free regions go back to the heap (and the worker's
-    /// `malloc_trim` hands them to the system). A cancel stops the loop
-    /// after the step in flight, so these runs need not be terminated.
-    shrink: Option<RunOptions>,
+    /// Run options that shrink the CPU arena after a large batch, after its first UNet
+    /// step, and after a batch that stopped early ([`arena`]).
+    arena: arena::ArenaOptions,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -239,7 +236,7 @@ impl Pipeline {
             vae_encoder,
             ort_version: runtime.version().to_string(),
             text_cache: text_cache::TextCache::default(),
-            shrink: shrink_options(runtime)?,
+            arena: arena::ArenaOptions::new(runtime)?,
         })
     }
 
@@ -546,76 +543,86 @@ impl Pipeline {
         let timesteps = sched.timesteps().to_vec();
         let end = timesteps.len();
         let total = end - start.begin;
-        for (i, &t) in timesteps.iter().enumerate().skip(start.begin) {
-            let _step = tracing::trace_span!("step", i).entered();
-            let t0 = Instant::now();
-            {
-                let mut unet_in = match (self.unet.input_mut(), own_in.as_mut()) {
-                    (Some(v), _) => v,
-                    (None, Some(a)) => a.view_mut().into_dyn(),
-                    (None, None) => unreachable!("one UNet input buffer exists"),
+        let mut steps = || -> Result<(), PipelineError> {
+            for (i, &t) in timesteps.iter().enumerate().skip(start.begin) {
+                let _step = tracing::trace_span!("step", i).entered();
+                let t0 = Instant::now();
+                {
+                    let mut unet_in = match (self.unet.input_mut(), own_in.as_mut()) {
+                        (Some(v), _) => v,
+                        (None, Some(a)) => a.view_mut().into_dyn(),
+                        (None, None) => unreachable!("one UNet input buffer exists"),
+                    };
+                    // The scaling is elementwise with one factor: scale the first half, then
+                    // duplicate it for the unconditional rows.
+                    let mut unet_in = unet_in.slice_mut(s![.., ..c, .., ..]).into_dyn();
+                    let (mut first, second) = unet_in.view_mut().split_at(Axis(0), n);
+                    first.assign(&sample);
+                    sched.scale_model_input(first.view_mut(), i);
+                    if cfg {
+                        let mut second = second;
+                        second.assign(&first);
+                    }
+                }
+                let t1 = Instant::now();
+                let unet_span = tracing::trace_span!("unet").entered();
+                let owned_out;
+                let step_options =
+                    self.arena
+                        .for_step(i, (start.begin, end), shrink_after, run_options);
+                let out = if bound {
+                    self.unet.run_bound(t, step_options)?
+                } else {
+                    let input = own_in.as_ref().map(|a| a.view().into_dyn());
+                    owned_out = self.unet.run(
+                        input.ok_or_else(|| {
+                            shape_err(ndarray::ShapeError::from_kind(
+                                ndarray::ErrorKind::IncompatibleShape,
+                            ))
+                        })?,
+                        t,
+                        cond.hidden.view(),
+                        added.as_ref(),
+                        step_options,
+                    )?;
+                    owned_out.view()
                 };
-                // The scaling is elementwise with one factor: scale the first half, then
-                // duplicate it for the unconditional rows.
-                let mut unet_in = unet_in.slice_mut(s![.., ..c, .., ..]).into_dyn();
-                let (mut first, second) = unet_in.view_mut().split_at(Axis(0), n);
-                first.assign(&sample);
-                sched.scale_model_input(first.view_mut(), i);
-                if cfg {
-                    let mut second = second;
-                    second.assign(&first);
+                drop(unet_span);
+                let t2 = Instant::now();
+                timings.unet += t2 - t1;
+                timings.unet_calls += 1;
+                let model_output = if cfg {
+                    guide(out.view(), guidance, &mut guided);
+                    guided.view()
+                } else {
+                    out.view()
+                };
+                sched.step(model_output, i, &mut sample, noise)?;
+                if let Some(inpaint) = start.inpaint {
+                    latents::blend(inpaint, sched, i, i + 1 == end, &mut sample, &mut scratch);
+                }
+                let done = i + 1 - start.begin;
+                if !all_finite(sample.view()) {
+                    return Err(PipelineError::NonFinite {
+                        stage: "denoise",
+                        step: Some((done, total)),
+                    });
+                }
+                timings.scheduler += (t1 - t0) + t2.elapsed();
+                if !progress(done, total) {
+                    return Err(PipelineError::Cancelled);
                 }
             }
-            let t1 = Instant::now();
-            let unet_span = tracing::trace_span!("unet").entered();
-            let owned_out;
-            let step_options = if i + 1 == end && shrink_after {
-                self.shrink.as_ref().unwrap_or(run_options)
-            } else {
-                run_options
-            };
-            let out = if bound {
-                self.unet.run_bound(t, step_options)?
-            } else {
-                let input = own_in.as_ref().map(|a| a.view().into_dyn());
-                owned_out = self.unet.run(
-                    input.ok_or_else(|| {
-                        shape_err(ndarray::ShapeError::from_kind(
-                            ndarray::ErrorKind::IncompatibleShape,
-                        ))
-                    })?,
-                    t,
-                    cond.hidden.view(),
-                    added.as_ref(),
-                    step_options,
-                )?;
-                owned_out.view()
-            };
-            drop(unet_span);
-            let t2 = Instant::now();
-            timings.unet += t2 - t1;
-            timings.unet_calls += 1;
-            let model_output = if cfg {
-                guide(out.view(), guidance, &mut guided);
-                guided.view()
-            } else {
-                out.view()
-            };
-            sched.step(model_output, i, &mut sample, noise)?;
-            if let Some(inpaint) = start.inpaint {
-                latents::blend(inpaint, sched, i, i + 1 == end, &mut sample, &mut scratch);
+            Ok(())
+        };
+        if let Err(e) = steps() {
+            // Ended early (cancelled, terminated, failed): the last step's shrink never
+            // ran, so the arena would keep this batch's peak.
+            if shrink_after {
+                let t = timesteps.get(start.begin).copied().unwrap_or_default();
+                self.release_unet(bound, own_in.as_ref(), t, cond, added.as_ref());
             }
-            let done = i + 1 - start.begin;
-            if !all_finite(sample.view()) {
-                return Err(PipelineError::NonFinite {
-                    stage: "denoise",
-                    step: Some((done, total)),
-                });
-            }
-            timings.scheduler += (t1 - t0) + t2.elapsed();
-            if !progress(done, total) {
-                return Err(PipelineError::Cancelled);
-            }
+            return Err(e);
         }
         *latents = sample.into_dimensionality().map_err(shape_err)?;
         Ok(())
@@ -631,10 +638,7 @@ impl Pipeline {
         let scale = self.bundle.vae_scaling_factor as f32;
         let shift = self.bundle.vae_shift_factor.unwrap_or(0.0) as f32;
         latents.mapv_inplace(|x| x / scale + shift);
-        let options = match &self.shrink {
-            Some(shrink) if shrink_after => shrink,
-            _ => run_options,
-        };
+        let options = self.arena.for_decode(shrink_after, run_options);
         let mut decoded = self.vae.decode(latents.view().into_dyn(), options)?;
         if !all_finite(decoded.view())
             && let Some(fp32) = self.vae_fp32.as_mut()
@@ -654,20 +658,4 @@ impl Pipeline {
         }
         Ok(decoded)
     }
-}
-
-/// Run options that shrink the CPU arena after the run, when the arena is on.
-fn shrink_options(runtime: &Runtime) -> Result<Option<RunOptions>, PipelineError> {
-    if !runtime.settings().session.cpu_arena {
-        return Ok(None);
-    }
-    let err = |e: ort::Error| PipelineError::Inference {
-        component: "runtime".into(),
-        message: format!("cannot create run options: {e}"),
-    };
-    let mut options = RunOptions::new().map_err(err)?;
-    options
-        .set("memory.enable_memory_arena_shrinkage", "cpu:0")
-        .map_err(err)?;
-    Ok(Some(options))
 }
