@@ -659,3 +659,174 @@ fn iccp_bomb() -> Vec<u8> {
     data.extend(z.finish().unwrap());
     with_chunk(&png, b"iCCP", &data)
 }
+
+/// A valid manifest of `lines` lines of about `line_bytes` each (long prompts), as a
+/// large submission is.
+fn large_manifest(lines: usize, line_bytes: usize, round: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(lines * (line_bytes + 1));
+    let words = "a lighthouse on a cliff at dusk ".repeat(line_bytes / 32 + 1);
+    for i in 0..lines {
+        let line = format!(
+            "{{\"prompt\": \"{round} {i} {}\", \"steps\": 1}}",
+            &words[..line_bytes.saturating_sub(40)]
+        );
+        out.extend_from_slice(line.as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
+
+/// Issue: eight parallel 29 MB `SubmitBatch` calls filled the bus's queue to the daemon
+/// (root's calls failed with `LimitsExceeded` or took 17 s), some never got an answer,
+/// and the daemon's memory grew round after round. As uid 65534, three rounds of eight
+/// parallel 29 MB submissions of 20,000 lines (each round's accepted batches then
+/// cancelled and removed):
+/// every call is answered, root's property reads stay fast, and the daemon's memory after
+/// a round comes back near where it started.
+#[test]
+fn parallel_large_batch_submissions_are_answered_and_give_their_memory_back() {
+    if !common::other_uids_or_skip() {
+        return;
+    }
+    const ROUNDS: usize = 3;
+    let (_stage, exe) = stage_for_nobody(&[]);
+    let bus = PrivateBus::start();
+    bus.open_to_everyone();
+    let d = Daemon::start(&bus, "[limits]\nmax_batch_items = 100000\n");
+    let rt = common::tokio_runtime();
+    let conn = rt.block_on(bus.connect());
+    rt.block_on(root_job(&conn, 1));
+    let rss_before = rss_kb(d.pid());
+    let mut client = as_nobody(
+        &exe,
+        "hostile_parallel_submissions",
+        &[
+            ("SOAK_HOSTILE_BUS", bus.address()),
+            ("SOAK_HOSTILE_ROUNDS", &ROUNDS.to_string()),
+        ],
+    );
+    let t0 = Instant::now();
+    let (out, lat) = rt.block_on(async {
+        let out = tokio::task::spawn_blocking(move || client.output().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let lat = tokio::spawn({
+            let conn = conn.clone();
+            async move { measure_root_while(&conn, rx).await }
+        });
+        let out = out.await.unwrap();
+        let _ = tx.send(());
+        (out, lat.await.unwrap())
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the client as uid 65534 failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rounds: Vec<(u64, usize, usize)> = stdout
+        .lines()
+        .filter_map(|l| l.split_once("HOSTILE round ").map(|(_, r)| r))
+        .map(|r| {
+            let n: Vec<&str> = r.split_whitespace().collect();
+            (
+                n[0].parse().unwrap(),
+                n[1].parse().unwrap(),
+                n[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rounds.len(), ROUNDS, "{stdout}");
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_after = rss_kb(d.pid());
+    println!(
+        "parallel submissions: {ROUNDS} rounds of 8 x 29 MB; per round (seconds, accepted, refused): {rounds:?}; \
+         daemon RSS {} MiB before, {} MiB after; root: {} jobs, max {:.2} s; {} property reads, max {:.3} s; {:.0} s",
+        rss_before / 1024,
+        rss_after / 1024,
+        lat.jobs.len(),
+        Latencies::max(&lat.jobs),
+        lat.reads.len(),
+        Latencies::max(&lat.reads),
+        t0.elapsed().as_secs_f64()
+    );
+    for (secs, accepted, refused) in &rounds {
+        assert_eq!(accepted + refused, 8, "every submission is answered");
+        assert!(*accepted >= 1, "no submission was accepted");
+        assert!(*secs < 120, "a round took {secs} s");
+    }
+    assert!(
+        Latencies::max(&lat.reads) < 2.0,
+        "root's property reads took up to {:.2} s",
+        Latencies::max(&lat.reads)
+    );
+    assert!(
+        rss_after < rss_before + 200 * 1024,
+        "RSS {rss_before} kB before, {rss_after} kB after {ROUNDS} rounds"
+    );
+}
+
+/// The client side of the test above, run as uid 65534: per round, eight parallel 29 MB
+/// submissions, then the accepted batches cancelled and removed; prints
+/// `HOSTILE round <seconds> <accepted> <refused>`.
+#[test]
+#[ignore = "run as uid 65534 by parallel_large_batch_submissions_are_answered_and_give_their_memory_back"]
+fn hostile_parallel_submissions() {
+    use diffusiond::wire::keys::{Sent, SentDict};
+    let address = std::env::var("SOAK_HOSTILE_BUS").expect("SOAK_HOSTILE_BUS");
+    let rounds: usize = std::env::var("SOAK_HOSTILE_ROUNDS")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let rt = common::tokio_runtime();
+    rt.block_on(async {
+        let conn = zbus::connection::Builder::address(address.as_str())
+            .unwrap()
+            .build()
+            .await
+            .unwrap();
+        let manager = zbus::Proxy::new(&conn, NAME, PATH, MANAGER).await.unwrap();
+        for round in 0..rounds {
+            let t = Instant::now();
+            let calls = (0..8).map(|i| {
+                let manager = manager.clone();
+                tokio::spawn(async move {
+                    let manifest = large_manifest(20_000, 1450, round * 8 + i);
+                    let mut options = SentDict::new();
+                    options.insert("label", Sent::Value(Value::from(format!("r{round}-{i}"))));
+                    let body = (manifest.as_slice(), options);
+                    let call = manager.call::<_, _, OwnedObjectPath>("SubmitBatch", &body);
+                    tokio::time::timeout(Duration::from_secs(120), call).await
+                })
+            });
+            let mut accepted = Vec::new();
+            let mut refused = 0;
+            for call in calls.collect::<Vec<_>>() {
+                match call.await.unwrap() {
+                    Err(_) => panic!("a SubmitBatch got no answer in 120 s"),
+                    Ok(Ok(path)) => accepted.push(path),
+                    Ok(Err(e)) => {
+                        let name = error_name(&e);
+                        assert!(
+                            name.starts_with("io.github.Diffusiond1.Error."),
+                            "{name}: {e}"
+                        );
+                        refused += 1;
+                    }
+                }
+            }
+            println!(
+                "HOSTILE round {} {} {refused}",
+                t.elapsed().as_secs(),
+                accepted.len()
+            );
+            for path in accepted {
+                let batch =
+                    zbus::Proxy::new(&conn, NAME, path.as_str(), "io.github.Diffusiond1.Batch")
+                        .await
+                        .unwrap();
+                batch.call::<_, _, ()>("Cancel", &()).await.unwrap();
+                batch.call::<_, _, ()>("Remove", &()).await.unwrap();
+            }
+        }
+    });
+}

@@ -10,11 +10,13 @@
 //! * `job`: Job objects and what they show;
 //! * `events`: engine events → Job objects, retirement, callers leaving the bus;
 //! * `batch`: Batch objects, and batch events → their properties and signals;
-//! * `callers`: who is calling (credentials from the bus, asked once per connection).
+//! * `callers`: who is calling (credentials from the bus, asked once per connection);
+//! * `intake`: batch submissions read a bounded number at a time.
 
 mod batch;
 mod callers;
 mod events;
+mod intake;
 mod job;
 mod manager;
 

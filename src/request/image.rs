@@ -106,6 +106,23 @@ pub fn header_dimensions(bytes: &[u8]) -> Result<(u32, u32), String> {
     Err(bad("neither a PNG nor a JPEG signature"))
 }
 
+impl PartialEq for ImageInput {
+    fn eq(&self, other: &Self) -> bool {
+        self.sha256 == other.sha256
+    }
+}
+
+impl std::fmt::Debug for ImageInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ImageInput({} bytes, sha256 {})",
+            self.bytes.len(),
+            self.short_hash()
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,22 +194,5 @@ mod tests {
         assert!(header_dimensions(&jpeg[..6]).is_err());
         // A segment length that runs past the end.
         assert!(header_dimensions(&[0xFF, 0xD8, 0xFF, 0xE0, 0xFF, 0xFF]).is_err());
-    }
-}
-
-impl PartialEq for ImageInput {
-    fn eq(&self, other: &Self) -> bool {
-        self.sha256 == other.sha256
-    }
-}
-
-impl std::fmt::Debug for ImageInput {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "ImageInput({} bytes, sha256 {})",
-            self.bytes.len(),
-            self.short_hash()
-        )
     }
 }

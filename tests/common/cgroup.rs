@@ -83,7 +83,7 @@ impl CgroupDaemon {
                     "echo $$ > {}/cgroup.procs && exec \"$0\" --address \"$1\" --config \"$2\"",
                     cgroup.path().display()
                 ))
-                .arg(env!("CARGO_BIN_EXE_diffusiond"))
+                .arg(super::daemon_bin())
                 .arg(bus.address())
                 .arg(config)
                 .env("RUST_LOG", "warn")

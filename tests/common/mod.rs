@@ -133,7 +133,7 @@ impl Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("diffusiond.toml");
         std::fs::write(&config, text).expect("config");
-        let child = Command::new(env!("CARGO_BIN_EXE_diffusiond"))
+        let child = Command::new(daemon_bin())
             .arg("--address")
             .arg(bus.address())
             .arg("--config")
@@ -193,6 +193,13 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
     }
+}
+
+/// The diffusiond binary the tests start: this build's, or `DIFFUSIOND_TEST_DAEMON` (to
+/// measure another build, e.g. before a fix, under the same tests).
+pub fn daemon_bin() -> std::ffi::OsString {
+    std::env::var_os("DIFFUSIOND_TEST_DAEMON")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_diffusiond").into())
 }
 
 /// The daemon config used in tests: the tiny model, one ORT thread, short retention.
