@@ -43,6 +43,8 @@ pub struct Manager {
     priority_gid: Option<u32>,
     /// Durable batches, or why the state directory could not be used.
     batches: Result<Service, String>,
+    /// Batch submissions being read.
+    intake: super::intake::Intake,
 }
 
 impl Manager {
@@ -73,6 +75,7 @@ impl Manager {
             own_uid,
             priority_gid,
             batches,
+            intake: super::intake::Intake::default(),
         }
     }
 
@@ -87,13 +90,9 @@ impl Manager {
         if uid == 0 || Some(uid) == self.own_uid {
             return Ok(());
         }
-        if let (Some(gid), Some(sender)) = (self.priority_gid, header.sender()) {
-            let dbus = zbus::fdo::DBusProxy::new(conn).await?;
-            let creds = dbus
-                .get_connection_credentials(sender.clone().into())
-                .await
-                .map_err(|e| Error::ZBus(e.into()))?;
-            if creds.unix_group_ids().is_some_and(|g| g.contains(&gid)) {
+        if let Some(gid) = self.priority_gid {
+            let creds = super::callers::credentials(conn, header).await?;
+            if creds.groups.is_some_and(|g| g.contains(&gid)) {
                 return Ok(());
             }
         }
@@ -209,7 +208,7 @@ impl Manager {
     #[zbus(out_args("batch"))]
     async fn submit_batch(
         &self,
-        manifest: Vec<u8>,
+        manifest: &[u8],
         options: keys::RawDict<'_>,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
@@ -219,11 +218,16 @@ impl Manager {
         let submission = wire::batch::parse_submission(&options).map_err(Error::InvalidArgument)?;
         let owner = caller_uid(conn, &header).await?;
         let service = self.batches()?;
+        // The manifest is borrowed from the message; it is copied once its turn comes.
+        let ticket = self.intake.enter(owner)?;
+        let turn = ticket.turn().await;
+        let manifest = manifest.to_vec();
         let (id, snapshot) = blocking(move || {
             let (id, _) = service.submit(owner, &manifest, &submission)?;
             Ok((id, service.snapshot(id)?))
         })
         .await?;
+        drop((turn, ticket));
         let path = batch_path(id);
         if server.interface::<_, Batch>(path.as_ref()).await.is_err() {
             server
