@@ -28,8 +28,11 @@ const ATTENTION_COPIES: f64 = 2.5;
 /// How many feature maps of the widest level are alive at once (input, normalised,
 /// convolved, residual, and the allocator's slack).
 const FEATURE_MAPS: f64 = 6.0;
-/// The process with ONNX Runtime loaded and no model: measured at about 55–65 MiB.
-pub const PROCESS_BYTES: u64 = 64 << 20;
+/// The daemon besides the model's weights and a batch's working set: ONNX Runtime, the
+/// bus connection, the worker and async threads' heaps and the sessions' small buffers.
+/// Measured on the daemon (`VmHWM`) at up to 111 MiB at small sizes, where the working set
+/// is a few MiB (docs/memory.md); `diffusionctl generate --local` needs 55–65 MiB.
+pub const PROCESS_BYTES: u64 = 128 << 20;
 
 /// What the estimate needs from `unet/config.json`.
 #[derive(Debug, Default, Deserialize)]

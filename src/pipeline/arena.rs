@@ -6,8 +6,8 @@
 //! (docs/memory.md):
 //!
 //! * after the batch, the arena holds its peak for good: the last UNet step and the VAE
-//!   decode shrink it (its free regions go back to the heap; the worker's `malloc_trim`
-//!   hands them to the system);
+//!   decode (and each VAE encode of an image-to-image batch) shrink it (its free regions
+//!   go back to the heap; the worker's `malloc_trim` hands them to the system);
 //! * a session's first run at a new input shape has no memory pattern yet: ONNX Runtime
 //!   allocates each tensor on its own and records the pattern; the next run takes one block
 //!   of the whole pattern, which the arena cannot carve from the first run's regions, so it
@@ -66,8 +66,11 @@ impl ArenaOptions {
         }
     }
 
-    /// The options for a batch's VAE decode: shrinking when it hands its memory back.
-    pub fn for_decode<'a>(
+    /// The options for a batch's VAE runs (each image's encode for image-to-image, the
+    /// decode): shrinking when the batch hands its memory back, so neither keeps its peak
+    /// and an encode at a new shape does not leave its regions under the next one's
+    /// memory-pattern block.
+    pub fn for_vae<'a>(
         &'a self,
         shrink_after: bool,
         run_options: &'a RunOptions,

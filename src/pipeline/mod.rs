@@ -383,7 +383,7 @@ impl Pipeline {
                         sched.as_ref(),
                         begin,
                         &self.bundle,
-                        run_options,
+                        self.arena.for_vae(shrink_after, run_options),
                     )
                 })?;
                 timings.vae += t0.elapsed();
@@ -638,7 +638,7 @@ impl Pipeline {
         let scale = self.bundle.vae_scaling_factor as f32;
         let shift = self.bundle.vae_shift_factor.unwrap_or(0.0) as f32;
         latents.mapv_inplace(|x| x / scale + shift);
-        let options = self.arena.for_decode(shrink_after, run_options);
+        let options = self.arena.for_vae(shrink_after, run_options);
         let mut decoded = self.vae.decode(latents.view().into_dyn(), options)?;
         if !all_finite(decoded.view())
             && let Some(fp32) = self.vae_fp32.as_mut()
