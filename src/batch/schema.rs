@@ -66,7 +66,8 @@ fn batch_row_bytes() -> String {
 pub fn state_bytes_update(filter: &str) -> String {
     format!(
         "UPDATE batches AS b SET state_bytes = {} + COALESCE((
-             SELECT SUM({ITEM_OVERHEAD} + length(CAST(i.name AS BLOB)) + length(CAST(i.request AS BLOB)))
+             SELECT SUM({ITEM_OVERHEAD} + length(CAST(i.name AS BLOB)) + length(CAST(i.request AS BLOB))
+                        + length(CAST(i.error AS BLOB)))
              FROM items AS i WHERE i.batch = b.id), 0)
          WHERE {filter}",
         batch_row_bytes()
@@ -97,6 +98,7 @@ pub fn prepare(conn: &mut Connection) -> rusqlite::Result<()> {
     if version < VERSION {
         upgrade(conn)?;
     }
+    recount_unfinished(conn)?;
     let auto_vacuum: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
     if auto_vacuum == 0 {
         // A database made before version 1: converted once, which rewrites the file.
@@ -125,15 +127,7 @@ fn upgrade(conn: &mut Connection) -> rusqlite::Result<()> {
     if !has.iter().any(|c| c == "ended_at") {
         tx.execute_batch("ALTER TABLE batches ADD COLUMN ended_at INTEGER")?;
     }
-    tx.execute_batch(
-        "UPDATE batches AS b SET (total, images, done, failed, images_done, images_failed, bytes) = (
-             SELECT COUNT(*), COALESCE(SUM(images), 0),
-                    COALESCE(SUM(state = 'done'), 0), COALESCE(SUM(state = 'failed'), 0),
-                    COALESCE(SUM(CASE WHEN state = 'done' THEN images ELSE 0 END), 0),
-                    COALESCE(SUM(CASE WHEN state = 'failed' THEN images ELSE 0 END), 0),
-                    COALESCE(SUM(bytes), 0)
-             FROM items WHERE items.batch = b.id);",
-    )?;
+    tx.execute_batch(&recount_update("1"))?;
     // Counted first: a cancelled batch's total is the items it had, not those left.
     tx.execute(
         "DELETE FROM items WHERE state = 'pending'
@@ -150,6 +144,33 @@ fn upgrade(conn: &mut Connection) -> rusqlite::Result<()> {
         "CREATE INDEX IF NOT EXISTS batches_owner ON batches(owner, identity);
          PRAGMA user_version = {VERSION};"
     ))?;
+    tx.commit()
+}
+
+/// The SQL that recounts, from their items, the counters of the batches `filter` selects
+/// (a condition on `b`).
+fn recount_update(filter: &str) -> String {
+    format!(
+        "UPDATE batches AS b SET (total, images, done, failed, images_done, images_failed, bytes) = (
+             SELECT COUNT(*), COALESCE(SUM(images), 0),
+                    COALESCE(SUM(state = 'done'), 0), COALESCE(SUM(state = 'failed'), 0),
+                    COALESCE(SUM(CASE WHEN state = 'done' THEN images ELSE 0 END), 0),
+                    COALESCE(SUM(CASE WHEN state = 'failed' THEN images ELSE 0 END), 0),
+                    COALESCE(SUM(bytes), 0)
+             FROM items WHERE items.batch = b.id)
+         WHERE {filter};"
+    )
+}
+
+/// Recounts the unfinished batches (running or paused, or with an item still pending) from
+/// their items, which a resume reads anyway: their counters stay true to the items whatever
+/// changed the file. Other ended batches are not read (one index probe each).
+pub fn recount_unfinished(conn: &Connection) -> rusqlite::Result<()> {
+    const UNFINISHED: &str = "b.state IN ('running', 'paused') OR EXISTS (
+        SELECT 1 FROM items AS p WHERE p.batch = b.id AND p.state = 'pending')";
+    let tx = conn.unchecked_transaction()?;
+    tx.execute_batch(&recount_update(UNFINISHED))?;
+    tx.execute(&state_bytes_update(UNFINISHED), [])?;
     tx.commit()
 }
 

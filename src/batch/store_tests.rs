@@ -354,3 +354,39 @@ fn a_database_of_the_earlier_layout_is_upgraded_and_converted_to_auto_vacuum() {
     drop(store);
     Store::open(&path).unwrap();
 }
+
+#[test]
+fn an_unfinished_batch_is_recounted_from_its_items_when_the_store_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.sqlite");
+    let mut store = Store::open(&path).unwrap();
+    store.create(1, 5, "a", "/out", 1, &items()).unwrap();
+    store.create(2, 5, "b", "/out", 1, &items()).unwrap();
+    for id in [1, 2] {
+        for index in 0..3 {
+            store.mark_done(id, index, 10).unwrap();
+        }
+    }
+    store.set_state(2, BatchState::Succeeded, "").unwrap();
+    let before = store.counts(1).unwrap();
+    // What a crash between an item's files and its "done" leaves, written by hand; and a
+    // change to an ended batch's items, which the open does not read.
+    store
+        .conn
+        .execute_batch(
+            "UPDATE items SET state = 'pending', bytes = 0 WHERE batch = 1 AND idx = 2;
+             UPDATE items SET bytes = 999 WHERE batch = 2;",
+        )
+        .unwrap();
+    let ended = store.counts(2).unwrap();
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    let c = store.counts(1).unwrap();
+    assert_eq!((c.done, c.images_left), (2, 2), "running: recounted");
+    assert_eq!(c.bytes, before.bytes - 10);
+    assert_eq!(
+        store.counts(2).unwrap(),
+        ended,
+        "an ended batch is not read at open"
+    );
+}
