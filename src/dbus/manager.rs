@@ -45,6 +45,8 @@ pub struct Manager {
     batches: Result<Service, String>,
     /// Batch submissions being read.
     intake: super::intake::Intake,
+    /// What `Metrics()` reports ([`Manager::serving_metrics`]).
+    metrics: Option<crate::metrics::source::Source>,
 }
 
 impl Manager {
@@ -76,7 +78,32 @@ impl Manager {
             priority_gid,
             batches,
             intake: super::intake::Intake::default(),
+            metrics: None,
         }
+    }
+
+    /// Serves `Metrics()` from `source`.
+    pub fn serving_metrics(mut self, source: crate::metrics::source::Source) -> Self {
+        self.metrics = Some(source);
+        self
+    }
+
+    /// Root, the service user and members of `jobs.priority_group`: they may ask for a
+    /// priority above 0 and read the metrics.
+    async fn is_trusted(
+        &self,
+        conn: &Connection,
+        header: &Header<'_>,
+        uid: u32,
+    ) -> Result<bool, Error> {
+        if uid == 0 || Some(uid) == self.own_uid {
+            return Ok(true);
+        }
+        if let Some(gid) = self.priority_gid {
+            let creds = super::callers::credentials(conn, header).await?;
+            return Ok(creds.groups.is_some_and(|g| g.contains(&gid)));
+        }
+        Ok(false)
     }
 
     /// A priority above 0 jumps other callers' jobs: only root, the service user and
@@ -87,18 +114,13 @@ impl Manager {
         header: &Header<'_>,
         uid: u32,
     ) -> Result<(), Error> {
-        if uid == 0 || Some(uid) == self.own_uid {
+        if self.is_trusted(conn, header, uid).await? {
             return Ok(());
-        }
-        if let Some(gid) = self.priority_gid {
-            let creds = super::callers::credentials(conn, header).await?;
-            if creds.groups.is_some_and(|g| g.contains(&gid)) {
-                return Ok(());
-            }
         }
         Err(Error::AccessDenied(
             "'priority': above 0 only for root, the service user and members of jobs.priority_group; 0 and below are open to everyone".into(),
-        ))
+        )
+        .refused())
     }
 
     /// The batch service, or why batches are unavailable.
@@ -117,9 +139,15 @@ impl Manager {
         } else {
             Err(Error::AccessDenied(
                 "only root or the service user may load or unload models".into(),
-            ))
+            )
+            .refused())
         }
     }
+}
+
+/// A request key error, counted as a refusal.
+fn refused_argument(message: String) -> Error {
+    Error::InvalidArgument(message).refused()
 }
 
 #[interface(name = "io.github.Diffusiond1.Manager")]
@@ -136,15 +164,16 @@ impl Manager {
     ) -> Result<OwnedObjectPath, Error> {
         expect_args(&header, "Generate", "a{sv}")?;
         let mut incoming =
-            keys::parse(&request, self.limits.max_image_bytes).map_err(Error::InvalidArgument)?;
+            keys::parse(&request, self.limits.max_image_bytes).map_err(refused_argument)?;
         drop(request);
-        let fds = std::mem::take(&mut incoming.image_fds);
-        if !fds.is_empty() {
-            // File reads stay off the async threads.
+        if incoming.has_pending_images() {
+            // File reads and hashing stay off the async threads.
+            let fds = std::mem::take(&mut incoming.image_fds);
+            let bytes = std::mem::take(&mut incoming.image_bytes);
             let max = self.limits.max_image_bytes;
             let mut request = std::mem::take(&mut incoming.request);
             let request = tokio::task::spawn_blocking(move || {
-                crate::wire::images::read_fds(&mut request, fds, max).map(|()| request)
+                crate::wire::images::finish(&mut request, bytes, fds, max).map(|()| request)
             })
             .await
             .map_err(|e| Error::InvalidArgument(e.to_string()))?
@@ -154,7 +183,7 @@ impl Manager {
         let resolved = self.catalog.resolve(&incoming.request, &self.limits)?;
         incoming
             .check_delivery(resolved.num_images)
-            .map_err(Error::InvalidArgument)?;
+            .map_err(refused_argument)?;
         let owner = caller_uid(conn, &header).await?;
         if resolved.priority > 0 {
             self.check_priority(conn, &header, owner).await?;
@@ -266,6 +295,8 @@ impl Manager {
             .entries()
             .map(|(name, entry)| {
                 let bundle = entry.bundle.as_ref().ok();
+                let expires_in = self.engine.expires_in(name);
+                let workers = self.engine.devices().len();
                 ModelInfo {
                     name: name.to_string(),
                     path: entry.path.display().to_string(),
@@ -287,6 +318,11 @@ impl Manager {
                     )
                     .to_string(),
                     error: entry.bundle.as_ref().err().cloned().unwrap_or_default(),
+                    expires_in,
+                    // Every worker's copy, as the metrics count it (an estimate).
+                    memory_bytes: expires_in.map(|_| {
+                        crate::metrics::source::model_memory_bytes(&self.catalog, name, workers)
+                    }),
                 }
             })
             .collect())
@@ -319,6 +355,30 @@ impl Manager {
         expect_args(&header, "UnloadModel", "s")?;
         self.check_admin(conn, &header).await?;
         Ok(self.engine.unload_model(&name)?)
+    }
+
+    /// The daemon's metrics in the Prometheus text format (what `[metrics] textfile`
+    /// holds): for root, the service user and members of `jobs.priority_group` only.
+    #[zbus(out_args("metrics"))]
+    async fn metrics(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<String, Error> {
+        expect_args(&header, "Metrics", "")?;
+        let uid = caller_uid(conn, &header).await?;
+        if !self.is_trusted(conn, &header, uid).await? {
+            return Err(Error::AccessDenied(
+                "the metrics are for root, the service user and members of jobs.priority_group (they tell of every caller's jobs)".into(),
+            )
+            .refused());
+        }
+        match &self.metrics {
+            Some(source) => Ok(source.render().await),
+            None => Err(Error::InvalidArgument(
+                "this daemon serves no metrics".into(),
+            )),
+        }
     }
 
     /// The jobs that exist now.

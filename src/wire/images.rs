@@ -4,6 +4,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use zbus::zvariant::Value;
 
@@ -54,8 +55,8 @@ impl Slot {
 }
 
 /// Reads an `ay` value of at most `max_bytes`: the size is checked before the bytes are
-/// copied out of the message.
-pub fn bytes(key: &str, v: &Field<'_>, max_bytes: usize) -> Result<ImageInput, String> {
+/// copied out of the message (once; [`finish`] hashes them off the async threads).
+pub fn bytes(key: &str, v: &Field<'_>, max_bytes: usize) -> Result<Arc<[u8]>, String> {
     let Field::Bytes(bytes) = v else {
         return Err(super::keys::type_error(key, "ay", v));
     };
@@ -65,7 +66,7 @@ pub fn bytes(key: &str, v: &Field<'_>, max_bytes: usize) -> Result<ImageInput, S
             bytes.len()
         ));
     }
-    Ok(ImageInput::new(*bytes))
+    Ok(Arc::from(*bytes))
 }
 
 /// Writes an image as `ay`.
@@ -82,6 +83,20 @@ pub fn fd(key: &str, v: &Field<'_>) -> Result<OwnedFd, String> {
             .map_err(|e| format!("'{key}': cannot use the file descriptor: {e}")),
         other => Err(super::keys::type_error(key, "h", other)),
     }
+}
+
+/// Puts the images a request sent into it: the byte arrays (hashed here) and the files
+/// sent as descriptors ([`read_fds`]). Blocking: the daemon calls it on a blocking thread.
+pub fn finish(
+    request: &mut GenerateRequest,
+    bytes: Vec<(Slot, Arc<[u8]>)>,
+    fds: Vec<(Slot, OwnedFd)>,
+    max_bytes: usize,
+) -> Result<(), String> {
+    for (slot, bytes) in bytes {
+        *slot.field(request) = Some(ImageInput::new(bytes));
+    }
+    read_fds(request, fds, max_bytes)
 }
 
 /// Reads the images sent as file descriptors into the request: each must be a regular
@@ -111,8 +126,8 @@ pub fn read_fds(
             ));
         }
         // Read straight into the shared buffer the request keeps: one copy of the bytes.
-        let mut buf: std::sync::Arc<[u8]> = std::iter::repeat_n(0u8, len).collect();
-        let dst = std::sync::Arc::get_mut(&mut buf).expect("a new buffer has one owner");
+        let mut buf: Arc<[u8]> = std::iter::repeat_n(0u8, len).collect();
+        let dst = Arc::get_mut(&mut buf).expect("a new buffer has one owner");
         file.read_exact_at(dst, 0)
             .map_err(|e| format!("'{key}': cannot read the file: {e}"))?;
         *slot.field(request) = Some(ImageInput::new(buf));

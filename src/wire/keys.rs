@@ -27,8 +27,19 @@ pub struct Incoming {
     /// Cancel the job when the caller leaves the bus (`cancel_on_disconnect`, default true).
     pub cancel_on_disconnect: bool,
     /// Images sent as file descriptors (`init_image_fd`, `mask_image_fd`), to read with
-    /// [`super::images::read_fds`] before the request is resolved.
+    /// [`super::images::finish`] before the request is resolved.
     pub image_fds: Vec<(Slot, OwnedFd)>,
+    /// Images sent as bytes (`init_image`, `mask_image`), copied out of the message and
+    /// within `limits.max_image_bytes`; [`super::images::finish`] (off the async threads:
+    /// it hashes them) puts them in the request.
+    pub image_bytes: Vec<(Slot, std::sync::Arc<[u8]>)>,
+}
+
+impl Incoming {
+    /// Whether images still have to be read or hashed ([`super::images::finish`]).
+    pub fn has_pending_images(&self) -> bool {
+        !self.image_fds.is_empty() || !self.image_bytes.is_empty()
+    }
 }
 
 impl Incoming {
@@ -76,6 +87,7 @@ impl Parsing {
                 output_fds: Vec::new(),
                 cancel_on_disconnect: true,
                 image_fds: Vec::new(),
+                image_bytes: Vec::new(),
             },
             prompt: false,
             max_image_bytes,
@@ -183,8 +195,8 @@ macro_rules! image_key {
             name: $slot.key(),
             signature: "ay",
             read: |p, v| {
-                *$slot.field(&mut p.incoming.request) =
-                    Some(images::bytes($slot.key(), v, p.max_image_bytes)?);
+                let bytes = images::bytes($slot.key(), v, p.max_image_bytes)?;
+                p.incoming.image_bytes.push(($slot, bytes));
                 Ok(())
             },
             write: |r, d| {
@@ -244,6 +256,7 @@ pub const KEYS: &[Key] = &[
     key!(priority: i32),
     key!(strength: f64),
     key!(prompt_syntax: PromptSyntax),
+    key!(keep_alive: f64),
     image_key!(Slot::Init),
     image_key!(Slot::Mask),
     image_fd_key!(Slot::Init),
@@ -548,6 +561,7 @@ mod tests {
             init_image: None,
             mask_image: None,
             prompt_syntax: Some(PromptSyntax::A1111),
+            keep_alive: Some(30.0),
         };
         let owned = to_owned_dict(&req);
         // Every generation key is written but the images (bytes, never in a property);
@@ -668,7 +682,8 @@ mod tests {
             |raw| parse(&raw, 4096),
         )
         .unwrap();
-        assert_eq!(ok.request.init_image.unwrap().bytes(), &image[..]);
+        assert_eq!(&*ok.image_bytes[0].1, &image[..]);
+        assert_eq!(ok.image_bytes[0].0, Slot::Init);
         // Bytes under any other key are not read, and named.
         let err = parse_pairs(vec![
             ("prompt", Value::from("p")),

@@ -33,6 +33,19 @@ impl PrivateBus {
     /// [`PrivateBus::start`], starting services from `services` (D-Bus activation) and
     /// passing `env` to `dbus-daemon`, whose environment activated services inherit.
     pub fn start_with(services: Option<&Path>, env: &[(&str, &std::ffi::OsStr)]) -> PrivateBus {
+        PrivateBus::start_configured(services, env, "")
+    }
+
+    /// [`PrivateBus::start`] with `<limit>` elements (or other configuration) `extra`.
+    pub fn start_with_limits(extra: &str) -> PrivateBus {
+        PrivateBus::start_configured(None, &[], extra)
+    }
+
+    fn start_configured(
+        services: Option<&Path>,
+        env: &[(&str, &std::ffi::OsStr)],
+        extra: &str,
+    ) -> PrivateBus {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("bus.conf");
         let servicedir = services
@@ -47,7 +60,7 @@ impl PrivateBus {
   <type>session</type>
   <listen>unix:dir={}</listen>
   <auth>EXTERNAL</auth>
-{servicedir}  <policy context="default">
+{servicedir}{extra}  <policy context="default">
     <allow user="*"/>
     <allow send_destination="*" eavesdrop="true"/>
     <allow eavesdrop="true"/>
