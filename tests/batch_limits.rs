@@ -257,3 +257,45 @@ fn labels_are_bounded_and_diffusionctl_escapes_what_the_daemon_sends() {
         assert_eq!(lines, 1, "{args:?}: one line for the batch: {out}");
     }
 }
+
+#[test]
+fn a_running_batch_pauses_once_its_owner_is_past_max_stored_bytes_per_caller() {
+    let s = start("max_stored_bytes_per_caller = 40000", "");
+    common::tokio_runtime().block_on(async {
+        let client = client(&s.bus).await;
+        let lines: String = (0..40)
+            .map(|i| {
+                format!(r#"{{"prompt":"bytes {i}","seed":{i},"steps":2,"width":64,"height":64}}"#)
+                    + "\n"
+            })
+            .collect();
+        let path = client
+            .submit_batch(lines.as_bytes(), &submission("/out"))
+            .await
+            .unwrap();
+        wait_state(&client, &path, "paused").await;
+        let info = client.batch_info(&path).await.unwrap();
+        assert!(
+            info.error
+                .contains("past limits.max_stored_bytes_per_caller = 40000"),
+            "{}",
+            info.error
+        );
+        assert!(
+            info.done > 0 && info.done < 40,
+            "{} items done before the pause",
+            info.done
+        );
+        assert!(info.disk_bytes > 40_000, "{}", info.disk_bytes);
+        let e = client
+            .submit_batch(&manifest("more", 2), &submission("/out"))
+            .await
+            .unwrap_err();
+        let (name, message) = daemon_error(&e);
+        assert_eq!(name, "QueueFull");
+        assert!(
+            message.contains("limits.max_stored_bytes_per_caller = 40000"),
+            "{message}"
+        );
+    });
+}

@@ -238,6 +238,8 @@ pub fn run(
         control: &run_control,
         // About two UNet batches per worker, so every worker has a batch to take.
         window: 2 * settings.jobs.max_batch_images.max(1) * engine.devices().len(),
+        // The folder is the caller's own.
+        stored_bytes_limit: u64::MAX,
     };
     let started = std::time::Instant::now();
     let end = runner.run(LOCAL_ID, own_uid(), resumed);

@@ -125,6 +125,9 @@ pub struct Runner<'a> {
     pub control: &'a Control,
     /// Images in the engine at once (about two UNet batches per worker).
     pub window: usize,
+    /// Bytes the owner's stored batches may take (`limits.max_stored_bytes_per_caller`;
+    /// `u64::MAX`: no bound): past it the batch pauses, saying so.
+    pub stored_bytes_limit: u64,
 }
 
 /// An item ready to submit.
@@ -215,7 +218,7 @@ impl Runner<'_> {
         let (tx, rx) = std::sync::mpsc::channel();
         let mut in_flight: HashMap<JobId, (PendingItem, usize, Vec<bool>)> = HashMap::new();
         let mut images_in_flight = 0usize;
-        let mut paused: Option<String> = None;
+        let mut paused: Option<String> = self.over_quota(owner)?;
         let mut stopped = false;
         loop {
             while paused.is_none() && !stopped && !self.control.halted() {
@@ -299,6 +302,9 @@ impl Runner<'_> {
                             self.store().mark_done(id, item.index, bytes)?;
                             let p = tally.done(images, bytes);
                             self.observer.item_finished(id, &item.name, None, &p);
+                            if paused.is_none() {
+                                paused = self.over_quota(owner)?;
+                            }
                         }
                     }
                 }
@@ -336,6 +342,21 @@ impl Runner<'_> {
             End::Finished(state)
         };
         Ok(end)
+    }
+
+    /// Why the batch must pause for its owner's stored bytes, if it must.
+    fn over_quota(&self, owner: u32) -> Result<Option<String>, StoreError> {
+        if self.stored_bytes_limit == u64::MAX {
+            return Ok(None);
+        }
+        let used = self.store().usage(owner)?.bytes;
+        Ok((used > self.stored_bytes_limit).then(|| {
+            format!(
+                "your batches take {used} bytes of the daemon's state, past limits.max_stored_bytes_per_caller = {}; \
+                 remove batches you no longer need (diffusionctl batch remove N), then resume this one",
+                self.stored_bytes_limit
+            )
+        }))
     }
 }
 

@@ -472,6 +472,7 @@ impl Service {
                     observer: &observer,
                     control,
                     window: self.inner.settings.window,
+                    stored_bytes_limit: self.inner.settings.quota.bytes,
                 };
                 let end = runner.run(id, owner, resumed);
                 output.close();
