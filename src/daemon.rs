@@ -251,7 +251,18 @@ pub async fn run(
         None => tracing::warn!("no memory budget: requests are not checked against memory"),
     }
     let limits = settings.limits.clone();
-    let catalog = tokio::task::spawn_blocking(move || Catalog::open(models, default, &limits))
+    // Model hashes are cached in the state directory, so a restart reads no graph again.
+    let hashes = crate::config::state_dir(
+        settings.jobs.state_dir.as_deref(),
+        matches!(bus, Bus::System),
+        |k| std::env::var(k).ok(),
+    );
+    let catalog = tokio::task::spawn_blocking(move || {
+        let hashes = hashes.map_or_else(crate::model::hash::HashCache::in_memory, |dir| {
+            crate::model::hash::HashCache::in_dir(&dir)
+        });
+        Catalog::open_cached(models, default, &limits, &hashes)
+    })
         .await
         .map(Arc::new)
         .map_err(|e| DaemonError::Start(e.to_string()))?;

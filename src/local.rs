@@ -1,5 +1,6 @@
 //! In-process generation for `diffusionctl generate --local`: the model folder opened,
-//! the request resolved by the same step as the daemon's, the pipeline run here.
+//! its model hash computed (cached in the user's state directory), the request resolved
+//! by the same step as the daemon's, the pipeline run here.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,7 +22,9 @@ pub fn generate(
     request: &GenerateRequest,
     latents: Option<ArrayD<f32>>,
 ) -> Result<Vec<Vec<u8>>, PipelineError> {
-    let bundle = Arc::new(ModelBundle::open(model_dir)?);
+    let hashes = crate::model::hash::HashCache::for_user();
+    let bundle = Arc::new(ModelBundle::open(model_dir)?.hashed(&hashes)?);
+    hashes.save();
     let name = model_dir.display().to_string();
     let model = ModelRef {
         name: &name,
@@ -31,7 +34,7 @@ pub fn generate(
     let resolved = request::resolve(request, model, &Limits::unbounded(), request::random_seed)?
         .with_latents(latents, &bundle)?;
     let runtime = Runtime::init(settings)?;
-    let mut pipeline = Pipeline::from_bundle(&runtime, bundle)?;
+    let mut pipeline = Pipeline::from_bundle(&runtime, bundle.clone())?;
     let run_options = ort::session::RunOptions::new().map_err(|e| PipelineError::Inference {
         component: "runtime".into(),
         message: e.to_string(),
@@ -39,11 +42,17 @@ pub fn generate(
     let generation = pipeline
         .run(&[&resolved], &run_options, &mut |_, _| true)?
         .remove(0);
-    let text = resolved.png_parameters(runtime.version());
+    let provider = crate::jobs::backend::execution_provider(&runtime);
+    let provenance = request::Provenance {
+        ort_version: runtime.version(),
+        model_hash: bundle.short_hash(),
+        execution_provider: &provider,
+    };
     generation
         .images
         .iter()
-        .map(|img| image::encode_png(&img.rgb, &text))
+        .enumerate()
+        .map(|(i, img)| image::encode_png(&img.rgb, &resolved.png_parameters(&provenance, i)))
         .collect()
 }
 

@@ -147,7 +147,8 @@ pub fn run(
         defaults: ModelDefaults::NONE,
     };
     let limits = Limits::unbounded();
-    let catalog = Arc::new(Catalog::open([spec], Some(name), &limits));
+    let hashes = crate::model::hash::HashCache::for_user();
+    let catalog = Arc::new(Catalog::open_cached([spec], Some(name), &limits, &hashes));
     let manifest: Manifest = read_checked(&batch.manifest, &options, &catalog, &limits)?;
     std::fs::create_dir_all(state.parent().unwrap_or(&batch.output_dir)).map_err(|e| {
         io(

@@ -31,6 +31,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// The ONNX Runtime version, for PNG metadata.
     fn runtime_version(&self) -> &str;
+
+    /// The execution provider sessions run on first (`cpu`, `cuda`, `tensorrt`), for PNG
+    /// metadata.
+    fn execution_provider(&self) -> &str {
+        "unknown"
+    }
 }
 
 /// A loaded model.
@@ -97,6 +103,7 @@ impl RunControl {
 pub struct OrtBackend {
     runtimes: Vec<Runtime>,
     version: String,
+    provider: String,
 }
 
 impl OrtBackend {
@@ -106,6 +113,7 @@ impl OrtBackend {
         OrtBackend {
             runtimes: runtime.workers(),
             version,
+            provider: execution_provider(runtime),
         }
     }
 }
@@ -145,6 +153,19 @@ impl Backend for OrtBackend {
     fn runtime_version(&self) -> &str {
         &self.version
     }
+
+    fn execution_provider(&self) -> &str {
+        &self.provider
+    }
+}
+
+/// The provider a runtime's sessions try first (every worker has the same list), as PNG
+/// metadata names it: `cpu`, `cuda`, `tensorrt`.
+pub fn execution_provider(runtime: &Runtime) -> String {
+    runtime
+        .providers()
+        .first()
+        .map_or_else(|| "cpu".to_string(), ToString::to_string)
 }
 
 impl Model for Pipeline {

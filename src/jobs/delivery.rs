@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::{Engine, Event, Failure, JobId, JobOutput, Outcome, QueuedJob};
 use crate::pipeline::{Generation, image};
+use crate::request::Provenance;
 
 impl Engine {
     /// Encodes a job's PNGs (with the `parameters` chunk).
@@ -21,11 +22,20 @@ impl Engine {
     ) -> Outcome {
         let _png = tracing::debug_span!("png", job = job.id).entered();
         let t0 = Instant::now();
-        let text = job
-            .request
-            .png_parameters(self.shared.backend.runtime_version());
+        let model_hash = self
+            .shared
+            .catalog
+            .get(&job.request.model)
+            .and_then(|e| e.bundle.as_ref().ok())
+            .and_then(|b| b.short_hash().map(str::to_string));
+        let provenance = Provenance {
+            ort_version: self.shared.backend.runtime_version(),
+            model_hash: model_hash.as_deref(),
+            execution_provider: self.shared.backend.execution_provider(),
+        };
         let mut pngs = Vec::with_capacity(g.images.len());
-        for img in &g.images {
+        for (i, img) in g.images.iter().enumerate() {
+            let text = job.request.png_parameters(&provenance, i);
             match image::encode_png(&img.rgb, &text) {
                 Ok(bytes) => pngs.push(bytes),
                 Err(e) => return Outcome::Failed(Failure::Output(e.to_string())),

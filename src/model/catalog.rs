@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::ModelBundle;
+use super::hash::HashCache;
 use crate::request::{
     self, GenerateRequest, Limits, ModelDefaults, ModelRef, RequestError, ResolvedRequest,
 };
@@ -41,19 +42,31 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Opens every model folder (file I/O: call it off async threads). A folder that
-    /// fails to open is kept with its error, so requests for it say why; so is one whose
-    /// configured defaults a request could not use (checked by resolving an empty request
-    /// against `limits`).
+    /// [`Catalog::open_cached`] with a model hash cache in memory only.
     pub fn open(
         models: impl IntoIterator<Item = ModelSpec>,
         default: Option<String>,
         limits: &Limits,
     ) -> Catalog {
+        Catalog::open_cached(models, default, limits, &HashCache::in_memory())
+    }
+
+    /// Opens every model folder and computes its model hash (file I/O: call it off async
+    /// threads), each file's digest from `hashes` when unchanged (the cache is saved
+    /// after). A folder that fails to open is kept with its error, so requests for it say
+    /// why; so is one whose configured defaults a request could not use (checked by
+    /// resolving an empty request against `limits`).
+    pub fn open_cached(
+        models: impl IntoIterator<Item = ModelSpec>,
+        default: Option<String>,
+        limits: &Limits,
+        hashes: &HashCache,
+    ) -> Catalog {
         let entries = models
             .into_iter()
             .map(|m| {
                 let bundle = ModelBundle::open(&m.path)
+                    .and_then(|b| b.hashed(hashes))
                     .map(Arc::new)
                     .map_err(|e| e.to_string())
                     .and_then(|b| {
@@ -89,6 +102,7 @@ impl Catalog {
                 (m.name, entry)
             })
             .collect();
+        hashes.save();
         Catalog::from_entries(entries, default)
     }
 

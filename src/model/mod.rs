@@ -14,6 +14,7 @@
 
 mod catalog;
 pub mod graph_inputs;
+pub mod hash;
 pub mod memory;
 pub mod safety;
 pub mod signature;
@@ -154,6 +155,9 @@ pub struct ModelBundle {
     /// (`vae_decoder_fp32/model.onnx`): latents the main decoder turns into non-finite
     /// values (fp16 overflow) are decoded again with it.
     pub has_vae_decoder_fp32: bool,
+    /// The folder's [`hash::ModelHash`] (64 hex digits), once [`ModelBundle::hashed`]
+    /// computed it (the catalog and `--local` do); `None` before.
+    pub model_hash: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -258,9 +262,33 @@ impl ModelBundle {
             time_cond_proj_dim: unet.time_cond_proj_dim,
             has_vae_encoder: dir.join("vae_encoder/model.onnx").is_file(),
             has_vae_decoder_fp32: dir.join("vae_decoder_fp32/model.onnx").is_file(),
+            model_hash: None,
         };
         bundle.check_files()?;
         Ok(bundle)
+    }
+
+    /// The bundle with its model hash computed ([`hash::model_hash`]: file I/O, call it
+    /// off async threads), each file's digest taken from `cache` when the file is
+    /// unchanged. The caller saves the cache.
+    pub fn hashed(mut self, cache: &hash::HashCache) -> Result<ModelBundle, ModelError> {
+        let h = hash::model_hash(&self.dir, cache)?;
+        if h.bytes_read > 0 {
+            tracing::info!(
+                folder = %self.dir.display(),
+                files = h.files,
+                bytes = h.bytes_read,
+                model_hash = h.short(),
+                "model folder hashed"
+            );
+        }
+        self.model_hash = Some(h.hex);
+        Ok(self)
+    }
+
+    /// The first 10 hex digits of the model hash (the PNG's `Model hash`), if computed.
+    pub fn short_hash(&self) -> Option<&str> {
+        self.model_hash.as_deref().map(|h| &h[..10.min(h.len())])
     }
 
     /// Checks that every graph the pipeline loads exists and that its external data is
@@ -404,6 +432,7 @@ pub(crate) fn test_bundle() -> ModelBundle {
         time_cond_proj_dim: None,
         has_vae_encoder: true,
         has_vae_decoder_fp32: false,
+        model_hash: None,
     }
 }
 

@@ -11,11 +11,13 @@
 //! benchmarks write it); [`crate::pipeline::Pipeline::generate`] resolves it the same way.
 
 mod image;
+pub mod infotext;
 mod limits;
 mod params;
 mod resolve;
 
 pub use image::{ImageInput, header_dimensions};
+pub use infotext::{Provenance, Receipt};
 pub use limits::{DEFAULT_MAX_GUIDANCE_SCALE, Limits};
 pub use params::GenerateParams;
 pub use resolve::{

@@ -203,38 +203,10 @@ impl ResolvedRequest {
         }
     }
 
-    /// The `parameters` text stored in PNGs.
-    pub fn png_parameters(&self, ort_version: &str) -> String {
-        let mut edit = String::new();
-        if let Some(e) = &self.edit {
-            edit = format!(
-                ", Denoising strength: {}, Init image hash: {}",
-                short_float(e.strength),
-                e.init.short_hash()
-            );
-            if let Some(m) = &e.mask {
-                edit.push_str(&format!(", Mask hash: {}", m.short_hash()));
-            }
-        }
-        format!(
-            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Guidance rescale: {}, Seed: {}, RNG: {}, Size: {}x{}, Mode: {}{}, Prompt syntax: {}, Model: {}, ONNX Runtime: {}, diffusiond: {}",
-            self.prompt,
-            self.negative_prompt.as_deref().unwrap_or(""),
-            self.steps,
-            self.scheduler,
-            short_float(self.guidance_scale),
-            short_float(self.guidance_rescale),
-            self.seed,
-            self.rng,
-            self.width,
-            self.height,
-            self.mode().as_str(),
-            edit,
-            self.prompt_syntax,
-            self.model,
-            ort_version,
-            crate::VERSION
-        )
+    /// The `parameters` text stored in image `image` (0-based) of this request's PNGs
+    /// ([`super::infotext::format`]; [`super::infotext::parse`] reads it back).
+    pub fn png_parameters(&self, provenance: &super::Provenance<'_>, image: usize) -> String {
+        super::infotext::format(self, provenance, image)
     }
 }
 

@@ -1,11 +1,13 @@
 //! diffusionctl: the command-line client of diffusiond. The library's `client` module
 //! does the D-Bus work; this binary parses flags, shows progress and tables
 //! ([`progress`], [`output`]) and names the output files. `generate --local` runs the
-//! pipeline in-process (`diffusiond::local`); [`batch`] runs manifests.
+//! pipeline in-process (`diffusiond::local`); [`batch`] runs manifests; [`verify`]
+//! generates an image again from its `parameters` chunk.
 
 mod batch;
 mod output;
 mod progress;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +46,9 @@ enum Command {
     /// Generate a manifest of requests into a folder, resumably (`batch MANIFEST
     /// --output-dir DIR`), or show, list or cancel daemon batches.
     Batch(Box<batch::BatchArgs>),
+    /// Generate an image again from its `parameters` chunk and compare: identical,
+    /// within N levels, or different.
+    Verify(Box<verify::VerifyArgs>),
 }
 
 /// Which bus the daemon is on (at most one).
@@ -245,6 +250,7 @@ fn main() -> ExitCode {
         Command::Cancel(args) => daemon(&args.bus.bus(), |c| cancel(c, args.job)),
         Command::Wait(args) => daemon(&args.bus.bus(), |c| wait(c, args.job, args.output)),
         Command::Batch(args) => batch::run(*args),
+        Command::Verify(args) => verify::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,340 @@
+//! The PNG `parameters` text (AUTOMATIC1111's "infotext"), both ways: [`format`] writes
+//! it from a resolved request and where the image was made ([`Provenance`]); [`parse`]
+//! reads it back into a [`Receipt`] whose request, run again, makes the same image
+//! (`diffusionctl verify`). Pure: no file, no clock.
+//!
+//! Layout, as AUTOMATIC1111 writes it:
+//!
+//! ```text
+//! PROMPT (any number of lines)
+//! Negative prompt: NEGATIVE (any number of lines; the line is left out when there is none)
+//! Steps: 20, Sampler: pndm, CFG scale: 7.5, ..., diffusiond: 0.1.0
+//! ```
+//!
+//! The last line holds `Key: value` pairs separated by `, `. A value with a `,`, `:`, `"`,
+//! a line break, or space at either end, or an empty one, is written as a JSON string
+//! (as AUTOMATIC1111 quotes them). Limit: a prompt with a line that starts with
+//! `Negative prompt: ` cannot be told apart from a negative prompt (the first such line
+//! starts the negative prompt).
+
+use sha2::{Digest, Sha256};
+
+use super::{GenerateRequest, Mode, ResolvedRequest, short_float};
+use crate::prompt_syntax::PromptSyntax;
+use crate::rng::RngKind;
+
+/// Where and with what an image was made, beyond its request.
+#[derive(Debug, Clone, Copy)]
+pub struct Provenance<'a> {
+    /// ONNX Runtime's version (`ONNX Runtime`).
+    pub ort_version: &'a str,
+    /// The first 10 hex digits of the model hash (`Model hash`), when computed.
+    pub model_hash: Option<&'a str>,
+    /// The execution provider the UNet ran on (`Execution provider`: `cpu`, `cuda`,
+    /// `tensorrt`).
+    pub execution_provider: &'a str,
+}
+
+/// Why a `parameters` text cannot be read back. Each message names the key.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InfotextError {
+    /// No settings line (the text has a single line).
+    #[error("no settings line (the last line, 'Steps: ..., Sampler: ...')")]
+    NoSettings,
+    /// The settings line does not split into `Key: value` pairs.
+    #[error("the settings line cannot be read at '{at}'")]
+    Syntax {
+        /// The text from where reading stopped (cut short).
+        at: String,
+    },
+    /// A key diffusiond always writes is missing.
+    #[error("'{0}' is missing")]
+    Missing(&'static str),
+    /// A value does not parse.
+    #[error("'{key}': '{value}' {message}")]
+    Value {
+        /// The key.
+        key: &'static str,
+        /// The value as written.
+        value: String,
+        /// What was expected.
+        message: String,
+    },
+}
+
+/// What a `parameters` text says: the request to run again and what to check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Receipt {
+    /// The request: every key that decides the pixels (the model by the name it had;
+    /// no init image or mask: the caller gives them again, checked against the hashes).
+    /// `width`/`height` are left out for image-to-image and inpainting, whose size comes
+    /// from the init image.
+    pub request: GenerateRequest,
+    /// Text to image, image to image or inpainting.
+    pub mode: Mode,
+    /// The image's size.
+    pub size: (u32, u32),
+    /// The init image's hash (first 10 hex digits of its SHA-256).
+    pub init_image_hash: Option<String>,
+    /// The mask's hash.
+    pub mask_hash: Option<String>,
+    /// The hash of initial latents given instead of the seed's draw (`--latents`).
+    pub latents_hash: Option<String>,
+    /// The model hash (10 hex digits), when recorded.
+    pub model_hash: Option<String>,
+    /// The model's name (the configured name, or the folder with `--local`).
+    pub model: String,
+    /// The execution provider, when recorded.
+    pub execution_provider: Option<String>,
+    /// The ONNX Runtime version, when recorded.
+    pub onnx_runtime: Option<String>,
+    /// The diffusiond version that made it.
+    pub diffusiond: String,
+    /// The image's index among the request's `num_images` (`Batch pos`).
+    pub batch_pos: usize,
+}
+
+const NEGATIVE: &str = "Negative prompt: ";
+
+/// The `parameters` text of image `image` (0-based) of `r`.
+pub fn format(r: &ResolvedRequest, p: &Provenance<'_>, image: usize) -> String {
+    let mut pairs: Vec<(&str, String)> = vec![
+        ("Steps", r.steps.to_string()),
+        ("Sampler", r.scheduler.to_string()),
+        ("CFG scale", short_float(r.guidance_scale)),
+        ("Guidance rescale", short_float(r.guidance_rescale)),
+        ("Seed", r.seed.to_string()),
+        ("RNG", r.rng.to_string()),
+        ("Size", format!("{}x{}", r.width, r.height)),
+        ("Mode", r.mode().as_str().to_string()),
+    ];
+    if let Some(e) = &r.edit {
+        pairs.push(("Denoising strength", short_float(e.strength)));
+        pairs.push(("Init image hash", e.init.short_hash()));
+        if let Some(m) = &e.mask {
+            pairs.push(("Mask hash", m.short_hash()));
+        }
+    }
+    if let Some(l) = &r.latents {
+        pairs.push(("Latents hash", latents_hash(l)));
+    }
+    if r.num_images > 1 {
+        pairs.push(("Batch size", r.num_images.to_string()));
+        pairs.push(("Batch pos", image.to_string()));
+    }
+    pairs.push(("Prompt syntax", r.prompt_syntax.to_string()));
+    if let Some(h) = p.model_hash {
+        pairs.push(("Model hash", h.to_string()));
+    }
+    pairs.push(("Model", r.model.clone()));
+    pairs.push(("ONNX Runtime", p.ort_version.to_string()));
+    pairs.push(("Execution provider", p.execution_provider.to_string()));
+    pairs.push(("diffusiond", crate::VERSION.to_string()));
+    let settings: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}: {}", quote(v)))
+        .collect();
+    let mut text = r.prompt.clone();
+    if let Some(n) = &r.negative_prompt {
+        text.push('\n');
+        text.push_str(NEGATIVE);
+        text.push_str(n);
+    }
+    text.push('\n');
+    text.push_str(&settings.join(", "));
+    text
+}
+
+/// The first 10 hex digits of the SHA-256 over latents' shape (each dimension as a
+/// little-endian u64) and values (little-endian f32).
+pub fn latents_hash(latents: &ndarray::ArrayD<f32>) -> String {
+    let mut h = Sha256::new();
+    for d in latents.shape() {
+        h.update((*d as u64).to_le_bytes());
+    }
+    for v in latents.iter() {
+        h.update(v.to_le_bytes());
+    }
+    h.finalize()[..5]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A settings value as written: quoted as a JSON string when it would not read back.
+fn quote(v: &str) -> String {
+    let plain = !v.is_empty()
+        && v.trim() == v
+        && !v.contains([',', ':', '"', '\n', '\r'])
+        && !v.starts_with('"');
+    if plain {
+        v.to_string()
+    } else {
+        serde_json::Value::String(v.to_string()).to_string()
+    }
+}
+
+/// The settings line split into `(key, value)` pairs, quoted values unquoted.
+fn settings_pairs(line: &str) -> Result<Vec<(String, String)>, InfotextError> {
+    let syntax = |rest: &str| InfotextError::Syntax {
+        at: rest.chars().take(40).collect(),
+    };
+    let mut pairs = Vec::new();
+    let mut rest = line.trim_end();
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once(": ").ok_or_else(|| syntax(rest))?;
+        if key.is_empty() || key.contains(',') {
+            return Err(syntax(rest));
+        }
+        let (value, after) = if after.starts_with('"') {
+            let end = json_string_end(after).ok_or_else(|| syntax(rest))?;
+            let value: String = serde_json::from_str(&after[..end]).map_err(|_| syntax(rest))?;
+            (value, &after[end..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (after[..end].to_string(), &after[end..])
+        };
+        pairs.push((key.to_string(), value));
+        rest = match after.strip_prefix(',') {
+            Some(r) => r.strip_prefix(' ').unwrap_or(r),
+            None if after.is_empty() => after,
+            None => return Err(syntax(after)),
+        };
+    }
+    Ok(pairs)
+}
+
+/// The byte length of the JSON string at the start of `s` (quotes included).
+fn json_string_end(s: &str) -> Option<usize> {
+    let mut escaped = false;
+    for (i, c) in s.char_indices().skip(1) {
+        match (escaped, c) {
+            (true, _) => escaped = false,
+            (false, '\\') => escaped = true,
+            (false, '"') => return Some(i + 1),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Reads a `parameters` text back (the inverse of [`format`]).
+pub fn parse(text: &str) -> Result<Receipt, InfotextError> {
+    let (head, line) = text.rsplit_once('\n').ok_or(InfotextError::NoSettings)?;
+    let (prompt, negative) = if let Some(at) = head.find(&format!("\n{NEGATIVE}")) {
+        (
+            head[..at].to_string(),
+            Some(head[at + 1 + NEGATIVE.len()..].to_string()),
+        )
+    } else {
+        (head.to_string(), None)
+    };
+    let pairs = settings_pairs(line)?;
+    let get = |key: &'static str| -> Option<&str> {
+        pairs
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    let need = |key: &'static str| get(key).ok_or(InfotextError::Missing(key));
+    fn value<T: std::str::FromStr>(
+        key: &'static str,
+        v: &str,
+        what: &str,
+    ) -> Result<T, InfotextError> {
+        v.parse().map_err(|_| InfotextError::Value {
+            key,
+            value: v.chars().take(40).collect(),
+            message: format!("is not {what}"),
+        })
+    }
+    let diffusiond = need("diffusiond")?.to_string();
+    let steps: u32 = value("Steps", need("Steps")?, "a step count")?;
+    let scheduler = need("Sampler")?.to_string();
+    let guidance: f64 = value("CFG scale", need("CFG scale")?, "a number")?;
+    let rescale: f64 = match get("Guidance rescale") {
+        Some(v) => value("Guidance rescale", v, "a number")?,
+        None => 0.0,
+    };
+    let seed: u64 = value("Seed", need("Seed")?, "a seed")?;
+    let rng: RngKind = match get("RNG") {
+        Some(v) => value("RNG", v, "torch or numpy")?,
+        None => RngKind::default(),
+    };
+    let size = need("Size")?;
+    let (w, h) = size
+        .split_once('x')
+        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+        .ok_or_else(|| InfotextError::Value {
+            key: "Size",
+            value: size.chars().take(40).collect(),
+            message: "is not WIDTHxHEIGHT".into(),
+        })?;
+    let mode = match get("Mode").unwrap_or("txt2img") {
+        "txt2img" => Mode::Txt2Img,
+        "img2img" => Mode::Img2Img,
+        "inpaint" => Mode::Inpaint,
+        other => {
+            return Err(InfotextError::Value {
+                key: "Mode",
+                value: other.chars().take(40).collect(),
+                message: "is not txt2img, img2img or inpaint".into(),
+            });
+        }
+    };
+    let strength: Option<f64> = match get("Denoising strength") {
+        Some(v) => Some(value("Denoising strength", v, "a number")?),
+        None => None,
+    };
+    let batch_size: u32 = match get("Batch size") {
+        Some(v) => value("Batch size", v, "an image count")?,
+        None => 1,
+    };
+    let batch_pos: usize = match get("Batch pos") {
+        Some(v) => value("Batch pos", v, "an image index")?,
+        None => 0,
+    };
+    let prompt_syntax: PromptSyntax = match get("Prompt syntax") {
+        Some(v) => value("Prompt syntax", v, "diffusers or a1111")?,
+        None => PromptSyntax::default(),
+    };
+    let model = need("Model")?.to_string();
+    let owned = |key| get(key).map(str::to_string);
+    let edit = mode != Mode::Txt2Img;
+    let request = GenerateRequest {
+        prompt,
+        negative_prompt: negative,
+        model: Some(model.clone()),
+        width: (!edit).then_some(w),
+        height: (!edit).then_some(h),
+        steps: Some(steps),
+        guidance_scale: Some(guidance),
+        guidance_rescale: Some(rescale),
+        seed: Some(seed),
+        rng: Some(rng),
+        scheduler: Some(scheduler),
+        num_images: Some(batch_size),
+        strength,
+        prompt_syntax: Some(prompt_syntax),
+        ..GenerateRequest::default()
+    };
+    Ok(Receipt {
+        request,
+        mode,
+        size: (w, h),
+        init_image_hash: owned("Init image hash"),
+        mask_hash: owned("Mask hash"),
+        latents_hash: owned("Latents hash"),
+        model_hash: owned("Model hash"),
+        model,
+        execution_provider: owned("Execution provider"),
+        onnx_runtime: owned("ONNX Runtime"),
+        diffusiond,
+        batch_pos,
+    })
+}
+
+#[cfg(test)]
+#[path = "infotext_tests.rs"]
+mod tests;
