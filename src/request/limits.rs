@@ -33,7 +33,8 @@ pub struct Limits {
     /// on `Remove`).
     pub max_stored_batches_per_caller: usize,
     /// Most bytes one caller's stored batches may take in the state directory (images
-    /// plus their rows in the database), checked when a batch is submitted.
+    /// plus their rows in the database): past it no batch is accepted, and a running one
+    /// pauses after its current items.
     pub max_stored_bytes_per_caller: u64,
     /// Most 75-token chunks an AUTOMATIC1111-syntax prompt (or its negative) may take on
     /// any text encoder: each chunk lengthens the text conditioning every UNet step
