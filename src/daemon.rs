@@ -222,7 +222,7 @@ pub async fn run(
     let watchdog = spawn_watchdog();
     notify(&[sd_notify::NotifyState::Status("loading ONNX Runtime")]);
     let runtime = Arc::new(Runtime::init(settings.engine_runtime())?);
-    let providers = runtime.providers().iter().map(|p| p.to_string()).collect();
+    let providers: Vec<String> = runtime.providers().iter().map(|p| p.to_string()).collect();
     notify(&[sd_notify::NotifyState::Status("opening the model folders")]);
     // Each folder is read and checked once, off the async threads; requests are resolved
     // against this catalog without touching the disk.
@@ -263,9 +263,9 @@ pub async fn run(
         });
         Catalog::open_cached(models, default, &limits, &hashes)
     })
-        .await
-        .map(Arc::new)
-        .map_err(|e| DaemonError::Start(e.to_string()))?;
+    .await
+    .map(Arc::new)
+    .map_err(|e| DaemonError::Start(e.to_string()))?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let backend = Arc::new(OrtBackend::new(&runtime));
     let budget = settings.limits.budget();
@@ -276,6 +276,13 @@ pub async fn run(
     let (batch_tx, batch_rx) = tokio::sync::mpsc::unbounded_channel();
     let batches = open_batches(&settings, &bus, &engine, &catalog, batch_tx).await;
     let registry = Registry::default();
+    let metrics = crate::metrics::source::Source {
+        engine: engine.clone(),
+        catalog: catalog.clone(),
+        memory_budget: budget,
+        providers: providers.clone(),
+        batches: batches.clone().ok(),
+    };
     let manager = Manager::new(
         engine.clone(),
         catalog,
@@ -287,7 +294,8 @@ pub async fn run(
         },
         priority_gid,
         batches.clone(),
-    );
+    )
+    .serving_metrics(metrics.clone());
     notify(&[sd_notify::NotifyState::Status("taking the bus name")]);
     let conn = connect(&bus, manager).await?;
     let tensorrt = runtime.providers().contains(&ProviderKind::Tensorrt);
@@ -310,6 +318,15 @@ pub async fn run(
         sd_notify::NotifyState::Status(&serving_status(&[], tensorrt)),
     ]);
     let status = tokio::spawn(report_loads(engine.loads(), tensorrt));
+    let textfile = settings.metrics.textfile.clone();
+    let metrics_writer = textfile.clone().map(|path| {
+        let every = Duration::from_secs(settings.metrics.interval_secs);
+        tokio::spawn(crate::metrics::textfile::every(
+            metrics.clone(),
+            path,
+            every,
+        ))
+    });
 
     tokio::select! {
         () = shutdown => tracing::info!("shutting down"),
@@ -338,6 +355,14 @@ pub async fn run(
     })
     .await;
     engine.flush_events().await;
+    if let Some(writer) = metrics_writer {
+        writer.abort();
+    }
+    if let Some(path) = &textfile
+        && let Err(e) = crate::metrics::textfile::write(&metrics, path).await
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the metrics file at exit");
+    }
     status.abort();
     watcher.abort();
     pump.abort();

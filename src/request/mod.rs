@@ -12,12 +12,14 @@
 
 mod image;
 pub mod infotext;
+mod keep_alive;
 mod limits;
 mod params;
 mod resolve;
 
 pub use image::{ImageInput, header_dimensions};
 pub use infotext::{Provenance, Receipt};
+pub use keep_alive::KeepAlive;
 pub use limits::{DEFAULT_MAX_GUIDANCE_SCALE, Limits};
 pub use params::GenerateParams;
 pub use resolve::{
@@ -88,6 +90,9 @@ pub struct GenerateRequest {
     pub strength: Option<f64>,
     /// How the prompt text is read (diffusers' plain text, or AUTOMATIC1111's syntax).
     pub prompt_syntax: Option<crate::prompt_syntax::PromptSyntax>,
+    /// Seconds the model stays loaded after this job (-1: until unloaded; 0: unloaded
+    /// after it); daemon only ([`KeepAlive`]).
+    pub keep_alive: Option<f64>,
 }
 
 /// A model's own defaults for keys a request leaves out (`[models.NAME]` in the config):

@@ -68,6 +68,8 @@ pub struct ResolvedRequest {
     /// Most 75-token chunks an AUTOMATIC1111-syntax prompt may take (`limits.max_prompt_chunks`;
     /// counted when the job's text is tokenized).
     pub max_prompt_chunks: usize,
+    /// How long the model stays loaded after this job; `None`: `jobs.idle_unload_secs`.
+    pub keep_alive: Option<super::KeepAlive>,
 }
 
 /// What an image-to-image or inpainting request starts from. The image's size (rounded
@@ -200,6 +202,7 @@ impl ResolvedRequest {
             mask_image: self.edit.as_ref().and_then(|e| e.mask.clone()),
             strength: self.edit.as_ref().map(|e| e.strength),
             prompt_syntax: Some(self.prompt_syntax),
+            keep_alive: self.keep_alive.map(super::KeepAlive::as_secs),
         }
     }
 
@@ -498,6 +501,7 @@ pub fn resolve(
         guidance_embedding,
         prompt_syntax,
         max_prompt_chunks: limits.max_prompt_chunks,
+        keep_alive: req.keep_alive.map(super::KeepAlive::parse).transpose()?,
     })
 }
 

@@ -44,7 +44,9 @@ impl JobProgress {
     /// Shows one event.
     pub fn update(&self, event: &JobEvent) {
         match event {
-            JobEvent::State(state) => self.bar.set_message(state.clone()),
+            JobEvent::State(state) => self
+                .bar
+                .set_message(diffusiond::client::printable(state).into_owned()),
             JobEvent::Progress { step, total } => {
                 if *total > 0 {
                     self.bar.set_length(u64::from(*total));
