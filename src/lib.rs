@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod dbus;
 pub mod jobs;
 pub mod local;
+pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod prompt_syntax;

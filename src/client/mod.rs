@@ -29,7 +29,7 @@ pub use proxy::{JobProxy, ManagerProxy};
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What `diffusionctl status` shows.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Status {
     /// diffusiond's version.
     pub version: String,
@@ -176,6 +176,11 @@ impl Client {
     /// `ListModels`, parsed.
     pub async fn models(&self) -> Result<Vec<ModelInfo>> {
         quick(&self.bus, "ListModels", self.manager.list_models()).await
+    }
+
+    /// `Metrics()`: the daemon's metrics in the Prometheus text format.
+    pub async fn metrics(&self) -> Result<String> {
+        quick(&self.bus, "Metrics", self.manager.metrics()).await
     }
 
     /// `ListJobs` with each job's state and progress; jobs retired meanwhile are skipped.

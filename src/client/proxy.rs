@@ -27,7 +27,7 @@ pub trait Manager {
     ) -> zbus::Result<OwnedObjectPath>;
 
     /// One dictionary per configured model (`name`, `path`, `loaded`, `default`, `kind`,
-    /// `scheduler`).
+    /// `scheduler`, and for a loaded model `expires_in` and `memory_bytes`).
     fn list_models(&self) -> zbus::Result<Vec<ModelInfo>>;
 
     /// Loads a model now and keeps it warm.
@@ -38,6 +38,10 @@ pub trait Manager {
 
     /// The jobs that exist now.
     fn list_jobs(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+
+    /// The daemon's metrics in the Prometheus text format (root, the service user and
+    /// `jobs.priority_group` members; others get `AccessDenied`).
+    fn metrics(&self) -> zbus::Result<String>;
 
     /// Validates and stores a batch (manifest bytes, `SubmitBatch` options); returns its
     /// path (the existing batch's for the same manifest and settings).

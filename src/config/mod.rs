@@ -56,6 +56,29 @@ pub struct Settings {
     pub limits: Limits,
     /// Queue and job lifetime.
     pub jobs: JobSettings,
+    /// The metrics file for node_exporter's textfile collector.
+    pub metrics: MetricsSettings,
+}
+
+/// The `[metrics]` table: where and how often the daemon writes its metrics in the
+/// Prometheus text format (`crate::metrics`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// The file rewritten atomically every `interval_secs` and at exit (node_exporter's
+    /// textfile collector reads `*.prom` files in its folder). Unset: no file.
+    pub textfile: Option<PathBuf>,
+    /// Seconds between rewrites.
+    pub interval_secs: u64,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            textfile: None,
+            interval_secs: 15,
+        }
+    }
 }
 
 impl Settings {
@@ -131,8 +154,12 @@ pub struct JobSettings {
     pub max_batch_images: usize,
     /// Seconds a finished job stays on the bus before it is removed.
     pub retention_secs: u64,
-    /// Seconds a loaded model may stay unused before it is unloaded (0 = never).
+    /// Seconds a loaded model may stay unused before it is unloaded (0 = never); a
+    /// request's `keep_alive` sets it for the model it ran on.
     pub idle_unload_secs: u64,
+    /// The longest `keep_alive` a caller other than root and the service user may ask for
+    /// (seconds; longer values, and -1, are cut to it).
+    pub max_keep_alive_secs: u64,
     /// Seconds running jobs get to finish on SIGTERM before they are cancelled.
     pub shutdown_grace_secs: u64,
     /// Seconds without jobs after which the daemon exits (0 = never). Unset: on (300 s)
@@ -165,6 +192,7 @@ impl Default for JobSettings {
             max_batch_images: 4,
             retention_secs: 300,
             idle_unload_secs: 600,
+            max_keep_alive_secs: 3600,
             shutdown_grace_secs: 10,
             idle_exit_secs: None,
             output_timeout_secs: 60,
@@ -251,6 +279,11 @@ impl Settings {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{key}: must be at least 1")));
             }
+        }
+        if self.metrics.interval_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "metrics.interval_secs: must be at least 1".into(),
+            ));
         }
         Ok(())
     }

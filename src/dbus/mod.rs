@@ -90,9 +90,7 @@ fn expect_args(header: &Header<'_>, method: &str, want: &str) -> Result<(), Erro
     } else {
         format!("arguments of type '{want}'")
     };
-    Err(Error::InvalidArgument(format!(
-        "{method} takes {takes}, got '{got}'"
-    )))
+    Err(Error::InvalidArgument(format!("{method} takes {takes}, got '{got}'")).refused())
 }
 
 /// Only the owner or root may act on a job or a batch; returns the caller's uid.
@@ -103,7 +101,8 @@ async fn check_owner(conn: &Connection, header: &Header<'_>, owner: u32) -> Resu
     } else {
         Err(Error::AccessDenied(format!(
             "this belongs to uid {owner}; only its owner or root may use it"
-        )))
+        ))
+        .refused())
     }
 }
 

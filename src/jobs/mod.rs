@@ -203,6 +203,14 @@ pub enum EngineError {
     Failed(Failure),
 }
 
+/// The daemon's own uid (the service user): its jobs, as root's, may keep a model loaded
+/// longer than `jobs.max_keep_alive_secs`.
+fn own_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    static UID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UID.get_or_init(|| std::fs::metadata("/proc/self").map_or(0, |m| m.uid()))
+}
+
 /// Microseconds since the Unix epoch.
 pub fn unix_micros() -> u64 {
     std::time::SystemTime::now()
@@ -355,6 +363,7 @@ impl Engine {
 
     /// Publishes an event; a job's outcome goes to its [`Reply`] channel when it has one.
     fn send(&self, event: Event) {
+        crate::metrics::engine_event(&event);
         if let Event::Finished(id, outcome) = &event {
             let reply = self
                 .shared
@@ -403,6 +412,12 @@ impl Engine {
                 .admit(job.id, job.owner, job.sender.clone(), image_bytes, bounds)?;
         }
         let mut job = job;
+        if job.owner != 0 && job.owner != own_uid() {
+            let max = Duration::from_secs(s.max_keep_alive_secs);
+            job.request.keep_alive = job.request.keep_alive.map(|k| k.capped(max));
+        }
+        let images = u32::try_from(job.request.num_images).unwrap_or(u32::MAX);
+        crate::metrics::job_queued(job.id, &job.request.model, images, job.queued_at);
         if let Some(reply) = job.reply.take() {
             self.shared
                 .replies
@@ -456,6 +471,38 @@ impl Engine {
     /// unloaded.
     pub fn model_state(&self, model: &str) -> ModelState {
         self.lock().slots.state(model)
+    }
+
+    /// Seconds until a loaded model is unloaded (its last job's `keep_alive`, else
+    /// `jobs.idle_unload_secs`), -1 for never; `None` when it is not loaded.
+    pub fn expires_in(&self, model: &str) -> Option<f64> {
+        let idle = self.shared.settings.idle_unload_secs;
+        let idle = (idle > 0).then(|| Duration::from_secs(idle));
+        self.lock().slots.expires_in(model, idle, Instant::now())
+    }
+
+    /// For metrics: jobs queued, jobs in running batches, and for each configured model
+    /// the workers that have it loaded.
+    pub fn load_figures(&self) -> (usize, usize, Vec<(String, usize)>) {
+        let st = self.lock();
+        let running = st
+            .running
+            .iter()
+            .flatten()
+            .map(|r| r.jobs.len().saturating_sub(r.cancelled.len()))
+            .sum();
+        let models = self
+            .shared
+            .catalog
+            .names()
+            .map(|n| {
+                let workers = (0..st.running.len())
+                    .filter(|&w| st.slots.is_loaded_on(n, w))
+                    .count();
+                (n.to_string(), workers)
+            })
+            .collect();
+        (st.queue.len(), running, models)
     }
 
     /// Cancels a job. A queued job ends at once; a running one within one step (and a
@@ -612,7 +659,9 @@ impl Engine {
         let spawned = std::thread::Builder::new()
             .name(format!("load-{name}"))
             .spawn(move || {
+                let started = Instant::now();
                 let result = engine.load(&owned, worker);
+                crate::metrics::model_load(&owned, started.elapsed(), result.is_ok());
                 engine.finish_load(&owned, worker, result);
             });
         if let Err(e) = spawned {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::{Failure, Model};
+use crate::request::KeepAlive;
 
 enum Slot {
     Unloaded,
@@ -15,6 +16,8 @@ enum Slot {
     Ready {
         model: Box<dyn Model>,
         last_used: Instant,
+        /// Its last batch's `keep_alive` (`None`: `jobs.idle_unload_secs`).
+        keep: Option<KeepAlive>,
     },
     InUse,
     Failed(Failure),
@@ -153,6 +156,7 @@ impl Slots {
             Ok(model) => Slot::Ready {
                 model,
                 last_used: Instant::now(),
+                keep: None,
             },
             Err(f) => Slot::Failed(f),
         };
@@ -186,12 +190,45 @@ impl Slots {
 
     /// Returns a model after its batch, unless it was unloaded meanwhile.
     pub fn put_back(&mut self, name: &str, worker: usize, model: Box<dyn Model>) {
+        self.put_back_keeping(name, worker, model, None);
+    }
+
+    /// [`Slots::put_back`], to stay loaded as `keep` says (`None`: the default).
+    pub fn put_back_keeping(
+        &mut self,
+        name: &str,
+        worker: usize,
+        model: Box<dyn Model>,
+        keep: Option<KeepAlive>,
+    ) {
         if let Some(slot @ Slot::InUse) = self.get_mut(name, worker) {
             *slot = Slot::Ready {
                 model,
                 last_used: Instant::now(),
+                keep,
             };
         }
+    }
+
+    /// Seconds until `name` is unloaded on the last worker that has it (-1: never), with
+    /// `idle` the default lifetime; `None` when no worker has it. A worker running it
+    /// counts with the default lifetime (its batch's own starts when the batch ends).
+    pub fn expires_in(&self, name: &str, idle: Option<Duration>, now: Instant) -> Option<f64> {
+        let mut longest: Option<KeepAlive> = None;
+        for slot in self.slots.get(name)? {
+            let left = match slot {
+                Slot::Ready {
+                    last_used, keep, ..
+                } => match due_at(*last_used, *keep, idle) {
+                    Some(at) => KeepAlive::For(at.saturating_duration_since(now)),
+                    None => KeepAlive::Forever,
+                },
+                Slot::InUse => KeepAlive::default_for(idle),
+                _ => continue,
+            };
+            longest = longest.max(Some(left));
+        }
+        longest.map(KeepAlive::as_secs)
     }
 
     /// Frees a model on every worker: at once when ready or failed; when in use, after
@@ -229,15 +266,19 @@ impl Slots {
         failed
     }
 
-    /// Unloads ready models unused for `idle`, and returns when the next one would be due.
-    /// A model unloaded on its last worker forgets the failures of the others.
-    pub fn unload_idle(&mut self, idle: Duration, now: Instant) -> Option<Instant> {
+    /// Unloads ready models unused for their `keep_alive`, else `idle` (`None`: never),
+    /// and returns when the next one would be due. A model unloaded on its last worker
+    /// forgets the failures of the others.
+    pub fn unload_idle(&mut self, idle: Option<Duration>, now: Instant) -> Option<Instant> {
         let mut next = None;
         for (name, v) in self.slots.iter_mut() {
             let mut unloaded = false;
             for (worker, slot) in v.iter_mut().enumerate() {
-                if let Slot::Ready { last_used, .. } = slot {
-                    let due = *last_used + idle;
+                if let Slot::Ready {
+                    last_used, keep, ..
+                } = slot
+                    && let Some(due) = due_at(*last_used, *keep, idle)
+                {
                     if due <= now {
                         tracing::info!(model = %name, worker, "unloading idle model");
                         *slot = Slot::Unloaded;
@@ -260,6 +301,31 @@ impl Slots {
         }
         next
     }
+}
+
+/// When a model last used at `last_used` is unloaded: `keep` after, else `idle` after
+/// (`None`: never).
+fn due_at(last_used: Instant, keep: Option<KeepAlive>, idle: Option<Duration>) -> Option<Instant> {
+    match keep.unwrap_or(KeepAlive::default_for(idle)) {
+        KeepAlive::For(d) => last_used.checked_add(d),
+        KeepAlive::Forever => None,
+    }
+}
+
+/// A batch's `keep_alive`: the longest its jobs ask for, a job without the key counting
+/// with the default (`idle`); `None` when no job has the key.
+pub(super) fn batch_keep(
+    keeps: impl Iterator<Item = Option<KeepAlive>>,
+    idle: Option<Duration>,
+) -> Option<KeepAlive> {
+    let keeps: Vec<Option<KeepAlive>> = keeps.collect();
+    if keeps.iter().all(Option::is_none) {
+        return None;
+    }
+    keeps
+        .into_iter()
+        .map(|k| k.unwrap_or(KeepAlive::default_for(idle)))
+        .max()
 }
 
 #[cfg(test)]
@@ -344,7 +410,10 @@ mod tests {
             "the failed worker does not retry on its own"
         );
         // Unloaded everywhere: the old failure is forgotten, not reported later.
-        let due = slots.unload_idle(Duration::ZERO, Instant::now() + Duration::from_secs(1));
+        let due = slots.unload_idle(
+            Some(Duration::ZERO),
+            Instant::now() + Duration::from_secs(1),
+        );
         assert!(due.is_none());
         assert!(slots.is_unloaded("a", 0) && slots.is_unloaded("a", 1));
         assert!(slots.take_failures().is_empty());
@@ -355,5 +424,61 @@ mod tests {
         slots.finish_load("a", 1, Err(Failure::ModelLoad("y".into())));
         assert_eq!(slots.take_failures().len(), 1);
         assert!(slots.is_unloaded("a", 0) && slots.is_unloaded("a", 1));
+    }
+
+    #[test]
+    fn a_batch_keep_alive_decides_when_its_model_unloads() {
+        let hour = Some(Duration::from_secs(3600));
+        let mut slots = Slots::new(["a"].into_iter(), 1);
+        assert_eq!(
+            slots.expires_in("a", hour, Instant::now()),
+            None,
+            "not loaded"
+        );
+        slots.begin_load("a", 0);
+        slots.finish_load("a", 0, Ok(Box::new(Held)));
+        let left = slots.expires_in("a", hour, Instant::now()).unwrap();
+        assert!((3599.0..=3600.0).contains(&left), "{left}");
+        // Kept for good: never due, even with a default idle time.
+        let model = slots.take("a", 0).unwrap();
+        assert_eq!(slots.expires_in("a", None, Instant::now()), Some(-1.0));
+        slots.put_back_keeping("a", 0, model, Some(KeepAlive::Forever));
+        let later = Instant::now() + Duration::from_secs(7200);
+        assert_eq!(slots.unload_idle(hour, later), None);
+        assert!(slots.is_ready("a", 0));
+        assert_eq!(slots.expires_in("a", hour, later), Some(-1.0));
+        // Ten seconds: due then and not before, whatever the default.
+        let model = slots.take("a", 0).unwrap();
+        let ten = Duration::from_secs(10);
+        slots.put_back_keeping("a", 0, model, Some(KeepAlive::For(ten)));
+        let now = Instant::now();
+        let due = slots.unload_idle(None, now).expect("due in ten seconds");
+        assert!(due > now + Duration::from_secs(9) && slots.is_ready("a", 0));
+        assert_eq!(slots.unload_idle(None, due), None);
+        assert!(slots.is_unloaded("a", 0));
+        // Zero: unloaded at the next look.
+        slots.begin_load("a", 0);
+        slots.finish_load("a", 0, Ok(Box::new(Held)));
+        let model = slots.take("a", 0).unwrap();
+        slots.put_back_keeping("a", 0, model, Some(KeepAlive::For(Duration::ZERO)));
+        slots.unload_idle(None, Instant::now());
+        assert!(slots.is_unloaded("a", 0));
+    }
+
+    #[test]
+    fn a_batch_keeps_its_model_as_long_as_its_longest_job_asks() {
+        let idle = Some(Duration::from_secs(600));
+        let five = KeepAlive::For(Duration::from_secs(5));
+        assert_eq!(batch_keep([None, None].into_iter(), idle), None);
+        assert_eq!(batch_keep([Some(five)].into_iter(), idle), Some(five));
+        assert_eq!(
+            batch_keep([Some(five), None].into_iter(), idle),
+            Some(KeepAlive::For(Duration::from_secs(600))),
+            "a job without the key counts with the default"
+        );
+        assert_eq!(
+            batch_keep([Some(five), Some(KeepAlive::Forever)].into_iter(), idle),
+            Some(KeepAlive::Forever)
+        );
     }
 }

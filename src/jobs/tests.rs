@@ -36,6 +36,7 @@ pub(crate) fn resolved(model: &str, steps: usize) -> ResolvedRequest {
         guidance_embedding: false,
         prompt_syntax: Default::default(),
         max_prompt_chunks: usize::MAX,
+        keep_alive: None,
     }
 }
 

@@ -79,12 +79,10 @@ impl Engine {
                 return None;
             }
             let idle = self.shared.settings.idle_unload_secs;
-            let next_unload = (idle > 0)
-                .then(|| {
-                    st.slots
-                        .unload_idle(Duration::from_secs(idle), Instant::now())
-                })
-                .flatten();
+            let next_unload = st.slots.unload_idle(
+                (idle > 0).then(|| Duration::from_secs(idle)),
+                Instant::now(),
+            );
             st = match next_unload {
                 Some(due) => {
                     let wait = due.saturating_duration_since(Instant::now());
@@ -192,8 +190,10 @@ impl Engine {
         let ids: Vec<JobId> = batch.iter().map(|j| j.id).collect();
         let result = match &control {
             Some(control) => {
-                let mut progress =
-                    |step: usize, total: usize| self.progress(worker, &ids, step, total);
+                let mut progress = |step: usize, total: usize| {
+                    crate::metrics::unet_step(images);
+                    self.progress(worker, &ids, step, total)
+                };
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     model.generate(&requests, control, &mut progress)
                 }))
@@ -209,9 +209,14 @@ impl Engine {
                 message: "the batch has no run control".into(),
             }),
         };
+        let idle = self.shared.settings.idle_unload_secs;
+        let keep = super::slots::batch_keep(
+            batch.iter().map(|j| j.request.keep_alive),
+            (idle > 0).then(|| Duration::from_secs(idle)),
+        );
         let cancelled = {
             let mut st = self.lock();
-            st.slots.put_back(&name, worker, model);
+            st.slots.put_back_keeping(&name, worker, model, keep);
             st.running[worker]
                 .take()
                 .map(|r| r.cancelled)

@@ -112,6 +112,7 @@ impl GenerateParams {
             mask_image: self.mask_image.clone(),
             strength: self.strength,
             prompt_syntax: Some(self.prompt_syntax),
+            keep_alive: None,
         }
     }
 }

@@ -59,9 +59,30 @@ pub enum Error {
     StorageFailed(String),
 }
 
+impl Error {
+    /// Counts this error as a refused request (metrics: `reason` is its name, e.g.
+    /// `QueueFull`) and returns it. Job outcomes (`Wait()`'s errors) are not refusals.
+    pub fn refused(self) -> Self {
+        if !matches!(self, Error::ZBus(_)) {
+            use zbus::DBusError as _;
+            let name = self.name();
+            crate::metrics::refused(name.as_str().rsplit('.').next().unwrap_or_default());
+        }
+        self
+    }
+}
+
 impl From<BatchError> for Error {
     fn from(e: BatchError) -> Self {
-        match e {
+        let refusal = matches!(
+            e,
+            BatchError::Manifest(_)
+                | BatchError::Denied(_)
+                | BatchError::Limit(_)
+                | BatchError::NoResult(_)
+                | BatchError::Changed(_)
+        );
+        let e = match e {
             BatchError::Manifest(_) => Error::InvalidManifest(e.to_string()),
             BatchError::Unknown(_) => Error::UnknownBatch(e.to_string()),
             BatchError::Denied(m) => Error::AccessDenied(m),
@@ -69,31 +90,35 @@ impl From<BatchError> for Error {
             BatchError::NoResult(m) | BatchError::Changed(m) => Error::InvalidArgument(m),
             BatchError::Model(m) => Error::ModelLoadFailed(m),
             BatchError::Store(_) | BatchError::Io(_) => Error::StorageFailed(e.to_string()),
-        }
+        };
+        if refusal { e.refused() } else { e }
     }
 }
 
 impl From<RequestError> for Error {
+    /// A request the resolver refused (counted in the metrics).
     fn from(e: RequestError) -> Self {
-        match e {
+        let e = match e {
             RequestError::UnknownModel { .. } | RequestError::NoDefaultModel => {
                 Error::UnknownModel(e.to_string())
             }
             RequestError::ModelUnavailable { .. } => Error::ModelLoadFailed(e.to_string()),
             RequestError::TooLarge { .. } => Error::TooLarge(e.to_string()),
             _ => Error::InvalidArgument(e.to_string()),
-        }
+        };
+        e.refused()
     }
 }
 
 impl From<EngineError> for Error {
+    /// A job or command the engine refused (counted in the metrics), or a load failure.
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::Queue(q) => Error::QueueFull(q.to_string()),
-            EngineError::ShuttingDown => Error::ShuttingDown(e.to_string()),
+            EngineError::Queue(q) => Error::QueueFull(q.to_string()).refused(),
+            EngineError::ShuttingDown => Error::ShuttingDown(e.to_string()).refused(),
             // The name is caller text (LoadModel, UnloadModel): repeated cut short.
             EngineError::UnknownModel(name) => {
-                Error::UnknownModel(format!("unknown model '{}'", echo(&name)))
+                Error::UnknownModel(format!("unknown model '{}'", echo(&name))).refused()
             }
             EngineError::Failed(f) => f.into(),
         }

@@ -130,7 +130,7 @@ pub struct JobResult {
 
 /// One configured model, as `ListModels` describes it. Keys a reader does not find read
 /// as empty.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, Type)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, Type)]
 #[zvariant(signature = "a{sv}")]
 #[serde(default)]
 pub struct ModelInfo {
@@ -160,6 +160,22 @@ pub struct ModelInfo {
     /// file and what is wrong with it. Empty for a model that opened.
     #[serde(with = "as_value")]
     pub error: String,
+    /// A loaded model's seconds left before it is unloaded (its last job's `keep_alive`,
+    /// else `jobs.idle_unload_secs`), -1 for never. Absent when it is not loaded.
+    #[serde(
+        with = "as_value::optional",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub expires_in: Option<f64>,
+    /// A loaded model's estimated resident bytes (its weights, per worker). Absent when it
+    /// is not loaded.
+    #[serde(
+        with = "as_value::optional",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub memory_bytes: Option<u64>,
 }
 
 /// A model's `state` in `ListModels`: a load with the TensorRT provider in use is
@@ -277,14 +293,23 @@ mod tests {
             scheduler: "pndm".into(),
             state: "loaded".into(),
             error: String::new(),
+            expires_in: Some(-1.0),
+            memory_bytes: Some(1 << 30),
+        };
+        let unloaded = ModelInfo {
+            name: "other".into(),
+            ..ModelInfo::default()
         };
         let ctxt = Context::new_dbus(LE, 0);
-        let bytes = to_bytes(ctxt, &vec![info.clone()]).expect("serializes");
+        let bytes = to_bytes(ctxt, &vec![info.clone(), unloaded.clone()]).expect("serializes");
         let (dicts, _): (Vec<HashMap<String, OwnedValue>>, _) = bytes.deserialize().unwrap();
         assert_eq!(<&str>::try_from(&dicts[0]["name"]).unwrap(), "tiny");
         assert!(bool::try_from(&dicts[0]["loaded"]).unwrap());
-        assert_eq!(dicts[0].len(), 8);
+        assert_eq!(f64::try_from(&dicts[0]["expires_in"]).unwrap(), -1.0);
+        assert_eq!(u64::try_from(&dicts[0]["memory_bytes"]).unwrap(), 1 << 30);
+        assert_eq!(dicts[0].len(), 10);
+        assert_eq!(dicts[1].len(), 8, "no expiry or memory when not loaded");
         let (back, _): (Vec<ModelInfo>, _) = bytes.deserialize().unwrap();
-        assert_eq!(back, vec![info]);
+        assert_eq!(back, vec![info, unloaded]);
     }
 }

@@ -39,6 +39,9 @@ enum Command {
     Models(BusArgs),
     /// List the jobs with their state and progress.
     Jobs(BusArgs),
+    /// Print the daemon's metrics in the Prometheus text format (root, the service user
+    /// and members of jobs.priority_group).
+    Metrics(BusArgs),
     /// Cancel a job.
     Cancel(CancelArgs),
     /// Wait for a job to end, optionally writing its images.
@@ -247,6 +250,7 @@ fn main() -> ExitCode {
         Command::Status(bus) => daemon(&bus.bus(), status),
         Command::Models(bus) => daemon(&bus.bus(), models),
         Command::Jobs(bus) => daemon(&bus.bus(), jobs),
+        Command::Metrics(bus) => daemon(&bus.bus(), metrics),
         Command::Cancel(args) => daemon(&args.bus.bus(), |c| cancel(c, args.job)),
         Command::Wait(args) => daemon(&args.bus.bus(), |c| wait(c, args.job, args.output)),
         Command::Batch(args) => batch::run(*args),
@@ -371,6 +375,11 @@ async fn models(client: Client) -> Result<(), Failure> {
 
 async fn jobs(client: Client) -> Result<(), Failure> {
     print!("{}", output::format_jobs(&client.jobs().await?));
+    Ok(())
+}
+
+async fn metrics(client: Client) -> Result<(), Failure> {
+    print!("{}", printable_lines(&client.metrics().await?));
     Ok(())
 }
 
