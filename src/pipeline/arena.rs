@@ -12,10 +12,14 @@
 //!   allocates each tensor on its own and records the pattern; the next run takes one block
 //!   of the whole pattern, which the arena cannot carve from the first run's regions, so it
 //!   grows by as much again (a fresh daemon's first 512² job peaked at 4.52 GB, later ones
-//!   at 2.36 GB). The first UNet step of a large batch shrinks the arena too;
+//!   at 2.36 GB). The first UNet step of a large batch at a shape the session has not run
+//!   yet shrinks the arena too (at a shape it ran, the arena's block of the pattern is
+//!   reused, and shrinking would only fault its pages in again);
 //! * a batch that ends before its last step (cancelled, terminated, failed) never runs the
 //!   shrinking step: one UNet run with the terminate flag set computes nothing and shrinks
 //!   the arena ([`ArenaOptions::release`]).
+
+use std::collections::HashSet;
 
 use ort::session::RunOptions;
 
@@ -25,6 +29,9 @@ use crate::runtime::Runtime;
 
 /// ONNX Runtime's run-config key that shrinks the named arenas after a run.
 const SHRINK_KEY: &str = "memory.enable_memory_arena_shrinkage";
+/// At most this many UNet shapes are remembered; past it the set starts again (an extra
+/// shrink after a first step costs time, not memory).
+const SHAPES_KEPT: usize = 256;
 
 /// The run options that shrink the CPU arena; both `None` with the arena off.
 pub(super) struct ArenaOptions {
@@ -33,6 +40,9 @@ pub(super) struct ArenaOptions {
     /// Shrink after a run that stops before its first node (the terminate flag is set):
     /// ONNX Runtime shrinks the arena after a terminated run too.
     release: Option<RunOptions>,
+    /// The UNet input shapes (sample, then text conditioning) this pipeline's session has
+    /// finished a run at: ONNX Runtime has their memory pattern.
+    ran: HashSet<Vec<usize>>,
 }
 
 impl ArenaOptions {
@@ -42,26 +52,46 @@ impl ArenaOptions {
             return Ok(ArenaOptions {
                 shrink: None,
                 release: None,
+                ran: HashSet::new(),
             });
         }
         Ok(ArenaOptions {
             shrink: Some(shrink_options(false)?),
             release: Some(shrink_options(true)?),
+            ran: HashSet::new(),
         })
     }
 
+    /// Whether the UNet has finished a run at `shape` ([`ArenaOptions::ran_at`]).
+    pub fn has_run(&self, shape: &[usize]) -> bool {
+        self.ran.contains(shape)
+    }
+
+    /// Records that the UNet finished a run at `shape` (so ONNX Runtime has its pattern).
+    pub fn ran_at(&mut self, shape: &[usize]) {
+        if !self.ran.contains(shape) {
+            if self.ran.len() >= SHAPES_KEPT {
+                self.ran.clear();
+            }
+            self.ran.insert(shape.to_vec());
+        }
+    }
+
     /// The options for UNet step `step` of a loop over `begin..end`: the shrinking ones for
-    /// the first and last steps of a batch that hands its memory back (`shrink_after`),
-    /// else the batch's own `run_options`.
+    /// the last step of a batch that hands its memory back (`shrink_after`), and for its
+    /// first at a shape the session has not run (`new_shape`); else the batch's own
+    /// `run_options`.
     pub fn for_step<'a>(
         &'a self,
         step: usize,
         (begin, end): (usize, usize),
-        shrink_after: bool,
+        (shrink_after, new_shape): (bool, bool),
         run_options: &'a RunOptions,
     ) -> &'a RunOptions {
         match &self.shrink {
-            Some(shrink) if shrink_after && shrinks_after_step(step, begin, end) => shrink,
+            Some(shrink) if shrink_after && shrinks_after_step(step, begin, end, new_shape) => {
+                shrink
+            }
             _ => run_options,
         }
     }
@@ -88,9 +118,10 @@ impl ArenaOptions {
 }
 
 /// Whether UNet step `step` of a loop over `begin..end` shrinks the arena after it: the
-/// first (its run may be the shape's first, with no memory pattern yet) and the last.
-pub(super) fn shrinks_after_step(step: usize, begin: usize, end: usize) -> bool {
-    step == begin || step + 1 == end
+/// last, and the first when it is the session's first run at the batch's shape
+/// (`new_shape`: no memory pattern yet, so the next step allocates the pattern's block).
+pub(super) fn shrinks_after_step(step: usize, begin: usize, end: usize, new_shape: bool) -> bool {
+    (new_shape && step == begin) || step + 1 == end
 }
 
 /// Run options that shrink the CPU arena after the run; with `terminated`, the run stops
@@ -147,14 +178,20 @@ impl Pipeline {
 mod tests {
     use super::*;
 
+    fn shrinking(begin: usize, end: usize, new_shape: bool) -> Vec<usize> {
+        (begin..end)
+            .filter(|&i| shrinks_after_step(i, begin, end, new_shape))
+            .collect()
+    }
+
     #[test]
-    fn the_first_and_last_steps_shrink() {
-        let shrinking: Vec<usize> = (0..6).filter(|&i| shrinks_after_step(i, 0, 6)).collect();
-        assert_eq!(shrinking, [0, 5]);
+    fn the_last_step_shrinks_and_the_first_at_a_new_shape() {
+        assert_eq!(shrinking(0, 6, true), [0, 5]);
+        assert_eq!(shrinking(0, 6, false), [5]);
         // Image-to-image starts later in the schedule.
-        let shrinking: Vec<usize> = (3..6).filter(|&i| shrinks_after_step(i, 3, 6)).collect();
-        assert_eq!(shrinking, [3, 5]);
+        assert_eq!(shrinking(3, 6, true), [3, 5]);
         // One step: the same run.
-        assert!(shrinks_after_step(5, 5, 6));
+        assert_eq!(shrinking(5, 6, true), [5]);
+        assert_eq!(shrinking(5, 6, false), [5]);
     }
 }

@@ -543,6 +543,9 @@ impl Pipeline {
         let timesteps = sched.timesteps().to_vec();
         let end = timesteps.len();
         let total = end - start.begin;
+        // Everything ONNX Runtime keys the UNet's memory pattern by.
+        let shape = [&[rows, unet_c, h, w][..], cond.hidden.shape()].concat();
+        let new_shape = !self.arena.has_run(&shape);
         let mut steps = || -> Result<(), PipelineError> {
             for (i, &t) in timesteps.iter().enumerate().skip(start.begin) {
                 let _step = tracing::trace_span!("step", i).entered();
@@ -567,9 +570,12 @@ impl Pipeline {
                 let t1 = Instant::now();
                 let unet_span = tracing::trace_span!("unet").entered();
                 let owned_out;
-                let step_options =
-                    self.arena
-                        .for_step(i, (start.begin, end), shrink_after, run_options);
+                let step_options = self.arena.for_step(
+                    i,
+                    (start.begin, end),
+                    (shrink_after, new_shape),
+                    run_options,
+                );
                 let out = if bound {
                     self.unet.run_bound(t, step_options)?
                 } else {
@@ -588,6 +594,9 @@ impl Pipeline {
                     owned_out.view()
                 };
                 drop(unet_span);
+                if i == start.begin && new_shape {
+                    self.arena.ran_at(&shape);
+                }
                 let t2 = Instant::now();
                 timings.unet += t2 - t1;
                 timings.unet_calls += 1;
