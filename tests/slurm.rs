@@ -693,3 +693,14 @@ fn an_array_job_with_a_preempted_task_makes_every_item_once() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// docs/fleets.md shows the script this test submits, as it is in the tree.
+#[test]
+fn the_docs_show_the_tested_script() {
+    let script = std::fs::read_to_string(root().join("examples/slurm/batch.sbatch")).unwrap();
+    let docs = std::fs::read_to_string(root().join("docs/fleets.md")).unwrap();
+    assert!(
+        docs.contains(&format!("```bash\n{script}```")),
+        "docs/fleets.md does not show examples/slurm/batch.sbatch as it is"
+    );
+}
