@@ -4,6 +4,8 @@
 # override them. dbus-daemon reads system-bus policies only from /usr/share/dbus-1.
 BINDIR=$PREFIX/bin
 LIBDIR=$PREFIX/lib/diffusiond
+# Split-off debug info of the binaries (.build-id/xx/yyyy.debug; scripts/split-debug.sh).
+DEBUGDIR=$PREFIX/lib/debug
 DATADIR=$PREFIX/share/diffusiond
 MODELDIR=$DATADIR/models/demo
 DOCDIR=$PREFIX/share/doc/diffusiond

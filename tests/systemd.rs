@@ -243,6 +243,47 @@ fn files_below(dir: &Path) -> Vec<String> {
     out
 }
 
+/// `readelf ARGS FILE`'s output.
+fn readelf(args: &[&str], file: &Path) -> String {
+    let o = Command::new("readelf")
+        .args(args)
+        .arg(file)
+        .output()
+        .expect("readelf (binutils)");
+    assert!(
+        o.status.success(),
+        "readelf {args:?} {}: {o:?}",
+        file.display()
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The installed binaries carry no debug info but a `.gnu_debuglink` to their debug file,
+/// installed as `usr/lib/debug/.build-id/xx/yyyy.debug` after their build ID, with the
+/// line tables in it.
+fn assert_split_debug_info(dest: &Path, files: &[String]) {
+    for bin in ["usr/bin/diffusiond", "usr/bin/diffusionctl"] {
+        let path = dest.join(bin);
+        let sections = readelf(&["-S", "-W"], &path);
+        assert!(sections.contains(" .gnu_debuglink "), "{bin}: {sections}");
+        for dwarf in [" .debug_line ", " .debug_info "] {
+            assert!(!sections.contains(dwarf), "{bin} still has {dwarf}");
+        }
+        let id = readelf(&["-n"], &path)
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Build ID: ").map(str::to_string))
+            .unwrap_or_else(|| panic!("{bin} has no build ID"));
+        let debug = format!("usr/lib/debug/.build-id/{}/{}.debug", &id[..2], &id[2..]);
+        assert!(files.contains(&debug), "{debug} not installed: {files:#?}");
+        let link = readelf(&["--string-dump=.gnu_debuglink"], &path);
+        assert!(link.contains(&format!("{}.debug", &id[2..])), "{link}");
+        assert!(
+            readelf(&["-S", "-W"], &dest.join(&debug)).contains(" .debug_line "),
+            "{debug} has no line tables"
+        );
+    }
+}
+
 #[test]
 fn install_and_uninstall_into_a_destdir() {
     let dest = tempfile::tempdir().unwrap();
@@ -296,6 +337,7 @@ fn install_and_uninstall_into_a_destdir() {
             .any(|f| f.starts_with("usr/lib/diffusiond/libonnxruntime.so")),
         "ONNX Runtime not installed: {files:#?}"
     );
+    assert_split_debug_info(d, &files);
     let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
     assert!(
         read("usr/lib/systemd/system/diffusiond.service.d/memory.conf").contains("MemoryMax=6G")
