@@ -137,10 +137,16 @@ fn local(
         num_images: req.num_images,
         ..GenerateParams::default()
     };
+    let provider = diffusiond::jobs::backend::execution_provider(&runtime);
+    let provenance = diffusiond::request::Provenance {
+        ort_version: pipeline.ort_version(),
+        model_hash: pipeline.bundle().short_hash(),
+        execution_provider: &provider,
+    };
     let text = pipeline
         .resolve(&params)
         .map_err(|e| e.to_string())?
-        .png_parameters(pipeline.ort_version());
+        .png_parameters(&provenance, 0);
     let mut runs = Vec::new();
     for i in 0..=req.repeats {
         let t = Instant::now();

@@ -1,5 +1,5 @@
 //! `diffusionctl verify` end to end, with the real ONNX Runtime and the tiny model: images
-//! made by `generate --local` (text to image, image to image), by `batch --local` and by
+//! made by `generate --local` (text to image, image to image, inpainting), by `batch --local` and by
 //! the daemon verify as identical; a changed model file is caught by the model hash; a
 //! PNG edited by one level is `within 1 level`; a PNG without the chunk, or one whose init
 //! image is not given again, is refused. The model hash matches the shell recipe in
@@ -205,7 +205,7 @@ fn a_changed_model_file_is_caught_by_the_hash() {
 }
 
 #[test]
-fn image_to_image_verifies_with_the_init_image_given_again() {
+fn edits_verify_with_the_init_image_and_mask_given_again() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
     let init = tmp.path().join("init.png");
@@ -226,6 +226,33 @@ fn image_to_image_verifies_with_the_init_image_given_again() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("give it again with --init-image"),
+        "{}",
+        text(&o)
+    );
+    // Inpainting: the init image and the mask, both checked.
+    let mask = tmp.path().join("mask.png");
+    let half: Vec<u8> = (0..80 * 64)
+        .flat_map(|i| if i % 80 < 40 { [255u8; 3] } else { [0u8; 3] })
+        .collect();
+    write_png(&mask, (80, 64), &half, None);
+    let inpainted = tmp.path().join("inpaint.png");
+    let mask_arg = mask.to_str().unwrap();
+    generate_local(
+        &state,
+        &inpainted,
+        &["--init-image", init_arg, "--mask-image", mask_arg],
+    );
+    let o = verify_local(
+        &state,
+        &inpainted,
+        &tiny(),
+        &["--init-image", init_arg, "--mask-image", mask_arg],
+    );
+    assert_eq!(verdict(&o), "identical", "{}", text(&o));
+    let o = verify_local(&state, &inpainted, &tiny(), &["--init-image", init_arg]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("give the mask again with --mask-image"),
         "{}",
         text(&o)
     );

@@ -178,7 +178,7 @@ impl HashCache {
         let mut files: Vec<Entry> = self.lock().values().cloned().collect();
         // Entries of files that are gone are dropped; the newest are kept.
         files.retain(|e| e.path.exists());
-        files.sort_by(|a, b| b.id.mtime_ns.cmp(&a.id.mtime_ns));
+        files.sort_by_key(|e| std::cmp::Reverse(e.id.mtime_ns));
         files.truncate(MAX_ENTRIES);
         files.sort_by(|a, b| a.path.cmp(&b.path));
         let text = match serde_json::to_vec_pretty(&CacheFile { version: 1, files }) {

@@ -61,7 +61,7 @@ fn parse_reads_back_what_format_writes() {
                 seed: Some([0, 42, u64::from(u32::MAX), u64::MAX][n % 4]),
                 scheduler: Some(crate::scheduler::NAMES[n % crate::scheduler::NAMES.len()].into()),
                 num_images: Some(1 + (n as u32 % 3)),
-                prompt_syntax: Some(if n % 2 == 0 {
+                prompt_syntax: Some(if n.is_multiple_of(2) {
                     PromptSyntax::Diffusers
                 } else {
                     PromptSyntax::A1111
