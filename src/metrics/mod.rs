@@ -422,9 +422,11 @@ mod tests {
 
     #[test]
     fn gauges_are_written() {
-        let mut c = Counters::default();
-        c.unet_steps = 4;
-        c.unet_step_images = 6;
+        let c = Counters {
+            unet_steps: 4,
+            unet_step_images: 6,
+            ..Counters::default()
+        };
         let g = Gauges {
             queued: 3,
             running: 1,
