@@ -208,10 +208,10 @@ impl Drop for Daemon {
     }
 }
 
-/// The diffusiond binary the tests start: this build's, or `DIFFUSIOND_TEST_DAEMON` (to
+/// The diffusiond binary the tests start: this build's, or `TEST_DIFFUSIOND_BIN` (to
 /// measure another build, e.g. before a fix, under the same tests).
 pub fn daemon_bin() -> std::ffi::OsString {
-    std::env::var_os("DIFFUSIOND_TEST_DAEMON")
+    std::env::var_os("TEST_DIFFUSIOND_BIN")
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_diffusiond").into())
 }
 
