@@ -166,6 +166,28 @@ fn text_to_image_verifies_identical_and_edits_are_caught() {
     assert!(err.contains("has no 'parameters' chunk"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 
+    // A chunk from before the model hash, and one that is not ours: refused, saying so.
+    let old = params.replace(&format!("Model hash: {}, ", hash_of(&params)), "");
+    let old_png = tmp.path().join("old.png");
+    write_png(&old_png, size, &pixels, Some(&old));
+    let o = verify_local(&state, &old_png, &tiny(), &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("records no 'Model hash'"),
+        "{}",
+        text(&o)
+    );
+    let a1111 = "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, Model hash: 0123456789, Model: sd15";
+    write_png(&old_png, size, &pixels, Some(a1111));
+    let o = verify_local(&state, &old_png, &tiny(), &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("its parameters chunk is not diffusiond's: 'diffusiond' is missing"),
+        "{}",
+        text(&o)
+    );
+
     // A text-to-image image takes no init image.
     let o = verify_local(
         &state,
@@ -341,6 +363,15 @@ fn daemon_images_verify_through_the_daemon() {
     assert!(o.status.success(), "{}", text(&o));
 }
 
+/// The `Model hash` value of a parameters text.
+fn hash_of(params: &str) -> String {
+    params
+        .split(", ")
+        .find_map(|kv| kv.strip_prefix("Model hash: "))
+        .unwrap()
+        .to_string()
+}
+
 /// The recipe docs/diffusionctl.md gives for the model hash, run by the shell.
 #[test]
 fn the_documented_shell_recipe_gives_the_model_hash() {
@@ -348,11 +379,7 @@ fn the_documented_shell_recipe_gives_the_model_hash() {
     let out = tmp.path().join("out.png");
     generate_local(&tmp.path().join("state"), &out, &[]);
     let params = parameters(&out).unwrap();
-    let recorded = params
-        .split(", ")
-        .find_map(|kv| kv.strip_prefix("Model hash: "))
-        .unwrap()
-        .to_string();
+    let recorded = hash_of(&params);
     let recipe = "{ echo model_index.json; find -L scheduler text_encoder text_encoder_2 tokenizer tokenizer_2 unet vae_decoder vae_decoder_fp32 vae_encoder -maxdepth 1 -type f ! -name '.*' 2>/dev/null; } | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-10";
     let o = std::process::Command::new("sh")
         .arg("-c")

@@ -248,6 +248,25 @@ mod tests {
     }
 
     #[test]
+    fn opened_models_carry_their_hash_and_a_second_open_reads_no_file() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let hashes = HashCache::in_memory();
+        let spec = || ModelSpec {
+            name: "tiny".into(),
+            path: root.join("onnx/tiny-sd15"),
+            defaults: ModelDefaults::default(),
+        };
+        let c = Catalog::open_cached([spec()], None, &Limits::default(), &hashes);
+        let bundle = c.lookup(None).unwrap().bundle;
+        let hex = bundle.model_hash.clone().unwrap();
+        assert_eq!(hex.len(), 64);
+        assert_eq!(bundle.short_hash(), Some(&hex[..10]));
+        // The committed files are older than the racy window: all cached.
+        let again = super::super::hash::model_hash(&root.join("onnx/tiny-sd15"), &hashes).unwrap();
+        assert_eq!((again.bytes_read, again.hex), (0, hex));
+    }
+
+    #[test]
     fn an_unknown_name_is_echoed_cut_short() {
         let long = "m".repeat(100_000);
         let err = catalog().lookup(Some(&long)).unwrap_err().to_string();
