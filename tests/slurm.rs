@@ -167,6 +167,16 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// The daemons' log files (and their stdout and stderr, `*.out`) in the cluster's `log/`.
+const DAEMON_LOGS: [&str; 6] = [
+    "slurmctld.log",
+    "slurmd.log",
+    "munged.log",
+    "slurmctld.out",
+    "slurmd.out",
+    "munged.out",
+];
+
 /// munged, slurmctld and slurmd of a one-node cluster, configured in `dir`; stopped (with
 /// any job of theirs cancelled first) when dropped.
 struct Cluster {
@@ -395,7 +405,7 @@ MailProg=/bin/true
 
     /// The daemons' logs, for a failure message.
     fn logs(&self) -> String {
-        ["slurmctld.log", "slurmd.log", "munged.log", "slurmd.out"]
+        DAEMON_LOGS
             .iter()
             .map(|f| format!("--- {f}\n{}\n", tail(&self.dir.join("log").join(f), 30)))
             .collect()
@@ -425,6 +435,9 @@ impl Drop for Cluster {
             }
         }
         for (_, child) in self.daemons.iter_mut().rev() {
+            if !matches!(child.try_wait(), Ok(None)) {
+                continue;
+            }
             let _ = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
                 .status();
@@ -505,18 +518,10 @@ fn an_array_job_with_a_preempted_task_makes_every_item_once() {
         }
     }
 
-    // The references, made alone by `generate --local` while the cluster starts and runs.
-    let refs_dir = stage.path("refs");
-    let refs = {
-        let items = items.clone();
-        let dir = refs_dir.clone();
-        std::thread::spawn(move || references(&dir, &items))
-    };
-
     let mut cluster = match Cluster::start(&stage.mkdir("slurm")) {
         Ok(c) => c,
         Err(why) => {
-            let logs = ["slurmd.log", "slurmctld.log", "munged.log", "slurmd.out"]
+            let logs = DAEMON_LOGS
                 .iter()
                 .map(|f| format!("--- {f}\n{}\n", tail(&stage.path("slurm/log").join(f), 40)))
                 .collect::<String>();
@@ -525,6 +530,14 @@ fn an_array_job_with_a_preempted_task_makes_every_item_once() {
         }
     };
     let cluster_up = started.elapsed();
+
+    // The references, made alone by `generate --local` while the array runs.
+    let refs_dir = stage.path("refs");
+    let refs = {
+        let items = items.clone();
+        let dir = refs_dir.clone();
+        std::thread::spawn(move || references(&dir, &items))
+    };
 
     // Submit the committed script. Its paths come through the environment; the node has
     // 2 CPUs and no GPU, so the script's --cpus-per-task=8 and --gres=gpu:1 are
