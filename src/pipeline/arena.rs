@@ -142,7 +142,7 @@ fn shrink_options(terminated: bool) -> Result<RunOptions, PipelineError> {
 impl Pipeline {
     /// Hands the UNet's arena back after a batch that stopped before its last step: one
     /// run with [`ArenaOptions::release`], which stops before its first node and shrinks
-    /// the arena. Its (expected) termination error is only logged.
+    /// the arena. Its (expected) termination error is only logged. Host placement only.
     pub(super) fn release_unet(
         &mut self,
         bound: bool,
@@ -154,6 +154,11 @@ impl Pipeline {
         let Some(release) = self.arena.release() else {
             return;
         };
+        // On a device the UNet's buffers are not in the CPU arena, and a run with CUDA
+        // graphs replays its graph with the graph's own options (a whole step, not stopped).
+        if self.unet.placement() != super::unet::Placement::Host {
+            return;
+        }
         let result = match own_in {
             _ if bound => self.unet.run_bound(timestep, release).map(drop),
             Some(a) => self
