@@ -102,6 +102,38 @@ fn a_model_unloads_when_keep_alive_says_and_not_before() {
         assert!(loaded(&m));
         assert_eq!(expires_in(&m), Some(-1.0));
 
+        // diffusionctl's --keep-alive sends the key: 0 unloads the model after the job.
+        let out_dir = tempfile::tempdir().unwrap();
+        let out = out_dir.path().join("out.png");
+        let ctl = common::ctl_command(&[
+            "generate",
+            "--address",
+            bus.address(),
+            "--prompt",
+            "a cat",
+            "--steps",
+            "2",
+            "--keep-alive",
+            "0",
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+        assert!(
+            ctl.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ctl.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while loaded(&tiny(&conn).await) {
+            assert!(
+                Instant::now() < deadline,
+                "--keep-alive 0 left the model loaded"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
         // Neither -1 nor seconds: refused, naming the key.
         let err = generate(
             &conn,

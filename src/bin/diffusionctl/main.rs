@@ -169,6 +169,10 @@ pub struct RequestFlags {
     /// in 75-token chunks) [default: diffusers].
     #[arg(long, value_name = "diffusers|a1111")]
     pub prompt_syntax: Option<diffusiond::prompt_syntax::PromptSyntax>,
+    /// Seconds the model stays loaded after the job (-1: until unloaded, 0: unloaded after
+    /// it) [default: the daemon's jobs.idle_unload_secs].
+    #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
+    pub keep_alive: Option<f64>,
 }
 
 impl RequestFlags {
@@ -186,6 +190,7 @@ impl RequestFlags {
             num_images: self.num_images,
             strength: self.strength,
             prompt_syntax: self.prompt_syntax,
+            keep_alive: self.keep_alive,
             ..GenerateRequest::default()
         }
     }
