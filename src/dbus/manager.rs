@@ -252,7 +252,12 @@ impl Manager {
         let turn = ticket.turn().await;
         let manifest = manifest.to_vec();
         let (id, snapshot) = blocking(move || {
-            let (id, _) = service.submit(owner, &manifest, &submission)?;
+            let submitted = service.submit(owner, &manifest, &submission);
+            if manifest.len() >= super::intake::TRIM_AFTER_BYTES {
+                drop(manifest);
+                super::intake::give_back_heap();
+            }
+            let (id, _) = submitted?;
             Ok((id, service.snapshot(id)?))
         })
         .await?;
