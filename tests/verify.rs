@@ -188,6 +188,15 @@ fn text_to_image_verifies_identical_and_edits_are_caught() {
         text(&o)
     );
 
+    // Made with --local: without --model-dir there is no model to ask the daemon for.
+    let o = ctl(&state, &["verify", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("give --model-dir DIR"),
+        "{}",
+        text(&o)
+    );
+
     // A text-to-image image takes no init image.
     let o = verify_local(
         &state,

@@ -287,6 +287,13 @@ pub fn run(args: VerifyArgs) -> Result<(), Failure> {
             regenerate_local(&args, dir, request, &recorded, &what)?,
             dir.display().to_string(),
         ),
+        None if args.model.is_none() && receipt.model.contains('/') => {
+            return Err(format!(
+                "{what} was made in-process from the folder {} (Model): give --model-dir DIR, or --model NAME for a model of the daemon",
+                receipt.model
+            )
+            .into());
+        }
         None => {
             let name = args.model.clone().unwrap_or_else(|| receipt.model.clone());
             request.model = Some(name.clone());
