@@ -507,3 +507,7 @@ impl Service {
         self.inner.events.state_changed(id, state, &error);
     }
 }
+
+#[cfg(test)]
+#[path = "service_tests.rs"]
+mod tests;
