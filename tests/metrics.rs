@@ -236,7 +236,9 @@ fn metrics_parse_and_move_as_jobs_run_and_requests_are_refused() {
         1.0
     );
     assert_eq!(moved("diffusiond_images_total{model=\"tiny\"}"), 4.0);
-    assert_eq!(moved("diffusiond_queue_wait_seconds_count"), 3.0);
+    // The held job's wait counts once it started (it may be cancelled before).
+    let waits = moved("diffusiond_queue_wait_seconds_count");
+    assert!((2.0..=3.0).contains(&waits), "{waits}");
     assert_eq!(moved("diffusiond_generation_seconds_count"), 2.0);
     assert!(moved("diffusiond_generation_seconds_sum") > 0.0);
     assert!(moved("diffusiond_unet_steps_total") >= 6.0, "{after}");
