@@ -607,10 +607,16 @@ fn an_array_job_with_a_preempted_task_makes_every_item_once() {
     let kept = identities(&out, &done_before);
     cluster.run("scontrol", &["requeue", &preempted_id]);
     // A requeued job becomes eligible only after a hold-off (about two minutes in 22.05);
-    // a real preemption waits it out, the test starts it now.
+    // a real preemption waits it out, the test starts it 2 s from now. Not at once: slurmd
+    // takes a job's credential as revoked when it was issued in the second (or before) the
+    // job was killed, and refuses to launch it ("Job credential revoked"; the task fails).
     cluster.run(
         "scontrol",
-        &["update", &format!("JobId={preempted_id}"), "StartTime=now"],
+        &[
+            "update",
+            &format!("JobId={preempted_id}"),
+            "StartTime=now+2",
+        ],
     );
 
     // The whole array ends, every task completed.
