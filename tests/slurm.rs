@@ -623,11 +623,22 @@ fn an_array_job_with_a_preempted_task_makes_every_item_once() {
     let deadline = Instant::now() + Duration::from_secs(300);
     let tasks = loop {
         let tasks = cluster.tasks(&job);
+        // Ended: no task waiting, running or on its way out (Slurm's other states are final).
         let ended = tasks.len() == SHARDS
             && tasks.values().all(|t| {
-                matches!(
+                !matches!(
                     t.get("JobState").map(String::as_str),
-                    Some("COMPLETED" | "FAILED" | "CANCELLED" | "TIMEOUT" | "NODE_FAIL")
+                    None | Some(
+                        "PENDING"
+                            | "CONFIGURING"
+                            | "RUNNING"
+                            | "COMPLETING"
+                            | "REQUEUED"
+                            | "RESIZING"
+                            | "SIGNALING"
+                            | "STAGE_OUT"
+                            | "SUSPENDED"
+                    )
                 )
             });
         if ended {
