@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Splitting the debug info off a binary, as Debian's dh_strip does (sourced by
 # scripts/install and scripts/bundle; needs readelf, objcopy and strip from binutils).
 #
