@@ -195,6 +195,9 @@ impl Service {
     /// Reads, validates and stores a batch for `owner`, and starts it. A batch of the
     /// same owner with the same identity (same manifest, settings and shard) is not
     /// made twice: its number is returned (`false`), and it resumes if it was paused.
+    /// Past the owner's quota ([`BatchSettings::quota`]) it is refused
+    /// ([`BatchError::Limit`], naming the key); the check and the insert are one
+    /// transaction ([`Store::admit`]).
     pub fn submit(
         &self,
         owner: u32,

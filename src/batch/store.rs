@@ -4,7 +4,7 @@
 //!
 //! `--local` keeps one file per shard in the output folder; the daemon keeps one file in
 //! its state directory for all batches. Each batch row carries its item counts and bytes
-//! (kept current with each item, [`super::schema`]), so nothing that lists batches reads
+//! (kept current with each item, `schema`), so nothing that lists batches reads
 //! their items; [`Store::admit`] checks a uid's [`Quota`] and stores a new batch in one
 //! transaction.
 
