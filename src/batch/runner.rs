@@ -41,15 +41,34 @@ impl Observer for () {
     fn item_finished(&self, _: BatchId, _: &str, _: Option<&str>, _: &Progress) {}
 }
 
-/// Stops a batch run from another thread.
+/// Stops a batch run from another thread, and says when it has ended.
 #[derive(Debug, Default)]
 pub struct Control {
     cancelled: AtomicBool,
     stopped: AtomicBool,
     in_flight: Mutex<HashSet<JobId>>,
+    /// Set once the run writes no more files.
+    ended: Mutex<bool>,
+    ended_signal: std::sync::Condvar,
 }
 
 impl Control {
+    /// The run writes no more files (its output is closed).
+    pub fn mark_ended(&self) {
+        *self.ended.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.ended_signal.notify_all();
+    }
+
+    /// Waits until the run has ended, at most `timeout`; whether it has.
+    pub fn wait_ended(&self, timeout: std::time::Duration) -> bool {
+        let ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        let (ended, _) = self
+            .ended_signal
+            .wait_timeout_while(ended, timeout, |ended| !*ended)
+            .unwrap_or_else(|e| e.into_inner());
+        *ended
+    }
+
     /// Cancels the batch: no more items start, those in the engine are cancelled.
     pub fn cancel(&self, engine: &Engine) {
         self.cancelled.store(true, Ordering::SeqCst);

@@ -111,6 +111,9 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The longest `Remove` waits for a running batch's runner to stop.
+const REMOVE_WAIT: Duration = Duration::from_secs(30);
+
 impl Service {
     /// Opens (creating) the state under `root`; [`Service::resume_unfinished`] starts the
     /// batches a stopped daemon left unfinished.
@@ -385,10 +388,20 @@ impl Service {
     }
 
     /// Removes a batch whatever its owner (retention).
+    ///
+    /// A running batch is cancelled first, and its runner waited for (at most
+    /// [`REMOVE_WAIT`]): `Remove` right after `Cancel` must not race an item's files.
     pub fn expire(&self, id: BatchId) -> Result<(), BatchError> {
         if let Some(c) = self.control(id) {
             c.cancel(&self.inner.engine);
-            // The runner thread ends within a step; it only touches the store after.
+            // The runner ends within a step; its files must be written (or not) before
+            // the folder goes, or a file written meanwhile makes the removal fail.
+            if !c.wait_ended(REMOVE_WAIT) {
+                return Err(BatchError::Io(format!(
+                    "batch {id} is still stopping after {} s; remove it again",
+                    REMOVE_WAIT.as_secs()
+                )));
+            }
         }
         let dir = self.dir(id);
         match std::fs::remove_dir_all(&dir) {
@@ -479,9 +492,11 @@ impl Service {
                 };
                 let end = runner.run(id, owner, resumed);
                 output.close();
+                control.mark_ended();
                 end.map_err(|e| e.to_string())
             }
             Err(e) => {
+                control.mark_ended();
                 let message = format!("cannot use {}: {e}", dir.display());
                 let _ = self.store().set_state(id, BatchState::Paused, &message);
                 Ok(End::Paused(message))
