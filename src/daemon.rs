@@ -207,6 +207,9 @@ pub async fn run(
             "no [models] configured; add [models.NAME] path = \"DIR\"".into(),
         ));
     }
+    if !crate::heap::tune() {
+        tracing::debug!("the allocator's mmap threshold is left as it is (not glibc)");
+    }
     let idle_exit = idle_exit_after(&settings.jobs);
     let priority_gid = match &settings.jobs.priority_group {
         None => None,

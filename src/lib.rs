@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod dbus;
+pub mod heap;
 pub mod jobs;
 pub mod local;
 pub mod metrics;

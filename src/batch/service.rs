@@ -414,6 +414,9 @@ impl Service {
             _ => {}
         }
         self.store().remove(id)?;
+        // A batch's requests, rows and buffers were many small allocations: hand the
+        // pages they leave back to the system.
+        crate::heap::give_back();
         Ok(())
     }
 

@@ -21,21 +21,8 @@ pub const PER_UID: usize = 2;
 pub const AT_ONCE: usize = 1;
 
 /// A manifest at least this large gives its memory back to the system once it was read
-/// ([`give_back_heap`]).
+/// ([`crate::heap::give_back`]).
 pub const TRIM_AFTER_BYTES: usize = 1 << 20;
-
-/// Hands the heap's free pages back to the system. Reading a large manifest allocates
-/// many small buffers (one request per line) that glibc keeps in its arenas after they are
-/// freed; without this, round after round of large submissions left the daemon hundreds of
-/// megabytes larger. Blocking (it walks every arena): call it off the async threads.
-pub fn give_back_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap pages to the system; it does not touch
-    // memory that is in use, and glibc makes it safe to call from any thread.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
 
 /// The gate submissions pass through.
 #[derive(Clone)]

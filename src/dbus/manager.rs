@@ -255,7 +255,7 @@ impl Manager {
             let submitted = service.submit(owner, &manifest, &submission);
             if manifest.len() >= super::intake::TRIM_AFTER_BYTES {
                 drop(manifest);
-                super::intake::give_back_heap();
+                crate::heap::give_back();
             }
             let (id, _) = submitted?;
             Ok((id, service.snapshot(id)?))

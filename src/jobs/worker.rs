@@ -248,9 +248,7 @@ impl Engine {
                     > crate::model::memory::RELEASE_ABOVE
             });
         if large {
-            // SAFETY: malloc_trim only returns free heap pages to the system; it does not
-            // touch memory in use.
-            unsafe { libc::malloc_trim(0) };
+            crate::heap::give_back();
         }
     }
 
