@@ -301,7 +301,10 @@ fn png_parameters_name_every_setting() {
         execution_provider: "cpu",
     };
     let text = r.png_parameters(&provenance, 0);
-    assert!(text.starts_with("a cat\nSteps: 20, Sampler: pndm"), "{text}");
+    assert!(
+        text.starts_with("a cat\nSteps: 20, Sampler: pndm"),
+        "{text}"
+    );
     assert!(text.contains(
         "Seed: 5, RNG: torch, Size: 64x64, Mode: txt2img, Prompt syntax: diffusers, Model hash: 0123456789, Model: tiny, ONNX Runtime: 1.32.0, Execution provider: cpu"
     ));
