@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::files::Output;
-use super::manifest::{Format, Options, Shard};
+use super::manifest::{Format, Manifest, Options, Shard};
 use super::quota::{self, Quota, Retention};
 use super::runner::{Control, End, Observer, Progress, Runner};
 use super::store::{Admitted, BatchId, BatchRow, BatchState, Counts, Finished, NewBatch, Store};
@@ -217,11 +217,17 @@ impl Service {
         };
         let parsed = read_checked(manifest, &options, &self.inner.catalog, &self.inner.limits)?;
         let id = self.inner.engine.next_id();
-        let items: Vec<_> = parsed.selected().cloned().collect();
+        // The shard's items, moved out of the manifest (no second copy of a large one).
+        let Manifest {
+            items,
+            shard,
+            identity,
+        } = parsed;
+        let items: Vec<_> = items.into_iter().filter(|i| shard.holds(i.index)).collect();
         let batch = NewBatch {
             id,
             owner,
-            identity: &parsed.identity,
+            identity: &identity,
             label: &submission.label,
             base_seed: options.base_seed,
             items: &items,
