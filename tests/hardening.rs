@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -401,8 +400,7 @@ fn a_request_over_the_memory_budget_is_refused_and_memory_comes_back_after_a_lar
 /// refuses what would get it killed, instead of dying with the jobs of every caller.
 #[test]
 fn in_a_memory_cgroup_the_daemon_refuses_what_would_kill_it() {
-    let Some(cgroup) = child_memory_cgroup(3 << 29) else {
-        eprintln!("SKIPPED: no writable memory cgroup");
+    let Some(cgroup) = common::cgroup::cgroup_or_skip(3 << 29) else {
         return;
     };
     let bus = PrivateBus::start();
@@ -416,30 +414,7 @@ fn in_a_memory_cgroup_the_daemon_refuses_what_would_kill_it() {
         ),
     )
     .unwrap();
-    let mut child = Killed(
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "echo $$ > {}/cgroup.procs && exec \"$0\" --address \"$1\" --config \"$2\"",
-                cgroup.display()
-            ))
-            .arg(env!("CARGO_BIN_EXE_diffusiond"))
-            .arg(bus.address())
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap(),
-    );
-    let t0 = Instant::now();
-    while !Command::new("busctl")
-        .args(["--address", bus.address(), "status", NAME])
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        assert!(child.0.try_wait().unwrap().is_none(), "diffusiond exited");
-        assert!(t0.elapsed() < Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut daemon = common::cgroup::CgroupDaemon::start(&cgroup, &bus, &config);
     runtime().block_on(async {
         let conn = bus.connect().await;
         // 768² needs about 6 GiB: it fits this machine, not the cgroup, which would kill
@@ -459,12 +434,7 @@ fn in_a_memory_cgroup_the_daemon_refuses_what_would_kill_it() {
         let side = suggested_side(&err);
         assert!(square(&conn, side).await.is_none(), "{side}² failed");
     });
-    assert!(
-        child.0.try_wait().unwrap().is_none(),
-        "the daemon was killed"
-    );
-    drop(child);
-    let _ = std::fs::remove_dir(&cgroup);
+    assert!(daemon.alive(), "the daemon was killed");
 }
 
 /// The config of a daemon that allows large sizes (4096² at most), with `extra` appended.
@@ -607,45 +577,4 @@ fn memory_comes_back_after_a_cancelled_large_job_and_one_whose_caller_left() {
             "RSS {baseline} kB before, {during} kB during, {after} kB after a {side}² job whose caller left"
         );
     });
-}
-
-/// A child process killed when dropped (also when an assertion fails).
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A child of this process's memory cgroup limited to `bytes`, or `None` where cgroups
-/// cannot be written (not root, or no memory controller).
-fn child_memory_cgroup(bytes: u64) -> Option<std::path::PathBuf> {
-    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let base = own.lines().find_map(|l| {
-        let mut p = l.splitn(3, ':');
-        let (_, controllers, path) = (p.next()?, p.next()?, p.next()?);
-        if controllers.split(',').any(|c| c == "memory") {
-            Some(format!("/sys/fs/cgroup/memory{path}"))
-        } else if controllers.is_empty() && Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
-        {
-            Some(format!("/sys/fs/cgroup{path}"))
-        } else {
-            None
-        }
-    })?;
-    let dir = Path::new(&base).join(format!("diffusiond-test-{}", std::process::id()));
-    std::fs::create_dir(&dir).ok()?;
-    let v1 = dir.join("memory.limit_in_bytes");
-    let file = if v1.exists() {
-        v1
-    } else {
-        dir.join("memory.max")
-    };
-    if std::fs::write(&file, bytes.to_string()).is_err() {
-        let _ = std::fs::remove_dir(&dir);
-        return None;
-    }
-    Some(dir)
 }

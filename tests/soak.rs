@@ -356,6 +356,30 @@ fn as_nobody(exe: &std::path::Path, test: &str, env: &[(&str, &str)]) -> std::pr
     c
 }
 
+/// Runs `client` (as another uid) to its end while root runs jobs and reads properties;
+/// its standard output, and root's latencies. The client must succeed.
+async fn run_client_measuring_root(
+    mut client: std::process::Command,
+    conn: &zbus::Connection,
+) -> (String, Latencies) {
+    let out = tokio::task::spawn_blocking(move || client.output().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let lat = tokio::spawn({
+        let conn = conn.clone();
+        async move { measure_root_while(&conn, rx).await }
+    });
+    let out = out.await.unwrap();
+    let _ = tx.send(());
+    let lat = lat.await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "the client as uid 65534 failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (stdout, lat)
+}
+
 /// Root's view while another uid sends large calls: how long `Generate` + `Wait` of a 64²
 /// job and a property read take.
 struct Latencies {
@@ -452,7 +476,7 @@ fn large_byte_arrays_and_image_files_cost_their_size_and_stall_no_one() {
     reset_peak(daemon.pid());
 
     let png_path = stage.path().join("large.png");
-    let mut client = as_nobody(
+    let client = as_nobody(
         &exe,
         "hostile_large_inputs",
         &[
@@ -461,23 +485,7 @@ fn large_byte_arrays_and_image_files_cost_their_size_and_stall_no_one() {
         ],
     );
     let t0 = Instant::now();
-    let (out, lat) = rt.block_on(async {
-        let out = tokio::task::spawn_blocking(move || client.output().unwrap());
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let lat = tokio::spawn({
-            let conn = conn.clone();
-            async move { measure_root_while(&conn, rx).await }
-        });
-        let out = out.await.unwrap();
-        let _ = tx.send(());
-        (out, lat.await.unwrap())
-    });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the client as uid 65534 failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, lat) = rt.block_on(run_client_measuring_root(client, &conn));
     let outcome = |case: &str| {
         stdout
             .lines()
@@ -710,7 +718,7 @@ fn parallel_large_batch_submissions_are_answered_and_give_their_memory_back() {
     let conn = rt.block_on(bus.connect());
     rt.block_on(root_job(&conn, 1));
     let rss_before = rss_kb(d.pid());
-    let mut client = as_nobody(
+    let client = as_nobody(
         &exe,
         "hostile_parallel_submissions",
         &[
@@ -720,23 +728,7 @@ fn parallel_large_batch_submissions_are_answered_and_give_their_memory_back() {
         ],
     );
     let t0 = Instant::now();
-    let (out, lat) = rt.block_on(async {
-        let out = tokio::task::spawn_blocking(move || client.output().unwrap());
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let lat = tokio::spawn({
-            let conn = conn.clone();
-            async move { measure_root_while(&conn, rx).await }
-        });
-        let out = out.await.unwrap();
-        let _ = tx.send(());
-        (out, lat.await.unwrap())
-    });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the client as uid 65534 failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, lat) = rt.block_on(run_client_measuring_root(client, &conn));
     // (seconds, accepted, refused, daemon RSS in kB after the round)
     let rounds: Vec<(u64, usize, usize, u64)> = stdout
         .lines()

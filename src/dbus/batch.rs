@@ -21,8 +21,7 @@ use zbus::zvariant::{ObjectPath, OwnedFd};
 use zbus::{Connection, interface};
 
 use super::events::Followers;
-use super::job::property_error;
-use super::{Error, check_owner, expect_args};
+use super::{Error, expect_args};
 use crate::batch::service::{Events, Service, Snapshot};
 use crate::batch::{BatchError, BatchId, BatchState, Progress};
 use crate::wire::batch::batch_path;
@@ -65,28 +64,16 @@ impl Batch {
     /// Only the owner or root passes; the caller's connection then follows the batch.
     /// Returns the caller's uid.
     async fn admit(&self, conn: &Connection, header: &Header<'_>) -> Result<u32, Error> {
-        let uid = check_owner(conn, header, self.owner).await?;
-        if let Some(sender) = header.sender() {
-            self.followers.add(conn, sender).await;
-        }
-        Ok(uid)
+        self.followers.admit(conn, header, self.owner).await
     }
 
-    /// [`Batch::admit`] for an owner-only property; a read without a header is the
-    /// daemon's own (a `PropertiesChanged` going to the followers).
+    /// [`Batch::admit`] for an owner-only property.
     async fn admit_read(
         &self,
         conn: &Connection,
         header: Option<&Header<'_>>,
     ) -> zbus::fdo::Result<()> {
-        match header {
-            None => Ok(()),
-            Some(header) => self
-                .admit(conn, header)
-                .await
-                .map(drop)
-                .map_err(property_error),
-        }
+        self.followers.admit_read(conn, header, self.owner).await
     }
 }
 

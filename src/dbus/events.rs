@@ -13,7 +13,10 @@ use zbus::Connection;
 use zbus::names::{BusName, OwnedUniqueName, UniqueName};
 use zbus::object_server::SignalEmitter;
 
-use super::{Job, Manager, Registry};
+use zbus::message::Header;
+
+use super::job::property_error;
+use super::{Error, Job, Manager, Registry, check_owner};
 use crate::jobs::{Engine, Event, JobId, JobState, Outcome};
 use crate::wire::{MANAGER_PATH, job_path};
 
@@ -42,6 +45,39 @@ impl Followers {
     pub fn starting_with(first: Option<&UniqueName<'_>>) -> Followers {
         Followers {
             names: Mutex::new(first.map(|n| n.to_owned().into()).into_iter().collect()),
+        }
+    }
+
+    /// Only `owner` or root passes; the caller's connection then follows. Returns the
+    /// caller's uid.
+    pub async fn admit(
+        &self,
+        conn: &Connection,
+        header: &Header<'_>,
+        owner: u32,
+    ) -> Result<u32, Error> {
+        let uid = check_owner(conn, header, owner).await?;
+        if let Some(sender) = header.sender() {
+            self.add(conn, sender).await;
+        }
+        Ok(uid)
+    }
+
+    /// [`Followers::admit`] for an owner-only property: a read without a header is the
+    /// daemon's own (a `PropertiesChanged` going to the followers).
+    pub async fn admit_read(
+        &self,
+        conn: &Connection,
+        header: Option<&Header<'_>>,
+        owner: u32,
+    ) -> zbus::fdo::Result<()> {
+        match header {
+            None => Ok(()),
+            Some(header) => self
+                .admit(conn, header, owner)
+                .await
+                .map(drop)
+                .map_err(property_error),
         }
     }
 

@@ -14,7 +14,7 @@ use zbus::zvariant::OwnedValue;
 use zbus::{Connection, interface};
 
 use super::events::Followers;
-use super::{Error, check_owner, expect_args};
+use super::{Error, expect_args};
 use crate::jobs::{Engine, JobId, JobOutput, JobState, Outcome};
 use crate::request::ResolvedRequest;
 use crate::wire::keys;
@@ -93,28 +93,20 @@ impl Job {
             let v = self.view();
             (v.owner, v.followers.clone())
         };
-        let uid = check_owner(conn, header, owner).await?;
-        if let Some(sender) = header.sender() {
-            followers.add(conn, sender).await;
-        }
-        Ok(uid)
+        followers.admit(conn, header, owner).await
     }
 
-    /// [`Job::admit`] for a property read: a read without a header is the daemon's own
-    /// (a `PropertiesChanged` going to the followers).
+    /// [`Job::admit`] for a property read.
     async fn admit_read(
         &self,
         conn: &Connection,
         header: Option<&Header<'_>>,
     ) -> zbus::fdo::Result<()> {
-        match header {
-            None => Ok(()),
-            Some(header) => self
-                .admit(conn, header)
-                .await
-                .map(drop)
-                .map_err(property_error),
-        }
+        let (owner, followers) = {
+            let v = self.view();
+            (v.owner, v.followers.clone())
+        };
+        followers.admit_read(conn, header, owner).await
     }
 }
 
