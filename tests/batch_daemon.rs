@@ -606,3 +606,58 @@ fn a_shard_that_selects_no_item_is_refused() {
     let o = ctl(&bus, &["batch", "list"]);
     assert!(text(&o).contains("0 batches"), "{}", text(&o));
 }
+
+/// A client following a batch learns that it ended from the state change alone: cancelled
+/// from another connection, no item reports after the client's last look. (The client's
+/// state stream yielded nothing, so it waited for an item signal that never came.)
+#[test]
+fn a_following_client_sees_a_cancel_made_elsewhere() {
+    let Fixture {
+        dir: _dir,
+        manifest,
+        out,
+        bus,
+        daemon: _daemon,
+        ..
+    } = fixture(40, 16);
+    let o = batch_cmd(&bus, &manifest, &out, &["--detach"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    // Reattach: this client follows the running batch and copies what it makes.
+    let mut follower = batch_cmd(&bus, &manifest, &out, &[])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pngs(&out).is_empty() {
+        assert!(Instant::now() < deadline, "the follower copied nothing");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = ctl(&bus, &["batch", "cancel", &id]);
+    assert!(o.status.success(), "{}", text(&o));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = follower.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = follower.kill();
+            let o = follower.wait_with_output().unwrap();
+            panic!(
+                "the follower still waits 30 s after the cancel: {}",
+                text(&o)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let o = follower.wait_with_output().unwrap();
+    assert!(
+        !status.success(),
+        "a cancelled batch is not a success: {}",
+        text(&o)
+    );
+    assert!(text(&o).contains("cancelled"), "{}", text(&o));
+}

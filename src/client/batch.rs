@@ -219,7 +219,22 @@ impl Client {
         // makes this connection one the daemon sends the batch's signals to (they are
         // unicast to the owner's connections that use the batch: docs/dbus-api.md).
         let mut items = batch.receive_item_finished().await.map_err(map)?;
-        let mut states = batch.receive_state_changed().await;
+        // The batch's PropertiesChanged as a plain signal stream: a proxy that caches
+        // nothing (as this one) yields no `receive_state_changed` events, and a wait for the
+        // final state after the last item's signal would never end.
+        let properties = zbus::fdo::PropertiesProxy::builder(batch.inner().connection())
+            .destination(crate::wire::BUS_NAME)
+            .map_err(map)?
+            .path(path.clone())
+            .map_err(map)?
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .map_err(map)?;
+        let mut states = properties
+            .receive_properties_changed()
+            .await
+            .map_err(|e| map(e.into()))?;
         let listed = self
             .batch_call(path, "ListResults", batch.list_results())
             .await?;

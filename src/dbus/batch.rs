@@ -380,7 +380,8 @@ async fn apply(conn: &Connection, event: BatchEvent) -> zbus::Result<()> {
         .interface::<_, Batch>(batch_path(id))
         .await?;
     let batch = iface.get().await;
-    let emitters = batch.followers.emitters(iface.signal_emitter());
+    // The view is updated before the followers are read: a connection that becomes one
+    // after this reads the new values, one that was one gets the signals.
     match event {
         BatchEvent::Item {
             name,
@@ -389,6 +390,7 @@ async fn apply(conn: &Connection, event: BatchEvent) -> zbus::Result<()> {
             ..
         } => {
             batch.view().progress = progress;
+            let emitters = batch.followers.emitters(iface.signal_emitter());
             for emitter in &emitters {
                 Batch::item_finished(
                     emitter,
@@ -414,6 +416,7 @@ async fn apply(conn: &Connection, event: BatchEvent) -> zbus::Result<()> {
                     v.progress.eta_seconds = 0.0;
                 }
             }
+            let emitters = batch.followers.emitters(iface.signal_emitter());
             for emitter in &emitters {
                 batch.state_changed(emitter).await?;
                 batch.error_changed(emitter).await?;
