@@ -231,10 +231,7 @@ impl Client {
             .build()
             .await
             .map_err(map)?;
-        let mut states = properties
-            .receive_properties_changed()
-            .await
-            .map_err(|e| map(e.into()))?;
+        let mut states = properties.receive_properties_changed().await.map_err(map)?;
         let listed = self
             .batch_call(path, "ListResults", batch.list_results())
             .await?;
