@@ -6,6 +6,11 @@
 //! tests/common/parity.rs. The cases cover prompts and negatives longer than 75 tokens,
 //! BREAK, '!' on SDXL's second tokenizer (unequal chunk counts per encoder), nested,
 //! explicit and escaped weights, and weighted negatives, on SD1.x and SDXL.
+//!
+//! These references pad the shorter of the prompt and the negative prompt with empty
+//! chunks (webui's "Pad prompt/negative prompt" option): cases whose encoded prompt and
+//! negative differ in chunk count run with `a1111_pad_cond_uncond`. webui's default
+//! (separate UNet runs) is held to tests/golden/a1111/steps/ in tests/a1111_steps.rs.
 
 mod common;
 
@@ -30,6 +35,24 @@ struct Case {
     pngs: Vec<String>,
     weighted: bool,
     unet_timesteps: Vec<f64>,
+    /// Per text encoder: the prompt's and the negative's chunk counts before padding.
+    chunks: std::collections::BTreeMap<String, Chunks>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+struct Chunks {
+    prompt: usize,
+    negative: Option<usize>,
+}
+
+impl Case {
+    /// Whether the reference padded an encoded negative prompt and the prompt to one
+    /// chunk count (SDXL's null negative is zeros: any length gives the same UNet output).
+    fn padded(&self) -> bool {
+        let max = |f: fn(&Chunks) -> Option<usize>| self.chunks.values().filter_map(f).max();
+        let negative = max(|c| c.negative);
+        negative.is_some() && negative != max(|c| Some(c.prompt))
+    }
 }
 
 fn golden() -> std::path::PathBuf {
@@ -51,6 +74,7 @@ fn params(case: &Case) -> GenerateParams {
         height: case.height,
         num_images: case.num_images,
         prompt_syntax: PromptSyntax::A1111,
+        a1111_pad_cond_uncond: case.padded(),
         ..GenerateParams::default()
     }
 }
@@ -80,7 +104,12 @@ fn check(model: &str) {
             }
         };
         let diff = Diff::of_images(&result.images, &golden(), &case.images, &case.pngs);
-        eprintln!("{} (weighted: {}): {diff}", case.id, case.weighted);
+        eprintln!(
+            "{} (weighted: {}, padded: {}): {diff}",
+            case.id,
+            case.weighted,
+            case.padded()
+        );
         if !diff.within_bar() {
             failures.push(format!("{}: {diff}", case.id));
         }

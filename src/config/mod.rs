@@ -122,6 +122,10 @@ pub struct ModelEntry {
     /// Tallest image for this model (default: 8 × its native size).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_height: Option<u32>,
+    /// Default of the `a1111_pad_cond_uncond` request key (webui's "Pad prompt/negative
+    /// prompt" option; false, webui's default, when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub a1111_pad_cond_uncond: Option<bool>,
 }
 
 impl ModelEntry {
@@ -135,6 +139,7 @@ impl ModelEntry {
             height: self.height,
             max_width: self.max_width,
             max_height: self.max_height,
+            a1111_pad_cond_uncond: self.a1111_pad_cond_uncond,
         }
     }
 }

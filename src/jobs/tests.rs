@@ -36,6 +36,8 @@ pub(crate) fn resolved(model: &str, steps: usize) -> ResolvedRequest {
         guidance_embedding: false,
         prompt_syntax: Default::default(),
         max_prompt_chunks: usize::MAX,
+        a1111_pad_cond_uncond: false,
+        a1111_parts: 1,
         keep_alive: None,
     }
 }

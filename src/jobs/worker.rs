@@ -122,7 +122,10 @@ impl Engine {
         };
         let others: u64 = st.running.iter().flatten().map(|b| b.peak).sum();
         let left = budget.saturating_sub(others);
-        let fits = |n: usize| profile.peak(r.width, r.height, n, r.do_cfg()) <= left;
+        let fits = |n: usize| {
+            let images = n * r.memory_images() / r.num_images.max(1);
+            profile.peak(r.width, r.height, images, r.do_cfg()) <= left
+        };
         if others > 0 && !fits(r.num_images) {
             return None;
         }
@@ -143,7 +146,7 @@ impl Engine {
     /// A batch's estimated peak memory (0 without a memory budget).
     fn peak(&self, batch: &[QueuedJob]) -> u64 {
         let r = &batch[0].request;
-        let images = batch.iter().map(|j| j.request.num_images).sum();
+        let images = batch.iter().map(|j| j.request.memory_images()).sum();
         match (self.shared.memory_budget, self.memory_profile(&r.model)) {
             (Some(_), Some(profile)) => profile.peak(r.width, r.height, images, r.do_cfg()),
             _ => 0,
@@ -237,7 +240,7 @@ impl Engine {
     /// so a daemon that served one large request does not keep its peak for good.
     fn release_memory(&self, batch: &[QueuedJob]) {
         let r = &batch[0].request;
-        let images = batch.iter().map(|j| j.request.num_images).sum();
+        let images = batch.iter().map(|j| j.request.memory_images()).sum();
         let large = self
             .shared
             .catalog

@@ -8,23 +8,39 @@ use crate::request::ResolvedRequest;
 /// Per-row guidance settings of a batch (each request keeps its own scale).
 pub(super) struct Guidance {
     pub(super) cfg: bool,
-    scale: Vec<f32>,
+    /// Per image row, as requested (f64).
+    scale: Vec<f64>,
     rescale: Vec<f32>,
 }
 
 impl Guidance {
     pub(super) fn for_batch(batch: &[&ResolvedRequest]) -> Guidance {
-        let rows = |f: fn(&ResolvedRequest) -> f64| {
+        let rows = |f: fn(&ResolvedRequest) -> f64| -> Vec<f64> {
             batch
                 .iter()
-                .flat_map(|p| std::iter::repeat_n(f(p) as f32, p.num_images))
+                .flat_map(|p| std::iter::repeat_n(f(p), p.num_images))
                 .collect()
         };
         Guidance {
             cfg: batch[0].do_cfg(),
             scale: rows(|p| p.guidance_scale),
-            rescale: rows(|p| p.guidance_rescale),
+            rescale: rows(|p| p.guidance_rescale)
+                .into_iter()
+                .map(|r| r as f32)
+                .collect(),
         }
+    }
+}
+
+impl Guidance {
+    /// The guidance scale of image row `row`.
+    pub(super) fn scale(&self, row: usize) -> f64 {
+        self.scale[row]
+    }
+
+    /// The guidance rescale of image row `row`.
+    pub(super) fn rescale(&self, row: usize) -> f32 {
+        self.rescale[row]
     }
 }
 
@@ -43,17 +59,27 @@ pub(super) fn guide(
         .zip(uncond.axis_iter(Axis(0)))
         .zip(text.axis_iter(Axis(0)));
     for (row, ((mut o, u), t)) in rows.enumerate() {
-        let g = guidance.scale[row];
+        let g = guidance.scale[row] as f32;
         Zip::from(&mut o)
             .and(&u)
             .and(&t)
             .for_each(|o, &u, &t| *o = u + g * (t - u));
         let rescale = guidance.rescale[row];
         if rescale > 0.0 {
-            let factor = std_unbiased(t.iter()) / std_unbiased(o.iter());
-            o.mapv_inplace(|x| rescale * (x * factor) + (1.0 - rescale) * x);
+            rescale_row(o, t, rescale);
         }
     }
+}
+
+/// diffusers' `rescale_noise_cfg` of one row: the guided prediction `o` rescaled towards
+/// the conditional one's (`text`) standard deviation by `rescale`.
+pub(super) fn rescale_row(
+    mut o: ndarray::ArrayViewMutD<'_, f32>,
+    text: ndarray::ArrayViewD<'_, f32>,
+    rescale: f32,
+) {
+    let factor = std_unbiased(text.iter()) / std_unbiased(o.iter());
+    o.mapv_inplace(|x| rescale * (x * factor) + (1.0 - rescale) * x);
 }
 
 /// `torch.std` over all elements (Bessel-corrected), accumulated in f64.

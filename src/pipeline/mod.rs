@@ -3,6 +3,7 @@
 //! diffusers' `StableDiffusionPipeline` / `StableDiffusionXLPipeline` as Optimum runs them.
 
 mod a1111;
+mod a1111_steps;
 mod arena;
 mod arrays;
 pub mod components;
@@ -36,7 +37,7 @@ use arrays::{all_finite, shape_err};
 use components::{AddedCond, TextEncoder, Unet, VaeDecoder, VaeEncoder};
 use guidance::{Guidance, guide};
 use latents::{BatchNoise, Inpaint, draw_latents};
-use text::Conditioning;
+use text::{Conditioning, TextConditioning};
 
 /// Errors from loading a pipeline or generating with it.
 #[derive(Debug, thiserror::Error)]
@@ -344,7 +345,7 @@ impl Pipeline {
 
         // Only a batch with a large working set hands its arena memory back afterwards;
         // small ones keep it for the next batch.
-        let images: usize = batch.iter().map(|p| p.num_images).sum();
+        let images: usize = batch.iter().map(|p| p.memory_images()).sum();
         let shrink_after =
             self.bundle
                 .memory
@@ -405,22 +406,46 @@ impl Pipeline {
             _ => None,
         };
         self.unet.set_guidance_embedding(embedding);
-        tracing::debug_span!("denoise").in_scope(|| {
-            self.denoise(
+        let start = Start {
+            begin,
+            inpaint: inpaint.as_ref(),
+        };
+        tracing::debug_span!("denoise").in_scope(|| match cond {
+            TextConditioning::Fixed(cond) => self.denoise(
                 &cond,
                 &guidance,
                 sched.as_mut(),
-                Start {
-                    begin,
-                    inpaint: inpaint.as_ref(),
-                },
+                start,
                 &mut latents,
                 &mut noise,
                 run_options,
                 shrink_after,
                 &mut timings,
                 progress,
-            )
+            ),
+            TextConditioning::Scheduled(a1111) => {
+                let (n, c, h, w) = latents.dim();
+                let masked = start.masked();
+                let unet_c = if masked.is_some() { 9 } else { c };
+                let mut steps = a1111_steps::Steps::new(
+                    a1111,
+                    batch,
+                    &guidance,
+                    ([n, c, h, w], unet_c),
+                    masked,
+                )?;
+                self.denoise_scheduled(
+                    &mut steps,
+                    &guidance,
+                    sched.as_mut(),
+                    start,
+                    &mut latents,
+                    &mut noise,
+                    (run_options, shrink_after),
+                    &mut timings,
+                    progress,
+                )
+            }
         })?;
 
         let t0 = Instant::now();
@@ -485,6 +510,38 @@ struct Start<'a> {
     inpaint: Option<&'a Inpaint>,
 }
 
+impl<'a> Start<'a> {
+    /// A 9-channel UNet's extra inputs: the mask and the masked image's latents.
+    fn masked(&self) -> Option<(&'a Array4<f32>, &'a Array4<f32>)> {
+        self.inpaint
+            .and_then(|i| Some((&i.mask, i.masked_latents.as_ref()?)))
+    }
+}
+
+/// After the model output of step `i`: the scheduler step, inpainting's blend and the
+/// check that the latents are finite.
+fn finish_step(
+    sched: &mut dyn Scheduler,
+    model_output: ndarray::ArrayViewD<'_, f32>,
+    i: usize,
+    (start, end): (Start<'_>, usize),
+    sample: &mut ArrayD<f32>,
+    noise: &mut dyn NoiseSource,
+    scratch: &mut Vec<f32>,
+) -> Result<(), PipelineError> {
+    sched.step(model_output, i, sample, noise)?;
+    if let Some(inpaint) = start.inpaint {
+        latents::blend(inpaint, sched, i, i + 1 == end, sample, scratch);
+    }
+    if !all_finite(sample.view()) {
+        return Err(PipelineError::NonFinite {
+            stage: "denoise",
+            step: Some((i + 1 - start.begin, end - start.begin)),
+        });
+    }
+    Ok(())
+}
+
 impl Pipeline {
     /// The denoise loop. The UNet input and guidance buffers are allocated once and
     /// refilled each step.
@@ -506,9 +563,7 @@ impl Pipeline {
         let (n, c, h, w) = latents.dim();
         let rows = if cfg { 2 * n } else { n };
         // A 9-channel UNet takes the mask and the masked image's latents after the latents.
-        let masked = start
-            .inpaint
-            .and_then(|i| Some((&i.mask, i.masked_latents.as_ref()?)));
+        let masked = start.masked();
         let unet_c = if masked.is_some() { 9 } else { c };
         let added = cond.added.as_ref().map(|(te, ti)| AddedCond {
             text_embeds: te.view(),
@@ -606,17 +661,16 @@ impl Pipeline {
                 } else {
                     out.view()
                 };
-                sched.step(model_output, i, &mut sample, noise)?;
-                if let Some(inpaint) = start.inpaint {
-                    latents::blend(inpaint, sched, i, i + 1 == end, &mut sample, &mut scratch);
-                }
+                finish_step(
+                    sched,
+                    model_output,
+                    i,
+                    (start, end),
+                    &mut sample,
+                    noise,
+                    &mut scratch,
+                )?;
                 let done = i + 1 - start.begin;
-                if !all_finite(sample.view()) {
-                    return Err(PipelineError::NonFinite {
-                        stage: "denoise",
-                        step: Some((done, total)),
-                    });
-                }
                 timings.scheduler += (t1 - t0) + t2.elapsed();
                 if !progress(done, total) {
                     return Err(PipelineError::Cancelled);

@@ -124,6 +124,10 @@ pub fn format(r: &ResolvedRequest, p: &Provenance<'_>, image: usize) -> String {
         pairs.push(("Batch pos", image.to_string()));
     }
     pairs.push(("Prompt syntax", r.prompt_syntax.to_string()));
+    if r.prompt_syntax == PromptSyntax::A1111 && r.a1111_pad_cond_uncond {
+        // webui's own key for its "Pad prompt/negative prompt" option.
+        pairs.push(("Pad conds", "True".to_string()));
+    }
     if let Some(h) = p.model_hash {
         pairs.push(("Model hash", h.to_string()));
     }
@@ -299,6 +303,19 @@ pub fn parse(text: &str) -> Result<Receipt, InfotextError> {
         Some(v) => value("Prompt syntax", v, "diffusers or a1111")?,
         None => PromptSyntax::default(),
     };
+    let pad_conds = match get("Pad conds") {
+        Some("True") => Some(true),
+        Some("False") => Some(false),
+        Some(v) => {
+            return Err(InfotextError::Value {
+                key: "Pad conds",
+                value: v.chars().take(40).collect(),
+                message: "is not True or False".into(),
+            });
+        }
+        // Written only when true; an a1111 request without it did not pad.
+        None => (prompt_syntax == PromptSyntax::A1111).then_some(false),
+    };
     let model = need("Model")?.to_string();
     let owned = |key| get(key).map(str::to_string);
     let edit = mode != Mode::Txt2Img;
@@ -317,6 +334,7 @@ pub fn parse(text: &str) -> Result<Receipt, InfotextError> {
         num_images: Some(batch_size),
         strength,
         prompt_syntax: Some(prompt_syntax),
+        a1111_pad_cond_uncond: pad_conds,
         ..GenerateRequest::default()
     };
     Ok(Receipt {

@@ -90,6 +90,10 @@ pub struct GenerateRequest {
     pub strength: Option<f64>,
     /// How the prompt text is read (diffusers' plain text, or AUTOMATIC1111's syntax).
     pub prompt_syntax: Option<crate::prompt_syntax::PromptSyntax>,
+    /// `prompt_syntax` `a1111`: webui's "Pad prompt/negative prompt" option (pad the
+    /// shorter of the two with empty chunks and run one UNet batch) instead of webui's
+    /// default (separate UNet runs when their lengths differ).
+    pub a1111_pad_cond_uncond: Option<bool>,
     /// Seconds the model stays loaded after this job (-1: until unloaded; 0: unloaded
     /// after it); daemon only ([`KeepAlive`]).
     pub keep_alive: Option<f64>,
@@ -114,6 +118,8 @@ pub struct ModelDefaults {
     pub max_width: Option<u32>,
     /// Tallest image for this model (default: 8 × its native size).
     pub max_height: Option<u32>,
+    /// `a1111_pad_cond_uncond` for requests that leave it out.
+    pub a1111_pad_cond_uncond: Option<bool>,
 }
 
 impl ModelDefaults {
@@ -126,6 +132,7 @@ impl ModelDefaults {
         height: None,
         max_width: None,
         max_height: None,
+        a1111_pad_cond_uncond: None,
     };
 
     /// The configured limit for `key` (`width` or `height`).

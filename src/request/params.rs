@@ -42,6 +42,8 @@ pub struct GenerateParams {
     pub strength: Option<f64>,
     /// How the prompt text is read.
     pub prompt_syntax: crate::prompt_syntax::PromptSyntax,
+    /// `a1111` syntax: webui's "Pad prompt/negative prompt" option.
+    pub a1111_pad_cond_uncond: bool,
 }
 
 impl Default for GenerateParams {
@@ -63,6 +65,7 @@ impl Default for GenerateParams {
             mask_image: None,
             strength: None,
             prompt_syntax: Default::default(),
+            a1111_pad_cond_uncond: false,
         }
     }
 }
@@ -112,6 +115,7 @@ impl GenerateParams {
             mask_image: self.mask_image.clone(),
             strength: self.strength,
             prompt_syntax: Some(self.prompt_syntax),
+            a1111_pad_cond_uncond: Some(self.a1111_pad_cond_uncond),
             keep_alive: None,
         }
     }

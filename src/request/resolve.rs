@@ -68,6 +68,13 @@ pub struct ResolvedRequest {
     /// Most 75-token chunks an AUTOMATIC1111-syntax prompt may take (`limits.max_prompt_chunks`;
     /// counted when the job's text is tokenized).
     pub max_prompt_chunks: usize,
+    /// `prompt_syntax` `a1111`: pad the shorter of the prompt and the negative prompt with
+    /// empty chunks (webui's `pad_cond_uncond`); false: separate UNet runs when their
+    /// lengths differ (webui's default).
+    pub a1111_pad_cond_uncond: bool,
+    /// `prompt_syntax` `a1111`: the prompt's `AND` parts (1 without `AND`); each is a UNet
+    /// row per image.
+    pub a1111_parts: usize,
     /// How long the model stays loaded after this job; `None`: `jobs.idle_unload_secs`.
     pub keep_alive: Option<super::KeepAlive>,
 }
@@ -119,6 +126,12 @@ impl ResolvedRequest {
         !self.guidance_embedding && self.guidance_scale > 1.0
     }
 
+    /// The images the memory estimate counts: each `AND` part beyond the first adds a UNet
+    /// row per image, i.e. half an image of guided rows.
+    pub fn memory_images(&self) -> usize {
+        memory_images(self.num_images, self.a1111_parts)
+    }
+
     /// Requests with equal keys can share one UNet batch.
     pub fn batch_key(&self) -> BatchKey {
         (
@@ -140,7 +153,12 @@ impl ResolvedRequest {
             PromptSyntax::Diffusers => 0,
             PromptSyntax::A1111 => {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
-                (&self.prompt, &self.negative_prompt).hash(&mut h);
+                (
+                    &self.prompt,
+                    &self.negative_prompt,
+                    self.a1111_pad_cond_uncond,
+                )
+                    .hash(&mut h);
                 h.finish() | 1
             }
         }
@@ -202,6 +220,8 @@ impl ResolvedRequest {
             mask_image: self.edit.as_ref().and_then(|e| e.mask.clone()),
             strength: self.edit.as_ref().map(|e| e.strength),
             prompt_syntax: Some(self.prompt_syntax),
+            a1111_pad_cond_uncond: (self.prompt_syntax == PromptSyntax::A1111)
+                .then_some(self.a1111_pad_cond_uncond),
             keep_alive: self.keep_alive.map(super::KeepAlive::as_secs),
         }
     }
@@ -272,6 +292,10 @@ pub fn resolve(
 
     over("prompt", req.prompt.len(), limits.max_prompt_bytes)?;
     let prompt_syntax = req.prompt_syntax.unwrap_or_default();
+    let a1111_parts = match prompt_syntax {
+        PromptSyntax::A1111 => a1111::parts(&req.prompt)?,
+        PromptSyntax::Diffusers => 1,
+    };
     if prompt_syntax == PromptSyntax::A1111 {
         // The weights must parse; the pipeline parses again when it encodes.
         prompt_syntax::parse_attention(&req.prompt)
@@ -425,9 +449,10 @@ pub fn resolve(
     if let Some(budget) = limits.budget() {
         let cfg = guidance_scale > 1.0;
         let memory = &bundle.memory;
-        let needed = memory.peak(width, height, num_images, cfg);
+        let images = memory_images(num_images, a1111_parts);
+        let needed = memory.peak(width, height, images, cfg);
         if needed > budget {
-            let fits = match memory.largest_square(budget, num_images, cfg, multiple) {
+            let fits = match memory.largest_square(budget, images, cfg, multiple) {
                 Some(side) => format!(
                     "at most {side}x{side} fits for {num_images} image(s) (fewer images, or guidance at most 1, need less)"
                 ),
@@ -482,7 +507,7 @@ pub fn resolve(
         }
     }
 
-    Ok(ResolvedRequest {
+    let resolved = ResolvedRequest {
         model: model.name.to_string(),
         prompt: req.prompt.clone(),
         negative_prompt: req.negative_prompt.clone(),
@@ -501,8 +526,23 @@ pub fn resolve(
         guidance_embedding,
         prompt_syntax,
         max_prompt_chunks: limits.max_prompt_chunks,
+        a1111_pad_cond_uncond: req
+            .a1111_pad_cond_uncond
+            .or(configured.a1111_pad_cond_uncond)
+            .unwrap_or(false),
+        a1111_parts,
         keep_alive: req.keep_alive.map(super::KeepAlive::parse).transpose()?,
-    })
+    };
+    if prompt_syntax == PromptSyntax::A1111 {
+        a1111::check(&resolved)?;
+    }
+    Ok(resolved)
+}
+
+/// Images as the memory estimate counts them: `parts` `AND` parts run `parts + 1` UNet rows
+/// per image with guidance, where one part runs 2.
+fn memory_images(images: usize, parts: usize) -> usize {
+    images.saturating_mul(parts.max(1) + 1).div_ceil(2)
 }
 
 /// An edit and the output size its init image gives.
@@ -621,6 +661,7 @@ fn resolve_edit(
     )))
 }
 
+mod a1111;
 mod size;
 #[cfg(test)]
 mod tests;

@@ -256,6 +256,7 @@ pub const KEYS: &[Key] = &[
     key!(priority: i32),
     key!(strength: f64),
     key!(prompt_syntax: PromptSyntax),
+    key!(a1111_pad_cond_uncond: bool),
     key!(keep_alive: f64),
     image_key!(Slot::Init),
     image_key!(Slot::Mask),

@@ -169,6 +169,12 @@ pub struct RequestFlags {
     /// in 75-token chunks) [default: diffusers].
     #[arg(long, value_name = "diffusers|a1111")]
     pub prompt_syntax: Option<diffusiond::prompt_syntax::PromptSyntax>,
+    /// With `--prompt-syntax a1111`: webui's "Pad prompt/negative prompt" option (pad the
+    /// shorter with empty chunks, one UNet batch) instead of webui's default (separate
+    /// UNet runs when their lengths differ) [default: the model's a1111_pad_cond_uncond,
+    /// else false].
+    #[arg(long)]
+    pub a1111_pad_cond_uncond: bool,
     /// Seconds the model stays loaded after the job (-1: until unloaded, 0: unloaded after
     /// it) [default: the daemon's jobs.idle_unload_secs].
     #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
@@ -190,6 +196,7 @@ impl RequestFlags {
             num_images: self.num_images,
             strength: self.strength,
             prompt_syntax: self.prompt_syntax,
+            a1111_pad_cond_uncond: self.a1111_pad_cond_uncond.then_some(true),
             keep_alive: self.keep_alive,
             ..GenerateRequest::default()
         }

@@ -321,6 +321,7 @@ fn configured_defaults_come_between_the_request_and_the_built_in_ones() {
         height: None,
         max_width: None,
         max_height: None,
+        a1111_pad_cond_uncond: Some(true),
     };
     let model = ModelRef {
         name: "demo",
@@ -330,7 +331,9 @@ fn configured_defaults_come_between_the_request_and_the_built_in_ones() {
     let r = resolve(&prompt(), model, &Limits::default(), || 1).unwrap();
     assert_eq!((r.steps, r.guidance_scale, r.scheduler), (12, 5.0, "ddim"));
     assert_eq!((r.width, r.height), (96, 64));
+    assert!(r.a1111_pad_cond_uncond);
     let req = GenerateRequest {
+        a1111_pad_cond_uncond: Some(false),
         steps: Some(3),
         guidance_scale: Some(1.0),
         scheduler: Some("euler".into()),
@@ -340,6 +343,7 @@ fn configured_defaults_come_between_the_request_and_the_built_in_ones() {
     let r = resolve(&req, model, &Limits::default(), || 1).unwrap();
     assert_eq!((r.steps, r.guidance_scale, r.scheduler), (3, 1.0, "euler"));
     assert_eq!((r.width, r.height), (32, 64));
+    assert!(!r.a1111_pad_cond_uncond);
 }
 
 #[test]
@@ -421,4 +425,44 @@ fn each_model_has_a_size_limit_from_its_native_size_that_the_config_can_raise() 
     // The global limits still cap it.
     let err = resolve(&at(4096), model(&raised), &Limits::default(), || 1).unwrap_err();
     assert!(err.to_string().contains("above the limit of 2048"), "{err}");
+}
+
+#[test]
+fn composable_a1111_prompts_are_checked_before_they_queue() {
+    let a1111 = |text: &str, guidance: f64, rescale: f64| GenerateRequest {
+        prompt: text.into(),
+        prompt_syntax: Some(PromptSyntax::A1111),
+        guidance_scale: Some(guidance),
+        guidance_rescale: Some(rescale),
+        ..prompt()
+    };
+    let r = run(a1111("a cat AND a dog :1.2", 7.5, 0.0), &Limits::default()).unwrap();
+    assert_eq!(r.a1111_parts, 2);
+    // Two parts and the negative: three UNet rows per image, 1.5 images of guided rows
+    // (rounded up).
+    assert_eq!(memory_images(2, r.a1111_parts), 3);
+    assert_eq!(r.memory_images(), 2);
+    let e = run(a1111("a cat AND a dog", 1.0, 0.0), &Limits::default()).unwrap_err();
+    assert!(
+        e.to_string().starts_with("'prompt': AND, or a weight ':N'"),
+        "{e}"
+    );
+    let e = run(a1111("a cat :1.3", 7.5, 0.7), &Limits::default()).unwrap_err();
+    assert!(e.to_string().starts_with("'guidance_rescale': "), "{e}");
+    // Without composition, rescale and no guidance are fine.
+    run(a1111("a [cat:dog:0.5]", 1.0, 0.7), &Limits::default()).unwrap();
+    let many = vec!["x"; a1111::MAX_PARTS + 1].join(" AND ");
+    let e = run(a1111(&many, 7.5, 0.0), &Limits::default()).unwrap_err();
+    assert!(e.to_string().contains("AND parts; at most 32"), "{e}");
+    // Alternations multiply: 6 x 6 distinct texts over 40 steps.
+    let texts = "[a|b|c|d|e|f] [g|h|i|j|k|l|m]";
+    let req = GenerateRequest {
+        steps: Some(42),
+        ..a1111(texts, 7.5, 0.0)
+    };
+    let e = run(req, &Limits::default()).unwrap_err();
+    assert!(
+        e.to_string().contains("distinct texts over 42 steps"),
+        "{e}"
+    );
 }

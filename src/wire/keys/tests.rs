@@ -28,6 +28,7 @@ fn every_key_round_trips() {
         init_image: None,
         mask_image: None,
         prompt_syntax: Some(PromptSyntax::A1111),
+        a1111_pad_cond_uncond: Some(true),
         keep_alive: Some(30.0),
     };
     let owned = to_owned_dict(&req);
