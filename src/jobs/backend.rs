@@ -51,6 +51,10 @@ pub trait Model: Send {
         control: &RunControl,
         progress: &mut ProgressFn<'_>,
     ) -> Result<Vec<Generation>, PipelineError>;
+
+    /// Where the previews of the next batches go (request index in the batch, step, PNG);
+    /// models without previews ignore it.
+    fn set_preview_sink(&mut self, _sink: Option<crate::pipeline::preview::PreviewSink>) {}
 }
 
 /// Stops a batch in flight: a flag for the step loop, and ONNX Runtime's run options,
@@ -180,5 +184,9 @@ impl Model for Pipeline {
             message: "no run options".into(),
         })?;
         self.run(batch, options, progress)
+    }
+
+    fn set_preview_sink(&mut self, sink: Option<crate::pipeline::preview::PreviewSink>) {
+        Pipeline::set_preview_sink(self, sink);
     }
 }

@@ -355,6 +355,15 @@ impl Pipeline {
                 &mut guided,
                 timings,
             )?;
+            let steps_run = (i + 1 - start.begin, end - start.begin);
+            self.preview.after_step(
+                start.previews,
+                sched,
+                i,
+                steps_run,
+                sample.view(),
+                guided.view(),
+            )?;
             finish_step(
                 sched,
                 guided.view(),

@@ -11,6 +11,7 @@ mod guidance;
 pub mod image;
 mod latents;
 pub mod preprocess;
+pub mod preview;
 mod text;
 mod text_cache;
 pub mod unet;
@@ -159,6 +160,8 @@ pub struct Pipeline {
     /// Run options that shrink the CPU arena after a large batch, after its first UNet
     /// step, and after a batch that stopped early ([`arena`]).
     arena: arena::ArenaOptions,
+    /// Live previews ([`preview`]).
+    preview: preview::Previewer,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -238,6 +241,7 @@ impl Pipeline {
             ort_version: runtime.version().to_string(),
             text_cache: text_cache::TextCache::default(),
             arena: arena::ArenaOptions::new(runtime)?,
+            preview: preview::Previewer::default(),
         })
     }
 
@@ -246,6 +250,11 @@ impl Pipeline {
     #[doc(hidden)]
     pub fn unet_mut(&mut self) -> &mut Unet {
         &mut self.unet
+    }
+
+    /// Sets (or clears) where the previews of the next generations go.
+    pub fn set_preview_sink(&mut self, sink: Option<preview::PreviewSink>) {
+        self.preview.set_sink(sink);
     }
 
     /// The bundle this pipeline runs.
@@ -406,9 +415,11 @@ impl Pipeline {
             _ => None,
         };
         self.unet.set_guidance_embedding(embedding);
+        let previews = preview::Plan::for_batch(batch);
         let start = Start {
             begin,
             inpaint: inpaint.as_ref(),
+            previews: &previews,
         };
         tracing::debug_span!("denoise").in_scope(|| match cond {
             TextConditioning::Fixed(cond) => self.denoise(
@@ -503,11 +514,13 @@ impl Pipeline {
     }
 }
 
-/// Where the denoise loop starts: the first timestep index, and inpainting's inputs.
+/// Where the denoise loop starts (the first timestep index), inpainting's inputs, and the
+/// previews it reports.
 #[derive(Clone, Copy)]
 struct Start<'a> {
     begin: usize,
     inpaint: Option<&'a Inpaint>,
+    previews: &'a preview::Plan,
 }
 
 impl<'a> Start<'a> {
@@ -661,6 +674,15 @@ impl Pipeline {
                 } else {
                     out.view()
                 };
+                let done = i + 1 - start.begin;
+                self.preview.after_step(
+                    start.previews,
+                    sched,
+                    i,
+                    (done, total),
+                    sample.view(),
+                    model_output.view(),
+                )?;
                 finish_step(
                     sched,
                     model_output,
@@ -670,7 +692,6 @@ impl Pipeline {
                     noise,
                     &mut scratch,
                 )?;
-                let done = i + 1 - start.begin;
                 timings.scheduler += (t1 - t0) + t2.elapsed();
                 if !progress(done, total) {
                     return Err(PipelineError::Cancelled);
