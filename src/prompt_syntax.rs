@@ -16,6 +16,9 @@ use std::str::FromStr;
 
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 
+mod schedule;
+pub use schedule::{Composable, Scheduled, entry_at, schedule, split_and};
+
 /// Prompt tokens per chunk, start and end tokens not counted.
 pub const CHUNK_TOKENS: usize = 75;
 /// Ids per chunk: start token, [`CHUNK_TOKENS`], end token.
@@ -96,6 +99,47 @@ pub enum PromptSyntaxError {
         rows: usize,
         /// Weights given.
         weights: usize,
+    },
+    /// Prompt editing or alternation next to an unbalanced bracket, where webui's Earley
+    /// parser picks between equally ranked parses in an order that changes from one
+    /// process to the next (`[a:b:3]]`): there is no one schedule to reproduce.
+    #[error(
+        "prompt editing or alternation in '{text}' is ambiguous next to an unbalanced \
+         bracket (webui's result for it changes from run to run); balance or escape the \
+         brackets"
+    )]
+    AmbiguousSchedule {
+        /// The prompt text.
+        text: String,
+    },
+    /// Brackets nested deeper than the 200 levels followed.
+    #[error("prompt editing or alternation in '{text}' nests brackets more than 200 deep")]
+    ScheduleTooDeep {
+        /// The prompt text.
+        text: String,
+    },
+    /// A prompt editing step that is not a finite number of steps (`[a:b:1e400]`); webui
+    /// raises OverflowError.
+    #[error("prompt editing step '{number}' in '{text}' is not a finite number of steps")]
+    ScheduleStepOverflow {
+        /// The number as written.
+        number: String,
+        /// The prompt text.
+        text: String,
+    },
+    /// `AND` beside a non-ASCII letter or digit, where Python's `\b` and Rust's character
+    /// classes may disagree on whether it splits the prompt.
+    #[error("composable prompt 'AND' beside a non-ASCII letter in '{text}' is not supported")]
+    AndBoundary {
+        /// The prompt.
+        text: String,
+    },
+    /// A composable prompt weight (`:1.2` after `AND`) with non-ASCII digits, which
+    /// webui's `\d` and float() read but are not followed here.
+    #[error("composable prompt weight with non-ASCII digits in '{text}' is not supported")]
+    CompositeWeight {
+        /// The part of the prompt.
+        text: String,
     },
 }
 
