@@ -12,6 +12,11 @@ use crate::pipeline::{Generation, Pipeline, PipelineError, ProgressFn};
 use crate::request::ResolvedRequest;
 use crate::runtime::Runtime;
 
+/// Work a batch lets run between two of its steps ([`Model::set_interlude`]): given the
+/// model, it may run other batches on it, and returns whether it did; or
+/// [`PipelineError::Preempted`] to stop the batch so that its jobs go back to the queue.
+pub type ModelInterlude = dyn FnMut(&mut dyn Model) -> Result<bool, PipelineError> + Send;
+
 /// Loads models. Called on a loading thread of its own.
 pub trait Backend: Send + Sync + 'static {
     /// The workers' devices, one entry per worker thread (`cpu`, `cuda:0`, ...).
@@ -55,6 +60,10 @@ pub trait Model: Send {
     /// Where the previews of the next batches go (request index in the batch, step, PNG);
     /// models without previews ignore it.
     fn set_preview_sink(&mut self, _sink: Option<crate::pipeline::preview::PreviewSink>) {}
+
+    /// Work the next batches let run between two of their steps; a model that cannot
+    /// suspend a batch ignores it.
+    fn set_interlude(&mut self, _interlude: Option<Box<ModelInterlude>>) {}
 }
 
 /// Stops a batch in flight: a flag for the step loop, and ONNX Runtime's run options,
@@ -188,5 +197,11 @@ impl Model for Pipeline {
 
     fn set_preview_sink(&mut self, sink: Option<crate::pipeline::preview::PreviewSink>) {
         Pipeline::set_preview_sink(self, sink);
+    }
+
+    fn set_interlude(&mut self, interlude: Option<Box<ModelInterlude>>) {
+        let wrapped = interlude
+            .map(|mut f| Box::new(move |p: &mut Pipeline| f(p)) as Box<crate::pipeline::Interlude>);
+        Pipeline::set_interlude(self, wrapped);
     }
 }

@@ -22,13 +22,14 @@
 pub mod admission;
 pub mod backend;
 mod delivery;
+mod preempt;
 pub mod queue;
 mod slots;
 #[cfg(test)]
 mod tests;
 mod worker;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -43,6 +44,7 @@ use crate::pipeline::StageTimings;
 use crate::request::ResolvedRequest;
 pub use admission::Admission;
 pub use backend::{Backend, Model, OrtBackend, RunControl};
+use preempt::Running;
 pub use queue::{Queue, QueueError};
 pub use slots::ModelState;
 use slots::Slots;
@@ -236,21 +238,13 @@ pub fn next_job_id(last: &std::sync::atomic::AtomicU64, now_micros: u64) -> JobI
     }
 }
 
-/// The batch on a worker: its jobs, those cancelled meanwhile, its run control, and its
-/// estimated peak memory (bytes), which the other workers' batches leave room for.
-struct Running {
-    control: Arc<RunControl>,
-    jobs: HashSet<JobId>,
-    cancelled: HashSet<JobId>,
-    peak: u64,
-}
-
 struct State {
     queue: Queue,
     slots: Slots,
     admission: Admission,
-    /// Each worker's batch, by worker number.
-    running: Vec<Option<Running>>,
+    /// Each worker's batches, by worker number: the one running last, below it those it
+    /// suspended between two of their steps ([`preempt`]).
+    running: Vec<Vec<Running>>,
     /// Jobs writing their images to callers' fds, with their cancel flags.
     delivering: HashMap<JobId, Arc<AtomicBool>>,
     shutting_down: bool,
@@ -316,7 +310,7 @@ impl Engine {
                 queue: Queue::default(),
                 slots: Slots::new(catalog.names(), workers),
                 admission: Admission::default(),
-                running: (0..workers).map(|_| None).collect(),
+                running: (0..workers).map(|_| Vec::new()).collect(),
                 delivering: HashMap::new(),
                 shutting_down: false,
             }),
@@ -627,7 +621,7 @@ impl Engine {
         let st = self
             .shared
             .wake
-            .wait_while(st, |st| st.running.iter().any(Option::is_some))
+            .wait_while(st, |st| st.running.iter().any(|r| !r.is_empty()))
             .unwrap_or_else(|e| e.into_inner());
         // Images still being written to callers' fds: what is left of the grace period,
         // then cancelled (a writer notices within its poll interval).

@@ -53,12 +53,8 @@ impl Engine {
                     self.shared.backend.run_control(),
                 ) {
                     (Some(model), Ok(control)) => {
-                        st.running[worker] = Some(Running {
-                            control: Arc::new(control),
-                            jobs: batch.iter().map(|j| j.id).collect(),
-                            cancelled: HashSet::new(),
-                            peak: self.peak(&batch),
-                        });
+                        let peak = self.peak(&batch);
+                        st.running[worker].push(Running::new(Arc::new(control), &batch, peak));
                         return Some((batch, model));
                     }
                     (model, result) => {
@@ -108,7 +104,7 @@ impl Engine {
         let r = &lead.request;
         let mut cap = self.shared.settings.max_batch_images;
         let idle = (0..st.running.len())
-            .filter(|&w| st.running[w].is_none() && st.slots.is_ready(&r.model, w))
+            .filter(|&w| st.running[w].is_empty() && st.slots.is_ready(&r.model, w))
             .count();
         if idle > 1 {
             cap = cap.min(super::queue::fair_share(compatible, idle));
@@ -135,7 +131,10 @@ impl Engine {
         Some(cap)
     }
 
-    fn memory_profile(&self, model: &str) -> Option<&crate::model::memory::MemoryProfile> {
+    pub(super) fn memory_profile(
+        &self,
+        model: &str,
+    ) -> Option<&crate::model::memory::MemoryProfile> {
         self.shared
             .catalog
             .get(model)
@@ -173,13 +172,33 @@ impl Engine {
         }
     }
 
-    /// Runs one batch on worker `worker`'s thread; every job gets exactly one Finished
-    /// event.
+    /// Runs one batch on worker `worker`'s thread, with the model taken from its slot
+    /// (and put back after); every job gets exactly one Finished event. Queued work that
+    /// goes first runs between its steps ([`super::preempt`]).
     fn run_batch(&self, worker: usize, batch: Vec<QueuedJob>, mut model: Box<dyn Model>) {
+        let name = batch[0].request.model.clone();
+        let idle = self.shared.settings.idle_unload_secs;
+        let keep = super::slots::batch_keep(
+            batch.iter().map(|j| j.request.keep_alive),
+            (idle > 0).then(|| Duration::from_secs(idle)),
+        );
+        model.set_interlude(Some(self.interlude_for(worker, 0)));
+        self.execute(worker, batch, model.as_mut());
+        model.set_interlude(None);
+        self.lock()
+            .slots
+            .put_back_keeping(&name, worker, model, keep);
+        self.notify();
+    }
+
+    /// Runs the batch on top of `worker`'s running stack on `model`, then takes it off the
+    /// stack and reports every job exactly once; a batch stopped to make room for an
+    /// interactive job puts its jobs back in the queue.
+    pub(super) fn execute(&self, worker: usize, batch: Vec<QueuedJob>, model: &mut dyn Model) {
         let started = Instant::now();
         let name = batch[0].request.model.clone();
         let control = self.lock().running[worker]
-            .as_ref()
+            .last()
             .map(|r| r.control.clone());
         let images: usize = batch.iter().map(|j| j.request.num_images).sum();
         let device = self.device(worker).to_string();
@@ -212,18 +231,25 @@ impl Engine {
                 message: "the batch has no run control".into(),
             }),
         };
-        let idle = self.shared.settings.idle_unload_secs;
-        let keep = super::slots::batch_keep(
-            batch.iter().map(|j| j.request.keep_alive),
-            (idle > 0).then(|| Duration::from_secs(idle)),
-        );
+        let preempted = matches!(result, Err(PipelineError::Preempted));
         let cancelled = {
             let mut st = self.lock();
-            st.slots.put_back_keeping(&name, worker, model, keep);
-            st.running[worker]
-                .take()
+            let cancelled = st.running[worker]
+                .pop()
                 .map(|r| r.cancelled)
-                .unwrap_or_default()
+                .unwrap_or_default();
+            if preempted {
+                // Back in the queue, in their places; they run again from the start.
+                for job in batch {
+                    if !cancelled.contains(&job.id) {
+                        st.queue.push(job);
+                    }
+                }
+                drop(st);
+                self.notify();
+                return;
+            }
+            cancelled
         };
         self.release_memory(&batch);
         self.notify();
@@ -260,7 +286,7 @@ impl Engine {
     fn progress(&self, worker: usize, ids: &[JobId], step: usize, total: usize) -> bool {
         let live: Vec<JobId> = {
             let st = self.lock();
-            let cancelled = st.running[worker].as_ref().map(|r| &r.cancelled);
+            let cancelled = st.running[worker].last().map(|r| &r.cancelled);
             ids.iter()
                 .copied()
                 .filter(|id| !cancelled.is_some_and(|c| c.contains(id)))

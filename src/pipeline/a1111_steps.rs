@@ -377,6 +377,11 @@ impl Pipeline {
             if !progress(i + 1 - start.begin, end - start.begin) {
                 return Err(PipelineError::Cancelled);
             }
+            // Another generation may run here; these runs use no bound buffer, only the
+            // guidance embedding is set again.
+            if i + 1 < end && self.interlude()? {
+                self.unet.set_guidance_embedding(start.embedding.cloned());
+            }
         }
         *latents = sample.into_dimensionality().map_err(shape_err)?;
         Ok(())

@@ -79,6 +79,10 @@ pub enum PipelineError {
     /// The job was cancelled between steps.
     #[error("cancelled")]
     Cancelled,
+    /// The generation stopped between steps for more urgent work that cannot be held in
+    /// memory beside it; its jobs go back to the queue and start again.
+    #[error("preempted: put back in the queue")]
+    Preempted,
     /// A stage produced NaN or infinite values: the result would be garbage (a black or
     /// flat image), so the job stops instead.
     #[error("{stage}{}: produced non-finite values (NaN or infinity); the job was stopped", step.map(|(i, n)| format!(" step {i} of {n}")).unwrap_or_default())]
@@ -142,6 +146,12 @@ pub struct Generation {
 /// What the denoise loop reports after each step; returning `false` cancels.
 pub type ProgressFn<'a> = dyn FnMut(usize, usize) -> bool + Send + 'a;
 
+/// Called between two steps of every generation (after its progress): may run other
+/// generations on the same pipeline, and returns whether it did (the suspended
+/// generation then restores what they changed: the UNet's bound buffers and guidance
+/// embedding), or [`PipelineError::Preempted`] to stop this one and put it back.
+pub type Interlude = dyn FnMut(&mut Pipeline) -> Result<bool, PipelineError> + Send;
+
 /// A loaded text-to-image pipeline: sessions stay open between generations.
 pub struct Pipeline {
     bundle: Arc<ModelBundle>,
@@ -162,6 +172,8 @@ pub struct Pipeline {
     arena: arena::ArenaOptions,
     /// Live previews ([`preview`]).
     preview: preview::Previewer,
+    /// Work that may run between two steps ([`Interlude`]).
+    interlude: Option<Box<Interlude>>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -242,6 +254,7 @@ impl Pipeline {
             text_cache: text_cache::TextCache::default(),
             arena: arena::ArenaOptions::new(runtime)?,
             preview: preview::Previewer::default(),
+            interlude: None,
         })
     }
 
@@ -250,6 +263,22 @@ impl Pipeline {
     #[doc(hidden)]
     pub fn unet_mut(&mut self) -> &mut Unet {
         &mut self.unet
+    }
+
+    /// Sets (or clears) the work that may run between two steps of the next generations.
+    pub fn set_interlude(&mut self, interlude: Option<Box<Interlude>>) {
+        self.interlude = interlude;
+    }
+
+    /// Between two steps: the interlude, if any, with this pipeline. `Ok(true)` when it
+    /// ran a generation (the caller restores its UNet state).
+    fn interlude(&mut self) -> Result<bool, PipelineError> {
+        let Some(mut f) = self.interlude.take() else {
+            return Ok(false);
+        };
+        let result = f(self);
+        self.interlude = Some(f);
+        result
     }
 
     /// Sets (or clears) where the previews of the next generations go.
@@ -414,12 +443,13 @@ impl Pipeline {
             }
             _ => None,
         };
-        self.unet.set_guidance_embedding(embedding);
+        self.unet.set_guidance_embedding(embedding.clone());
         let previews = preview::Plan::for_batch(batch);
         let start = Start {
             begin,
             inpaint: inpaint.as_ref(),
             previews: &previews,
+            embedding: embedding.as_ref(),
         };
         tracing::debug_span!("denoise").in_scope(|| match cond {
             TextConditioning::Fixed(cond) => self.denoise(
@@ -521,6 +551,8 @@ struct Start<'a> {
     begin: usize,
     inpaint: Option<&'a Inpaint>,
     previews: &'a preview::Plan,
+    /// An LCM UNet's guidance embedding, set again after an interlude.
+    embedding: Option<&'a ArrayD<f32>>,
 }
 
 impl<'a> Start<'a> {
@@ -528,6 +560,26 @@ impl<'a> Start<'a> {
     fn masked(&self) -> Option<(&'a Array4<f32>, &'a Array4<f32>)> {
         self.inpaint
             .and_then(|i| Some((&i.mask, i.masked_latents.as_ref()?)))
+    }
+}
+
+/// Writes a 9-channel UNet's mask and masked-image latents after the `c` latent channels of
+/// every `n`-row half of its input.
+fn write_masked(
+    mut unet_in: ndarray::ArrayViewMutD<'_, f32>,
+    n: usize,
+    c: usize,
+    (mask, masked_latents): (&Array4<f32>, &Array4<f32>),
+) {
+    let rows = unet_in.len_of(Axis(0));
+    for half in 0..rows / n {
+        let r = half * n..(half + 1) * n;
+        unet_in
+            .slice_mut(s![r.clone(), c..c + 1, .., ..])
+            .assign(mask);
+        unet_in
+            .slice_mut(s![r, c + 1.., .., ..])
+            .assign(masked_latents);
     }
 }
 
@@ -588,22 +640,14 @@ impl Pipeline {
             .unet
             .bind(&[rows, unet_c, h, w], cond.hidden.view(), added.as_ref())?;
         let mut own_in = (!bound).then(|| Array4::<f32>::zeros((rows, unet_c, h, w)));
-        if let Some((mask, masked_latents)) = masked {
+        if let Some(masked) = masked {
             // The same for every step (and both CFG halves): written once.
-            let mut unet_in = match (self.unet.input_mut(), own_in.as_mut()) {
+            let unet_in = match (self.unet.input_mut(), own_in.as_mut()) {
                 (Some(v), _) => v,
                 (None, Some(a)) => a.view_mut().into_dyn(),
                 (None, None) => unreachable!("one UNet input buffer exists"),
             };
-            for half in 0..rows / n {
-                let r = half * n..(half + 1) * n;
-                unet_in
-                    .slice_mut(s![r.clone(), c..c + 1, .., ..])
-                    .assign(mask);
-                unet_in
-                    .slice_mut(s![r, c + 1.., .., ..])
-                    .assign(masked_latents);
-            }
+            write_masked(unet_in, n, c, masked);
         }
         let mut scratch = Vec::new();
         let mut guided = ArrayD::<f32>::zeros(IxDyn(&[n, c, h, w]));
@@ -695,6 +739,18 @@ impl Pipeline {
                 timings.scheduler += (t1 - t0) + t2.elapsed();
                 if !progress(done, total) {
                     return Err(PipelineError::Cancelled);
+                }
+                if i + 1 < end && self.interlude()? {
+                    // Another generation ran on this pipeline: its conditioning (and, if it
+                    // had this shape, its latents) are in the bound buffers now.
+                    self.unet.set_guidance_embedding(start.embedding.cloned());
+                    if bound {
+                        let dims = [rows, unet_c, h, w];
+                        self.unet.bind(&dims, cond.hidden.view(), added.as_ref())?;
+                        if let (Some(masked), Some(unet_in)) = (masked, self.unet.input_mut()) {
+                            write_masked(unet_in, n, c, masked);
+                        }
+                    }
                 }
             }
             Ok(())

@@ -3,6 +3,7 @@
 //! worker only, cancel on one worker, and the memory budget shared by running batches.
 
 use super::*;
+use std::collections::HashSet;
 
 /// Waits until `n` jobs have started and the fake holds `n` batches at its gate (a batch
 /// reports its start just before it enters the fake, so the last step polls briefly).
