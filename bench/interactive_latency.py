@@ -5,11 +5,13 @@ the same request on an idle daemon, side by side in one run (see docs/benchmarks
 One diffusiond on a private bus (bench/batch_throughput.py's Bus and Daemon: the model
 preloaded, default session options). Rounds alternate: the generate alone on the idle daemon,
 then --per-round generates while a batch of --items items (same size and steps) runs,
-submitted with `diffusionctl batch --detach` and cancelled afterwards; they start after the
-batch's first image, at random moments (0 to --jitter seconds apart), since the wait depends
-on where in the running UNet batch a job arrives. Each latency is the client process's wall
-time (start to PNG written). Also recorded: how many batch images the daemon had finished
-when each interactive job returned, so the results show the job did not wait for the batch.
+submitted with `diffusionctl batch --detach`; they start after the batch's first image, at
+random moments (0 to --jitter seconds apart), since the wait depends on where in the running
+UNet batch a job arrives. Each latency is the client process's wall time (start to PNG
+written). Also recorded: how many batch images the daemon had finished when each interactive
+job returned, so the results show the job did not wait for the batch. With --complete, the
+batch runs to its end, and each round also runs the same batch alone: the batch's time with
+the interactive jobs, against alone, shows what they cost it (at best their own time).
 
     cargo build --release --bins
     /work/venv/ref/bin/python bench/interactive_latency.py --model-dir onnx/build/small \\
@@ -65,6 +67,8 @@ def main() -> None:
     ap.add_argument("--label", default=None)
     ap.add_argument("--out-dir", type=Path, default=bt.ROOT / "bench/results")
     ap.add_argument("--ready-timeout", type=float, default=600)
+    ap.add_argument("--complete", action="store_true",
+                    help="let each batch finish, and time the same batch alone each round")
     args = ap.parse_args()
     args.model_dir = args.model_dir.resolve()
     args.intra = args.inter = 0
@@ -86,7 +90,16 @@ def main() -> None:
         generate(args, bus, tmp / "warm-up.png")
         for r in range(args.rounds):
             idle = generate(args, bus, tmp / f"idle-{r}.png")
+            alone_s = None
+            if args.complete:
+                t0 = time.monotonic()
+                done_alone = ctl(args, bus, "batch", str(manifest), "--output-dir", str(tmp / f"alone-{r}"),
+                                 "--restart")
+                if done_alone.returncode != 0:
+                    raise RuntimeError(f"batch failed: {done_alone.stderr}")
+                alone_s = time.monotonic() - t0
             out = tmp / f"batch-{r}"
+            t_batch = time.monotonic()
             # --restart: the manifest is the same each round, and the daemon would hand back the
             # previous round's (cancelled) batch instead of running it again.
             sub = ctl(args, bus, "batch", str(manifest), "--output-dir", str(out), "--restart", "--detach")
@@ -109,10 +122,21 @@ def main() -> None:
                 time.sleep(rng.uniform(0, args.jitter))
                 busy.append(generate(args, bus, tmp / f"busy-{r}-{k}.png"))
                 done.append(len(list(batch_dir.glob("*.png"))))
-            ctl(args, bus, "batch", "cancel", batch_id)
-            rounds.append({"idle_s": idle, "busy_s": busy, "batch_images_done": done, "batch_images": images})
+            busy_batch_s = None
+            if args.complete:
+                while len(list(batch_dir.glob("*.png"))) < images:
+                    if time.monotonic() - t_batch > args.ready_timeout:
+                        raise RuntimeError("the batch did not finish")
+                    time.sleep(0.05)
+                busy_batch_s = time.monotonic() - t_batch
+            else:
+                ctl(args, bus, "batch", "cancel", batch_id)
+            rounds.append({"idle_s": idle, "busy_s": busy, "batch_images_done": done, "batch_images": images,
+                           "batch_alone_s": alone_s, "batch_with_jobs_s": busy_batch_s})
             print(f"round {r}: idle {idle:.3f} s, during a batch "
-                  + ", ".join(f"{b:.3f} s ({d}/{images} done)" for b, d in zip(busy, done)), flush=True)
+                  + ", ".join(f"{b:.3f} s ({d}/{images} done)" for b, d in zip(busy, done))
+                  + (f"; batch alone {alone_s:.2f} s, with the jobs {busy_batch_s:.2f} s" if args.complete else ""),
+                  flush=True)
     finally:
         daemon.stop()
         bus.proc.terminate()
@@ -120,7 +144,15 @@ def main() -> None:
     busy_all = [b for x in rounds for b in x["busy_s"]]
     summary = {"idle_s": statistics.median(idle_all), "busy_s": statistics.median(busy_all),
                "busy_max_s": max(busy_all), "busy_min_s": min(busy_all), "rounds": len(rounds),
-               "busy_jobs": len(busy_all)}
+               "busy_jobs": len(busy_all), "idle_max_s": max(idle_all),
+               "busy_over_idle_median": statistics.median(busy_all) / statistics.median(idle_all),
+               "busy_max_over_idle_median": max(busy_all) / statistics.median(idle_all)}
+    if args.complete:
+        extra = [x["batch_with_jobs_s"] - x["batch_alone_s"] for x in rounds]
+        summary.update(batch_alone_s=statistics.median(x["batch_alone_s"] for x in rounds),
+                       batch_with_jobs_s=statistics.median(x["batch_with_jobs_s"] for x in rounds),
+                       batch_extra_s=statistics.median(extra),
+                       interactive_work_s=args.per_round * summary["idle_s"])
     result = {"label": label, "args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds,
               "summary": summary, "machine": bt.machine(args, ["daemon"])}
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +162,12 @@ def main() -> None:
           f"| idle daemon ({len(idle_all)} jobs) | {summary['idle_s']:.3f} s | "
           f"{min(idle_all):.3f}-{max(idle_all):.3f} s |\n"
           f"| during a batch ({len(busy_all)} jobs) | {summary['busy_s']:.3f} s | "
-          f"{summary['busy_min_s']:.3f}-{summary['busy_max_s']:.3f} s |\n\nwrote {path}")
+          f"{summary['busy_min_s']:.3f}-{summary['busy_max_s']:.3f} s |\n\n"
+          f"during/idle: median {summary['busy_over_idle_median']:.2f}x, max {summary['busy_max_over_idle_median']:.2f}x"
+          + (f"\nbatch alone {summary['batch_alone_s']:.2f} s, with the jobs {summary['batch_with_jobs_s']:.2f} s "
+             f"(+{summary['batch_extra_s']:.2f} s; the jobs' own time {summary['interactive_work_s']:.2f} s)"
+             if args.complete else "")
+          + f"\n\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -22,10 +22,11 @@ use ort::session::RunOptions;
 
 use super::a1111::{A1111Cond, Encoded};
 use super::components::AddedCond;
+use super::denoise::{Start, finish_step};
 use super::guidance::{Guidance, rescale_row};
 use super::text::time_ids;
 use super::unet::Unet;
-use super::{Pipeline, PipelineError, StageTimings, Start, finish_step, shape_err};
+use super::{Pipeline, PipelineError, StageTimings, shape_err};
 use crate::request::ResolvedRequest;
 use crate::rng::NoiseSource;
 use crate::scheduler::Scheduler;
