@@ -305,6 +305,11 @@ pub async fn run(
     preload(&engine, &settings.preload, tensorrt).await;
     let retention = Duration::from_secs(settings.jobs.retention_secs);
     let jobs = registry.job_count();
+    let previews = tokio::spawn(dbus::pump_previews(
+        conn.clone(),
+        registry.clone(),
+        engine.preview_hub(),
+    ));
     let pump = tokio::spawn(dbus::pump_events(conn.clone(), registry, rx, retention));
     let watcher = tokio::spawn(dbus::watch_disconnects(conn.clone(), engine.clone()));
     let batch_pump = tokio::spawn(dbus::pump_batch_events(conn.clone(), batch_rx));
@@ -369,6 +374,7 @@ pub async fn run(
     status.abort();
     watcher.abort();
     pump.abort();
+    previews.abort();
     batch_pump.abort();
     if let Some(w) = watchdog {
         w.abort();

@@ -8,12 +8,14 @@ use std::sync::Arc;
 use ndarray::ArrayD;
 
 use crate::model::ModelBundle;
+use crate::pipeline::preview::PreviewSink;
 use crate::pipeline::{Pipeline, PipelineError, image};
 use crate::request::{self, GenerateRequest, Limits, ModelDefaults, ModelRef};
 use crate::runtime::{Runtime, RuntimeSettings};
 
 /// Opens `model_dir`, resolves `request` against it (no daemon limits: the caller owns
-/// the machine), loads the pipeline and generates. `latents` replace the seed's draw.
+/// the machine), loads the pipeline and generates. `latents` replace the seed's draw;
+/// `preview` receives the request's live previews (`preview_every`), on this thread.
 /// Returns one PNG per image, with the `parameters` chunk. Bad values fail before any
 /// session loads.
 pub fn generate(
@@ -21,6 +23,7 @@ pub fn generate(
     model_dir: &Path,
     request: &GenerateRequest,
     latents: Option<ArrayD<f32>>,
+    preview: Option<PreviewSink>,
 ) -> Result<Vec<Vec<u8>>, PipelineError> {
     let hashes = crate::model::hash::HashCache::for_user();
     let bundle = Arc::new(ModelBundle::open(model_dir)?.hashed(&hashes)?);
@@ -35,6 +38,7 @@ pub fn generate(
         .with_latents(latents, &bundle)?;
     let runtime = Runtime::init(settings)?;
     let mut pipeline = Pipeline::from_bundle(&runtime, bundle.clone())?;
+    pipeline.set_preview_sink(preview);
     let run_options = ort::session::RunOptions::new().map_err(|e| PipelineError::Inference {
         component: "runtime".into(),
         message: e.to_string(),

@@ -126,6 +126,11 @@ pub struct ModelEntry {
     /// prompt" option; false, webui's default, when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub a1111_pad_cond_uncond: Option<bool>,
+    /// The tiny VAE decoder folder for `taesd` previews (diffusers' `AutoencoderTiny`
+    /// decoder: `model.onnx` and `config.json`), instead of the model folder's own
+    /// `taesd_decoder/`. Relative paths are relative to the config file's folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_decoder: Option<PathBuf>,
 }
 
 impl ModelEntry {
@@ -140,6 +145,7 @@ impl ModelEntry {
             max_width: self.max_width,
             max_height: self.max_height,
             a1111_pad_cond_uncond: self.a1111_pad_cond_uncond,
+            preview_decoder: self.preview_decoder.clone(),
         }
     }
 }
@@ -225,6 +231,11 @@ impl Settings {
             for entry in settings.models.values_mut() {
                 if entry.path.is_relative() {
                     entry.path = dir.join(&entry.path);
+                }
+                if let Some(d) = entry.preview_decoder.as_mut()
+                    && d.is_relative()
+                {
+                    *d = dir.join(&*d);
                 }
             }
         }

@@ -264,6 +264,37 @@ async fn retire(conn: &Connection, registry: &Registry, id: JobId, state: JobSta
     }
 }
 
+/// Sends the engine's previews ([`crate::pipeline::preview::PreviewHub`]) as the `Preview`
+/// signal of each job's object, unicast to the connection that created the job (never to
+/// another follower, never broadcast). One send at a time: a preview made meanwhile
+/// replaces the unsent one of its job. Previews of jobs already removed from the bus are
+/// dropped.
+pub async fn pump_previews(
+    conn: Connection,
+    registry: Registry,
+    hub: std::sync::Arc<crate::pipeline::preview::PreviewHub>,
+) {
+    loop {
+        hub.offered().await;
+        for (id, p) in hub.take() {
+            if !registry.lock().contains_key(&id) {
+                continue;
+            }
+            let Ok(name) = UniqueName::try_from(p.destination.as_str()) else {
+                continue;
+            };
+            let sent = async {
+                let emitter =
+                    SignalEmitter::new(&conn, job_path(id))?.set_destination(BusName::Unique(name));
+                Job::preview(&emitter, p.step, &p.png).await
+            };
+            if let Err(e) = sent.await {
+                tracing::debug!(job = id, error = %e, "could not send a preview");
+            }
+        }
+    }
+}
+
 /// Cancels the jobs of callers that leave the bus.
 pub async fn watch_disconnects(conn: Connection, engine: Engine) -> zbus::Result<()> {
     use futures_lite::StreamExt;

@@ -223,6 +223,17 @@ impl Job {
     /// Once, when the job ends.
     #[zbus(signal)]
     pub(super) async fn finished(emitter: &SignalEmitter<'_>, state: &str) -> zbus::Result<()>;
+
+    /// A live preview of the job's first image after step `step` (request key
+    /// `preview_every`): a PNG at most 256 pixels on its long side. Sent only to the
+    /// connection that created the job; a preview that comes before the previous one was
+    /// sent replaces it.
+    #[zbus(signal)]
+    pub(super) async fn preview(
+        emitter: &SignalEmitter<'_>,
+        step: u32,
+        png: &[u8],
+    ) -> zbus::Result<()>;
 }
 
 /// The `Wait()` reply.

@@ -27,7 +27,7 @@ use zbus::Connection;
 use zbus::message::Header;
 
 pub use batch::{Batch, BatchEvent, ChannelEvents, pump_batch_events, schedule_expiry};
-pub use events::{pump_events, watch_disconnects};
+pub use events::{pump_events, pump_previews, watch_disconnects};
 pub use job::Job;
 pub use manager::{Manager, RuntimeInfo};
 

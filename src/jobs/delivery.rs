@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{Engine, Event, Failure, JobId, JobOutput, Outcome, QueuedJob};
+use crate::pipeline::preview::{Pending, PreviewHub, PreviewSink};
 use crate::pipeline::{Generation, image};
 use crate::request::Provenance;
 
@@ -187,6 +188,61 @@ fn write_all(
         }
     }
     Ok(())
+}
+
+/// Each engine's [`PreviewHub`] (keyed by its shared state's address; a hub lives as long
+/// as its sender task or a batch's sink holds it).
+static PREVIEW_HUBS: std::sync::Mutex<Vec<(usize, std::sync::Weak<PreviewHub>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+impl Engine {
+    /// Where this engine's previews wait to be sent (the D-Bus side takes them from it).
+    pub fn preview_hub(&self) -> Arc<PreviewHub> {
+        let key = Arc::as_ptr(&self.shared) as usize;
+        let mut hubs = PREVIEW_HUBS.lock().unwrap_or_else(|e| e.into_inner());
+        hubs.retain(|(_, hub)| hub.strong_count() > 0);
+        if let Some(hub) = hubs
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, hub)| hub.upgrade())
+        {
+            return hub;
+        }
+        let hub = Arc::new(PreviewHub::default());
+        hubs.push((key, Arc::downgrade(&hub)));
+        hub
+    }
+
+    /// The preview sink of a batch, set on the model before it runs and taken off after
+    /// ([`crate::jobs::Model::set_preview_sink`] `Some`, then `None`): request `i`'s
+    /// previews go to job `batch[i]`'s slot in the [`PreviewHub`], addressed to the
+    /// connection that created it. A job without a caller on the bus (a batch item) gets
+    /// none; a batch where no job asked for previews gets a sink that drops everything.
+    pub fn preview_sink(&self, batch: &[QueuedJob]) -> PreviewSink {
+        let targets: Vec<Option<(JobId, String)>> = batch
+            .iter()
+            .map(|j| {
+                let sender = j.sender.clone().filter(|_| j.request.preview_every > 0)?;
+                Some((j.id, sender))
+            })
+            .collect();
+        if targets.iter().all(Option::is_none) {
+            return Box::new(|_, _, _| {});
+        }
+        let hub = self.preview_hub();
+        Box::new(move |i, step, png| {
+            if let Some(Some((id, destination))) = targets.get(i) {
+                hub.offer(
+                    *id,
+                    Pending {
+                        destination: destination.clone(),
+                        step: u32::try_from(step).unwrap_or(u32::MAX),
+                        png,
+                    },
+                );
+            }
+        })
+    }
 }
 
 #[cfg(test)]

@@ -38,6 +38,8 @@ pub(crate) fn resolved(model: &str, steps: usize) -> ResolvedRequest {
         max_prompt_chunks: usize::MAX,
         a1111_pad_cond_uncond: false,
         a1111_parts: 1,
+        preview_every: 0,
+        preview_method: Default::default(),
         keep_alive: None,
     }
 }

@@ -66,6 +66,10 @@ impl Catalog {
             .into_iter()
             .map(|m| {
                 let bundle = ModelBundle::open(&m.path)
+                    .and_then(|b| match &m.defaults.preview_decoder {
+                        Some(d) => b.with_preview_decoder(d),
+                        None => Ok(b),
+                    })
                     .and_then(|b| b.hashed(hashes))
                     .map(Arc::new)
                     .map_err(|e| e.to_string())

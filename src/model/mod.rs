@@ -107,6 +107,9 @@ struct VaeConfig {
     block_out_channels: Option<Vec<u32>>,
 }
 
+/// The tiny VAE decoder's folder inside a model folder (`taesd` previews).
+pub const TAESD_DIR: &str = "taesd_decoder";
+
 /// The largest VAE scale factor accepted from a config (SD models use 8).
 const MAX_VAE_SCALE_FACTOR: usize = 64;
 /// The largest native size accepted from a config, in pixels per side.
@@ -155,6 +158,10 @@ pub struct ModelBundle {
     /// (`vae_decoder_fp32/model.onnx`): latents the main decoder turns into non-finite
     /// values (fp16 overflow) are decoded again with it.
     pub has_vae_decoder_fp32: bool,
+    /// The tiny VAE decoder folder for `taesd` previews (diffusers' `AutoencoderTiny`
+    /// decoder, `model.onnx` with its `config.json`): the folder's `taesd_decoder/`, or
+    /// `[models.NAME] preview_decoder` ([`ModelBundle::with_preview_decoder`]).
+    pub preview_decoder: Option<PathBuf>,
     /// The folder's [`hash::ModelHash`] (64 hex digits), once [`ModelBundle::hashed`]
     /// computed it (the catalog and `--local` do); `None` before.
     pub model_hash: Option<String>,
@@ -244,6 +251,11 @@ impl ModelBundle {
             PipelineKind::StableDiffusionXl => vec!["text_encoder", "text_encoder_2"],
         };
         components.extend(["unet", "vae_decoder"]);
+        let taesd = dir.join(TAESD_DIR);
+        let preview_decoder = taesd.join("model.onnx").is_file().then_some(taesd);
+        if preview_decoder.is_some() {
+            components.push(TAESD_DIR);
+        }
         let weights = memory::weights_on_disk(dir, &components);
         let memory = memory::MemoryProfile::new(&unet_shape, &vae_shape, vae_scale_factor, weights);
         let bundle = ModelBundle {
@@ -262,10 +274,26 @@ impl ModelBundle {
             time_cond_proj_dim: unet.time_cond_proj_dim,
             has_vae_encoder: dir.join("vae_encoder/model.onnx").is_file(),
             has_vae_decoder_fp32: dir.join("vae_decoder_fp32/model.onnx").is_file(),
+            preview_decoder,
             model_hash: None,
         };
         bundle.check_files()?;
         Ok(bundle)
+    }
+
+    /// The bundle with `dir` as its tiny VAE decoder for previews (`[models.NAME]
+    /// preview_decoder`), instead of its own `taesd_decoder/`; its weights count in the
+    /// model's memory, and its graph is checked like the others.
+    pub fn with_preview_decoder(mut self, dir: &Path) -> Result<ModelBundle, ModelError> {
+        check_folder(dir)?;
+        if let Some(own) = &self.preview_decoder {
+            let own = memory::weights_on_disk(own, &["."]);
+            self.memory.weights_bytes = self.memory.weights_bytes.saturating_sub(own);
+        }
+        self.memory.weights_bytes += memory::weights_on_disk(dir, &["."]);
+        self.preview_decoder = Some(dir.to_path_buf());
+        self.check_files()?;
+        Ok(self)
     }
 
     /// The bundle with its model hash computed ([`hash::model_hash`]: file I/O, call it
@@ -346,6 +374,9 @@ impl ModelBundle {
         }
         if self.has_vae_decoder_fp32 {
             files.push(self.onnx("vae_decoder_fp32"));
+        }
+        if let Some(d) = &self.preview_decoder {
+            files.push(d.join("model.onnx"));
         }
         files
     }
@@ -432,6 +463,7 @@ pub(crate) fn test_bundle() -> ModelBundle {
         time_cond_proj_dim: None,
         has_vae_encoder: true,
         has_vae_decoder_fp32: false,
+        preview_decoder: None,
         model_hash: None,
     }
 }

@@ -94,9 +94,60 @@ pub struct GenerateRequest {
     /// shorter of the two with empty chunks and run one UNet batch) instead of webui's
     /// default (separate UNet runs when their lengths differ).
     pub a1111_pad_cond_uncond: Option<bool>,
+    /// Send a preview of the first image every this many steps (and after the last);
+    /// 0 (the default) sends none.
+    pub preview_every: Option<u32>,
+    /// How previews are decoded from the latents ([`PreviewMethod`]).
+    pub preview_method: Option<PreviewMethod>,
     /// Seconds the model stays loaded after this job (-1: until unloaded; 0: unloaded
     /// after it); daemon only ([`KeepAlive`]).
     pub keep_alive: Option<f64>,
+}
+
+/// How a live preview is decoded from the predicted clean latents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum PreviewMethod {
+    /// A fixed linear map from latent channels to RGB per model family (ComfyUI's
+    /// Latent2RGB): almost free.
+    #[default]
+    Latent2Rgb,
+    /// The model's tiny VAE decoder (`taesd_decoder/`, diffusers' `AutoencoderTiny`).
+    Taesd,
+}
+
+impl PreviewMethod {
+    /// Every method.
+    pub const ALL: [PreviewMethod; 2] = [PreviewMethod::Latent2Rgb, PreviewMethod::Taesd];
+
+    /// The name a request uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            PreviewMethod::Latent2Rgb => "latent2rgb",
+            PreviewMethod::Taesd => "taesd",
+        }
+    }
+}
+
+impl std::fmt::Display for PreviewMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for PreviewMethod {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        PreviewMethod::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown preview method '{}' (accepted: latent2rgb, taesd)",
+                    crate::wire::error::echo(s)
+                )
+            })
+    }
 }
 
 /// A model's own defaults for keys a request leaves out (`[models.NAME]` in the config):
@@ -120,6 +171,9 @@ pub struct ModelDefaults {
     pub max_height: Option<u32>,
     /// `a1111_pad_cond_uncond` for requests that leave it out.
     pub a1111_pad_cond_uncond: Option<bool>,
+    /// `preview_decoder`: the model's tiny VAE decoder folder for `taesd` previews,
+    /// instead of the model folder's own `taesd_decoder/`.
+    pub preview_decoder: Option<std::path::PathBuf>,
 }
 
 impl ModelDefaults {
@@ -133,6 +187,7 @@ impl ModelDefaults {
         max_width: None,
         max_height: None,
         a1111_pad_cond_uncond: None,
+        preview_decoder: None,
     };
 
     /// The configured limit for `key` (`width` or `height`).

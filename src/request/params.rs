@@ -44,6 +44,11 @@ pub struct GenerateParams {
     pub prompt_syntax: crate::prompt_syntax::PromptSyntax,
     /// `a1111` syntax: webui's "Pad prompt/negative prompt" option.
     pub a1111_pad_cond_uncond: bool,
+    /// Send a preview every this many steps (and after the last) to the pipeline's preview
+    /// sink; 0: none.
+    pub preview_every: usize,
+    /// How previews are decoded.
+    pub preview_method: super::PreviewMethod,
 }
 
 impl Default for GenerateParams {
@@ -66,6 +71,8 @@ impl Default for GenerateParams {
             strength: None,
             prompt_syntax: Default::default(),
             a1111_pad_cond_uncond: false,
+            preview_every: 0,
+            preview_method: Default::default(),
         }
     }
 }
@@ -116,6 +123,8 @@ impl GenerateParams {
             strength: self.strength,
             prompt_syntax: Some(self.prompt_syntax),
             a1111_pad_cond_uncond: Some(self.a1111_pad_cond_uncond),
+            preview_every: count(self.preview_every),
+            preview_method: Some(self.preview_method),
             keep_alive: None,
         }
     }

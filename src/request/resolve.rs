@@ -75,6 +75,11 @@ pub struct ResolvedRequest {
     /// `prompt_syntax` `a1111`: the prompt's `AND` parts (1 without `AND`); each is a UNet
     /// row per image.
     pub a1111_parts: usize,
+    /// Send a preview of the first image every this many steps (and after the last); 0:
+    /// none. May exceed `steps` (then only the last step's preview is sent).
+    pub preview_every: usize,
+    /// How previews are decoded (`taesd` only on a model with a tiny VAE decoder).
+    pub preview_method: super::PreviewMethod,
     /// How long the model stays loaded after this job; `None`: `jobs.idle_unload_secs`.
     pub keep_alive: Option<super::KeepAlive>,
 }
@@ -222,6 +227,8 @@ impl ResolvedRequest {
             prompt_syntax: Some(self.prompt_syntax),
             a1111_pad_cond_uncond: (self.prompt_syntax == PromptSyntax::A1111)
                 .then_some(self.a1111_pad_cond_uncond),
+            preview_every: u32::try_from(self.preview_every).ok(),
+            preview_method: Some(self.preview_method),
             keep_alive: self.keep_alive.map(super::KeepAlive::as_secs),
         }
     }
@@ -507,6 +514,18 @@ pub fn resolve(
         }
     }
 
+    let preview_method = req.preview_method.unwrap_or_default();
+    if preview_method == super::PreviewMethod::Taesd && bundle.preview_decoder.is_none() {
+        return Err(invalid(
+            "preview_method",
+            format!(
+                "'taesd' needs a tiny VAE decoder, and model '{}' has none (add \
+                 taesd_decoder/model.onnx to its folder or set [models.{}] \
+                 preview_decoder); use 'latent2rgb'",
+                model.name, model.name
+            ),
+        ));
+    }
     let resolved = ResolvedRequest {
         model: model.name.to_string(),
         prompt: req.prompt.clone(),
@@ -531,6 +550,8 @@ pub fn resolve(
             .or(configured.a1111_pad_cond_uncond)
             .unwrap_or(false),
         a1111_parts,
+        preview_every: req.preview_every.unwrap_or(0) as usize,
+        preview_method,
         keep_alive: req.keep_alive.map(super::KeepAlive::parse).transpose()?,
     };
     if prompt_syntax == PromptSyntax::A1111 {

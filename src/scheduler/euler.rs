@@ -148,6 +148,10 @@ impl Scheduler for EulerDiscrete {
         crate::scheduler::NoiseLevel::Sigma(self.sigmas[index.min(self.sigmas.len() - 1)])
     }
 
+    fn prediction_type(&self) -> PredictionType {
+        self.prediction
+    }
+
     fn init_noise_sigma(&self) -> f32 {
         self.init_noise_sigma
     }
@@ -228,6 +232,10 @@ impl Scheduler for EulerAncestral {
 
     fn noise_level(&self, index: usize) -> crate::scheduler::NoiseLevel {
         crate::scheduler::NoiseLevel::Sigma(self.sigmas[index.min(self.sigmas.len() - 1)])
+    }
+
+    fn prediction_type(&self) -> PredictionType {
+        self.prediction
     }
 
     fn init_noise_sigma(&self) -> f32 {

@@ -132,6 +132,10 @@ impl Scheduler for HeunDiscrete {
         crate::scheduler::NoiseLevel::Sigma(self.sigmas[index.min(self.sigmas.len() - 1)])
     }
 
+    fn prediction_type(&self) -> PredictionType {
+        self.prediction
+    }
+
     fn order(&self) -> usize {
         2
     }

@@ -119,6 +119,10 @@ impl Scheduler for LmsDiscrete {
         crate::scheduler::NoiseLevel::Sigma(self.sigmas[index.min(self.sigmas.len() - 1)])
     }
 
+    fn prediction_type(&self) -> PredictionType {
+        self.prediction
+    }
+
     fn init_noise_sigma(&self) -> f32 {
         self.init_noise_sigma
     }

@@ -17,7 +17,7 @@ pub mod lms;
 pub mod pndm;
 pub mod unipc;
 
-pub use config::{ConfigError, ResolvedConfig, SchedulerClass, SchedulerConfig};
+pub use config::{ConfigError, PredictionType, ResolvedConfig, SchedulerClass, SchedulerConfig};
 
 /// Errors raised while configuring or stepping a scheduler.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +133,31 @@ pub trait Scheduler: Send {
     /// image latents are noised to before the first step (index `begin`), and, in
     /// 4-channel inpainting, after each step (the next index).
     fn noise_level(&self, index: usize) -> NoiseLevel;
+
+    /// What the UNet predicts (the config's `prediction_type`).
+    fn prediction_type(&self) -> PredictionType {
+        PredictionType::Epsilon
+    }
+
+    /// The predicted clean latents x0 (diffusers' `pred_original_sample`) at timestep index
+    /// `index`, from the latents the UNet saw there (before `scale_model_input`) and its
+    /// (guided) output: [`pred_original_sample`] at [`Scheduler::noise_level`]. `out`,
+    /// `sample` and `model_output` have the same length.
+    fn pred_original_sample(
+        &self,
+        index: usize,
+        sample: &[f32],
+        model_output: &[f32],
+        out: &mut [f32],
+    ) {
+        pred_original_sample(
+            self.noise_level(index),
+            self.prediction_type(),
+            sample,
+            model_output,
+            out,
+        );
+    }
 }
 
 /// How `add_noise` mixes a clean sample with noise at one timestep.
@@ -148,6 +173,43 @@ pub enum NoiseLevel {
         /// `sqrt(1 - alphas_cumprod[t])`, or `sigma * alpha`.
         sigma: f32,
     },
+}
+
+/// The predicted clean latents x0 from latents `sample` at noise level `level` and a model
+/// output `model_output` of kind `prediction`, as diffusers' schedulers compute
+/// `pred_original_sample` (no clipping or thresholding):
+///
+/// * sigma-scaled samples (Euler, Heun, LMS: x = x0 + σ·ε, the UNet sees x/√(σ²+1)):
+///   epsilon x0 = x − σ·m; v_prediction x0 = m·(−σ/√(σ²+1)) + x/(σ²+1);
+/// * alpha-scaled samples (DDIM, DDPM, PNDM, LCM, DPM-Solver, UniPC: x = α·x0 + σ·ε with
+///   α = √ᾱ, σ = √(1−ᾱ)): epsilon x0 = (x − σ·m)/α; v_prediction x0 = α·x − σ·m;
+/// * `sample` prediction: x0 = m.
+pub fn pred_original_sample(
+    level: NoiseLevel,
+    prediction: PredictionType,
+    sample: &[f32],
+    model_output: &[f32],
+    out: &mut [f32],
+) {
+    let parts = out.iter_mut().zip(sample).zip(model_output);
+    match (level, prediction) {
+        (_, PredictionType::Sample) => parts.for_each(|((o, _), &m)| *o = m),
+        (NoiseLevel::Sigma(s), PredictionType::Epsilon) => {
+            parts.for_each(|((o, &x), &m)| *o = x - s * m)
+        }
+        (NoiseLevel::Sigma(s), PredictionType::VPrediction) => {
+            let c_out = -s / (s * s + 1.0).sqrt();
+            let c_skip = 1.0 / (s * s + 1.0);
+            parts.for_each(|((o, &x), &m)| *o = m * c_out + x * c_skip)
+        }
+        (NoiseLevel::Vp { alpha, sigma }, PredictionType::Epsilon) => {
+            let inv = 1.0 / alpha.max(f32::MIN_POSITIVE);
+            parts.for_each(|((o, &x), &m)| *o = (x - sigma * m) * inv)
+        }
+        (NoiseLevel::Vp { alpha, sigma }, PredictionType::VPrediction) => {
+            parts.for_each(|((o, &x), &m)| *o = alpha * x - sigma * m)
+        }
+    }
 }
 
 impl NoiseLevel {
@@ -522,5 +584,98 @@ mod tests {
             create("nope", &SchedulerConfig::default(), 4),
             Err(SchedulerError::Unknown(_))
         ));
+    }
+
+    /// SD's `scaled_linear` training schedule, by hand in f64: ᾱ_t for t in 0..1000.
+    fn sd_alphas_cumprod() -> Vec<f64> {
+        let (a, b) = (0.00085f64.sqrt(), 0.012f64.sqrt());
+        let mut prod = 1.0;
+        (0..1000)
+            .map(|i| {
+                let beta = (a + (b - a) * i as f64 / 999.0).powi(2);
+                prod *= 1.0 - beta;
+                prod
+            })
+            .collect()
+    }
+
+    fn sd_config(prediction: &str) -> SchedulerConfig {
+        SchedulerConfig::from_json_str(&format!(
+            r#"{{"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                "prediction_type": "{prediction}", "steps_offset": 1}}"#
+        ))
+        .unwrap()
+    }
+
+    /// x0 from each scheduler at one step against a hand computation from the training
+    /// schedule: sigma-scaled families (x = x0 + σε, σ interpolated at the timestep as
+    /// diffusers' `np.interp` does) and alpha-scaled ones (x = √ᾱ x0 + √(1−ᾱ) ε), for
+    /// epsilon and v_prediction.
+    #[test]
+    fn pred_original_sample_matches_a_hand_computation_per_family() {
+        let ac = sd_alphas_cumprod();
+        let train_sigma = |t: f64| {
+            let lo = t.floor() as usize;
+            let hi = (lo + 1).min(999);
+            let s = |i: usize| ((1.0 - ac[i]) / ac[i]).sqrt();
+            s(lo) + (s(hi) - s(lo)) * (t - lo as f64)
+        };
+        let x = [1.0f32, -0.5, 0.25];
+        let m = [0.2f32, 0.3, -1.5];
+        let sigma_scaled = ["euler", "euler-a", "heun", "lms"];
+        let alpha_scaled = ["ddim", "ddpm", "pndm", "dpm++2m", "unipc", "lcm"];
+        for prediction in ["epsilon", "v_prediction"] {
+            for name in sigma_scaled.iter().chain(&alpha_scaled) {
+                let s = create(name, &sd_config(prediction), 10).unwrap();
+                assert_eq!(
+                    s.prediction_type() == PredictionType::VPrediction,
+                    prediction == "v_prediction"
+                );
+                let i = 3;
+                let t = s.timesteps()[i];
+                let want: Vec<f64> = x
+                    .iter()
+                    .zip(&m)
+                    .map(|(&x, &m)| {
+                        let (x, m) = (f64::from(x), f64::from(m));
+                        if sigma_scaled.contains(name) {
+                            let sigma = train_sigma(t);
+                            match prediction {
+                                "epsilon" => x - sigma * m,
+                                _ => {
+                                    m * (-sigma / (sigma * sigma + 1.0).sqrt())
+                                        + x / (sigma * sigma + 1.0)
+                                }
+                            }
+                        } else {
+                            let a = ac[t.round() as usize];
+                            let (alpha, sigma) = (a.sqrt(), (1.0 - a).sqrt());
+                            match prediction {
+                                "epsilon" => (x - sigma * m) / alpha,
+                                _ => alpha * x - sigma * m,
+                            }
+                        }
+                    })
+                    .collect();
+                let mut got = [0.0f32; 3];
+                s.pred_original_sample(i, &x, &m, &mut got);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (f64::from(*g) - w).abs() <= 1e-4 * w.abs().max(1.0),
+                        "{name} {prediction} at t {t}: {got:?} vs {want:?}"
+                    );
+                }
+            }
+        }
+        // `sample` prediction: x0 is the model output.
+        let mut out = [0.0f32; 3];
+        pred_original_sample(
+            NoiseLevel::Sigma(3.0),
+            PredictionType::Sample,
+            &x,
+            &m,
+            &mut out,
+        );
+        assert_eq!(out, m);
     }
 }

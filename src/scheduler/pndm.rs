@@ -319,6 +319,10 @@ impl Scheduler for Pndm {
         self.schedule.noise_level(&self.ts, index)
     }
 
+    fn prediction_type(&self) -> PredictionType {
+        self.prediction
+    }
+
     fn step(
         &mut self,
         model_output: ArrayViewD<'_, f32>,

@@ -250,6 +250,10 @@ impl Scheduler for UniPcMultistep {
         crate::scheduler::NoiseLevel::from_vp_sigma(self.sigmas[index.min(self.sigmas.len() - 1)])
     }
 
+    fn prediction_type(&self) -> PredictionType {
+        self.settings.prediction
+    }
+
     fn step(
         &mut self,
         model_output: ArrayViewD<'_, f32>,

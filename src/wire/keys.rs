@@ -14,7 +14,7 @@ use zbus::zvariant::{OwnedValue, Value};
 use super::images::{self, Slot};
 pub use super::raw::{Field, RawDict, Sent, SentDict};
 use crate::prompt_syntax::PromptSyntax;
-use crate::request::GenerateRequest;
+use crate::request::{GenerateRequest, PreviewMethod};
 use crate::rng::RngKind;
 
 /// A request as read from the wire: the generation keys, plus how the result is delivered.
@@ -169,6 +169,18 @@ impl Wire for PromptSyntax {
     }
 }
 
+impl Wire for PreviewMethod {
+    const SIGNATURE: &'static str = "s";
+    fn read(key: &str, v: &Field<'_>) -> Result<Self, String> {
+        String::read(key, v)?
+            .parse()
+            .map_err(|e| format!("'{key}': {e}"))
+    }
+    fn write(&self) -> Value<'_> {
+        Value::from(self.name())
+    }
+}
+
 /// A row for an optional field of [`GenerateRequest`] of the same name.
 macro_rules! key {
     ($field:ident: $ty:ty) => {
@@ -257,6 +269,8 @@ pub const KEYS: &[Key] = &[
     key!(strength: f64),
     key!(prompt_syntax: PromptSyntax),
     key!(a1111_pad_cond_uncond: bool),
+    key!(preview_every: u32),
+    key!(preview_method: PreviewMethod),
     key!(keep_alive: f64),
     image_key!(Slot::Init),
     image_key!(Slot::Mask),

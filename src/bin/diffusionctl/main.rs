@@ -18,6 +18,7 @@ use diffusiond::client::{
 };
 use diffusiond::config::{self, Settings};
 use diffusiond::local;
+use diffusiond::pipeline::preview::PreviewSink;
 use diffusiond::request::ImageInput;
 use diffusiond::rng::RngKind;
 
@@ -122,6 +123,17 @@ struct GenerateArgs {
     /// Output PNG path.
     #[arg(long, value_name = "OUT.png")]
     output: PathBuf,
+    /// Live previews of the first image: this PNG is rewritten with each one (written to
+    /// FILE.tmp, then renamed over FILE, so a viewer watching it never reads half a file).
+    #[arg(long, value_name = "FILE.png")]
+    preview: Option<PathBuf>,
+    /// A preview every N steps, and after the last [default: 1].
+    #[arg(long, value_name = "N", requires = "preview")]
+    preview_every: Option<u32>,
+    /// How previews are decoded: `latent2rgb` (a linear map of the latents, almost free)
+    /// or `taesd` (the model's tiny VAE decoder) [default: latent2rgb].
+    #[arg(long, value_name = "latent2rgb|taesd", requires = "preview")]
+    preview_method: Option<diffusiond::request::PreviewMethod>,
     /// Config file (runtime settings), with --local.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -254,7 +266,9 @@ fn main() -> ExitCode {
         Command::Generate(args) if args.local => generate_local(*args),
         Command::Generate(args) => match check_daemon_flags(&args) {
             Ok(()) => match request(&args) {
-                Ok(request) => daemon(&args.bus.bus(), |c| generate(c, request, args.output)),
+                Ok(request) => daemon(&args.bus.bus(), |c| {
+                    generate(c, request, args.output, args.preview)
+                }),
                 Err(message) => Err(Failure::Other(message)),
             },
             Err(message) => Err(Failure::Other(message)),
@@ -344,6 +358,11 @@ fn request(args: &GenerateArgs) -> Result<GenerateRequest, String> {
         priority: args.priority,
         init_image: read("--init-image", &args.init_image)?,
         mask_image: read("--mask-image", &args.mask_image)?,
+        preview_every: args
+            .preview
+            .as_ref()
+            .map(|_| args.preview_every.unwrap_or(1)),
+        preview_method: args.preview.as_ref().and(args.preview_method),
         ..args.flags.request()
     })
 }
@@ -367,8 +386,10 @@ async fn generate(
     client: Client,
     request: GenerateRequest,
     output: PathBuf,
+    preview: Option<PathBuf>,
 ) -> Result<(), Failure> {
-    let (_, _, written) = progress::generate_to_files(&client, &request, &output).await?;
+    let (_, _, written) =
+        progress::generate_to_files(&client, &request, &output, preview.as_deref()).await?;
     for path in written {
         println!("{}", path.display());
     }
@@ -439,8 +460,21 @@ fn generate_local(args: GenerateArgs) -> Result<(), Failure> {
     };
     let file = args.config.clone().or_else(|| config::default_file(false));
     let settings = Settings::load(file.as_deref()).map_err(|e| e.to_string())?;
-    let pngs = local::generate(settings.runtime, &model_dir, &request(&args)?, latents)
-        .map_err(|e| e.to_string())?;
+    let sink = args.preview.clone().map(|file| -> PreviewSink {
+        Box::new(move |_, step, png| {
+            if let Err(e) = output::replace_file(&file, &png) {
+                eprintln!("diffusionctl: preview after step {step}: {e}");
+            }
+        })
+    });
+    let pngs = local::generate(
+        settings.runtime,
+        &model_dir,
+        &request(&args)?,
+        latents,
+        sink,
+    )
+    .map_err(|e| e.to_string())?;
     let written = output::write_pngs(&pngs, &args.output)?;
     for path in written {
         println!("{}", path.display());

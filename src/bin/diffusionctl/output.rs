@@ -38,6 +38,16 @@ pub fn write_pngs(pngs: &[Vec<u8>], output: &Path) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
+/// Replaces `path` with `bytes` atomically: written to `path` + `.tmp`, then renamed over
+/// it (a viewer watching the file never reads a half-written one).
+pub fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// The number at the end of a job path, or the whole path when there is none.
 pub fn job_label(path: &str) -> &str {
     path.strip_prefix(JOB_PATH_PREFIX).unwrap_or(path)

@@ -102,16 +102,87 @@ pub async fn wait_with_progress(
 }
 
 /// Generates: queues `request`, waits with a progress bar (Ctrl-C, from the moment this is
-/// called, cancels the job) and writes the images as `output` names them. Returns the job
-/// path, result and files.
+/// called, cancels the job) and writes the images as `output` names them. With `preview`,
+/// the job's `Preview` signals rewrite that file as they come. Returns the job path,
+/// result and files.
 pub async fn generate_to_files(
     client: &Client,
     request: &GenerateRequest,
     output: &Path,
+    preview: Option<&Path>,
 ) -> Result<(OwnedObjectPath, JobResult, Vec<PathBuf>)> {
     let interrupt = ctrl_c();
+    // Listening before the job exists: its first preview cannot come first.
+    let stream = preview.map(|_| zbus::MessageStream::from(client.connection()));
     let path = client.generate(request).await?;
-    let (result, written) =
-        wait_with_progress(client, &path, Some(output), interrupt, OnInterrupt::Cancel).await?;
+    let writer = preview.zip(stream).map(|(file, stream)| {
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(write_previews(
+            stream,
+            path.clone(),
+            file.to_path_buf(),
+            stopped,
+        ));
+        (stop, task)
+    });
+    let waited =
+        wait_with_progress(client, &path, Some(output), interrupt, OnInterrupt::Cancel).await;
+    if let Some((stop, task)) = writer {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
+    let (result, written) = waited?;
     Ok((path, result, written))
+}
+
+/// Rewrites `file` with each `Preview` signal of the job at `path` until `stop`, then
+/// with those already received (the last preview can arrive just after the job's end).
+async fn write_previews(
+    mut stream: zbus::MessageStream,
+    path: OwnedObjectPath,
+    file: PathBuf,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    use futures_lite::StreamExt;
+    let handle = |msg: zbus::Message| {
+        let h = msg.header();
+        let ours = h.message_type() == zbus::message::Type::Signal
+            && h.interface()
+                .is_some_and(|i| i.as_str() == "io.github.Diffusiond1.Job")
+            && h.member().is_some_and(|m| m.as_str() == "Preview")
+            && h.path().is_some_and(|p| p.as_str() == path.as_str());
+        if !ours {
+            return;
+        }
+        match msg.body().deserialize::<(u32, Vec<u8>)>() {
+            Ok((step, png)) => {
+                if let Err(e) = crate::output::replace_file(&file, &png) {
+                    eprintln!("diffusionctl: preview after step {step}: {e}");
+                }
+            }
+            Err(e) => eprintln!("diffusionctl: a malformed preview: {e}"),
+        }
+    };
+    loop {
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(Ok(msg)) => handle(msg),
+                Some(Err(_)) => {}
+                None => return,
+            },
+            _ = &mut stop => break,
+        }
+    }
+    let grace = tokio::time::sleep(std::time::Duration::from_millis(200));
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(Ok(msg)) => handle(msg),
+                Some(Err(_)) => {}
+                None => return,
+            },
+            _ = &mut grace => return,
+        }
+    }
 }

@@ -389,7 +389,7 @@ fn regenerate_local(
     request.model = None;
     let settings =
         Settings::load(config::default_file(false).as_deref()).map_err(|e| e.to_string())?;
-    local::generate(settings.runtime, dir, &request, None)
+    local::generate(settings.runtime, dir, &request, None, None)
         .map_err(|e| Failure::Other(e.to_string()))
 }
 

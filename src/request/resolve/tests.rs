@@ -322,6 +322,7 @@ fn configured_defaults_come_between_the_request_and_the_built_in_ones() {
         max_width: None,
         max_height: None,
         a1111_pad_cond_uncond: Some(true),
+        preview_decoder: None,
     };
     let model = ModelRef {
         name: "demo",

@@ -29,6 +29,8 @@ fn every_key_round_trips() {
         mask_image: None,
         prompt_syntax: Some(PromptSyntax::A1111),
         a1111_pad_cond_uncond: Some(true),
+        preview_every: Some(2),
+        preview_method: Some(PreviewMethod::Taesd),
         keep_alive: Some(30.0),
     };
     let owned = to_owned_dict(&req);
