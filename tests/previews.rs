@@ -41,6 +41,34 @@ fn tiny() -> PathBuf {
 }
 
 #[test]
+fn the_tiny_vae_decoder_is_found_and_counted_in_the_models_memory() {
+    let with = ModelBundle::open(&tiny()).unwrap();
+    assert_eq!(
+        with.preview_decoder.as_deref(),
+        Some(tiny().join("taesd_decoder").as_path())
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("tiny");
+    common::copy_dir(&tiny(), &copy);
+    std::fs::remove_dir_all(copy.join("taesd_decoder")).unwrap();
+    let without = ModelBundle::open(&copy).unwrap();
+    assert!(without.preview_decoder.is_none());
+    let taesd = std::fs::metadata(tiny().join("taesd_decoder/model.onnx"))
+        .unwrap()
+        .len();
+    assert_eq!(
+        with.memory.weights_bytes,
+        without.memory.weights_bytes + taesd
+    );
+    // `[models.NAME] preview_decoder`: a folder elsewhere.
+    let elsewhere = without
+        .with_preview_decoder(&tiny().join("taesd_decoder"))
+        .unwrap();
+    assert_eq!(elsewhere.memory.weights_bytes, with.memory.weights_bytes);
+    assert!(elsewhere.preview_decoder.is_some());
+}
+
+#[test]
 fn the_tiny_vae_decoder_matches_diffusers_autoencoder_tiny() {
     let bundle = ModelBundle::open(&tiny()).unwrap();
     let dir = bundle
@@ -236,6 +264,53 @@ fn preview_cost() {
         taesd.as_secs_f64() * 1e3,
         pct(taesd)
     );
+}
+
+#[test]
+fn diffusionctl_rewrites_the_preview_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let preview = dir.path().join("preview.png");
+    let args = |local: bool| {
+        let mut a: Vec<String> = ["generate", "--prompt", "a red circle", "--steps", "3"]
+            .map(String::from)
+            .to_vec();
+        if local {
+            a.extend(["--local".into(), "--model-dir".into()]);
+            a.push(tiny().display().to_string());
+        }
+        a.extend(["--seed", "3", "--preview-method", "taesd", "--preview"].map(String::from));
+        a.push(preview.display().to_string());
+        a.push("--output".into());
+        a.push(out.display().to_string());
+        a
+    };
+    let check = |what: &str| {
+        let png = std::fs::read(&preview).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let img = image::load_from_memory(&png).unwrap();
+        // TAESD previews are at image size (64x64 for the tiny model's default).
+        assert_eq!((img.width(), img.height()), (64, 64), "{what}");
+        let mut tmp = preview.as_os_str().to_owned();
+        tmp.push(".tmp");
+        assert!(
+            !std::path::Path::new(&tmp).exists(),
+            "{what}: FILE.tmp left"
+        );
+        std::fs::remove_file(&preview).unwrap();
+    };
+    let o = common::ctl_command(&args(true).iter().map(String::as_str).collect::<Vec<_>>())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    check("--local");
+    let bus = PrivateBus::start();
+    let _d = Daemon::start(&bus, "");
+    let o = common::ctl_command(&args(false).iter().map(String::as_str).collect::<Vec<_>>())
+        .args(["--address", bus.address()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    check("through the daemon");
 }
 
 const JOB: &str = "io.github.Diffusiond1.Job";

@@ -467,3 +467,37 @@ fn composable_a1111_prompts_are_checked_before_they_queue() {
         "{e}"
     );
 }
+
+#[test]
+fn previews_are_off_by_default_and_taesd_needs_a_tiny_decoder() {
+    use crate::request::PreviewMethod;
+    let r = run(prompt(), &Limits::default()).unwrap();
+    assert_eq!(
+        (r.preview_every, r.preview_method),
+        (0, PreviewMethod::Latent2Rgb)
+    );
+    // More than the steps is fine: only the last step's preview is sent.
+    let every = GenerateRequest {
+        steps: Some(4),
+        preview_every: Some(9),
+        ..prompt()
+    };
+    assert_eq!(run(every, &Limits::default()).unwrap().preview_every, 9);
+    let taesd = GenerateRequest {
+        preview_every: Some(1),
+        preview_method: Some(PreviewMethod::Taesd),
+        ..prompt()
+    };
+    let e = run(taesd.clone(), &Limits::default()).unwrap_err();
+    assert!(e.to_string().starts_with("'preview_method': "), "{e}");
+    let mut b = bundle();
+    b.preview_decoder = Some("/test-model/taesd_decoder".into());
+    let model = ModelRef {
+        name: "tiny",
+        bundle: &b,
+        defaults: &ModelDefaults::NONE,
+    };
+    let r = resolve(&taesd, model, &Limits::default(), || 1).unwrap();
+    assert_eq!(r.preview_method, PreviewMethod::Taesd);
+    assert_eq!(r.to_request().preview_every, Some(1));
+}
