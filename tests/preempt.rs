@@ -208,29 +208,38 @@ fn interactive_jobs_run_while_batch_items_are_suspended_and_change_no_pixel() {
 fn two_callers_long_jobs_take_turns_by_the_time_slice() {
     let mut alone = Rig::new(0);
     let mut finished = HashMap::new();
-    // A job long enough to hold a 1 s slice about three times over (at most 1000 steps
-    // of 128x128), timed after a first run has warmed the sessions up.
+    // A job long enough to hold a 1 s slice about four times over (at most 1000 steps
+    // of 128x128): its length is found by running it, longer each time (the machine may be
+    // busy with other work, so a short probe would mislead).
+    const LONG_MAX: u32 = 1000;
     alone.submit(8, 1000, alone.sized("a lighthouse at dusk", 5, 128), None);
     alone.until(&mut finished, |_, f| f.contains_key(&8));
-    let probe = Instant::now();
-    alone.submit(9, 1000, alone.sized("a lighthouse at dusk", 50, 128), None);
-    alone.until(&mut finished, |_, f| f.contains_key(&9));
-    let per_step = probe.elapsed() / 50;
-    let long = (Duration::from_secs(3).as_secs_f64() / per_step.as_secs_f64()).ceil() as u32;
-    const LONG_MAX: u32 = 1000;
-    let long = long.clamp(100, LONG_MAX);
-    let started = Instant::now();
-    alone.submit(
-        1,
-        1000,
-        alone.sized("a lighthouse at dusk", long, 128),
-        None,
-    );
-    alone.until(&mut finished, |_, f| f.contains_key(&1));
-    let long_alone = started.elapsed();
+    let mut long = 100;
+    let mut id = 100;
+    let long_alone = loop {
+        id += 1;
+        let started = Instant::now();
+        alone.submit(
+            id,
+            1000,
+            alone.sized("a lighthouse at dusk", long, 128),
+            None,
+        );
+        alone.until(&mut finished, |_, f| f.contains_key(&id));
+        let took = started.elapsed();
+        if took > Duration::from_millis(3500) || long == LONG_MAX {
+            break took;
+        }
+        let scale = 4.0 / took.as_secs_f64().max(0.01);
+        long = ((f64::from(long) * scale).ceil() as u32).clamp(long + 1, LONG_MAX);
+    };
+    // The long job runs again under its number (the seed is the job's number).
+    let long_id = id;
+    let mut want = HashMap::new();
+    want.insert(long_id, finished[&long_id].clone());
     alone.submit(2, 1001, alone.request("a red cube", 12), None);
     alone.until(&mut finished, |_, f| f.contains_key(&2));
-    let want = finished.clone();
+    want.insert(2, finished[&2].clone());
     drop(alone);
     assert!(
         long_alone > Duration::from_secs(2),
@@ -239,14 +248,22 @@ fn two_callers_long_jobs_take_turns_by_the_time_slice() {
 
     let mut rig = Rig::new(1);
     let mut finished = HashMap::new();
-    rig.submit(1, 1000, rig.sized("a lighthouse at dusk", long, 128), None);
-    rig.until(&mut finished, |e, _| matches!(e, Event::Started(1, _)));
+    rig.submit(
+        long_id,
+        1000,
+        rig.sized("a lighthouse at dusk", long, 128),
+        None,
+    );
+    rig.until(
+        &mut finished,
+        |e, _| matches!(e, Event::Started(id, _) if *id == long_id),
+    );
     let t0 = Instant::now();
     rig.submit(2, 1001, rig.request("a red cube", 12), None);
     rig.until(&mut finished, |_, f| f.contains_key(&2));
     let waited = t0.elapsed();
     assert!(
-        !finished.contains_key(&1),
+        !finished.contains_key(&long_id),
         "caller 1000's job held the worker to its end"
     );
     // At most the slice (1 s) plus its own steps, far less than the long job.
@@ -254,8 +271,8 @@ fn two_callers_long_jobs_take_turns_by_the_time_slice() {
         waited < long_alone / 2,
         "waited {waited:?} of {long_alone:?}"
     );
-    rig.until(&mut finished, |_, f| f.contains_key(&1));
-    for id in [1, 2] {
+    rig.until(&mut finished, |_, f| f.contains_key(&long_id));
+    for id in [long_id, 2] {
         assert!(finished[&id] == want[&id], "job {id} changed");
     }
     eprintln!(

@@ -143,7 +143,7 @@ impl Engine {
             "a queued batch runs first"
         );
         model.set_interlude(Some(self.interlude_for(worker, depth + 1)));
-        self.execute(worker, batch, model);
+        self.execute(worker, batch, super::worker::Held::Nested(model));
         // Back to the suspended batch, with a new turn.
         if let Some(top) = self.lock().running[worker].last_mut() {
             top.turn = Instant::now();

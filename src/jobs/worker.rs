@@ -176,25 +176,30 @@ impl Engine {
     /// (and put back after); every job gets exactly one Finished event. Queued work that
     /// goes first runs between its steps ([`super::preempt`]).
     fn run_batch(&self, worker: usize, batch: Vec<QueuedJob>, mut model: Box<dyn Model>) {
-        let name = batch[0].request.model.clone();
         let idle = self.shared.settings.idle_unload_secs;
         let keep = super::slots::batch_keep(
             batch.iter().map(|j| j.request.keep_alive),
             (idle > 0).then(|| Duration::from_secs(idle)),
         );
         model.set_interlude(Some(self.interlude_for(worker, 0)));
-        self.execute(worker, batch, model.as_mut());
-        model.set_interlude(None);
-        self.lock()
-            .slots
-            .put_back_keeping(&name, worker, model, keep);
-        self.notify();
+        let mut slot = Some((model, keep));
+        self.execute(worker, batch, Held::Slot(&mut slot));
+        // `execute` put it back, before any job of the batch was reported.
+        debug_assert!(slot.is_none());
     }
 
     /// Runs the batch on top of `worker`'s running stack on `model`, then takes it off the
-    /// stack and reports every job exactly once; a batch stopped to make room for an
-    /// interactive job puts its jobs back in the queue.
-    pub(super) fn execute(&self, worker: usize, batch: Vec<QueuedJob>, model: &mut dyn Model) {
+    /// stack (a worker's own batch also puts its model back in its slot, at once) and
+    /// reports every job exactly once; a batch stopped to make room for an interactive job
+    /// puts its jobs back in the queue.
+    pub(super) fn execute(&self, worker: usize, batch: Vec<QueuedJob>, mut held: Held<'_>) {
+        let model: &mut dyn Model = match &mut held {
+            Held::Slot(slot) => match slot.as_mut() {
+                Some((m, _)) => m.as_mut(),
+                None => return,
+            },
+            Held::Nested(m) => &mut **m,
+        };
         let started = Instant::now();
         let name = batch[0].request.model.clone();
         let control = self.lock().running[worker]
@@ -234,6 +239,12 @@ impl Engine {
         let preempted = matches!(result, Err(PipelineError::Preempted));
         let cancelled = {
             let mut st = self.lock();
+            if let Held::Slot(slot) = held
+                && let Some((mut model, keep)) = slot.take()
+            {
+                model.set_interlude(None);
+                st.slots.put_back_keeping(&name, worker, model, keep);
+            }
             let cancelled = st.running[worker]
                 .pop()
                 .map(|r| r.cancelled)
@@ -384,6 +395,15 @@ impl Engine {
                 .map_or(Ok(()), |back| Err(Box::new(back))),
         }
     }
+}
+
+/// The model a batch runs on: a worker's own, taken from its slot (put back when the
+/// batch ends), or the one of the batch it interrupts.
+pub(super) enum Held<'a> {
+    /// The model and how long it stays loaded after this batch.
+    Slot(&'a mut Option<(Box<dyn Model>, Option<crate::request::KeepAlive>)>),
+    /// Borrowed from the suspended batch.
+    Nested(&'a mut dyn Model),
 }
 
 /// What every job of a finished batch shares.
