@@ -172,11 +172,16 @@ fn a_generation_hands_its_sink_the_previews_it_asked_for() {
             check_png(png, 16);
         }
     }
-    let (got, _) = run_local(
+    let (got, plain) = run_local(
         &mut pipeline,
         &params(0, PreviewMethod::Latent2Rgb, steps, 128),
     );
     assert!(got.is_empty(), "preview_every 0 sends none");
+    // Previews change nothing in the image.
+    for method in [PreviewMethod::Latent2Rgb, PreviewMethod::Taesd] {
+        let (_, image) = run_local(&mut pipeline, &params(1, method, steps, 128));
+        assert_eq!(image, plain, "{method}");
+    }
     // A 512-pixel image's TAESD preview is downscaled to 256.
     let (got, _) = run_local(&mut pipeline, &params(1, PreviewMethod::Taesd, 1, 512));
     assert_eq!(got.len(), 1);
