@@ -179,6 +179,10 @@ pub struct JobSettings {
     /// Seconds a job may take to write its images to the caller's `output_fds`; a reader
     /// that does not read fails the job then (and `Cancel` ends it at once).
     pub output_timeout_secs: u64,
+    /// Seconds a batch runs before it lets another caller's waiting job of the same
+    /// priority (and model) run between two of its steps; 0: never (higher priorities and
+    /// interactive jobs over batch items still go first).
+    pub time_slice_secs: u64,
     /// A Unix group (name or number) whose members may ask for a priority above 0, besides
     /// root and the service user. Unset: nobody else.
     pub priority_group: Option<String>,
@@ -207,6 +211,7 @@ impl Default for JobSettings {
             shutdown_grace_secs: 10,
             idle_exit_secs: None,
             output_timeout_secs: 60,
+            time_slice_secs: 10,
             priority_group: None,
             state_dir: None,
             batch_retention_secs: 7 * 24 * 3600,

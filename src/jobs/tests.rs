@@ -79,13 +79,15 @@ struct Fake {
     by_worker: Mutex<Vec<(usize, Vec<u64>)>>,
     /// Batches in `generate` now, and the most at once.
     concurrent: Mutex<(usize, usize)>,
+    /// Each batch's seeds when its `generate` returned (successful or not).
+    ended: Mutex<Vec<Vec<u64>>>,
     gate: Gate,
 }
 
 /// The fake backend with `.1` workers (`fake0`, `fake1`, ...). Model `broken` fails to
 /// load everywhere, `flaky` on every worker but the first.
 struct FakeBackend(Arc<Fake>, usize);
-struct FakeModel(Arc<Fake>, usize);
+struct FakeModel(Arc<Fake>, usize, Option<Box<backend::ModelInterlude>>);
 
 impl Backend for FakeBackend {
     fn workers(&self) -> Vec<String> {
@@ -104,7 +106,7 @@ impl Backend for FakeBackend {
         if name == "flaky" && worker > 0 {
             return Err("out of device memory".into());
         }
-        Ok(Box::new(FakeModel(self.0.clone(), worker)))
+        Ok(Box::new(FakeModel(self.0.clone(), worker, None)))
     }
 
     fn run_control(&self) -> Result<RunControl, String> {
@@ -133,7 +135,13 @@ impl Model for FakeModel {
         }
         let result = self.run(batch, control, progress);
         self.0.concurrent.lock().unwrap().0 -= 1;
+        let seeds = batch.iter().map(|r| r.seed).collect();
+        self.0.ended.lock().unwrap().push(seeds);
         result
+    }
+
+    fn set_interlude(&mut self, interlude: Option<Box<backend::ModelInterlude>>) {
+        self.2 = interlude;
     }
 }
 
@@ -153,6 +161,13 @@ impl FakeModel {
             std::thread::sleep(Duration::from_millis(1));
             if !progress(step, steps) {
                 return Err(PipelineError::Cancelled);
+            }
+            if step < steps
+                && let Some(mut interlude) = self.2.take()
+            {
+                let result = interlude(self);
+                self.2 = Some(interlude);
+                result?;
             }
         }
         Ok(batch
@@ -205,6 +220,15 @@ impl Harness {
         workers: usize,
         memory_budget: Option<u64>,
     ) -> Harness {
+        let settings = JobSettings {
+            max_batch_images,
+            ..JobSettings::default()
+        };
+        Harness::with_settings(settings, workers, memory_budget)
+    }
+
+    /// [`Harness::with_workers`] with these job settings.
+    fn with_settings(settings: JobSettings, workers: usize, memory_budget: Option<u64>) -> Harness {
         let mut entries = BTreeMap::new();
         for name in ["a", "b", "broken", "flaky"] {
             let entry = CatalogEntry {
@@ -222,10 +246,6 @@ impl Harness {
         entries.insert("unreadable".to_string(), unreadable);
         let catalog = Arc::new(Catalog::from_entries(entries, Some("a".into())));
         let fake = Arc::new(Fake::default());
-        let settings = JobSettings {
-            max_batch_images,
-            ..JobSettings::default()
-        };
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();
         let backend = Arc::new(FakeBackend(fake.clone(), workers));
         let (engine, worker) =
@@ -629,4 +649,5 @@ fn job_numbers_follow_the_clock_and_never_repeat() {
     assert!(super::unix_micros() < 1 << 53);
 }
 
+mod preempt;
 mod workers;

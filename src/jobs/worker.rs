@@ -221,10 +221,14 @@ impl Engine {
                     crate::metrics::unet_step(images);
                     self.progress(worker, &ids, step, total)
                 };
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                // Set and cleared in pairs: a batch that runs between two steps of this one
+                // stacks its own sink on top.
+                model.set_preview_sink(Some(self.preview_sink(&batch)));
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     model.generate(&requests, control, &mut progress)
-                }))
-                .unwrap_or_else(|_| {
+                }));
+                model.set_preview_sink(None);
+                result.unwrap_or_else(|_| {
                     Err(PipelineError::Inference {
                         component: "pipeline".into(),
                         message: "internal error (panic); the job was stopped".into(),

@@ -243,6 +243,7 @@ impl Pipeline {
         } else {
             None
         };
+        let preview = preview::Previewer::load(runtime, &bundle)?;
         Ok(Pipeline {
             bundle,
             tokenizers,
@@ -254,7 +255,7 @@ impl Pipeline {
             ort_version: runtime.version().to_string(),
             text_cache: text_cache::TextCache::default(),
             arena: arena::ArenaOptions::new(runtime)?,
-            preview: preview::Previewer::default(),
+            preview,
             interlude: None,
         })
     }
@@ -282,7 +283,9 @@ impl Pipeline {
         result
     }
 
-    /// Sets (or clears) where the previews of the next generations go.
+    /// Where the previews of the next generations go: `Some` stacks a sink on top of the
+    /// current one, `None` takes the top one off (a generation that runs in an interlude
+    /// sets its own and gives the suspended one's back); calls come in pairs.
     pub fn set_preview_sink(&mut self, sink: Option<preview::PreviewSink>) {
         self.preview.set_sink(sink);
     }

@@ -105,8 +105,11 @@ fn parse_reads_back_what_format_writes() {
             let text = format(&r, &provenance, image);
             let got = parse(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
             let edit = r.edit.is_some();
+            // Like the priority, previews do not change the image: not recorded.
             let want = GenerateRequest {
                 priority: None,
+                preview_every: None,
+                preview_method: None,
                 init_image: None,
                 mask_image: None,
                 width: if edit { None } else { Some(r.width as u32) },
