@@ -55,12 +55,12 @@ impl Case {
     }
 }
 
-fn golden() -> std::path::PathBuf {
+fn golden_dir() -> std::path::PathBuf {
     common::root().join("tests/golden/a1111/images")
 }
 
 fn cases() -> Vec<Case> {
-    common::parity::manifest_cases(&golden())
+    common::parity::manifest_cases(&golden_dir())
 }
 
 fn params(case: &Case) -> GenerateParams {
@@ -90,28 +90,22 @@ fn check(model: &str) {
         .expect("fixture model");
     let mut failures = Vec::new();
     for case in &selected {
-        let result = match common::parity::generate_case(
-            &mut pipeline,
-            &params(case),
-            &case.id,
-            &case.unet_timesteps,
-            case.num_images,
-        ) {
-            Ok(r) => r,
-            Err(e) => {
-                failures.push(e);
-                continue;
-            }
-        };
-        let diff = Diff::of_images(&result.images, &golden(), &case.images, &case.pngs);
         eprintln!(
-            "{} (weighted: {}, padded: {}): {diff}",
+            "{} (weighted: {}, padded: {})",
             case.id,
             case.weighted,
             case.padded()
         );
-        if !diff.within_bar() {
-            failures.push(format!("{}: {diff}", case.id));
+        let golden = common::parity::Golden {
+            id: &case.id,
+            unet_timesteps: &case.unet_timesteps,
+            images: &case.images,
+            pngs: &case.pngs,
+        };
+        if let Err(e) =
+            common::parity::check_case(&mut pipeline, &params(case), &golden, &golden_dir())
+        {
+            failures.push(e);
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -146,7 +140,7 @@ fn the_same_words_without_weights_miss_the_weighted_reference() {
     let mut unweighted = params(&case);
     unweighted.prompt = "a red circle on a blue background".into();
     let got = pipeline.generate(&unweighted, &mut |_, _| true).unwrap();
-    let diff = Diff::of_images(&got.images, &golden(), &case.images, &case.pngs);
+    let diff = Diff::of_images(&got.images, &golden_dir(), &case.images, &case.pngs);
     eprintln!("unweighted against {}: {diff}", case.id);
     assert!(
         !diff.within_bar(),

@@ -42,6 +42,17 @@ struct Case {
     unet_timesteps: Vec<f64>,
 }
 
+impl Case {
+    fn golden(&self) -> common::parity::Golden<'_> {
+        common::parity::Golden {
+            id: &self.id,
+            unet_timesteps: &self.unet_timesteps,
+            images: &self.images,
+            pngs: &self.pngs,
+        }
+    }
+}
+
 fn golden() -> std::path::PathBuf {
     common::root().join("tests/golden/a1111/steps")
 }
@@ -90,27 +101,13 @@ fn check(model: &str) {
         .collect();
     assert!(!selected.is_empty(), "no golden cases for {model}");
     let mut pipeline = load(&format!("onnx/{model}"));
-    let mut failures = Vec::new();
-    for case in &selected {
-        let result = match common::parity::generate_case(
-            &mut pipeline,
-            &params(case),
-            &case.id,
-            &case.unet_timesteps,
-            case.num_images,
-        ) {
-            Ok(r) => r,
-            Err(e) => {
-                failures.push(e);
-                continue;
-            }
-        };
-        let diff = Diff::of_images(&result.images, &golden(), &case.images, &case.pngs);
-        eprintln!("{}: {diff}", case.id);
-        if !diff.within_bar() {
-            failures.push(format!("{}: {diff}", case.id));
-        }
-    }
+    let failures: Vec<String> = selected
+        .iter()
+        .filter_map(|case| {
+            common::parity::check_case(&mut pipeline, &params(case), &case.golden(), &golden())
+                .err()
+        })
+        .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

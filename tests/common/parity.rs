@@ -133,3 +133,40 @@ impl fmt::Display for Diff {
         )
     }
 }
+
+/// A golden case's expectations: its UNet timesteps and its reference files (paths relative
+/// to the golden folder).
+pub struct Golden<'a> {
+    /// The case's id, for messages.
+    pub id: &'a str,
+    /// The timesteps the reference's UNet saw.
+    pub unet_timesteps: &'a [f64],
+    /// The reference `.npy` images.
+    pub images: &'a [String],
+    /// The reference PNGs.
+    pub pngs: &'a [String],
+}
+
+/// Generates `params` and holds the images to the parity bar against `golden` (files in
+/// `dir`); prints the differences. `Err` says what failed or missed.
+pub fn check_case(
+    pipeline: &mut Pipeline,
+    params: &GenerateParams,
+    golden: &Golden<'_>,
+    dir: &Path,
+) -> Result<Diff, String> {
+    let result = generate_case(
+        pipeline,
+        params,
+        golden.id,
+        golden.unet_timesteps,
+        golden.images.len(),
+    )?;
+    let diff = Diff::of_images(&result.images, dir, golden.images, golden.pngs);
+    eprintln!("{}: {diff}", golden.id);
+    if diff.within_bar() {
+        Ok(diff)
+    } else {
+        Err(format!("{}: {diff}", golden.id))
+    }
+}
