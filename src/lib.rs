@@ -11,6 +11,8 @@ pub mod dbus;
 pub mod heap;
 pub mod jobs;
 pub mod local;
+/// LoRA files: mapping their layers onto an exported graph's initializers.
+pub mod lora;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
