@@ -22,7 +22,7 @@ use ort::session::RunOptions;
 
 use super::a1111::{A1111Cond, Encoded};
 use super::components::AddedCond;
-use super::denoise::{Start, finish_step};
+use super::denoise_loop::{Start, finish_step};
 use super::guidance::{Guidance, rescale_row};
 use super::text::time_ids;
 use super::unet::Unet;
