@@ -11,6 +11,9 @@
 //!   weight, its shape and data type, and whether it holds torch's weight as is (Conv,
 //!   Gemm with `transB`) or transposed (MatMul); initializers the exporter shared between
 //!   modules are detected and refused.
+//! - [`keys`]: LoRA tensor names (kohya/sd-scripts, including SDXL's SGM block names mapped
+//!   by the model's own UNet config, and PEFT/diffusers) to (component, module path,
+//!   down/up/alpha); LyCORIS types and DoRA are refused by name.
 //!
 //! Still to come for issue 23:
 //! - reading the tensors of a `.safetensors` LoRA file (the `safetensors` crate,
@@ -23,8 +26,10 @@
 //! - the daemon's `loras` request key and `ListLoras` method, `<lora:NAME:WEIGHT>` in the
 //!   a1111 prompt syntax, and `diffusionctl --lora`.
 
+pub mod keys;
 pub mod onnx_graph;
 pub mod targets;
 
+pub use keys::{Component, KeyError, KeyFormat, KeyMapper, LoraKey, Part, UnetBlocks};
 pub use onnx_graph::{Graph, GraphError, Initializer, Node, TensorData};
 pub use targets::{Layout, TargetError, Weight, WeightMap};
