@@ -14,10 +14,18 @@
 //! - [`keys`]: LoRA tensor names (kohya/sd-scripts, including SDXL's SGM block names mapped
 //!   by the model's own UNet config, and PEFT/diffusers) to (component, module path,
 //!   down/up/alpha); LyCORIS types and DoRA are refused by name.
+//! - [`file`]: a `.safetensors` LoRA file's header (names, dtypes, shapes, byte ranges,
+//!   metadata) grouped into [`LoraLayer`]s (down, up, alpha per module) with rank checks,
+//!   and [`LoraLayer::check_fits`] against the model's weight.
 //!
 //! Still to come for issue 23:
-//! - reading the tensors of a `.safetensors` LoRA file (the `safetensors` crate,
-//!   memory-mapped) and checking ranks and shapes against [`Weight::torch_shape`];
+//! - reading the tensors' data (the `safetensors` crate, memory-mapped; the header is
+//!   parsed here with serde_json) and the initializers' data from the graph (inside the
+//!   `.onnx` file or its external data files);
+//! - a key that names no weight of the model is an error naming the key: the caller
+//!   looks each [`LoraLayer`] up with [`WeightMap::get`];
+//! - alpha conventions: a missing alpha means alpha = rank (kohya); diffusers' handling
+//!   of files mixing ranks without metadata;
 //! - merging W + scale·(alpha/rank)·B@A in f32 (transposed for [`Layout::Transposed`]
 //!   weights; a 3×3 conv LoRA composed as peft's `get_delta_weight` does), cast once to
 //!   the graph's dtype;
@@ -26,10 +34,12 @@
 //! - the daemon's `loras` request key and `ListLoras` method, `<lora:NAME:WEIGHT>` in the
 //!   a1111 prompt syntax, and `diffusionctl --lora`.
 
+pub mod file;
 pub mod keys;
 pub mod onnx_graph;
 pub mod targets;
 
+pub use file::{FileError, Header, LoraLayer, TensorInfo, layers};
 pub use keys::{Component, KeyError, KeyFormat, KeyMapper, LoraKey, Part, UnetBlocks};
 pub use onnx_graph::{Graph, GraphError, Initializer, Node, TensorData};
 pub use targets::{Layout, TargetError, Weight, WeightMap};
