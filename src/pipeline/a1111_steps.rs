@@ -58,6 +58,8 @@ pub(super) struct Steps {
     uncond: Option<Place>,
     /// Each part's block.
     parts: Vec<Place>,
+    /// Every block: the negative's first, then the parts'.
+    places: Vec<Place>,
     /// The parts' common length before padding against the negative.
     parts_len: usize,
     /// Per part, per image: `weight × guidance_scale` as webui multiplies it (f32).
@@ -133,6 +135,7 @@ impl Steps {
                 })
                 .collect(),
             current: vec![None; k + 1],
+            places: uncond.iter().chain(&parts).copied().collect(),
             cond,
             n,
             runs,
@@ -142,7 +145,7 @@ impl Steps {
             scaled: ArrayD::zeros(ndarray::IxDyn(&[n, c, h, w])),
         };
         if let Some((mask, masked_latents)) = masked {
-            for place in steps.places().collect::<Vec<_>>() {
+            for &place in &steps.places {
                 let rows = place.row..place.row + n;
                 let input = &mut steps.runs[place.run].input;
                 input
@@ -154,11 +157,6 @@ impl Steps {
             }
         }
         Ok(steps)
-    }
-
-    /// Every block's place: the negative's first.
-    fn places(&self) -> impl Iterator<Item = Place> + '_ {
-        self.uncond.iter().chain(&self.parts).copied()
     }
 
     /// Copies the conditioning in force at `step` into the runs' buffers where it changed.
@@ -208,7 +206,7 @@ impl Steps {
         let (n, c) = (self.n, self.scaled.shape()[1]);
         self.scaled.assign(sample);
         sched.scale_model_input(self.scaled.view_mut(), index);
-        for place in self.places().collect::<Vec<_>>() {
+        for place in &self.places {
             let input = &mut self.runs[place.run].input;
             input
                 .slice_mut(s![place.row..place.row + n, ..c, .., ..])

@@ -145,41 +145,25 @@ impl Wire for String {
     }
 }
 
-impl Wire for RngKind {
-    const SIGNATURE: &'static str = "s";
-    fn read(key: &str, v: &Field<'_>) -> Result<Self, String> {
-        String::read(key, v)?
-            .parse()
-            .map_err(|e| format!("'{key}': {e}"))
-    }
-    fn write(&self) -> Value<'_> {
-        Value::from(self.as_str())
-    }
+/// A value sent as its name (`s`) and parsed back with `FromStr`.
+macro_rules! named {
+    ($ty:ty, $name:ident) => {
+        impl Wire for $ty {
+            const SIGNATURE: &'static str = "s";
+            fn read(key: &str, v: &Field<'_>) -> Result<Self, String> {
+                String::read(key, v)?
+                    .parse()
+                    .map_err(|e| format!("'{key}': {e}"))
+            }
+            fn write(&self) -> Value<'_> {
+                Value::from(self.$name())
+            }
+        }
+    };
 }
-
-impl Wire for PromptSyntax {
-    const SIGNATURE: &'static str = "s";
-    fn read(key: &str, v: &Field<'_>) -> Result<Self, String> {
-        String::read(key, v)?
-            .parse()
-            .map_err(|e| format!("'{key}': {e}"))
-    }
-    fn write(&self) -> Value<'_> {
-        Value::from(self.name())
-    }
-}
-
-impl Wire for PreviewMethod {
-    const SIGNATURE: &'static str = "s";
-    fn read(key: &str, v: &Field<'_>) -> Result<Self, String> {
-        String::read(key, v)?
-            .parse()
-            .map_err(|e| format!("'{key}': {e}"))
-    }
-    fn write(&self) -> Value<'_> {
-        Value::from(self.name())
-    }
-}
+named!(RngKind, as_str);
+named!(PromptSyntax, name);
+named!(PreviewMethod, name);
 
 /// A row for an optional field of [`GenerateRequest`] of the same name.
 macro_rules! key {
