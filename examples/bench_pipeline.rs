@@ -142,6 +142,7 @@ fn local(
         ort_version: pipeline.ort_version(),
         model_hash: pipeline.bundle().short_hash(),
         execution_provider: &provider,
+        loras: pipeline.loras(),
     };
     let text = pipeline
         .resolve(&params)

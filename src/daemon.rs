@@ -235,7 +235,7 @@ pub async fn run(
         .map(|(name, entry)| ModelSpec {
             name: name.clone(),
             path: entry.path.clone(),
-            defaults: entry.defaults(),
+            defaults: entry.defaults(&settings.loras.path),
         })
         .collect();
     let default = settings.default_model.clone();

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use ndarray::ArrayD;
 
+use crate::lora::LoraCatalog;
 use crate::model::ModelBundle;
 use crate::pipeline::preview::PreviewSink;
 use crate::pipeline::{Pipeline, PipelineError, image};
@@ -14,14 +15,15 @@ use crate::request::{self, GenerateRequest, Limits, ModelDefaults, ModelRef};
 use crate::runtime::{Runtime, RuntimeSettings};
 
 /// Opens `model_dir`, resolves `request` against it (no daemon limits: the caller owns
-/// the machine), loads the pipeline and generates. `latents` replace the seed's draw;
-/// `preview` receives the request's live previews (`preview_every`), on this thread.
-/// Returns one PNG per image, with the `parameters` chunk. Bad values fail before any
-/// session loads.
+/// the machine), loads the pipeline (with the request's LoRAs, named from `loras`,
+/// merged into its weights) and generates. `latents` replace the seed's draw; `preview`
+/// receives the request's live previews (`preview_every`), on this thread. Returns one
+/// PNG per image, with the `parameters` chunk. Bad values fail before any session loads.
 pub fn generate(
     settings: RuntimeSettings,
     model_dir: &Path,
     request: &GenerateRequest,
+    loras: &LoraCatalog,
     latents: Option<ArrayD<f32>>,
     preview: Option<PreviewSink>,
 ) -> Result<Vec<Vec<u8>>, PipelineError> {
@@ -33,11 +35,14 @@ pub fn generate(
         name: &name,
         bundle: &bundle,
         defaults: &ModelDefaults::NONE,
+        loras,
     };
     let resolved = request::resolve(request, model, &Limits::unbounded(), request::random_seed)?
         .with_latents(latents, &bundle)?;
     let runtime = Runtime::init(settings)?;
-    let mut pipeline = Pipeline::from_bundle(&runtime, bundle.clone())?;
+    let merged = crate::lora::prepare(model_dir, &resolved.loras)?;
+    let mut pipeline = Pipeline::with_loras(&runtime, bundle.clone(), &merged)?;
+    drop(merged);
     pipeline.set_preview_sink(preview);
     let run_options = ort::session::RunOptions::new().map_err(|e| PipelineError::Inference {
         component: "runtime".into(),
@@ -51,6 +56,7 @@ pub fn generate(
         ort_version: runtime.version(),
         model_hash: bundle.short_hash(),
         execution_provider: &provider,
+        loras: &generation.loras,
     };
     generation
         .images

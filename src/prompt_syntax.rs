@@ -16,6 +16,7 @@ use std::str::FromStr;
 
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
 
+pub mod extra_networks;
 mod schedule;
 pub use schedule::{Composable, Scheduled, entry_at, schedule, split_and};
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::config::JobSettings;
-use crate::jobs::{Backend, Model, RunControl};
+use crate::jobs::{Backend, Failure, Model, RunControl};
 use crate::model::{ModelBundle, ModelSpec};
 use crate::request::ModelDefaults;
 
@@ -23,10 +23,11 @@ impl Backend for SlowBackend {
         &self,
         _name: &str,
         _bundle: &Arc<ModelBundle>,
+        _loras: &[crate::lora::LoraSpec],
         _worker: usize,
-    ) -> Result<Box<dyn Model>, String> {
+    ) -> Result<Box<dyn Model>, Failure> {
         std::thread::sleep(Duration::from_secs(3));
-        Err("test backend: no model".into())
+        Err(Failure::ModelLoad("test backend: no model".into()))
     }
 
     fn run_control(&self) -> Result<RunControl, String> {

@@ -58,6 +58,19 @@ pub struct Settings {
     pub jobs: JobSettings,
     /// The metrics file for node_exporter's textfile collector.
     pub metrics: MetricsSettings,
+    /// LoRA folders every model may use.
+    pub loras: LoraSettings,
+}
+
+/// The `[loras]` table: LoRA folders shared by every model (after each model's own
+/// `[models.NAME] loras`). Requests name a file of these folders without its
+/// `.safetensors`; the daemon never opens a path a caller sends.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraSettings {
+    /// The folders, searched in order. Relative paths are relative to the config file's
+    /// folder.
+    pub path: Vec<PathBuf>,
 }
 
 /// The `[metrics]` table: where and how often the daemon writes its metrics in the
@@ -131,11 +144,16 @@ pub struct ModelEntry {
     /// `taesd_decoder/`. Relative paths are relative to the config file's folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preview_decoder: Option<PathBuf>,
+    /// This model's LoRA folder, searched before the global `[loras] path`. Relative
+    /// paths are relative to the config file's folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loras: Option<PathBuf>,
 }
 
 impl ModelEntry {
-    /// The request defaults this table sets.
-    pub fn defaults(&self) -> ModelDefaults {
+    /// The request defaults this table sets; `shared_loras` are the global `[loras]`
+    /// folders, searched after the model's own.
+    pub fn defaults(&self, shared_loras: &[PathBuf]) -> ModelDefaults {
         ModelDefaults {
             steps: self.steps,
             guidance_scale: self.guidance_scale,
@@ -146,6 +164,7 @@ impl ModelEntry {
             max_height: self.max_height,
             a1111_pad_cond_uncond: self.a1111_pad_cond_uncond,
             preview_decoder: self.preview_decoder.clone(),
+            lora_dirs: self.loras.iter().chain(shared_loras).cloned().collect(),
         }
     }
 }
@@ -237,9 +256,17 @@ impl Settings {
                 if entry.path.is_relative() {
                     entry.path = dir.join(&entry.path);
                 }
-                if let Some(d) = entry.preview_decoder.as_mut()
-                    && d.is_relative()
+                for d in [entry.preview_decoder.as_mut(), entry.loras.as_mut()]
+                    .into_iter()
+                    .flatten()
                 {
+                    if d.is_relative() {
+                        *d = dir.join(&*d);
+                    }
+                }
+            }
+            for d in &mut settings.loras.path {
+                if d.is_relative() {
                     *d = dir.join(&*d);
                 }
             }
@@ -276,6 +303,12 @@ impl Settings {
         if !(g.is_finite() && g > 0.0) {
             return Err(ConfigError::Invalid(format!(
                 "limits.max_guidance_scale: {g} is not a positive number"
+            )));
+        }
+        let l = self.limits.max_lora_scale;
+        if !(l.is_finite() && l > 0.0) {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_lora_scale: {l} is not a positive number"
             )));
         }
         let j = &self.jobs;

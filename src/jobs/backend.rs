@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use ort::session::RunOptions;
 
+use super::Failure;
+use crate::lora::LoraSpec;
 use crate::model::ModelBundle;
 use crate::pipeline::{Generation, Pipeline, PipelineError, ProgressFn};
 use crate::request::ResolvedRequest;
@@ -23,13 +25,15 @@ pub trait Backend: Send + Sync + 'static {
     fn workers(&self) -> Vec<String>;
 
     /// Loads the model `name` from its opened folder for `worker` (an index into
-    /// [`Backend::workers`]); the error says why not.
+    /// [`Backend::workers`]), with `loras` merged into its weights; the error says why not
+    /// ([`Failure::InvalidArgument`] when a LoRA does not fit the model).
     fn load(
         &self,
         name: &str,
         bundle: &Arc<ModelBundle>,
+        loras: &[LoraSpec],
         worker: usize,
-    ) -> Result<Box<dyn Model>, String>;
+    ) -> Result<Box<dyn Model>, Failure>;
 
     /// A run control for one batch.
     fn run_control(&self) -> Result<RunControl, String>;
@@ -143,18 +147,24 @@ impl Backend for OrtBackend {
         &self,
         _name: &str,
         bundle: &Arc<ModelBundle>,
+        loras: &[LoraSpec],
         worker: usize,
-    ) -> Result<Box<dyn Model>, String> {
+    ) -> Result<Box<dyn Model>, Failure> {
         let runtime = self
             .runtimes
             .get(worker)
-            .ok_or_else(|| format!("no worker {worker}"))?;
+            .ok_or_else(|| Failure::ModelLoad(format!("no worker {worker}")))?;
         // The folder was checked when it was opened; check its graphs again in case they
         // changed since, then load.
-        bundle.check_files().map_err(|e| e.to_string())?;
-        Pipeline::from_bundle(runtime, bundle.clone())
+        bundle
+            .check_files()
+            .map_err(|e| Failure::ModelLoad(e.to_string()))?;
+        // A LoRA that cannot apply is the request's fault, not the model's.
+        let merged = crate::lora::prepare(&bundle.dir, loras)
+            .map_err(|e| Failure::InvalidArgument(format!("'loras': {e}")))?;
+        Pipeline::with_loras(runtime, bundle.clone(), &merged)
             .map(|p| Box::new(p) as Box<dyn Model>)
-            .map_err(|e| e.to_string())
+            .map_err(|e| Failure::ModelLoad(e.to_string()))
     }
 
     fn run_control(&self) -> Result<RunControl, String> {

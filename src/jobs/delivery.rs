@@ -33,6 +33,7 @@ impl Engine {
             ort_version: self.shared.backend.runtime_version(),
             model_hash: model_hash.as_deref(),
             execution_provider: self.shared.backend.execution_provider(),
+            loras: &g.loras,
         };
         let mut pngs = Vec::with_capacity(g.images.len());
         for (i, img) in g.images.iter().enumerate() {

@@ -23,6 +23,7 @@ pub mod admission;
 pub mod backend;
 mod delivery;
 mod ids;
+mod lora_sets;
 mod preempt;
 pub mod queue;
 mod slots;
@@ -225,6 +226,8 @@ struct State {
     /// Jobs writing their images to callers' fds, with their cancel flags.
     delivering: HashMap<JobId, Arc<AtomicBool>>,
     shutting_down: bool,
+    /// The LoRA sets queued jobs asked for, by model key ([`lora_sets`]).
+    lora_sets: lora_sets::LoraSets,
 }
 
 struct Shared {
@@ -290,6 +293,7 @@ impl Engine {
                 running: (0..workers).map(|_| Vec::new()).collect(),
                 delivering: HashMap::new(),
                 shutting_down: false,
+                lora_sets: Default::default(),
             }),
             wake: Condvar::new(),
             events,
@@ -396,6 +400,7 @@ impl Engine {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(job.id, reply);
         }
+        lora_sets::register(&mut st, &job.request);
         st.queue.push(job);
         drop(st);
         self.notify();
@@ -543,12 +548,17 @@ impl Engine {
         Ok(rx)
     }
 
-    /// Unloads a model on every worker (at once if idle, else after its current batch).
+    /// Unloads a model, and its loaded LoRA sets, on every worker (at once if idle, else
+    /// after its current batch).
     pub fn unload_model(&self, name: &str) -> Result<(), EngineError> {
         if !self.shared.catalog.contains(name) {
             return Err(EngineError::UnknownModel(name.into()));
         }
-        self.lock().slots.unload(name);
+        let mut st = self.lock();
+        st.slots.unload(name);
+        for key in lora_sets::keys_of(&st, name) {
+            st.slots.unload(&key);
+        }
         Ok(())
     }
 
@@ -619,8 +629,13 @@ impl Engine {
         self.notify();
     }
 
-    /// Marks a model loading on `worker` and loads it on its own thread.
+    /// Marks a model (or a model with a LoRA set: its model key) loading on `worker`
+    /// and loads it on its own thread.
     fn start_load(&self, st: &mut State, name: &str, worker: usize) {
+        let (model, loras) = lora_sets::target(st, name);
+        if !loras.is_empty() {
+            self.make_room_for_set(st, &model, worker);
+        }
         if !st.slots.begin_load(name, worker) {
             return;
         }
@@ -628,10 +643,10 @@ impl Engine {
         let engine = self.clone();
         let owned = name.to_string();
         let spawned = std::thread::Builder::new()
-            .name(format!("load-{name}"))
+            .name(format!("load-{model}"))
             .spawn(move || {
                 let started = Instant::now();
-                let result = engine.load(&owned, worker);
+                let result = engine.load(&model, &loras, worker);
                 crate::metrics::model_load(&owned, started.elapsed(), result.is_ok());
                 engine.finish_load(&owned, worker, result);
             });
@@ -644,7 +659,13 @@ impl Engine {
         }
     }
 
-    fn load(&self, name: &str, worker: usize) -> Result<Box<dyn Model>, Failure> {
+    /// Loads model `name` with `loras` merged into its weights for `worker`.
+    fn load(
+        &self,
+        name: &str,
+        loras: &[crate::lora::LoraSpec],
+        worker: usize,
+    ) -> Result<Box<dyn Model>, Failure> {
         let entry = self
             .shared
             .catalog
@@ -654,12 +675,15 @@ impl Engine {
             .bundle
             .as_ref()
             .map_err(|m| Failure::ModelLoad(m.clone()))?;
-        self.shared.backend.load(name, bundle, worker).map_err(|e| {
-            match self.shared.devices.len() {
-                1 => Failure::ModelLoad(e),
-                _ => Failure::ModelLoad(format!("on {}: {e}", self.device(worker))),
-            }
-        })
+        self.shared
+            .backend
+            .load(name, bundle, loras, worker)
+            .map_err(|e| match (e, self.shared.devices.len()) {
+                (Failure::ModelLoad(e), n) if n > 1 => {
+                    Failure::ModelLoad(format!("on {}: {e}", self.device(worker)))
+                }
+                (e, _) => e,
+            })
     }
 
     fn finish_load(&self, name: &str, worker: usize, result: Result<Box<dyn Model>, Failure>) {

@@ -35,7 +35,7 @@ pub(super) struct Running {
     pub(super) jobs: HashSet<JobId>,
     pub(super) cancelled: HashSet<JobId>,
     pub(super) peak: u64,
-    /// The model it runs.
+    /// The model it runs: its model key (the model, with its LoRA set).
     pub(super) model: String,
     /// The callers whose jobs it holds.
     pub(super) owners: HashSet<u32>,
@@ -55,7 +55,7 @@ impl Running {
             jobs: batch.iter().map(|j| j.id).collect(),
             cancelled: HashSet::new(),
             peak,
-            model: batch[0].request.model.clone(),
+            model: batch[0].request.model_key().into_owned(),
             owners: batch.iter().map(|j| j.owner).collect(),
             priority: batch.iter().map(|j| j.request.priority).max().unwrap_or(0),
             background: batch.iter().all(|j| j.background),
@@ -72,7 +72,7 @@ pub(super) fn preempts(
     slice: Option<Duration>,
     now: Instant,
 ) -> bool {
-    if lead.request.model != top.model {
+    if lead.request.model_key() != top.model {
         return false;
     }
     match (top.background, lead.background) {
@@ -157,7 +157,10 @@ impl Engine {
             return None;
         }
         let top = st.running[worker].last()?;
-        let lead = st.queue.iter().find(|j| j.request.model == top.model)?;
+        let lead = st
+            .queue
+            .iter()
+            .find(|j| j.request.model_key() == top.model)?;
         let slice = match self.shared.settings.time_slice_secs {
             0 => None,
             s => Some(Duration::from_secs(s)),

@@ -98,13 +98,14 @@ impl Queue {
     /// The lead of the next batch for `ready` ([`Queue::take_batch`]) and the images of
     /// every queued job that could join it, without taking anything.
     pub fn peek_batch(&self, ready: impl Fn(&str) -> bool) -> Option<(&QueuedJob, usize)> {
-        let lead = self.jobs.values().find(|j| ready(&j.request.model))?;
+        let lead = self.jobs.values().find(|j| ready(&j.request.model_key()))?;
         let key = lead.request.batch_key();
+        let model = lead.request.model_key();
         let images = self
             .jobs
             .values()
             .filter(|j| {
-                j.request.model == lead.request.model
+                j.request.model_key() == model
                     && j.background == lead.background
                     && j.request.batch_key() == key
             })
@@ -123,16 +124,19 @@ impl Queue {
         ready: impl Fn(&str) -> bool,
         max_images: impl Fn(&QueuedJob) -> usize,
     ) -> Vec<QueuedJob> {
-        let Some(lead) = self.jobs.values().find(|j| ready(&j.request.model)) else {
+        let Some(lead) = self.jobs.values().find(|j| ready(&j.request.model_key())) else {
             return Vec::new();
         };
         let max_images = max_images(lead);
-        let (model, key) = (lead.request.model.as_str(), lead.request.batch_key());
+        let (model, key) = (
+            lead.request.model_key().into_owned(),
+            lead.request.batch_key(),
+        );
         let background = lead.background;
         let mut images = 0;
         let mut keys = Vec::new();
         for (k, j) in &self.jobs {
-            if j.request.model == model
+            if j.request.model_key() == model
                 && j.request.batch_key() == key
                 && j.background == background
             {

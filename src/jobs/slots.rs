@@ -125,6 +125,60 @@ impl Slots {
         matches!(self.get(name, worker), Some(Slot::Unloaded))
     }
 
+    /// Adds unloaded slots for `name` (a model key with a LoRA set) if it has none.
+    pub fn ensure(&mut self, name: &str) {
+        if !self.slots.contains_key(name) {
+            let slots = (0..self.workers).map(|_| Slot::Unloaded).collect();
+            self.slots.insert(name.to_string(), slots);
+        }
+    }
+
+    /// Forgets `name`'s slots (a LoRA set no job asks for any more).
+    pub fn remove(&mut self, name: &str) {
+        self.slots.remove(name);
+        self.waiters.remove(name);
+    }
+
+    /// Unloaded on every worker (and known).
+    pub fn is_unloaded_everywhere(&self, name: &str) -> bool {
+        self.slots
+            .get(name)
+            .is_some_and(|v| v.iter().all(|s| matches!(s, Slot::Unloaded)))
+    }
+
+    /// The names loaded, in use or loading on `worker`.
+    pub fn resident_on(&self, worker: usize) -> impl Iterator<Item = &str> {
+        self.slots
+            .iter()
+            .filter(move |(_, v)| {
+                matches!(
+                    v.get(worker),
+                    Some(Slot::Loading | Slot::Ready { .. } | Slot::InUse)
+                )
+            })
+            .map(|(n, _)| n.as_str())
+    }
+
+    /// The name among `which` ready on `worker` that was used longest ago.
+    pub fn lru_ready_on(&self, worker: usize, which: impl Fn(&str) -> bool) -> Option<String> {
+        self.slots
+            .iter()
+            .filter(|(n, _)| which(n))
+            .filter_map(|(n, v)| match v.get(worker) {
+                Some(Slot::Ready { last_used, .. }) => Some((*last_used, n)),
+                _ => None,
+            })
+            .min()
+            .map(|(_, n)| n.clone())
+    }
+
+    /// Unloads `name` on `worker` when it is ready there.
+    pub fn unload_on(&mut self, name: &str, worker: usize) {
+        if let Some(slot @ Slot::Ready { .. }) = self.get_mut(name, worker) {
+            *slot = Slot::Unloaded;
+        }
+    }
+
     /// Someone waits for `name` to load on every worker.
     pub fn add_waiter(&mut self, name: &str, tx: Waiter) {
         self.waiters.entry(name.to_string()).or_default().push(tx);

@@ -41,6 +41,8 @@ pub(crate) fn resolved(model: &str, steps: usize) -> ResolvedRequest {
         preview_every: 0,
         preview_method: Default::default(),
         keep_alive: None,
+        loras: Vec::new(),
+        lora_key: Vec::new(),
     }
 }
 
@@ -81,11 +83,14 @@ struct Fake {
     concurrent: Mutex<(usize, usize)>,
     /// Each batch's seeds when its `generate` returned (successful or not).
     ended: Mutex<Vec<Vec<u64>>>,
+    /// Each successful load: the model and its LoRAs' names.
+    loads: Mutex<Vec<(String, Vec<String>)>>,
     gate: Gate,
 }
 
 /// The fake backend with `.1` workers (`fake0`, `fake1`, ...). Model `broken` fails to
-/// load everywhere, `flaky` on every worker but the first.
+/// load everywhere, `flaky` on every worker but the first; a LoRA named `misfit` does
+/// not fit any model.
 struct FakeBackend(Arc<Fake>, usize);
 struct FakeModel(Arc<Fake>, usize, Option<Box<backend::ModelInterlude>>);
 
@@ -98,14 +103,27 @@ impl Backend for FakeBackend {
         &self,
         name: &str,
         _: &Arc<ModelBundle>,
+        loras: &[crate::lora::LoraSpec],
         worker: usize,
-    ) -> Result<Box<dyn Model>, String> {
+    ) -> Result<Box<dyn Model>, Failure> {
         if name == "broken" {
-            return Err("broken/unet/model.onnx: no weights".into());
+            return Err(Failure::ModelLoad(
+                "broken/unet/model.onnx: no weights".into(),
+            ));
         }
         if name == "flaky" && worker > 0 {
-            return Err("out of device memory".into());
+            return Err(Failure::ModelLoad("out of device memory".into()));
         }
+        if let Some(l) = loras.iter().find(|l| l.name == "misfit") {
+            return Err(Failure::InvalidArgument(format!(
+                "'loras': {}: layers for another model",
+                l.path.display()
+            )));
+        }
+        self.0.loads.lock().unwrap().push((
+            name.to_string(),
+            loras.iter().map(|l| l.name.clone()).collect(),
+        ));
         Ok(Box::new(FakeModel(self.0.clone(), worker, None)))
     }
 
@@ -190,6 +208,7 @@ impl FakeModel {
                 scheduler: r.scheduler,
                 timesteps: Vec::new(),
                 timings: Default::default(),
+                loras: Vec::new(),
             })
             .collect())
     }
@@ -235,6 +254,7 @@ impl Harness {
                 path: PathBuf::from("/fake").join(name),
                 bundle: Ok(bundle()),
                 defaults: Default::default(),
+                loras: Default::default(),
             };
             entries.insert(name.to_string(), entry);
         }
@@ -242,6 +262,7 @@ impl Harness {
             path: PathBuf::from("/fake/unreadable"),
             bundle: Err("/fake/unreadable/model_index.json: file is missing".into()),
             defaults: Default::default(),
+            loras: Default::default(),
         };
         entries.insert("unreadable".to_string(), unreadable);
         let catalog = Arc::new(Catalog::from_entries(entries, Some("a".into())));

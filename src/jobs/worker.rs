@@ -29,8 +29,8 @@ impl Engine {
             let mut cold: Vec<String> = st
                 .queue
                 .iter()
-                .filter(|j| st.slots.is_unloaded(&j.request.model, worker))
-                .map(|j| j.request.model.clone())
+                .filter(|j| st.slots.is_unloaded(&j.request.model_key(), worker))
+                .map(|j| j.request.model_key().into_owned())
                 .collect();
             cold.sort();
             cold.dedup();
@@ -47,7 +47,7 @@ impl Engine {
                 None => Vec::new(),
             };
             if let Some(first) = batch.first() {
-                let name = first.request.model.clone();
+                let name = first.request.model_key().into_owned();
                 match (
                     st.slots.take(&name, worker),
                     self.shared.backend.run_control(),
@@ -79,6 +79,7 @@ impl Engine {
                 (idle > 0).then(|| Duration::from_secs(idle)),
                 Instant::now(),
             );
+            super::lora_sets::prune(&mut st);
             st = match next_unload {
                 Some(due) => {
                     let wait = due.saturating_duration_since(Instant::now());
@@ -104,7 +105,7 @@ impl Engine {
         let r = &lead.request;
         let mut cap = self.shared.settings.max_batch_images;
         let idle = (0..st.running.len())
-            .filter(|&w| st.running[w].is_empty() && st.slots.is_ready(&r.model, w))
+            .filter(|&w| st.running[w].is_empty() && st.slots.is_ready(&r.model_key(), w))
             .count();
         if idle > 1 {
             cap = cap.min(super::queue::fair_share(compatible, idle));
@@ -160,15 +161,18 @@ impl Engine {
         }
         let dropped = st
             .queue
-            .drain_where(|j| failed.contains_key(&j.request.model));
+            .drain_where(|j| failed.contains_key(&*j.request.model_key()));
         for j in dropped {
             st.admission.retire(j.id);
-            let model = &j.request.model;
-            let message = format!("model '{model}' failed to load: {}", failed[model]);
-            self.send(Event::Finished(
-                j.id,
-                Outcome::Failed(Failure::ModelLoad(message)),
-            ));
+            let failure = match &failed[&*j.request.model_key()] {
+                // A LoRA that does not fit: the request's fault, said as it is.
+                Failure::InvalidArgument(m) => Failure::InvalidArgument(m.clone()),
+                f => {
+                    let model = &j.request.model;
+                    Failure::ModelLoad(format!("model '{model}' failed to load: {f}"))
+                }
+            };
+            self.send(Event::Finished(j.id, Outcome::Failed(failure)));
         }
     }
 
@@ -201,7 +205,7 @@ impl Engine {
             Held::Nested(m) => &mut **m,
         };
         let started = Instant::now();
-        let name = batch[0].request.model.clone();
+        let name = batch[0].request.model_key().into_owned();
         let control = self.lock().running[worker]
             .last()
             .map(|r| r.control.clone());

@@ -1,22 +1,20 @@
-//! A `.safetensors` LoRA file's table of tensors, grouped into layers.
+//! A `.safetensors` LoRA file: its table of tensors grouped into layers, and their data.
 //!
-//! Only the header is read: an 8-byte little-endian length, then that many bytes of JSON
-//! (`{"name": {"dtype": "F16", "shape": [4, 32], "data_offsets": [0, 256]}, …,
-//! "__metadata__": {…}}`), offsets counted from the end of the header. Parsed with
-//! serde_json, which the tree has; the `safetensors` crate will read the tensors
-//! themselves (memory-mapped) when the merge is written.
+//! The file is memory-mapped and its header parsed and validated by the `safetensors`
+//! crate (offsets, sizes, a payload that exactly covers the tensors); only the pages of
+//! the tensors a merge reads are ever touched.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use serde_json::Value;
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use sha2::{Digest, Sha256};
 
-use super::keys::{Component, KeyError, KeyMapper, Part};
+use super::keys::{Component, KeyError, KeyFormat, KeyMapper, Part};
 use super::targets::Weight;
-
-/// Headers larger than this are refused (real LoRA headers are well under 1 MB).
-const MAX_HEADER: u64 = 100 << 20;
 
 /// An error reading a LoRA file.
 #[derive(Debug, thiserror::Error)]
@@ -72,29 +70,27 @@ pub struct TensorInfo {
     pub bytes: (u64, u64),
 }
 
-/// The header of a safetensors file.
+/// A safetensors file, mapped: its header, and its tensors' bytes on demand.
 #[derive(Debug, Clone)]
 pub struct Header {
     /// The file read.
     pub path: PathBuf,
     /// Its tensors, by name.
     pub tensors: BTreeMap<String, TensorInfo>,
-    /// `__metadata__`, string values only.
+    /// `__metadata__` (string values, as the format defines it).
     pub metadata: BTreeMap<String, String>,
+    /// Where the tensor payload starts (8 + the header's length).
+    payload: usize,
+    /// The mapped file.
+    map: Arc<Mmap>,
 }
 
-fn dtype_size(dtype: &str) -> Option<u64> {
-    Some(match dtype {
-        "F64" | "I64" | "U64" => 8,
-        "F32" | "I32" | "U32" => 4,
-        "F16" | "BF16" | "I16" | "U16" => 2,
-        "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
-        _ => return None,
-    })
+fn dtype_name(dtype: Dtype) -> String {
+    format!("{dtype:?}")
 }
 
 impl Header {
-    /// Reads the header of the safetensors file at `path` (not its tensors).
+    /// Maps the safetensors file at `path` and reads its header (not its tensors).
     pub fn read(path: &Path) -> Result<Header, FileError> {
         let io = |source| FileError::Io {
             path: path.to_path_buf(),
@@ -104,83 +100,81 @@ impl Header {
             path: path.to_path_buf(),
             what,
         };
-        let mut file = std::fs::File::open(path).map_err(io)?;
+        let file = std::fs::File::open(path).map_err(io)?;
         let size = file.metadata().map_err(io)?.len();
-        let mut len = [0u8; 8];
-        file.read_exact(&mut len)
-            .map_err(|_| bad(format!("{size} bytes, too short for a header")))?;
-        let len = u64::from_le_bytes(len);
-        if len > MAX_HEADER || len > size - 8 {
-            return Err(bad(format!(
-                "header length {len} in a file of {size} bytes"
-            )));
+        if size < 8 {
+            return Err(bad(format!("{size} bytes, too short for a header")));
         }
-        let mut json = vec![0u8; len as usize];
-        file.read_exact(&mut json).map_err(io)?;
-        let value: Value =
-            serde_json::from_slice(&json).map_err(|e| bad(format!("header JSON: {e}")))?;
-        let Value::Object(entries) = value else {
-            return Err(bad("the header is not a JSON object".into()));
-        };
-        let data_start = 8 + len;
+        // SAFETY: the map is read-only and private to this process. LoRA files live in
+        // folders the operator configures (a caller never names a path); one truncated
+        // while mapped would fault on access, as with any mapped model file.
+        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let (len, meta) = SafeTensors::read_metadata(&map).map_err(|e| bad(format!("{e}")))?;
+        let payload = 8 + len;
         let mut tensors = BTreeMap::new();
-        let mut metadata = BTreeMap::new();
-        for (name, entry) in entries {
-            if name == "__metadata__" {
-                if let Value::Object(m) = entry {
-                    for (k, v) in m {
-                        if let Value::String(v) = v {
-                            metadata.insert(k, v);
-                        }
-                    }
-                }
-                continue;
-            }
-            let field = |f: &str| {
-                entry
-                    .get(f)
-                    .ok_or_else(|| bad(format!("tensor {name} has no {f}")))
-            };
-            let dtype = field("dtype")?
-                .as_str()
-                .ok_or_else(|| bad(format!("tensor {name}: dtype is not a string")))?
-                .to_string();
-            let numbers = |f: &str| -> Result<Vec<u64>, FileError> {
-                field(f)?
-                    .as_array()
-                    .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
-                    .ok_or_else(|| bad(format!("tensor {name}: {f} is not a list of numbers")))
-            };
-            let shape = numbers("shape")?;
-            let offsets = numbers("data_offsets")?;
-            let [begin, end] = offsets[..] else {
-                return Err(bad(format!(
-                    "tensor {name}: data_offsets is not [begin, end]"
-                )));
-            };
-            let elem = dtype_size(&dtype)
-                .ok_or_else(|| bad(format!("tensor {name}: unknown dtype {dtype}")))?;
-            let expected = shape.iter().try_fold(elem, |acc, &d| acc.checked_mul(d));
-            if end < begin || expected != Some(end - begin) || data_start + end > size {
-                return Err(bad(format!(
-                    "tensor {name}: {dtype} {shape:?} does not fit bytes {begin}..{end} of a {} byte payload",
-                    size - data_start
-                )));
-            }
-            let shape = shape.into_iter().map(|d| d as usize).collect();
+        for (name, info) in meta.tensors() {
+            let (begin, end) = info.data_offsets;
             let info = TensorInfo {
                 name: name.clone(),
-                dtype,
-                shape,
-                bytes: (data_start + begin, data_start + end),
+                dtype: dtype_name(info.dtype),
+                shape: info.shape.clone(),
+                bytes: ((payload + begin) as u64, (payload + end) as u64),
             };
             tensors.insert(name, info);
         }
+        let metadata = meta
+            .metadata()
+            .as_ref()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
         Ok(Header {
             path: path.to_path_buf(),
             tensors,
             metadata,
+            payload,
+            map: Arc::new(map),
         })
+    }
+
+    /// A tensor's values as f32 (F32, F16 and BF16 tensors; others are refused).
+    pub fn tensor_f32(&self, info: &TensorInfo) -> Result<Vec<f32>, FileError> {
+        let bytes = &self.map[info.bytes.0 as usize..info.bytes.1 as usize];
+        let values = match info.dtype.as_str() {
+            "F32" => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            "F16" => bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            "BF16" => bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(FileError::Header {
+                    path: self.path.clone(),
+                    what: format!(
+                        "tensor {} is {other}; LoRA tensors must be F32, F16 or BF16",
+                        info.name
+                    ),
+                });
+            }
+        };
+        Ok(values)
+    }
+
+    /// A1111's short hash of the file (its "addnet" hash, written in `Lora hashes`): the
+    /// SHA-256 of the tensor payload after the header, first 12 hex digits.
+    pub fn addnet_hash(&self) -> String {
+        let digest = Sha256::digest(&self.map[self.payload..]);
+        digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The file's size in bytes.
+    pub fn file_size(&self) -> u64 {
+        self.map.len() as u64
     }
 }
 
@@ -199,6 +193,8 @@ pub struct LoraLayer {
     pub alpha: Option<TensorInfo>,
     /// The rank: A's first dimension, B's second.
     pub rank: usize,
+    /// The naming convention of its keys.
+    pub format: KeyFormat,
 }
 
 impl LoraLayer {
@@ -251,11 +247,13 @@ pub fn layers(header: &Header, mapper: &KeyMapper) -> Result<Vec<LoraLayer>, Fil
     let path = &header.path;
     type Parts = BTreeMap<Part, TensorInfo>;
     let mut modules: BTreeMap<(Component, String), Parts> = BTreeMap::new();
+    let mut formats: BTreeMap<(Component, String), KeyFormat> = BTreeMap::new();
     for (name, info) in &header.tensors {
         let key = mapper.map(name).map_err(|source| FileError::Key {
             path: path.clone(),
             source,
         })?;
+        formats.insert((key.component, key.module.clone()), key.format);
         let parts = modules
             .entry((key.component, key.module.clone()))
             .or_default();
@@ -270,6 +268,7 @@ pub fn layers(header: &Header, mapper: &KeyMapper) -> Result<Vec<LoraLayer>, Fil
     }
     let mut out = Vec::new();
     for ((component, module), mut parts) in modules {
+        let format = formats[&(component, module.clone())];
         let error = |what: String| FileError::Layer {
             path: path.clone(),
             component: component.folder(),
@@ -313,6 +312,7 @@ pub fn layers(header: &Header, mapper: &KeyMapper) -> Result<Vec<LoraLayer>, Fil
             up,
             alpha,
             rank,
+            format,
         });
     }
     Ok(out)

@@ -205,12 +205,12 @@ fn malformed_files_are_refused() {
         (vec![1, 2, 3], "too short for a header"),
         (
             vec![200, 0, 0, 0, 0, 0, 0, 0, b'{', b'}'],
-            "header length 200",
+            "invalid header length",
         ),
-        (b"\x02\0\0\0\0\0\0\0[]".to_vec(), "not a JSON object"),
+        (b"\x02\0\0\0\0\0\0\0[]".to_vec(), "invalid JSON in header"),
         (
             short_tensor(),
-            "does not fit bytes 0..8 of a 4 byte payload",
+            "incomplete metadata, file not fully covered",
         ),
     ] {
         std::fs::write(&path, &bytes).unwrap();

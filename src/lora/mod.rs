@@ -1,5 +1,5 @@
-//! LoRA support (issue 23), first building block: which initializer of an exported ONNX
-//! graph each layer of a LoRA file changes, and how.
+//! LoRA support: which initializer of an exported ONNX graph each layer of a LoRA file
+//! changes, how, and the merged weights a LoRA set gives.
 //!
 //! What exists:
 //! - [`onnx_graph`]: a streaming reader of an ONNX model's nodes and initializers that
@@ -17,28 +17,22 @@
 //! - [`file`]: a `.safetensors` LoRA file's header (names, dtypes, shapes, byte ranges,
 //!   metadata) grouped into [`LoraLayer`]s (down, up, alpha per module) with rank checks,
 //!   and [`LoraLayer::check_fits`] against the model's weight.
-//!
-//! Still to come for issue 23:
-//! - reading the tensors' data (the `safetensors` crate, memory-mapped; the header is
-//!   parsed here with serde_json) and the initializers' data from the graph (inside the
-//!   `.onnx` file or its external data files);
-//! - a key that names no weight of the model is an error naming the key: the caller
-//!   looks each [`LoraLayer`] up with [`WeightMap::get`];
-//! - alpha conventions: a missing alpha means alpha = rank (kohya); diffusers' handling
-//!   of files mixing ranks without metadata;
-//! - merging W + scale·(alpha/rank)·B@A in f32 (transposed for [`Layout::Transposed`]
-//!   weights; a 3×3 conv LoRA composed as peft's `get_delta_weight` does), cast once to
-//!   the graph's dtype;
-//! - handing the merged initializers to ONNX Runtime through ort's
-//!   `SessionBuilder::with_initializer`, one session per LoRA set;
-//! - the daemon's `loras` request key and `ListLoras` method, `<lora:NAME:WEIGHT>` in the
-//!   a1111 prompt syntax, and `diffusionctl --lora`.
+//! - [`catalog`]: LoRA files by name, from the configured folders or the command line.
+//! - [`merge`]: W += scale·(alpha/rank)·B@A over f32 slices, in the stored layout.
+//! - [`apply`]: a LoRA set read and merged for one model folder into [`Overrides`], the
+//!   initializers ONNX Runtime replaces at session build (`AddInitializer`); alphas follow
+//!   kohya and diffusers where they agree and are refused where diffusers guesses.
 
+pub mod apply;
+pub mod catalog;
 pub mod file;
 pub mod keys;
+pub mod merge;
 pub mod onnx_graph;
 pub mod targets;
 
+pub use apply::{Applied, LoraError, LoraSpec, Overrides, prepare};
+pub use catalog::{LoraCatalog, LoraEntry, LoraShelf};
 pub use file::{FileError, Header, LoraLayer, TensorInfo, layers};
 pub use keys::{Component, KeyError, KeyFormat, KeyMapper, LoraKey, Part, UnetBlocks};
 pub use onnx_graph::{Graph, GraphError, Initializer, Node, TensorData};

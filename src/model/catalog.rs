@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::ModelBundle;
 use super::hash::HashCache;
+use crate::lora::{LoraCatalog, LoraShelf};
 use crate::request::{
     self, GenerateRequest, Limits, ModelDefaults, ModelRef, RequestError, ResolvedRequest,
 };
@@ -22,6 +23,8 @@ pub struct CatalogEntry {
     pub bundle: Result<Arc<ModelBundle>, String>,
     /// The `[models.NAME]` defaults for requests that leave keys out.
     pub defaults: ModelDefaults,
+    /// Its LoRA folders (`defaults.lora_dirs`) and their last scan.
+    pub loras: Arc<LoraShelf>,
 }
 
 /// A model to open: its name, folder and configured defaults.
@@ -82,6 +85,7 @@ impl Catalog {
                             name: &m.name,
                             bundle: &b,
                             defaults: &m.defaults,
+                            loras: LoraCatalog::none(),
                         };
                         let probed = match request::resolve(&probe, model, limits, || 0) {
                             // An inpainting model takes no text-to-image request: the
@@ -98,10 +102,12 @@ impl Catalog {
                 if let Err(e) = &bundle {
                     tracing::error!(model = %m.name, error = %e, "model refused");
                 }
+                let loras = Arc::new(LoraShelf::open(m.defaults.lora_dirs.clone()));
                 let entry = CatalogEntry {
                     path: m.path,
                     bundle,
                     defaults: m.defaults,
+                    loras,
                 };
                 (m.name, entry)
             })
@@ -165,6 +171,7 @@ impl Catalog {
                 name,
                 bundle,
                 defaults: &entry.defaults,
+                loras: LoraCatalog::none(),
             }),
             Err(message) => Err(RequestError::ModelUnavailable {
                 name: name.clone(),
@@ -174,13 +181,36 @@ impl Catalog {
     }
 
     /// Resolves a request against the model it names: the daemon's one resolve step.
+    /// LoRA names are looked up in the model's last folder scan
+    /// ([`Catalog::rescan_loras`] reads the folders again).
     pub fn resolve(
         &self,
         req: &GenerateRequest,
         limits: &Limits,
     ) -> Result<ResolvedRequest, RequestError> {
         let model = self.lookup(req.model.as_deref())?;
+        let loras = self
+            .entries
+            .get(model.name)
+            .map_or_else(|| Arc::new(LoraCatalog::default()), |e| e.loras.snapshot());
+        let model = ModelRef {
+            loras: &loras,
+            ..model
+        };
         request::resolve(req, model, limits, request::random_seed)
+    }
+
+    /// Scans the LoRA folders of the model a request names again (file I/O: call it off
+    /// async threads); false when there is no such model or it has no LoRA folder.
+    pub fn rescan_loras(&self, requested: Option<&str>) -> bool {
+        let name = requested.or_else(|| self.default_name());
+        match name.and_then(|n| self.entries.get(n)) {
+            Some(e) if !e.loras.dirs().is_empty() => {
+                e.loras.rescan();
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -288,6 +318,7 @@ mod tests {
                 path: PathBuf::from("/x"),
                 bundle: Err("unreadable".into()),
                 defaults: ModelDefaults::default(),
+                loras: Default::default(),
             },
         );
         let c = Catalog::from_entries(entries, None);

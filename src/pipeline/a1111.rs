@@ -133,7 +133,7 @@ impl Pipeline {
         p: &ResolvedRequest,
     ) -> Result<A1111Cond, PipelineError> {
         // The resolve step refused what cannot run (composable prompts without guidance...).
-        let parts = prompt_syntax::split_and(&p.prompt).map_err(invalid("prompt"))?;
+        let parts = prompt_syntax::split_and(&p.text_prompt()).map_err(invalid("prompt"))?;
         let mut schedules = Vec::with_capacity(parts.len());
         for part in &parts {
             let schedule =

@@ -4,11 +4,12 @@
 //! [`super::unet`] (re-exported here).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use half::f16;
 use ndarray::{Array2, Array3, ArrayD, ArrayViewD, Ix3};
 use ort::session::{RunOptions, Session, SessionInputValue};
-use ort::value::{Tensor, TensorRef};
+use ort::value::{DynValue, Tensor, TensorRef};
 
 use super::PipelineError;
 pub use super::unet::{AddedCond, Unet};
@@ -65,16 +66,17 @@ pub struct TextEncoder {
 impl TextEncoder {
     /// Loads the encoder. `hidden` picks the embeddings to use: `last_hidden_state`
     /// (SD1/2) or the second-to-last `hidden_states.N` (SDXL); `pooled` names the
-    /// pooled output SDXL's second encoder supplies (`text_embeds`); `shapes` as for
-    /// [`Unet::load`].
+    /// pooled output SDXL's second encoder supplies (`text_embeds`); `shapes` and
+    /// `initializers` as for [`Unet::load`].
     pub fn load(
         runtime: &Runtime,
         path: &Path,
         penultimate: bool,
         pooled: Option<&str>,
         shapes: &SessionShapes,
+        initializers: &[(String, Arc<DynValue>)],
     ) -> Result<TextEncoder, PipelineError> {
-        let session = runtime.session_for(path, shapes)?;
+        let session = runtime.session_with(path, shapes, initializers)?;
         let ids = signature::require(&session, path, Side::Input, "input_ids", IDS, &[2])?;
         let hidden_name = if penultimate {
             penultimate_hidden_state(&session, path)?

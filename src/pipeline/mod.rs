@@ -28,6 +28,7 @@ use ort::session::RunOptions;
 pub use crate::request::{GenerateParams, Limits};
 pub use image::GeneratedImage;
 
+use crate::lora::{Applied, Overrides};
 use crate::model::{ModelBundle, ModelError, PipelineKind};
 use crate::request::{self, ModelDefaults, ModelRef, RequestError, ResolvedRequest};
 use crate::runtime::tensorrt::{Component, SessionShapes};
@@ -69,6 +70,9 @@ pub enum PipelineError {
     /// The scheduler rejected its configuration or the step count.
     #[error(transparent)]
     Scheduler(#[from] SchedulerError),
+    /// A LoRA file could not be applied to the model.
+    #[error(transparent)]
+    Lora(#[from] crate::lora::LoraError),
     /// A session run failed.
     #[error("{component}: inference failed: {message}")]
     Inference {
@@ -142,6 +146,8 @@ pub struct Generation {
     pub timesteps: Vec<f64>,
     /// Per-stage timings.
     pub timings: StageTimings,
+    /// The LoRA files merged into the weights that made it (PNG `Lora hashes`).
+    pub loras: Vec<Applied>,
 }
 
 /// What the denoise loop reports after each step; returning `false` cancels.
@@ -175,6 +181,8 @@ pub struct Pipeline {
     preview: preview::Previewer,
     /// Work that may run between two steps ([`Interlude`]).
     interlude: Option<Box<Interlude>>,
+    /// The LoRA files merged into this pipeline's weights (empty: the base model).
+    loras: Vec<Applied>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -197,6 +205,16 @@ impl Pipeline {
         runtime: &Runtime,
         bundle: Arc<ModelBundle>,
     ) -> Result<Pipeline, PipelineError> {
+        Pipeline::with_loras(runtime, bundle, &Overrides::none())
+    }
+
+    /// Loads every session of an opened model folder with a LoRA set's merged weights
+    /// ([`crate::lora::prepare`]) in place of the base weights they replace.
+    pub fn with_loras(
+        runtime: &Runtime,
+        bundle: Arc<ModelBundle>,
+        loras: &Overrides,
+    ) -> Result<Pipeline, PipelineError> {
         let sdxl = bundle.kind == PipelineKind::StableDiffusionXl;
         let tokenizers = bundle
             .tokenizer_dirs()
@@ -217,7 +235,8 @@ impl Pipeline {
             .map(|(i, c)| {
                 let pooled = (sdxl && i == 1).then_some("text_embeds");
                 let s = shapes(Component::TextEncoder);
-                TextEncoder::load(runtime, &bundle.onnx(c), sdxl, pooled, &s)
+                let weights = loras.for_folder(c);
+                TextEncoder::load(runtime, &bundle.onnx(c), sdxl, pooled, &s, weights)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let unet = Unet::load(
@@ -225,6 +244,7 @@ impl Pipeline {
             &bundle.onnx("unet"),
             sdxl,
             &shapes(Component::Unet),
+            loras.for_folder("unet"),
         )?;
         let decoder = shapes(Component::VaeDecoder);
         let vae = VaeDecoder::load(runtime, &bundle.onnx("vae_decoder"), &decoder)?;
@@ -257,6 +277,7 @@ impl Pipeline {
             arena: arena::ArenaOptions::new(runtime)?,
             preview,
             interlude: None,
+            loras: loras.applied().to_vec(),
         })
     }
 
@@ -295,6 +316,11 @@ impl Pipeline {
         &self.bundle
     }
 
+    /// The LoRA files merged into this pipeline's weights, in order (empty: none).
+    pub fn loras(&self) -> &[Applied] {
+        &self.loras
+    }
+
     /// The ONNX Runtime version, for PNG metadata.
     pub fn ort_version(&self) -> &str {
         &self.ort_version
@@ -308,6 +334,7 @@ impl Pipeline {
             name: &name,
             bundle: &self.bundle,
             defaults: &ModelDefaults::NONE,
+            loras: crate::lora::LoraCatalog::none(),
         };
         let resolved = request::resolve(&params.to_request(), model, &Limits::unbounded(), || {
             params.seed
@@ -511,6 +538,7 @@ impl Pipeline {
                 scheduler: name,
                 timesteps: timesteps.clone(),
                 timings: timings.clone(),
+                loras: self.loras.clone(),
             })
             .collect())
     }

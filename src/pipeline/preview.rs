@@ -507,6 +507,7 @@ mod tests {
             name: "m",
             bundle: &bundle,
             defaults: &crate::request::ModelDefaults::NONE,
+            loras: crate::lora::LoraCatalog::none(),
         };
         crate::request::resolve(&req, model, &crate::request::Limits::default(), || 1).unwrap()
     }

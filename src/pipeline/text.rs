@@ -115,7 +115,7 @@ impl Pipeline {
         let zero_uncond = self.bundle.kind == PipelineKind::StableDiffusionXl
             && self.bundle.force_zeros_for_empty_prompt
             && params.negative_prompt.is_none();
-        let cond = self.encode_text(&params.prompt)?;
+        let cond = self.encode_text(&params.text_prompt())?;
         let uncond = if !params.do_cfg() {
             None
         } else if zero_uncond {

@@ -12,12 +12,13 @@
 //!   [`Runtime::cuda_graph`] each batch shape also runs as a CUDA graph of its own.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use half::f16;
 use ndarray::{ArrayD, ArrayViewD, Axis};
 use ort::memory::{AllocationDevice, Allocator};
 use ort::session::{IoBinding, RunOptions, Session, SessionInputValue};
-use ort::value::Tensor;
+use ort::value::{DynValue, Tensor};
 
 use super::PipelineError;
 use super::components::{LATENT_CHANNELS, component_name, float_input, float_output, ort_err};
@@ -116,14 +117,16 @@ struct Bound {
 
 impl Unet {
     /// Loads the UNet and checks its signature; `sdxl` requires `text_embeds` and `time_ids`.
-    /// `shapes` is what the pipeline feeds it (TensorRT's optimization profile).
+    /// `shapes` is what the pipeline feeds it (TensorRT's optimization profile);
+    /// `initializers` replace weights of the graph (a LoRA set's merged weights).
     pub fn load(
         runtime: &Runtime,
         path: &Path,
         sdxl: bool,
         shapes: &SessionShapes,
+        initializers: &[(String, Arc<DynValue>)],
     ) -> Result<Unet, PipelineError> {
-        let session = runtime.session_for(path, shapes)?;
+        let session = runtime.session_with(path, shapes, initializers)?;
         let req = |side, name: &str, elems, ranks: &[usize]| {
             signature::require(&session, path, side, name, elems, ranks)
         };

@@ -33,6 +33,8 @@ pub struct Provenance<'a> {
     /// The execution provider the UNet ran on (`Execution provider`: `cpu`, `cuda`,
     /// `tensorrt`).
     pub execution_provider: &'a str,
+    /// The LoRA files merged into the weights (`Lora hashes`, as A1111 writes it).
+    pub loras: &'a [crate::lora::Applied],
 }
 
 /// Why a `parameters` text cannot be read back. Each message names the key.

@@ -90,6 +90,7 @@ fn parse_reads_back_what_format_writes() {
                 name: model,
                 bundle: &b,
                 defaults: &ModelDefaults::NONE,
+                loras: crate::lora::LoraCatalog::none(),
             };
             let Ok(r) = resolve(&req, model_ref, &Limits::unbounded(), || 0) else {
                 // A scheduler/step pair the scheduler refuses, or an a1111 prompt that
@@ -100,6 +101,7 @@ fn parse_reads_back_what_format_writes() {
                 ort_version: "1.32.0",
                 model_hash: Some("0123456789"),
                 execution_provider: ["cpu", "cuda", "tensorrt"][n % 3],
+                loras: &[],
             };
             let image = r.num_images - 1;
             let text = format(&r, &provenance, image);
@@ -156,12 +158,14 @@ fn the_text_is_a1111s_layout() {
         name: "tiny",
         bundle: &b,
         defaults: &ModelDefaults::NONE,
+        loras: crate::lora::LoraCatalog::none(),
     };
     let r = resolve(&req, model, &Limits::default(), || 0).unwrap();
     let p = Provenance {
         ort_version: "1.32.0",
         model_hash: Some("abcdef0123"),
         execution_provider: "cpu",
+        loras: &[],
     };
     assert_eq!(
         format(&r, &p, 0),
@@ -184,6 +188,7 @@ fn latents_given_are_recorded_by_their_hash() {
         name: "tiny",
         bundle: &b,
         defaults: &ModelDefaults::NONE,
+        loras: crate::lora::LoraCatalog::none(),
     };
     let latents = ndarray::ArrayD::<f32>::ones(ndarray::IxDyn(&[1, 4, 8, 8]));
     let r = resolve(&req, model, &Limits::default(), || 0)
@@ -194,6 +199,7 @@ fn latents_given_are_recorded_by_their_hash() {
         ort_version: "1",
         model_hash: None,
         execution_provider: "cpu",
+        loras: &[],
     };
     let got = parse(&format(&r, &p, 0)).unwrap();
     assert_eq!(got.latents_hash, Some(latents_hash(&latents)));

@@ -43,7 +43,14 @@ pub struct Limits {
     /// Largest init image or mask, in encoded bytes (the pixel size is held to
     /// `max_width`, `max_height` and `max_pixels`, read from the header).
     pub max_image_bytes: usize,
+    /// Most LoRAs one request may apply at once.
+    pub max_loras: usize,
+    /// Largest LoRA scale, in absolute value: past a few, a LoRA only breaks the image.
+    pub max_lora_scale: f64,
 }
+
+/// The default bound on a LoRA's scale.
+pub const DEFAULT_MAX_LORA_SCALE: f64 = 4.0;
 
 /// The default bound on `guidance_scale` (useful values are about 1 to 30).
 pub const DEFAULT_MAX_GUIDANCE_SCALE: f64 = 100.0;
@@ -65,13 +72,16 @@ impl Default for Limits {
             max_stored_bytes_per_caller: 8 << 30,
             max_prompt_chunks: 8,
             max_image_bytes: 32 << 20,
+            max_loras: 8,
+            max_lora_scale: DEFAULT_MAX_LORA_SCALE,
         }
     }
 }
 
 impl Limits {
     /// No bounds on sizes, steps, images or prompts: for in-process use, where the caller
-    /// owns the machine. The guidance bound stays (past it there are only garbage images).
+    /// owns the machine. The guidance and LoRA scale bounds stay (past them there are only
+    /// garbage images).
     pub fn unbounded() -> Limits {
         Limits {
             max_width: usize::MAX,
@@ -88,6 +98,8 @@ impl Limits {
             max_stored_bytes_per_caller: u64::MAX,
             max_prompt_chunks: usize::MAX,
             max_image_bytes: usize::MAX,
+            max_loras: usize::MAX,
+            max_lora_scale: DEFAULT_MAX_LORA_SCALE,
         }
     }
 }

@@ -23,7 +23,8 @@ pub use keep_alive::KeepAlive;
 pub use limits::{DEFAULT_MAX_GUIDANCE_SCALE, Limits};
 pub use params::GenerateParams;
 pub use resolve::{
-    Edit, Mode, ModelRef, ResolvedRequest, gib as resolve_gib, random_seed, resolve, short_float,
+    Edit, LORA_SET, Mode, ModelRef, ResolvedRequest, gib as resolve_gib, random_seed, resolve,
+    short_float,
 };
 
 use crate::rng::RngKind;
@@ -102,6 +103,10 @@ pub struct GenerateRequest {
     /// Seconds the model stays loaded after this job (-1: until unloaded; 0: unloaded
     /// after it); daemon only ([`KeepAlive`]).
     pub keep_alive: Option<f64>,
+    /// LoRAs merged into the model's weights for this job: (name, scale) pairs. Names
+    /// come from the model's LoRA folders (`ListLoras`), or with `--local` from the files
+    /// given; `prompt_syntax` `a1111` adds the prompt's `<lora:NAME:SCALE>` tags.
+    pub loras: Option<Vec<(String, f64)>>,
 }
 
 /// How a live preview is decoded from the predicted clean latents.
@@ -174,6 +179,9 @@ pub struct ModelDefaults {
     /// `preview_decoder`: the model's tiny VAE decoder folder for `taesd` previews,
     /// instead of the model folder's own `taesd_decoder/`.
     pub preview_decoder: Option<std::path::PathBuf>,
+    /// The model's LoRA folders, in search order (`[models.NAME] loras`, then `[loras]
+    /// path`).
+    pub lora_dirs: Vec<std::path::PathBuf>,
 }
 
 impl ModelDefaults {
@@ -188,6 +196,7 @@ impl ModelDefaults {
         max_height: None,
         a1111_pad_cond_uncond: None,
         preview_decoder: None,
+        lora_dirs: Vec::new(),
     };
 
     /// The configured limit for `key` (`width` or `height`).

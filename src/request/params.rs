@@ -126,6 +126,7 @@ impl GenerateParams {
             preview_every: count(self.preview_every),
             preview_method: Some(self.preview_method),
             keep_alive: None,
+            loras: None,
         }
     }
 }

@@ -5,6 +5,7 @@
 use ndarray::ArrayD;
 
 use super::{GenerateRequest, ImageInput, Limits, ModelDefaults, RequestError, defaults};
+use crate::lora::{LoraCatalog, LoraSpec};
 use crate::model::{ModelBundle, PipelineKind};
 use crate::prompt_syntax::{self, PromptSyntax};
 use crate::rng::RngKind;
@@ -20,7 +21,12 @@ pub struct ModelRef<'a> {
     pub bundle: &'a ModelBundle,
     /// `[models.NAME]` defaults ([`ModelDefaults::NONE`] when there is no config).
     pub defaults: &'a ModelDefaults,
+    /// The LoRA files requests may name ([`LoraCatalog::none`]: none).
+    pub loras: &'a LoraCatalog,
 }
+
+/// What separates a model's name from its LoRA set in [`ResolvedRequest::model_key`].
+pub const LORA_SET: &str = "+lora:";
 
 /// A model's default size limit, as a multiple of its native size (`[models.NAME]`
 /// `max_width`/`max_height` set it otherwise; the global `[limits]` cap it either way).
@@ -82,6 +88,10 @@ pub struct ResolvedRequest {
     pub preview_method: super::PreviewMethod,
     /// How long the model stays loaded after this job; `None`: `jobs.idle_unload_secs`.
     pub keep_alive: Option<super::KeepAlive>,
+    /// The LoRAs merged into the model's weights, sorted by name (empty: the base model).
+    pub loras: Vec<LoraSpec>,
+    /// The `loras` key as given (the prompt's `<lora:…>` tags stay in the prompt).
+    pub lora_key: Vec<(String, f64)>,
 }
 
 /// What an image-to-image or inpainting request starts from. The image's size (rounded
@@ -230,7 +240,29 @@ impl ResolvedRequest {
             preview_every: u32::try_from(self.preview_every).ok(),
             preview_method: Some(self.preview_method),
             keep_alive: self.keep_alive.map(super::KeepAlive::as_secs),
+            loras: (!self.lora_key.is_empty()).then(|| self.lora_key.clone()),
         }
+    }
+
+    /// The prompt as the text encoders read it (with `prompt_syntax` `a1111`, without
+    /// its `<lora:…>` tags, as webui encodes it).
+    pub fn text_prompt(&self) -> std::borrow::Cow<'_, str> {
+        text_prompt(&self.prompt, self.prompt_syntax)
+    }
+
+    /// What a loaded model must be to run this request: the model's name, and with LoRAs
+    /// the set (`tiny+lora:a=0.8,b=-1`). Jobs with one key share a loaded model and may
+    /// batch together; another key is another set of sessions.
+    pub fn model_key(&self) -> std::borrow::Cow<'_, str> {
+        if self.loras.is_empty() {
+            return self.model.as_str().into();
+        }
+        let set: Vec<String> = self
+            .loras
+            .iter()
+            .map(|l| format!("{}={}", l.name, l.scale))
+            .collect();
+        format!("{}{LORA_SET}{}", self.model, set.join(",")).into()
     }
 
     /// The `parameters` text stored in image `image` (0-based) of this request's PNGs
@@ -299,14 +331,16 @@ pub fn resolve(
 
     over("prompt", req.prompt.len(), limits.max_prompt_bytes)?;
     let prompt_syntax = req.prompt_syntax.unwrap_or_default();
+    let (loras, lora_key) = loras::resolve(req, prompt_syntax, model.loras, limits)?;
+    // What the text encoders see: webui removes extra-network tags first.
+    let text = text_prompt(&req.prompt, prompt_syntax);
     let a1111_parts = match prompt_syntax {
-        PromptSyntax::A1111 => a1111::parts(&req.prompt)?,
+        PromptSyntax::A1111 => a1111::parts(&text)?,
         PromptSyntax::Diffusers => 1,
     };
     if prompt_syntax == PromptSyntax::A1111 {
         // The weights must parse; the pipeline parses again when it encodes.
-        prompt_syntax::parse_attention(&req.prompt)
-            .map_err(|e| invalid("prompt", e.to_string()))?;
+        prompt_syntax::parse_attention(&text).map_err(|e| invalid("prompt", e.to_string()))?;
         if let Some(n) = &req.negative_prompt {
             prompt_syntax::parse_attention(n)
                 .map_err(|e| invalid("negative_prompt", e.to_string()))?;
@@ -553,11 +587,22 @@ pub fn resolve(
         preview_every: req.preview_every.unwrap_or(0) as usize,
         preview_method,
         keep_alive: req.keep_alive.map(super::KeepAlive::parse).transpose()?,
+        loras,
+        lora_key,
     };
     if prompt_syntax == PromptSyntax::A1111 {
         a1111::check(&resolved)?;
     }
     Ok(resolved)
+}
+
+/// The prompt as the text encoders read it: with `prompt_syntax` `a1111`, webui's
+/// extra-network tags (`<lora:…>`) removed.
+fn text_prompt(prompt: &str, syntax: PromptSyntax) -> std::borrow::Cow<'_, str> {
+    match syntax {
+        PromptSyntax::A1111 => prompt_syntax::extra_networks::strip(prompt).into(),
+        PromptSyntax::Diffusers => prompt.into(),
+    }
 }
 
 /// Images as the memory estimate counts them: `parts` `AND` parts run `parts + 1` UNet rows
@@ -683,6 +728,7 @@ fn resolve_edit(
 }
 
 mod a1111;
+mod loras;
 mod size;
 #[cfg(test)]
 mod tests;

@@ -15,11 +15,12 @@ pub mod tensorrt;
 
 use std::ffi::CStr;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use ort::environment::Environment;
 use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use ort::value::DynValue;
 
 pub use devices::WorkerDevice;
 pub use settings::{ProviderKind, RuntimeSettings, SessionSettings};
@@ -310,7 +311,7 @@ impl Runtime {
     /// caches are keyed to the file ([`tensorrt::plan`]), but it has no optimization
     /// profile: pipeline components use [`Runtime::session_for`].
     pub fn session(&self, path: &Path) -> Result<Session, RuntimeError> {
-        self.create(path, None)
+        self.create(path, None, &[])
     }
 
     /// Creates a session for one pipeline component's ONNX file. With TensorRT among the
@@ -325,18 +326,38 @@ impl Runtime {
         path: &Path,
         shapes: &tensorrt::SessionShapes,
     ) -> Result<Session, RuntimeError> {
-        self.create(path, Some(shapes))
+        self.create(path, Some(shapes), &[])
+    }
+
+    /// [`Runtime::session_for`] with some of the graph's initializers replaced
+    /// (ONNX Runtime's `AddInitializer`; the session keeps the values alive): how LoRA
+    /// weights are applied without rewriting the graph. The NCHWc layout transformer is
+    /// off in such sessions (it would read the graph's original Conv weights). Refused
+    /// with TensorRT, whose engine caches are keyed to the graph file alone.
+    pub fn session_with(
+        &self,
+        path: &Path,
+        shapes: &tensorrt::SessionShapes,
+        initializers: &[(String, Arc<DynValue>)],
+    ) -> Result<Session, RuntimeError> {
+        self.create(path, Some(shapes), initializers)
     }
 
     fn create(
         &self,
         path: &Path,
         shapes: Option<&tensorrt::SessionShapes>,
+        initializers: &[(String, Arc<DynValue>)],
     ) -> Result<Session, RuntimeError> {
         let to_err = |message: String| RuntimeError::Session {
             path: path.to_path_buf(),
             message,
         };
+        if !initializers.is_empty() && self.providers.contains(&ProviderKind::Tensorrt) {
+            return Err(to_err(
+                "replaced weights (LoRA) are not supported with the TensorRT provider: its engine cache is keyed to the graph file; use the CUDA or CPU provider".into(),
+            ));
+        }
         let plan = if self.providers.contains(&ProviderKind::Tensorrt) {
             let plan = tensorrt::plan(path, shapes, &self.settings.tensorrt, self.version())
                 .map_err(|e| to_err(e.to_string()))?;
@@ -344,11 +365,29 @@ impl Runtime {
         } else {
             None
         };
-        self.builder_for(plan.as_ref(), shapes.map(|s| s.component))?
+        let mut builder = self.builder_for(plan.as_ref(), shapes.map(|s| s.component))?;
+        if !initializers.is_empty() {
+            // ONNX Runtime's NCHWc layout transformer (CPU, level `all`) reorders Conv
+            // weights from the graph's own initializers, ignoring replaced ones: a
+            // LoRA's conv layers would silently not apply. The other optimizations see
+            // the replaced values.
+            builder = builder
+                .with_disabled_optimizers(NCHWC_TRANSFORMER)
+                .map_err(|e| to_err(format!("disabling {NCHWC_TRANSFORMER}: {e}")))?;
+        }
+        for (name, value) in initializers {
+            builder = builder
+                .with_initializer(name, Arc::clone(value))
+                .map_err(|e| to_err(format!("replacing initializer {name}: {e}")))?;
+        }
+        builder
             .commit_from_file(path)
             .map_err(|e| to_err(e.to_string()))
     }
 }
+
+/// ONNX Runtime's name for its CPU NCHWc layout transformer.
+const NCHWC_TRANSFORMER: &str = "NchwcTransformer";
 
 fn optimization_level(s: &SessionSettings) -> GraphOptimizationLevel {
     use settings::OptimizationLevel::*;

@@ -145,6 +145,20 @@ impl Wire for String {
     }
 }
 
+/// (name, number) pairs: `loras`.
+impl Wire for Vec<(String, f64)> {
+    const SIGNATURE: &'static str = "a(sd)";
+    fn read(key: &str, v: &Field<'_>) -> Result<Self, String> {
+        match v {
+            Field::Pairs(p) => Ok(p.clone()),
+            other => Err(type_error(key, "a(sd)", other)),
+        }
+    }
+    fn write(&self) -> Value<'_> {
+        Value::new(self.clone())
+    }
+}
+
 /// A value sent as its name (`s`) and parsed back with `FromStr`.
 macro_rules! named {
     ($ty:ty, $name:ident) => {
@@ -256,6 +270,7 @@ pub const KEYS: &[Key] = &[
     key!(preview_every: u32),
     key!(preview_method: PreviewMethod),
     key!(keep_alive: f64),
+    key!(loras: Vec<(String, f64)>),
     image_key!(Slot::Init),
     image_key!(Slot::Mask),
     image_fd_key!(Slot::Init),

@@ -10,6 +10,7 @@
 //!   message, copied only once the key's size limit has passed;
 //! * `ah` as the list of fds (a message carries a handful; the bus bounds them);
 //! * `a{sv}` (batch `defaults`) as a nested [`RawDict`], read by the same rules;
+//! * `a(sd)` (`loras`) as its (string, double) pairs;
 //! * a variant inside a variant as what it holds;
 //! * anything else (an unknown key's `ay`, an `as`, a struct) is skipped without being
 //!   built, and only its signature is kept for the error message.
@@ -44,6 +45,8 @@ pub enum Field<'m> {
     Fds(Vec<OwnedFd>),
     /// An `a{sv}`.
     Dict(RawDict<'m>),
+    /// An `a(sd)`: (name, number) pairs (`loras`).
+    Pairs(Vec<(String, f64)>),
     /// Any other value: not decoded; its D-Bus signature.
     Skipped(String),
 }
@@ -56,6 +59,7 @@ impl Field<'_> {
             Field::Bytes(_) => "ay".into(),
             Field::Fds(_) => "ah".into(),
             Field::Dict(_) => "a{sv}".into(),
+            Field::Pairs(_) => "a(sd)".into(),
             Field::Skipped(s) => s.clone(),
         }
     }
@@ -173,6 +177,10 @@ impl<'de: 'm, 'm> Visitor<'de> for FieldSeed<'m> {
             }
             "ah" => Field::Fds(seq.next_element::<Vec<OwnedFd>>()?.ok_or_else(missing)?),
             "a{sv}" => Field::Dict(seq.next_element::<RawDict<'m>>()?.ok_or_else(missing)?),
+            "a(sd)" => Field::Pairs(
+                seq.next_element::<Vec<(String, f64)>>()?
+                    .ok_or_else(missing)?,
+            ),
             _ => {
                 seq.next_element::<IgnoredAny>()?.ok_or_else(missing)?;
                 Field::Skipped(sig)

@@ -191,10 +191,41 @@ pub struct RequestFlags {
     /// it) [default: the daemon's jobs.idle_unload_secs].
     #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
     pub keep_alive: Option<f64>,
+    /// A LoRA merged into the model's weights, at SCALE [default: 1.0] (repeatable). With
+    /// --local, a .safetensors file; through the daemon, a LoRA's name from its LoRA
+    /// folders (`diffusionctl loras` lists them).
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    pub lora: Vec<String>,
 }
 
 impl RequestFlags {
-    /// The keys these flags set (no prompt).
+    /// The `--lora` flags as (file or name, scale).
+    pub fn loras(&self) -> Result<Vec<(String, f64)>, String> {
+        self.lora
+            .iter()
+            .map(|a| diffusiond::lora::catalog::split_scale(a).map_err(|e| format!("--lora {e}")))
+            .collect()
+    }
+
+    /// `--local`: the `--lora` files as a catalog, and the request's `loras` naming them.
+    pub fn local_loras(&self) -> Result<LocalLoras, String> {
+        let given = self.loras()?;
+        let paths: Vec<PathBuf> = given.iter().map(|(f, _)| PathBuf::from(f)).collect();
+        let catalog = diffusiond::lora::LoraCatalog::from_files(&paths)
+            .map_err(|e| format!("--lora: {e}"))?;
+        let named = given
+            .iter()
+            .zip(&paths)
+            .map(|((_, scale), path)| {
+                let name = diffusiond::lora::catalog::name_of(path).unwrap_or_default();
+                (name, *scale)
+            })
+            .collect();
+        Ok((catalog, named))
+    }
+
+    /// The keys these flags set (no prompt; `--lora` read as names, as the daemon takes
+    /// them).
     pub fn request(&self) -> GenerateRequest {
         GenerateRequest {
             negative_prompt: self.negative_prompt.clone(),
@@ -210,10 +241,17 @@ impl RequestFlags {
             prompt_syntax: self.prompt_syntax,
             a1111_pad_cond_uncond: self.a1111_pad_cond_uncond.then_some(true),
             keep_alive: self.keep_alive,
+            loras: match self.loras() {
+                Ok(l) if !l.is_empty() => Some(l),
+                _ => None,
+            },
             ..GenerateRequest::default()
         }
     }
 }
+
+/// `--local`'s LoRA files by name, and the (name, scale) pairs a request gives.
+pub type LocalLoras = (diffusiond::lora::LoraCatalog, Vec<(String, f64)>);
 
 #[derive(Debug, Args)]
 struct CancelArgs {
@@ -265,7 +303,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) if args.local => generate_local(*args),
         Command::Generate(args) => match check_daemon_flags(&args) {
-            Ok(()) => match request(&args) {
+            Ok(()) => match args.flags.loras().and_then(|_| request(&args)) {
                 Ok(request) => daemon(&args.bus.bus(), |c| {
                     generate(c, request, args.output, args.preview)
                 }),
@@ -467,10 +505,16 @@ fn generate_local(args: GenerateArgs) -> Result<(), Failure> {
             }
         })
     });
+    let (loras, named) = args.flags.local_loras()?;
+    let request = GenerateRequest {
+        loras: (!named.is_empty()).then_some(named),
+        ..request(&args)?
+    };
     let pngs = local::generate(
         settings.runtime,
         &model_dir,
-        &request(&args)?,
+        &request,
+        &loras,
         latents,
         sink,
     )

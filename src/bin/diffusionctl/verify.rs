@@ -389,8 +389,15 @@ fn regenerate_local(
     request.model = None;
     let settings =
         Settings::load(config::default_file(false).as_deref()).map_err(|e| e.to_string())?;
-    local::generate(settings.runtime, dir, &request, None, None)
-        .map_err(|e| Failure::Other(e.to_string()))
+    local::generate(
+        settings.runtime,
+        dir,
+        &request,
+        diffusiond::lora::LoraCatalog::none(),
+        None,
+        None,
+    )
+    .map_err(|e| Failure::Other(e.to_string()))
 }
 
 /// Generates through the daemon, with a progress bar (Ctrl-C cancels).

@@ -36,7 +36,7 @@ pub(super) fn check(r: &ResolvedRequest) -> Result<(), RequestError> {
     let invalid = |key: &'static str| {
         move |e: prompt_syntax::PromptSyntaxError| RequestError::invalid(key, e.to_string())
     };
-    let parts = prompt_syntax::split_and(&r.prompt).map_err(invalid("prompt"))?;
+    let parts = prompt_syntax::split_and(&r.text_prompt()).map_err(invalid("prompt"))?;
     let mut texts = HashSet::new();
     for part in &parts {
         let schedule = prompt_syntax::schedule(&part.text, r.steps).map_err(invalid("prompt"))?;

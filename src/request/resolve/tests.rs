@@ -15,6 +15,7 @@ fn run(req: GenerateRequest, limits: &Limits) -> Result<ResolvedRequest, Request
             name: "tiny",
             bundle: &b,
             defaults: &ModelDefaults::NONE,
+            loras: crate::lora::LoraCatalog::none(),
         },
         limits,
         || 99,
@@ -263,6 +264,7 @@ fn an_unknown_model_scheduler_must_be_named() {
             name: "m",
             bundle: &b,
             defaults: &ModelDefaults::NONE,
+            loras: crate::lora::LoraCatalog::none(),
         },
         &Limits::default(),
         || 1,
@@ -299,6 +301,7 @@ fn png_parameters_name_every_setting() {
         ort_version: "1.32.0",
         model_hash: Some("0123456789"),
         execution_provider: "cpu",
+        loras: &[],
     };
     let text = r.png_parameters(&provenance, 0);
     assert!(
@@ -323,11 +326,13 @@ fn configured_defaults_come_between_the_request_and_the_built_in_ones() {
         max_height: None,
         a1111_pad_cond_uncond: Some(true),
         preview_decoder: None,
+        lora_dirs: Vec::new(),
     };
     let model = ModelRef {
         name: "demo",
         bundle: &b,
         defaults: &configured,
+        loras: crate::lora::LoraCatalog::none(),
     };
     let r = resolve(&prompt(), model, &Limits::default(), || 1).unwrap();
     assert_eq!((r.steps, r.guidance_scale, r.scheduler), (12, 5.0, "ddim"));
@@ -364,6 +369,7 @@ fn a_request_over_the_memory_budget_is_refused_naming_what_fits() {
         name: "m",
         bundle: &b,
         defaults: &ModelDefaults::NONE,
+        loras: crate::lora::LoraCatalog::none(),
     };
     let budget = b.memory.peak(256, 256, 1, true);
     let limits = Limits {
@@ -410,6 +416,7 @@ fn each_model_has_a_size_limit_from_its_native_size_that_the_config_can_raise() 
         name: "m",
         bundle: &b,
         defaults,
+        loras: crate::lora::LoraCatalog::none(),
     };
     assert!(resolve(&at(512), model(&none), &Limits::default(), || 1).is_ok());
     let err = resolve(&at(520), model(&none), &Limits::default(), || 1).unwrap_err();
@@ -496,6 +503,7 @@ fn previews_are_off_by_default_and_taesd_needs_a_tiny_decoder() {
         name: "tiny",
         bundle: &b,
         defaults: &ModelDefaults::NONE,
+        loras: crate::lora::LoraCatalog::none(),
     };
     let r = resolve(&taesd, model, &Limits::default(), || 1).unwrap();
     assert_eq!(r.preview_method, PreviewMethod::Taesd);
