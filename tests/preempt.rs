@@ -34,6 +34,7 @@ impl Rig {
             path: dir,
             bundle: Ok(bundle.clone()),
             defaults: ModelDefaults::default(),
+            loras: Default::default(),
         };
         let catalog = Arc::new(Catalog::from_entries(
             BTreeMap::from([("tiny".to_string(), entry)]),
@@ -71,6 +72,7 @@ impl Rig {
             name: "tiny",
             bundle: &self.bundle,
             defaults: &ModelDefaults::NONE,
+            loras: diffusiond::lora::LoraCatalog::none(),
         };
         resolve(&req, model, &Limits::unbounded(), || 0).unwrap()
     }

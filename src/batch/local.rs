@@ -64,6 +64,9 @@ pub struct LocalBatch {
     pub output_dir: PathBuf,
     /// Forget the state of an earlier, different batch in this folder and start over.
     pub restart: bool,
+    /// Where the LoRA files the lines and flags name are (`NAME.safetensors`), in search
+    /// order: the manifest's folder, then the folders of the `--lora` files.
+    pub lora_dirs: Vec<PathBuf>,
 }
 
 /// A run's result.
@@ -144,7 +147,10 @@ pub fn run(
     let spec = ModelSpec {
         name: name.clone(),
         path: batch.model_dir.clone(),
-        defaults: ModelDefaults::NONE,
+        defaults: ModelDefaults {
+            lora_dirs: batch.lora_dirs.clone(),
+            ..ModelDefaults::default()
+        },
     };
     let limits = Limits::unbounded();
     let hashes = crate::model::hash::HashCache::for_user();

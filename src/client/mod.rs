@@ -18,7 +18,7 @@ use zbus::zvariant::OwnedObjectPath;
 
 pub use crate::request::GenerateRequest;
 pub use crate::wire::Bus;
-pub use crate::wire::reply::{JobResult, ModelInfo};
+pub use crate::wire::reply::{JobResult, LoraInfo, ModelInfo};
 use crate::wire::{JOB_PATH_PREFIX, keys};
 pub use batch::{BatchInfo, BatchProxy, FetchEvent, batch_path};
 use error::is_unknown_object;
@@ -176,6 +176,15 @@ impl Client {
     /// `ListModels`, parsed.
     pub async fn models(&self) -> Result<Vec<ModelInfo>> {
         quick(&self.bus, "ListModels", self.manager.list_models()).await
+    }
+
+    /// `ListLoras(model)`, parsed (`None`: the default model). Reading and hashing the
+    /// files can take a while the first time: no short timeout.
+    pub async fn loras(&self, model: Option<&str>) -> Result<Vec<LoraInfo>> {
+        self.manager
+            .list_loras(model.unwrap_or(""))
+            .await
+            .map_err(|e| ClientError::from_zbus(&self.bus, e))
     }
 
     /// `Metrics()`: the daemon's metrics in the Prometheus text format.

@@ -27,8 +27,12 @@ pub trait Manager {
     ) -> zbus::Result<OwnedObjectPath>;
 
     /// One dictionary per configured model (`name`, `path`, `loaded`, `default`, `kind`,
-    /// `scheduler`, and for a loaded model `expires_in` and `memory_bytes`).
+    /// `scheduler`, `lora_sets`, and for a loaded model `expires_in` and `memory_bytes`).
     fn list_models(&self) -> zbus::Result<Vec<ModelInfo>>;
+
+    /// One dictionary per LoRA file the model (empty: the default) may use (`name`,
+    /// `size`, `hash`, `architecture`, `fits`, `trigger_words`, `error`).
+    fn list_loras(&self, model: &str) -> zbus::Result<Vec<crate::wire::reply::LoraInfo>>;
 
     /// Loads a model now and keeps it warm.
     fn load_model(&self, name: &str) -> zbus::Result<()>;

@@ -15,9 +15,9 @@ use super::{Error, Job, Registry, caller_uid, expect_args};
 use crate::batch::service::Service;
 use crate::jobs::{Engine, JobId, QueuedJob};
 use crate::model::{Catalog, PipelineKind};
-use crate::request::Limits;
+use crate::request::{Limits, RequestError};
 use crate::wire::batch::batch_path;
-use crate::wire::reply::ModelInfo;
+use crate::wire::reply::{LoraInfo, ModelInfo};
 use crate::wire::{self, job_path, keys};
 
 /// What the Manager says of ONNX Runtime.
@@ -47,6 +47,8 @@ pub struct Manager {
     intake: super::intake::Intake,
     /// What `Metrics()` reports ([`Manager::serving_metrics`]).
     metrics: Option<crate::metrics::source::Source>,
+    /// `ListLoras`' descriptions, kept until a file changes.
+    lora_descriptions: Arc<crate::lora::describe::DescribeCache>,
 }
 
 impl Manager {
@@ -79,6 +81,7 @@ impl Manager {
             batches,
             intake: super::intake::Intake::default(),
             metrics: None,
+            lora_descriptions: Arc::default(),
         }
     }
 
@@ -180,7 +183,18 @@ impl Manager {
             .map_err(Error::InvalidArgument)?;
             incoming.request = request;
         }
-        let resolved = self.catalog.resolve(&incoming.request, &self.limits)?;
+        let resolved = match self.catalog.resolve(&incoming.request, &self.limits) {
+            // A LoRA file added since the folders were last read: read them again (off
+            // the async threads) and resolve once more.
+            Err(RequestError::UnknownLora { .. }) => {
+                let catalog = self.catalog.clone();
+                let model = incoming.request.model.clone();
+                let _ = tokio::task::spawn_blocking(move || catalog.rescan_loras(model.as_deref()))
+                    .await;
+                self.catalog.resolve(&incoming.request, &self.limits)?
+            }
+            other => other?,
+        };
         incoming
             .check_delivery(resolved.num_images)
             .map_err(refused_argument)?;
@@ -290,6 +304,47 @@ impl Manager {
             .collect())
     }
 
+    /// One dict per LoRA file `model` may use (its folders read again first): name,
+    /// size, A1111 hash, base architecture, whether it fits the model, trigger words.
+    #[zbus(out_args("loras"))]
+    async fn list_loras(
+        &self,
+        model: &str,
+        #[zbus(header)] header: Header<'_>,
+    ) -> Result<Vec<LoraInfo>, Error> {
+        expect_args(&header, "ListLoras", "s")?;
+        let name = if model.is_empty() { None } else { Some(model) };
+        let entry = self.catalog.lookup(name).map_err(Error::from)?;
+        let dir = entry.bundle.dir.clone();
+        let shelf = self
+            .catalog
+            .get(entry.name)
+            .map(|e| e.loras.clone())
+            .unwrap_or_default();
+        let cache = self.lora_descriptions.clone();
+        // Reading the folders and hashing the files stay off the async threads.
+        tokio::task::spawn_blocking(move || {
+            shelf
+                .rescan()
+                .iter()
+                .map(|e| {
+                    let d = cache.describe(&dir, e);
+                    LoraInfo {
+                        name: e.name.clone(),
+                        size: e.size,
+                        hash: d.hash,
+                        architecture: d.architecture,
+                        fits: d.fits,
+                        trigger_words: d.trigger_words,
+                        error: d.error,
+                    }
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Error::StorageFailed(format!("listing LoRAs: {e}")))
+    }
+
     /// One dict per configured model.
     #[zbus(out_args("models"))]
     fn list_models(&self, #[zbus(header)] header: Header<'_>) -> Result<Vec<ModelInfo>, Error> {
@@ -328,6 +383,7 @@ impl Manager {
                     memory_bytes: expires_in.map(|_| {
                         crate::metrics::source::model_memory_bytes(&self.catalog, name, workers)
                     }),
+                    lora_sets: self.engine.loaded_lora_sets(name),
                 }
             })
             .collect())

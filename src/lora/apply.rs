@@ -3,9 +3,7 @@
 //! in f32 and cast once to the graph's type, ready to hand to ONNX Runtime as initializer
 //! overrides ([`Overrides`]). The graph files are never rewritten, and only the touched
 //! initializers are held in memory.
-//!
-//! Alphas follow the file's convention where kohya and diffusers agree, and are refused
-//! where diffusers would guess ([`layer_alphas`]).
+//! The files are read and matched to the graph first ([`super::plan`]).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -15,11 +13,12 @@ use std::sync::Arc;
 use half::f16;
 use ort::value::{DynValue, Tensor};
 
-use super::file::{FileError, Header, LoraLayer, layers};
-use super::keys::{Component, KeyError, KeyFormat, KeyMapper, UnetBlocks};
+use super::file::FileError;
+use super::keys::{Component, KeyError};
 use super::merge::{Delta, add_delta, factor};
-use super::onnx_graph::{Graph, GraphError, TensorData, data_type};
-use super::targets::{Layout, TargetError, Weight, WeightMap};
+use super::onnx_graph::{GraphError, TensorData, data_type};
+use super::plan::plan;
+use super::targets::{Layout, TargetError, Weight};
 
 /// One LoRA file of a set, with its scale.
 #[derive(Debug, Clone, PartialEq)]
@@ -174,14 +173,6 @@ impl Overrides {
     }
 }
 
-/// One file, read: its header, layers and each layer's alpha.
-struct LoadedFile {
-    spec: LoraSpec,
-    header: Header,
-    layers: Vec<LoraLayer>,
-    alphas: Vec<f64>,
-}
-
 /// Reads every file of `loras` and merges them into the weights of the model folder
 /// `model_dir` (Optimum's layout: `unet/model.onnx`, `text_encoder/model.onnx`, …).
 /// ONNX Runtime must be loaded (`Runtime::init`): the merged weights are its tensors.
@@ -204,69 +195,16 @@ fn merge_all(
     if loras.is_empty() {
         return Ok(Overrides::none());
     }
-    let config = model_dir.join("unet").join("config.json");
-    let unet = if config.exists() {
-        Some(UnetBlocks::from_config_file(&config)?)
-    } else {
-        None
-    };
-    let mapper = KeyMapper::new(unet);
-    let mut files = Vec::with_capacity(loras.len());
-    for spec in loras {
-        let header = Header::read(&spec.path)?;
-        let layers = layers(&header, &mapper)?;
-        if layers.is_empty() {
-            return Err(LoraError::Empty {
-                path: spec.path.clone(),
-            });
-        }
-        let alphas = layer_alphas(&header, &layers)?;
-        files.push(LoadedFile {
-            spec: spec.clone(),
-            header,
-            layers,
-            alphas,
-        });
-    }
-
-    let mut maps: BTreeMap<Component, (PathBuf, WeightMap)> = BTreeMap::new();
-    let mut merged: BTreeMap<(Component, String), (Weight, Vec<f32>)> = BTreeMap::new();
+    let plan = plan(model_dir, loras)?;
+    let mut merged: BTreeMap<(Component, String), (&Weight, Vec<f32>)> = BTreeMap::new();
     let mut row = Vec::new();
-    for file in &files {
-        let path = &file.spec.path;
-        for (layer, &alpha) in file.layers.iter().zip(&file.alphas) {
+    for file in &plan.files {
+        for ((layer, &alpha), weight) in file.layers.iter().zip(&file.alphas).zip(&file.weights) {
             let component = layer.component;
-            if !maps.contains_key(&component) {
-                let graph_path = model_dir.join(component.folder()).join("model.onnx");
-                if !graph_path.exists() {
-                    return Err(LoraError::NoComponent {
-                        path: path.clone(),
-                        component: component.folder(),
-                        model: model_dir.to_path_buf(),
-                    });
-                }
-                let map = WeightMap::from_graph(&Graph::open(&graph_path)?);
-                maps.insert(component, (graph_path, map));
-            }
-            let (graph_path, map) = &maps[&component];
-            let weight = map.get(&layer.module).map_err(|source| match source {
-                TargetError::NotFound { .. } => LoraError::NoWeight {
-                    path: path.clone(),
-                    key: layer.down.name.clone(),
-                    component: component.folder(),
-                    module: layer.module.clone(),
-                },
-                source => LoraError::Target {
-                    path: path.clone(),
-                    key: layer.down.name.clone(),
-                    source,
-                },
-            })?;
-            layer.check_fits(weight, path)?;
             let key = (component, weight.initializer.clone());
             if !merged.contains_key(&key) {
-                let base = read_weight(graph_path, weight)?;
-                merged.insert(key.clone(), (weight.clone(), base));
+                let base = read_weight(&plan.graphs[&component], weight)?;
+                merged.insert(key.clone(), (weight, base));
             }
             let (weight, values) = merged.get_mut(&key).expect("inserted above");
             let up = file.header.tensor_f32(&layer.up)?;
@@ -279,13 +217,6 @@ fn merge_all(
                 down: &down,
                 factor: factor(file.spec.scale, alpha, layer.rank),
             };
-            if weight.layout == Layout::Transposed && weight.dims.len() != 2 {
-                return Err(LoraError::Weight {
-                    graph: graph_path.clone(),
-                    initializer: weight.initializer.clone(),
-                    what: format!("a transposed weight of shape {:?}", weight.dims),
-                });
-            }
             let layout = if transpose {
                 weight.layout
             } else {
@@ -296,7 +227,8 @@ fn merge_all(
     }
 
     let mut out = Overrides::none();
-    out.applied = files
+    out.applied = plan
+        .files
         .iter()
         .map(|f| Applied {
             name: f.spec.name.clone(),
@@ -305,8 +237,8 @@ fn merge_all(
         })
         .collect();
     for ((component, name), (weight, values)) in merged {
-        let graph = &maps[&component].0;
-        let (value, bytes) = to_value(graph, &weight, values)?;
+        let graph = &plan.graphs[&component];
+        let (value, bytes) = to_value(graph, weight, values)?;
         out.bytes += bytes;
         out.by_folder
             .entry(component.folder().to_string())
@@ -314,102 +246,6 @@ fn merge_all(
             .push((name, Arc::new(value)));
     }
     Ok(out)
-}
-
-/// Each layer's alpha, where kohya's convention and diffusers' loader agree:
-/// - diffusers' saved adapter metadata (`lora_adapter_metadata`): its `lora_alpha` per
-///   component, when it has no per-module rank or alpha patterns and no DoRA;
-/// - `.alpha` tensors on every layer of a component: those;
-/// - no alpha anywhere in a component and one rank: alpha = rank (a scale of 1).
-///
-/// Refused: a component mixing layers with and without `.alpha` (kohya takes the rank
-/// for the latter, diffusers the most common alpha), and one without alphas whose layers
-/// have different ranks (diffusers then scales layers by the first layer's rank).
-pub fn layer_alphas(header: &Header, layers: &[LoraLayer]) -> Result<Vec<f64>, LoraError> {
-    let refuse = |what: String| LoraError::Alpha {
-        path: header.path.clone(),
-        what,
-    };
-    if let Some(raw) = header.metadata.get("lora_adapter_metadata") {
-        let meta: serde_json::Value = serde_json::from_str(raw)
-            .map_err(|e| refuse(format!("lora_adapter_metadata is not JSON: {e}")))?;
-        return layers
-            .iter()
-            .map(|l| {
-                let prefix = l.component.folder();
-                let get = |k: &str| meta.get(format!("{prefix}.{k}"));
-                let empty = |v: Option<&serde_json::Value>| {
-                    v.is_none_or(|v| v.is_null() || v.as_object().is_some_and(|o| o.is_empty()))
-                };
-                if get("use_dora").and_then(serde_json::Value::as_bool) == Some(true) {
-                    return Err(refuse(format!("{prefix} is a DoRA adapter, not supported")));
-                }
-                if !empty(get("rank_pattern")) || !empty(get("alpha_pattern")) {
-                    return Err(refuse(format!(
-                        "lora_adapter_metadata has per-module rank or alpha patterns for {prefix}, not supported"
-                    )));
-                }
-                let alpha = get("lora_alpha")
-                    .and_then(serde_json::Value::as_f64)
-                    .ok_or_else(|| {
-                        refuse(format!("lora_adapter_metadata has no {prefix}.lora_alpha"))
-                    })?;
-                let r = get("r").and_then(serde_json::Value::as_u64);
-                if r != Some(l.rank as u64) {
-                    return Err(refuse(format!(
-                        "layer {} has rank {}, lora_adapter_metadata says {prefix}.r = {r:?}",
-                        l.module, l.rank
-                    )));
-                }
-                Ok(alpha)
-            })
-            .collect();
-    }
-    let mut alphas = Vec::with_capacity(layers.len());
-    for l in layers {
-        alphas.push(match &l.alpha {
-            Some(info) => {
-                let v = header.tensor_f32(info)?;
-                v[0] as f64
-            }
-            None => f64::NAN,
-        });
-    }
-    let components: std::collections::BTreeSet<Component> =
-        layers.iter().map(|l| l.component).collect();
-    for c in components {
-        let idx: Vec<usize> = (0..layers.len())
-            .filter(|&i| layers[i].component == c)
-            .collect();
-        let with = idx.iter().filter(|&&i| !alphas[i].is_nan()).count();
-        if with == idx.len() {
-            continue;
-        }
-        if with > 0 {
-            let missing = idx.iter().find(|&&i| alphas[i].is_nan()).unwrap();
-            return Err(refuse(format!(
-                "{}: some layers have an alpha and {} has none; kohya and diffusers scale such a layer differently",
-                c.folder(),
-                layers[*missing].module
-            )));
-        }
-        let ranks: std::collections::BTreeSet<usize> =
-            idx.iter().map(|&i| layers[i].rank).collect();
-        if ranks.len() > 1 {
-            let format = match layers[idx[0]].format {
-                KeyFormat::Kohya => "kohya",
-                KeyFormat::Peft => "PEFT",
-            };
-            return Err(refuse(format!(
-                "{}: {format} layers of ranks {ranks:?} without alphas or adapter metadata; the scale of each layer is undefined",
-                c.folder()
-            )));
-        }
-        for &i in &idx {
-            alphas[i] = layers[i].rank as f64;
-        }
-    }
-    Ok(alphas)
 }
 
 /// Reads an initializer's values as f32 from the graph file or its external data file.

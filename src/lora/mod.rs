@@ -18,20 +18,26 @@
 //!   metadata) grouped into [`LoraLayer`]s (down, up, alpha per module) with rank checks,
 //!   and [`LoraLayer::check_fits`] against the model's weight.
 //! - [`catalog`]: LoRA files by name, from the configured folders or the command line.
+//! - [`describe`]: what `ListLoras` says of a file (hash, base model, trigger words, fit).
 //! - [`merge`]: W += scale·(alpha/rank)·B@A over f32 slices, in the stored layout.
+//! - [`plan`]: a LoRA set's files read and every layer matched to its weight, checked
+//!   (the dry run `ListLoras` reports as `fits`).
 //! - [`apply`]: a LoRA set read and merged for one model folder into [`Overrides`], the
 //!   initializers ONNX Runtime replaces at session build (`AddInitializer`); alphas follow
 //!   kohya and diffusers where they agree and are refused where diffusers guesses.
 
 pub mod apply;
 pub mod catalog;
+pub mod describe;
 pub mod file;
 pub mod keys;
 pub mod merge;
 pub mod onnx_graph;
+pub mod plan;
 pub mod targets;
 
 pub use apply::{Applied, LoraError, LoraSpec, Overrides, prepare};
+pub use plan::check;
 pub use catalog::{LoraCatalog, LoraEntry, LoraShelf};
 pub use file::{FileError, Header, LoraLayer, TensorInfo, layers};
 pub use keys::{Component, KeyError, KeyFormat, KeyMapper, LoraKey, Part, UnetBlocks};

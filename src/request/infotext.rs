@@ -85,6 +85,8 @@ pub struct Receipt {
     pub latents_hash: Option<String>,
     /// The model hash (10 hex digits), when recorded.
     pub model_hash: Option<String>,
+    /// `Lora hashes` as written (`name: hash, …`), when LoRAs were merged.
+    pub lora_hashes: Option<String>,
     /// The model's name (the configured name, or the folder with `--local`).
     pub model: String,
     /// The execution provider, when recorded.
@@ -129,6 +131,24 @@ pub fn format(r: &ResolvedRequest, p: &Provenance<'_>, image: usize) -> String {
     if r.prompt_syntax == PromptSyntax::A1111 && r.a1111_pad_cond_uncond {
         // webui's own key for its "Pad prompt/negative prompt" option.
         pairs.push(("Pad conds", "True".to_string()));
+    }
+    if !r.lora_key.is_empty() {
+        // The `loras` key (the prompt keeps its own <lora:...> tags, as A1111 writes it).
+        let list: Vec<String> = r
+            .lora_key
+            .iter()
+            .map(|(n, s)| format!("{n}: {}", short_float(*s)))
+            .collect();
+        pairs.push(("Loras", list.join(", ")));
+    }
+    if !p.loras.is_empty() {
+        // A1111's key: each LoRA's name and its short ("addnet") hash.
+        let list: Vec<String> = p
+            .loras
+            .iter()
+            .map(|l| format!("{}: {}", l.name, l.hash))
+            .collect();
+        pairs.push(("Lora hashes", list.join(", ")));
     }
     if let Some(h) = p.model_hash {
         pairs.push(("Model hash", h.to_string()));
@@ -209,6 +229,16 @@ fn settings_pairs(line: &str) -> Result<Vec<(String, String)>, InfotextError> {
         };
     }
     Ok(pairs)
+}
+
+/// `name: value, name: value` as pairs (the `Loras` value).
+fn name_values(v: &str) -> Option<Vec<(String, f64)>> {
+    v.split(", ")
+        .map(|item| {
+            let (name, value) = item.rsplit_once(": ")?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
 }
 
 /// The byte length of the JSON string at the start of `s` (quotes included).
@@ -318,6 +348,14 @@ pub fn parse(text: &str) -> Result<Receipt, InfotextError> {
         // Written only when true; an a1111 request without it did not pad.
         None => (prompt_syntax == PromptSyntax::A1111).then_some(false),
     };
+    let loras = match get("Loras") {
+        Some(v) => Some(name_values(v).ok_or_else(|| InfotextError::Value {
+            key: "Loras",
+            value: v.chars().take(40).collect(),
+            message: "is not a list of 'name: scale'".into(),
+        })?),
+        None => None,
+    };
     let model = need("Model")?.to_string();
     let owned = |key| get(key).map(str::to_string);
     let edit = mode != Mode::Txt2Img;
@@ -337,6 +375,7 @@ pub fn parse(text: &str) -> Result<Receipt, InfotextError> {
         strength,
         prompt_syntax: Some(prompt_syntax),
         a1111_pad_cond_uncond: pad_conds,
+        loras,
         ..GenerateRequest::default()
     };
     Ok(Receipt {
@@ -347,6 +386,7 @@ pub fn parse(text: &str) -> Result<Receipt, InfotextError> {
         mask_hash: owned("Mask hash"),
         latents_hash: owned("Latents hash"),
         model_hash: owned("Model hash"),
+        lora_hashes: owned("Lora hashes"),
         model,
         execution_provider: owned("Execution provider"),
         onnx_runtime: owned("ONNX Runtime"),

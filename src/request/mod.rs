@@ -220,6 +220,16 @@ pub enum RequestError {
         /// Why, and what would be accepted.
         message: String,
     },
+    /// A LoRA name is not in the model's LoRA folders (as last scanned).
+    #[error("'{key}': unknown LoRA '{name}' ({known})")]
+    UnknownLora {
+        /// `loras`, or `prompt` for a `<lora:...>` tag.
+        key: &'static str,
+        /// The name asked for (escaped and cut short).
+        name: String,
+        /// The known names, or why there are none.
+        known: String,
+    },
     /// The model name is not configured.
     #[error("unknown model '{name}' (configured: {known})")]
     UnknownModel {

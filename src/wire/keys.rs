@@ -462,8 +462,8 @@ pub fn from_json(
             ));
             continue;
         };
-        let read = json_value(key.signature, json).and_then(|v| {
-            (key.read)(&mut p, &Field::Basic(v)).map_err(|e| {
+        let read = json_field(key.signature, json).and_then(|v| {
+            (key.read)(&mut p, &v).map_err(|e| {
                 // The row's message is about D-Bus types; keep what it says of the value.
                 e.trim_start_matches(&format!("'{name}': ")).to_string()
             })
@@ -473,6 +473,43 @@ pub fn from_json(
         }
     }
     (p.incoming.request, p.prompt, errors)
+}
+
+/// A JSON value as the field of D-Bus type `signature`: `a(sd)` from `[["name", 0.8],
+/// …]`, the basic types by [`json_value`].
+fn json_field(signature: &str, json: &serde_json::Value) -> Result<Field<'static>, String> {
+    use serde_json::Value as J;
+    if signature != "a(sd)" {
+        return json_value(signature, json).map(Field::Basic);
+    }
+    let expected = || format!("expected [[\"name\", scale], ...], got {}", echo_json(json));
+    let J::Array(items) = json else {
+        return Err(expected());
+    };
+    items
+        .iter()
+        .map(|item| match item.as_array().map(Vec::as_slice) {
+            Some([J::String(n), J::Number(s)]) => {
+                s.as_f64().map(|s| (n.clone(), s)).ok_or_else(expected)
+            }
+            _ => Err(expected()),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Field::Pairs)
+}
+
+/// A JSON value as an error message shows it: at most 40 characters.
+fn echo_json(json: &serde_json::Value) -> String {
+    let mut s = json.to_string();
+    if s.len() > 40 {
+        let mut end = 40;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("...");
+    }
+    s
 }
 
 /// A JSON value as the D-Bus basic type `signature`, or what was expected.
@@ -527,6 +564,13 @@ pub fn to_json(request: &GenerateRequest) -> serde_json::Map<String, serde_json:
     let mut object = serde_json::Map::new();
     let dict = to_dict(request);
     for key in KEYS {
+        if key.name == "loras" {
+            if let Some(l) = &request.loras {
+                let pairs: Vec<J> = l.iter().map(|(n, s)| J::from(vec![J::from(n.as_str()), J::from(*s)])).collect();
+                object.insert(key.name.to_string(), J::Array(pairs));
+            }
+            continue;
+        }
         let Some(v) = dict.get(key.name) else {
             continue;
         };

@@ -176,6 +176,42 @@ pub struct ModelInfo {
         default
     )]
     pub memory_bytes: Option<u64>,
+    /// The LoRA sets loaded for it, each `name=scale,…` (a request's `loras`, sorted by
+    /// name): each is a loaded copy of the model with those weights merged.
+    #[serde(with = "as_value")]
+    pub lora_sets: Vec<String>,
+}
+
+/// One LoRA file a model may use, as `ListLoras` describes it. Keys a reader does not
+/// find read as empty.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, Type)]
+#[zvariant(signature = "a{sv}")]
+#[serde(default)]
+pub struct LoraInfo {
+    /// The name requests use: the file name without `.safetensors`.
+    #[serde(with = "as_value")]
+    pub name: String,
+    /// The file's size in bytes.
+    #[serde(with = "as_value")]
+    pub size: u64,
+    /// A1111's short hash (`Lora hashes`): the first 12 hex digits of the SHA-256 of the
+    /// tensor data after the header.
+    #[serde(with = "as_value")]
+    pub hash: String,
+    /// The base model it was made for (`sd1`, `sd2`, `sdxl`, or its metadata's words);
+    /// empty when unknown.
+    #[serde(with = "as_value")]
+    pub architecture: String,
+    /// Whether it applies to this model (every key maps to a weight that fits).
+    #[serde(with = "as_value")]
+    pub fits: bool,
+    /// Its trigger words (`modelspec.trigger_phrase`, or the most frequent training tags).
+    #[serde(with = "as_value")]
+    pub trigger_words: Vec<String>,
+    /// Why it does not apply or cannot be read (names the file and the key); empty when
+    /// it fits.
+    #[serde(with = "as_value")]
+    pub error: String,
 }
 
 /// A model's `state` in `ListModels`: a load with the TensorRT provider in use is
@@ -295,6 +331,7 @@ mod tests {
             error: String::new(),
             expires_in: Some(-1.0),
             memory_bytes: Some(1 << 30),
+            lora_sets: vec!["style=0.8".into()],
         };
         let unloaded = ModelInfo {
             name: "other".into(),
@@ -307,9 +344,31 @@ mod tests {
         assert!(bool::try_from(&dicts[0]["loaded"]).unwrap());
         assert_eq!(f64::try_from(&dicts[0]["expires_in"]).unwrap(), -1.0);
         assert_eq!(u64::try_from(&dicts[0]["memory_bytes"]).unwrap(), 1 << 30);
-        assert_eq!(dicts[0].len(), 10);
-        assert_eq!(dicts[1].len(), 8, "no expiry or memory when not loaded");
+        let sets: Vec<String> = dicts[0]["lora_sets"].try_clone().unwrap().try_into().unwrap();
+        assert_eq!(sets, ["style=0.8"]);
+        assert_eq!(dicts[0].len(), 11);
+        assert_eq!(dicts[1].len(), 9, "no expiry or memory when not loaded");
         let (back, _): (Vec<ModelInfo>, _) = bytes.deserialize().unwrap();
         assert_eq!(back, vec![info, unloaded]);
+    }
+
+    #[test]
+    fn lora_info_reads_back_as_a_plain_dict() {
+        let info = LoraInfo {
+            name: "style".into(),
+            size: 4096,
+            hash: "0123456789ab".into(),
+            architecture: "sdxl".into(),
+            fits: true,
+            trigger_words: vec!["zzz".into()],
+            error: String::new(),
+        };
+        let ctxt = Context::new_dbus(LE, 0);
+        let bytes = to_bytes(ctxt, &vec![info.clone()]).expect("serializes");
+        let (dicts, _): (Vec<HashMap<String, OwnedValue>>, _) = bytes.deserialize().unwrap();
+        assert_eq!(u64::try_from(&dicts[0]["size"]).unwrap(), 4096);
+        assert!(bool::try_from(&dicts[0]["fits"]).unwrap());
+        let (back, _): (Vec<LoraInfo>, _) = bytes.deserialize().unwrap();
+        assert_eq!(back, vec![info]);
     }
 }

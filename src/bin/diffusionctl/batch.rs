@@ -210,12 +210,32 @@ fn run_local(args: &BatchArgs) -> Result<(), Failure> {
             "--session, --system and --address choose the daemon's bus; not with --local".into(),
         );
     }
-    let read = read(args)?;
+    let mut read = read(args)?;
     let file = args.config.clone().or_else(|| config::default_file(false));
     let settings = Settings::load(file.as_deref()).map_err(|e| e.to_string())?;
+    // LoRAs by name: the files of the manifest's folder (its lines name them), then the
+    // folders of the --lora files (the flags name them by their file names).
+    let mut lora_dirs = vec![
+        read.manifest_path
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+    ];
+    let (_, named) = args.flags.local_loras()?;
+    for (file, _) in args.flags.loras()? {
+        let dir = Path::new(&file)
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        if !lora_dirs.contains(&dir) {
+            lora_dirs.push(dir);
+        }
+    }
+    if !named.is_empty() {
+        read.options.defaults.loras = Some(named);
+    }
     let batch = LocalBatch {
         manifest: read.bytes,
         options: read.options,
+        lora_dirs,
         base_seed: args.seed,
         model_dir: args
             .model_dir

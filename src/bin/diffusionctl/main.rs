@@ -38,6 +38,9 @@ enum Command {
     Status(BusArgs),
     /// List the configured models.
     Models(BusArgs),
+    /// List the LoRA files a model may use: name, hash, base model, whether it fits,
+    /// trigger words.
+    Loras(LorasArgs),
     /// List the jobs with their state and progress.
     Jobs(BusArgs),
     /// Print the daemon's metrics in the Prometheus text format (root, the service user
@@ -254,6 +257,15 @@ impl RequestFlags {
 pub type LocalLoras = (diffusiond::lora::LoraCatalog, Vec<(String, f64)>);
 
 #[derive(Debug, Args)]
+struct LorasArgs {
+    /// The model (default: the daemon's default model).
+    #[arg(long, value_name = "NAME")]
+    model: Option<String>,
+    #[command(flatten)]
+    bus: BusArgs,
+}
+
+#[derive(Debug, Args)]
 struct CancelArgs {
     /// The job: its number or its object path.
     job: String,
@@ -313,6 +325,7 @@ fn main() -> ExitCode {
         },
         Command::Status(bus) => daemon(&bus.bus(), status),
         Command::Models(bus) => daemon(&bus.bus(), models),
+        Command::Loras(args) => daemon(&args.bus.bus(), |c| loras(c, args.model)),
         Command::Jobs(bus) => daemon(&bus.bus(), jobs),
         Command::Metrics(bus) => daemon(&bus.bus(), metrics),
         Command::Cancel(args) => daemon(&args.bus.bus(), |c| cancel(c, args.job)),
@@ -441,6 +454,11 @@ async fn status(client: Client) -> Result<(), Failure> {
 
 async fn models(client: Client) -> Result<(), Failure> {
     print!("{}", output::format_models(&client.models().await?));
+    Ok(())
+}
+
+async fn loras(client: Client, model: Option<String>) -> Result<(), Failure> {
+    print!("{}", output::format_loras(&client.loras(model.as_deref()).await?));
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use diffusiond::client::{
-    ClientError, JobResult, JobSummary, ModelInfo, Result, Status, printable,
+    ClientError, JobResult, JobSummary, LoraInfo, ModelInfo, Result, Status, printable,
 };
 use diffusiond::wire::JOB_PATH_PREFIX;
 
@@ -148,6 +148,35 @@ pub fn format_models(models: &[ModelInfo]) -> String {
         ["NAME", "KIND", "SCHEDULER", "LOADED", "DEFAULT", "PATH"],
         &rows,
     )
+}
+
+/// Formats `ListLoras` as a table.
+pub fn format_loras(loras: &[LoraInfo]) -> String {
+    let rows: Vec<[String; 6]> = loras
+        .iter()
+        .map(|l| {
+            [
+                printable(&l.name).into_owned(),
+                printable(&l.hash).into_owned(),
+                printable(&l.architecture).into_owned(),
+                yes_no(l.fits),
+                format!("{}", l.size),
+                printable(&l.trigger_words.join(", ")).into_owned(),
+            ]
+        })
+        .collect();
+    let mut text = table(
+        ["NAME", "HASH", "BASE", "FITS", "BYTES", "TRIGGER WORDS"],
+        &rows,
+    );
+    for l in loras.iter().filter(|l| !l.error.is_empty()) {
+        text.push_str(&format!(
+            "{}: {}\n",
+            printable(&l.name),
+            printable(&l.error)
+        ));
+    }
+    text
 }
 
 /// Formats `ListJobs` as a table.

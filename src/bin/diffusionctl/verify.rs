@@ -11,6 +11,7 @@ use clap::Args;
 use diffusiond::client::{GenerateRequest, OnInterrupt};
 use diffusiond::config::{self, Settings};
 use diffusiond::local;
+use diffusiond::lora::LoraCatalog;
 use diffusiond::model::ModelBundle;
 use diffusiond::model::hash::HashCache;
 use diffusiond::request::infotext::{self, Receipt};
@@ -43,6 +44,10 @@ pub struct VerifyArgs {
     /// The mask of an inpainting image, given again (checked against its `Mask hash`).
     #[arg(long, value_name = "FILE", requires = "init_image")]
     mask_image: Option<PathBuf>,
+    /// With --model-dir: a LoRA file the image names (its `Loras` or `<lora:...>` tags),
+    /// given again (repeatable; checked against its `Lora hashes`).
+    #[arg(long, value_name = "FILE", requires = "model_dir")]
+    lora: Vec<PathBuf>,
     #[command(flatten)]
     bus: BusArgs,
 }
@@ -284,7 +289,7 @@ pub fn run(args: VerifyArgs) -> Result<(), Failure> {
 
     let (pngs, source) = match &args.model_dir {
         Some(dir) => (
-            regenerate_local(&args, dir, request, &recorded, &what)?,
+            regenerate_local(&args, dir, request, &recorded, &receipt, &what)?,
             dir.display().to_string(),
         ),
         None if args.model.is_none() && receipt.model.contains('/') => {
@@ -369,6 +374,7 @@ fn regenerate_local(
     dir: &Path,
     mut request: GenerateRequest,
     recorded: &str,
+    receipt: &Receipt,
     what: &str,
 ) -> Result<Vec<Vec<u8>>, Failure> {
     if args.bus.given() {
@@ -386,18 +392,40 @@ fn regenerate_local(
     if found != recorded {
         return Err(model_mismatch(what, recorded, &dir.display().to_string(), found).into());
     }
+    let loras = LoraCatalog::from_files(&args.lora).map_err(|e| format!("--lora: {e}"))?;
+    check_lora_hashes(receipt.lora_hashes.as_deref(), &loras, what)?;
     request.model = None;
     let settings =
         Settings::load(config::default_file(false).as_deref()).map_err(|e| e.to_string())?;
-    local::generate(
-        settings.runtime,
-        dir,
-        &request,
-        diffusiond::lora::LoraCatalog::none(),
-        None,
-        None,
-    )
+    local::generate(settings.runtime, dir, &request, &loras, None, None)
     .map_err(|e| Failure::Other(e.to_string()))
+}
+
+/// Every LoRA the image's `Lora hashes` names must be among the `--lora` files, with that
+/// hash (file I/O: each file's payload is hashed).
+fn check_lora_hashes(recorded: Option<&str>, loras: &LoraCatalog, what: &str) -> Result<(), String> {
+    for (name, hash) in lora_hashes(recorded.unwrap_or_default()) {
+        let entry = loras.get(name).ok_or_else(|| {
+            format!("{what} was made with LoRA {name} (Lora hashes): give its file with --lora")
+        })?;
+        let found = diffusiond::lora::Header::read(&entry.path)
+            .map_err(|e| e.to_string())?
+            .addnet_hash();
+        if found != hash {
+            return Err(format!(
+                "LoRA hash mismatch: {what} was made with {name} of hash {hash}, {} hashes to {found}",
+                entry.path.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `Lora hashes` (`name: hash, …`) as pairs.
+fn lora_hashes(text: &str) -> Vec<(&str, &str)> {
+    text.split(", ")
+        .filter_map(|item| item.rsplit_once(": "))
+        .collect()
 }
 
 /// Generates through the daemon, with a progress bar (Ctrl-C cancels).
@@ -452,6 +480,7 @@ mod tests {
                 .then(|| ImageInput::new(b"mask".to_vec()).short_hash()),
             latents_hash: None,
             model_hash: Some("0123456789".into()),
+            lora_hashes: None,
             model: "tiny".into(),
             execution_provider: Some("cpu".into()),
             onnx_runtime: Some("1.32.0".into()),

@@ -67,7 +67,11 @@ pub(super) fn resolve(
             } else {
                 format!("known: {}", known.join(", "))
             };
-            RequestError::invalid(key, format!("unknown LoRA '{shown}' ({known})"))
+            RequestError::UnknownLora {
+                key,
+                name: shown.clone(),
+                known,
+            }
         })?;
         specs.push(LoraSpec {
             name,
