@@ -81,7 +81,7 @@ impl Engine {
         };
         let new = weights(model);
         loop {
-            let resident: u64 = st.slots.resident_on(worker).map(|k| weights(k)).sum();
+            let resident: u64 = st.slots.resident_on(worker).map(&weights).sum();
             if resident.saturating_add(new) <= budget {
                 return;
             }

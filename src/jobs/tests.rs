@@ -670,5 +670,6 @@ fn job_numbers_follow_the_clock_and_never_repeat() {
     assert!(super::unix_micros() < 1 << 53);
 }
 
+mod lora_sets;
 mod preempt;
 mod workers;

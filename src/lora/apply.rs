@@ -97,8 +97,8 @@ pub enum LoraError {
         path: PathBuf,
         /// The key (its down tensor).
         key: String,
-        /// Why.
-        source: TargetError,
+        /// Why (boxed: it names modules and initializers).
+        source: Box<TargetError>,
     },
     /// The file's alphas or ranks leave the scale undefined.
     #[error("{path}: {what}")]

@@ -119,11 +119,15 @@ pub fn trigger_words(metadata: &std::collections::BTreeMap<String, String>) -> V
         .collect()
 }
 
+/// What identifies a description: the model folder, and the file with its size and
+/// modification time.
+type FileKey = (PathBuf, PathBuf, u64, Option<SystemTime>);
+
 /// Descriptions kept per (model folder, file, size, modification time): a file is read
 /// and hashed again only when it changed.
 #[derive(Debug, Default)]
 pub struct DescribeCache {
-    seen: Mutex<HashMap<(PathBuf, PathBuf, u64, Option<SystemTime>), Description>>,
+    seen: Mutex<HashMap<FileKey, Description>>,
 }
 
 impl DescribeCache {
@@ -144,10 +148,7 @@ impl DescribeCache {
         d
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(PathBuf, PathBuf, u64, Option<SystemTime>), Description>>
-    {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FileKey, Description>> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -189,7 +190,12 @@ mod tests {
         // An SDXL LoRA on SD 1.5: its SGM block numbers are not in this UNet.
         let d = describe(&sd15, &entry("sdxl_kohya"));
         assert!(!d.fits);
-        assert!(d.error.contains("sdxl_kohya.safetensors: LoRA key lora_unet_"), "{}", d.error);
+        assert!(
+            d.error
+                .contains("sdxl_kohya.safetensors: LoRA key lora_unet_"),
+            "{}",
+            d.error
+        );
         // An SD 1.5 LoRA on SDXL: same module names, other shapes.
         let d = describe(&sdxl, &entry("sd15_kohya"));
         assert!(!d.fits);

@@ -37,9 +37,9 @@ pub mod plan;
 pub mod targets;
 
 pub use apply::{Applied, LoraError, LoraSpec, Overrides, prepare};
-pub use plan::check;
 pub use catalog::{LoraCatalog, LoraEntry, LoraShelf};
 pub use file::{FileError, Header, LoraLayer, TensorInfo, layers};
 pub use keys::{Component, KeyError, KeyFormat, KeyMapper, LoraKey, Part, UnetBlocks};
 pub use onnx_graph::{Graph, GraphError, Initializer, Node, TensorData};
+pub use plan::check;
 pub use targets::{Layout, TargetError, Weight, WeightMap};

@@ -58,7 +58,7 @@ pub(super) fn plan(model_dir: &Path, loras: &[LoraSpec]) -> Result<Plan, LoraErr
         let mut weights = Vec::with_capacity(layers.len());
         for layer in &layers {
             let component = layer.component;
-            if !maps.contains_key(&component) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = maps.entry(component) {
                 let graph_path = model_dir.join(component.folder()).join("model.onnx");
                 if !graph_path.exists() {
                     return Err(LoraError::NoComponent {
@@ -67,7 +67,7 @@ pub(super) fn plan(model_dir: &Path, loras: &[LoraSpec]) -> Result<Plan, LoraErr
                         model: model_dir.to_path_buf(),
                     });
                 }
-                maps.insert(component, WeightMap::from_graph(&Graph::open(&graph_path)?));
+                slot.insert(WeightMap::from_graph(&Graph::open(&graph_path)?));
                 graphs.insert(component, graph_path);
             }
             let weight = maps[&component]
@@ -82,7 +82,7 @@ pub(super) fn plan(model_dir: &Path, loras: &[LoraSpec]) -> Result<Plan, LoraErr
                     source => LoraError::Target {
                         path: path.clone(),
                         key: layer.down.name.clone(),
-                        source,
+                        source: Box::new(source),
                     },
                 })?;
             layer.check_fits(weight, path)?;
@@ -173,8 +173,7 @@ pub fn layer_alphas(header: &Header, layers: &[LoraLayer]) -> Result<Vec<f64>, L
             None => f64::NAN,
         });
     }
-    let components: BTreeSet<Component> =
-        layers.iter().map(|l| l.component).collect();
+    let components: BTreeSet<Component> = layers.iter().map(|l| l.component).collect();
     for c in components {
         let idx: Vec<usize> = (0..layers.len())
             .filter(|&i| layers[i].component == c)
@@ -191,8 +190,7 @@ pub fn layer_alphas(header: &Header, layers: &[LoraLayer]) -> Result<Vec<f64>, L
                 layers[*missing].module
             )));
         }
-        let ranks: BTreeSet<usize> =
-            idx.iter().map(|&i| layers[i].rank).collect();
+        let ranks: BTreeSet<usize> = idx.iter().map(|&i| layers[i].rank).collect();
         if ranks.len() > 1 {
             let format = match layers[idx[0]].format {
                 KeyFormat::Kohya => "kohya",
@@ -209,4 +207,3 @@ pub fn layer_alphas(header: &Header, layers: &[LoraLayer]) -> Result<Vec<f64>, L
     }
     Ok(alphas)
 }
-

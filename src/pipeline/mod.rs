@@ -70,9 +70,9 @@ pub enum PipelineError {
     /// The scheduler rejected its configuration or the step count.
     #[error(transparent)]
     Scheduler(#[from] SchedulerError),
-    /// A LoRA file could not be applied to the model.
+    /// A LoRA file could not be applied to the model (boxed: it names files and keys).
     #[error(transparent)]
-    Lora(#[from] crate::lora::LoraError),
+    Lora(Box<crate::lora::LoraError>),
     /// A session run failed.
     #[error("{component}: inference failed: {message}")]
     Inference {
@@ -132,6 +132,12 @@ impl StageTimings {
             postprocess_ms = ms(self.postprocess),
             "stage timings"
         );
+    }
+}
+
+impl From<crate::lora::LoraError> for PipelineError {
+    fn from(e: crate::lora::LoraError) -> Self {
+        PipelineError::Lora(Box::new(e))
     }
 }
 

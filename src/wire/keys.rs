@@ -566,7 +566,10 @@ pub fn to_json(request: &GenerateRequest) -> serde_json::Map<String, serde_json:
     for key in KEYS {
         if key.name == "loras" {
             if let Some(l) = &request.loras {
-                let pairs: Vec<J> = l.iter().map(|(n, s)| J::from(vec![J::from(n.as_str()), J::from(*s)])).collect();
+                let pairs: Vec<J> = l
+                    .iter()
+                    .map(|(n, s)| J::from(vec![J::from(n.as_str()), J::from(*s)]))
+                    .collect();
                 object.insert(key.name.to_string(), J::Array(pairs));
             }
             continue;

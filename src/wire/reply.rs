@@ -344,7 +344,11 @@ mod tests {
         assert!(bool::try_from(&dicts[0]["loaded"]).unwrap());
         assert_eq!(f64::try_from(&dicts[0]["expires_in"]).unwrap(), -1.0);
         assert_eq!(u64::try_from(&dicts[0]["memory_bytes"]).unwrap(), 1 << 30);
-        let sets: Vec<String> = dicts[0]["lora_sets"].try_clone().unwrap().try_into().unwrap();
+        let sets: Vec<String> = dicts[0]["lora_sets"]
+            .try_clone()
+            .unwrap()
+            .try_into()
+            .unwrap();
         assert_eq!(sets, ["style=0.8"]);
         assert_eq!(dicts[0].len(), 11);
         assert_eq!(dicts[1].len(), 9, "no expiry or memory when not loaded");

@@ -458,7 +458,10 @@ async fn models(client: Client) -> Result<(), Failure> {
 }
 
 async fn loras(client: Client, model: Option<String>) -> Result<(), Failure> {
-    print!("{}", output::format_loras(&client.loras(model.as_deref()).await?));
+    print!(
+        "{}",
+        output::format_loras(&client.loras(model.as_deref()).await?)
+    );
     Ok(())
 }
 

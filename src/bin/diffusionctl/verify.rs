@@ -398,12 +398,16 @@ fn regenerate_local(
     let settings =
         Settings::load(config::default_file(false).as_deref()).map_err(|e| e.to_string())?;
     local::generate(settings.runtime, dir, &request, &loras, None, None)
-    .map_err(|e| Failure::Other(e.to_string()))
+        .map_err(|e| Failure::Other(e.to_string()))
 }
 
 /// Every LoRA the image's `Lora hashes` names must be among the `--lora` files, with that
 /// hash (file I/O: each file's payload is hashed).
-fn check_lora_hashes(recorded: Option<&str>, loras: &LoraCatalog, what: &str) -> Result<(), String> {
+fn check_lora_hashes(
+    recorded: Option<&str>,
+    loras: &LoraCatalog,
+    what: &str,
+) -> Result<(), String> {
     for (name, hash) in lora_hashes(recorded.unwrap_or_default()) {
         let entry = loras.get(name).ok_or_else(|| {
             format!("{what} was made with LoRA {name} (Lora hashes): give its file with --lora")

@@ -9,6 +9,9 @@ use crate::lora::{LoraCatalog, LoraSpec};
 use crate::prompt_syntax::{PromptSyntax, extra_networks};
 use crate::request::{GenerateRequest, Limits, RequestError};
 
+/// A resolved LoRA set and the `loras` key as given.
+type Resolved = (Vec<LoraSpec>, Vec<(String, f64)>);
+
 /// The request's LoRA set, sorted by name (the order their deltas are added in, so one
 /// set always gives the same weights), and the `loras` key as given (what the Job's
 /// `Request` property and the PNG's `parameters` record; tags stay in the prompt).
@@ -17,7 +20,7 @@ pub(super) fn resolve(
     syntax: PromptSyntax,
     catalog: &LoraCatalog,
     limits: &Limits,
-) -> Result<(Vec<LoraSpec>, Vec<(String, f64)>), RequestError> {
+) -> Result<Resolved, RequestError> {
     let key: Vec<(String, f64)> = req.loras.clone().unwrap_or_default();
     let mut wanted: Vec<(&'static str, String, f64)> =
         key.iter().map(|(n, s)| ("loras", n.clone(), *s)).collect();
