@@ -165,3 +165,62 @@ fn the_bar_catches_a_wrong_scale_and_a_missing_transpose() {
         "a merge without the transpose passed the bar: {untransposed}"
     );
 }
+
+#[test]
+fn an_fp16_export_takes_the_lora_rounded_once_to_float16() {
+    // tiny-sd15-fp16 is tiny-sd15 cast to float16 (onnx/make_fp16.py, names kept): each
+    // merged float16 weight is the float32 merge rounded to float16, give or take what the
+    // base weight's own rounding added (at most one float16 step at the tensor's largest
+    // magnitude); and the sessions use them (the image moves as far from the base image
+    // as the float32 one does).
+    let c = case("sd15_kohya-s1");
+    let fp16 = common::root().join("onnx/tiny-sd15-fp16");
+    let fp32 = model_dir(&c);
+    let merged16 = lora::prepare(&fp16, &specs(&c, 1.0)).unwrap();
+    let merged32 = lora::prepare(&fp32, &specs(&c, 1.0)).unwrap();
+    assert_eq!(merged16.len(), 21);
+    for folder in ["unet", "text_encoder"] {
+        let f32s: std::collections::HashMap<&str, _> = merged32
+            .for_folder(folder)
+            .iter()
+            .map(|(n, v)| (n.as_str(), v))
+            .collect();
+        for (name, value) in merged16.for_folder(folder) {
+            let (_, got) = value
+                .try_extract_tensor::<half::f16>()
+                .unwrap_or_else(|e| panic!("{folder}/{name} is not float16: {e}"));
+            let (_, want) = f32s[name.as_str()].try_extract_tensor::<f32>().unwrap();
+            let largest = want.iter().fold(0f32, |m, w| m.max(w.abs()));
+            let base_step = largest / 1024.0;
+            for (g, w) in got.iter().zip(want) {
+                let rounded = half::f16::from_f32(*w);
+                let step =
+                    (half::f16::from_bits(rounded.to_bits() + 1).to_f32() - rounded.to_f32()).abs();
+                assert!(
+                    (g.to_f32() - rounded.to_f32()).abs() <= step + base_step,
+                    "{folder}/{name}: {g} against {w}"
+                );
+            }
+        }
+    }
+    let image = |dir: &std::path::Path, merged: &Overrides| {
+        let bundle = Arc::new(ModelBundle::open(dir).unwrap());
+        let mut p = Pipeline::with_loras(ort_runtime(), bundle, merged).unwrap();
+        let g = p.generate(&params(&c), &mut |_, _| true).unwrap();
+        g.images[0].float.clone()
+    };
+    let mean = |a: &ndarray::Array3<f32>, b: &ndarray::Array3<f32>| {
+        a.iter()
+            .zip(b.iter())
+            .map(|(x, y)| (x - y).abs())
+            .sum::<f32>()
+            / a.len() as f32
+    };
+    let moved16 = mean(&image(&fp16, &merged16), &image(&fp16, &Overrides::none()));
+    let moved32 = mean(&image(&fp32, &merged32), &image(&fp32, &Overrides::none()));
+    eprintln!("mean change the LoRA makes: fp16 {moved16:.2e}, fp32 {moved32:.2e}");
+    assert!(
+        moved16 > moved32 / 2.0 && moved16 < moved32 * 2.0,
+        "fp16 {moved16}, fp32 {moved32}"
+    );
+}

@@ -331,9 +331,10 @@ impl Runtime {
 
     /// [`Runtime::session_for`] with some of the graph's initializers replaced
     /// (ONNX Runtime's `AddInitializer`; the session keeps the values alive): how LoRA
-    /// weights are applied without rewriting the graph. The NCHWc layout transformer is
-    /// off in such sessions (it would read the graph's original Conv weights). Refused
-    /// with TensorRT, whose engine caches are keyed to the graph file alone.
+    /// weights are applied without rewriting the graph. ONNX Runtime's NCHWc layout
+    /// transformer and float16 initializer fusion are off in such sessions (they would
+    /// read the graph's original weights). Refused with TensorRT, whose engine caches are
+    /// keyed to the graph file alone.
     pub fn session_with(
         &self,
         path: &Path,
@@ -367,13 +368,14 @@ impl Runtime {
         };
         let mut builder = self.builder_for(plan.as_ref(), shapes.map(|s| s.component))?;
         if !initializers.is_empty() {
-            // ONNX Runtime's NCHWc layout transformer (CPU, level `all`) reorders Conv
-            // weights from the graph's own initializers, ignoring replaced ones: a
-            // LoRA's conv layers would silently not apply. The other optimizations see
-            // the replaced values.
+            // Two of ONNX Runtime's level-`all` CPU transformers build new weights from
+            // the graph's own initializers, ignoring replaced ones: the NCHWc layout
+            // transformer (Conv weights) and the float16 initializer fusion (every weight
+            // of a float16 graph). A LoRA would silently not apply. The other
+            // optimizations see the replaced values.
             builder = builder
-                .with_disabled_optimizers(NCHWC_TRANSFORMER)
-                .map_err(|e| to_err(format!("disabling {NCHWC_TRANSFORMER}: {e}")))?;
+                .with_disabled_optimizers(STALE_INITIALIZER_TRANSFORMERS)
+                .map_err(|e| to_err(format!("disabling {STALE_INITIALIZER_TRANSFORMERS}: {e}")))?;
         }
         for (name, value) in initializers {
             builder = builder
@@ -386,8 +388,10 @@ impl Runtime {
     }
 }
 
-/// ONNX Runtime's name for its CPU NCHWc layout transformer.
-const NCHWC_TRANSFORMER: &str = "NchwcTransformer";
+/// ONNX Runtime's transformers that read the graph's original initializers rather than
+/// those replaced at session build (`optimization.disable_specified_optimizers` syntax).
+const STALE_INITIALIZER_TRANSFORMERS: &str =
+    "NchwcTransformer;FuseFp16InitializerToFp32NodeTransformer";
 
 fn optimization_level(s: &SessionSettings) -> GraphOptimizationLevel {
     use settings::OptimizationLevel::*;
