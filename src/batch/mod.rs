@@ -30,24 +30,38 @@ use crate::request::{Limits, RequestError};
 
 /// Reads a manifest and resolves every item (all shards) against the models and limits,
 /// as a `Generate` call would: one error per bad line, of either kind, and nothing runs
-/// when there is one.
+/// when there is one. A line naming a LoRA not in its model's last folder scan reads
+/// the folders again once per model, as `Generate` does (file I/O: call it off async
+/// threads).
 pub fn read_checked(
     bytes: &[u8],
     options: &Options,
     catalog: &Catalog,
     limits: &Limits,
 ) -> Result<Manifest, ManifestError> {
+    let rescanned = std::cell::RefCell::new(std::collections::HashSet::new());
     manifest::parse_checked(bytes, options, |item| {
-        catalog
-            .resolve(&item.request, limits)
-            .err()
-            .map(|e| line_error(item, e))
+        let model = item.request.model.clone();
+        match catalog.resolve(&item.request, limits) {
+            Err(RequestError::UnknownLora { .. })
+                if rescanned.borrow_mut().insert(model.clone()) =>
+            {
+                catalog.rescan_loras(model.as_deref());
+                catalog.resolve(&item.request, limits).err()
+            }
+            other => other.err(),
+        }
+        .map(|e| line_error(item, e))
     })
 }
 
 fn line_error(item: &Item, e: RequestError) -> LineError {
     let (key, message) = match e {
         RequestError::Invalid { key, message } => (Some(key.to_string()), message),
+        RequestError::UnknownLora { key, name, known } => (
+            Some(key.to_string()),
+            format!("unknown LoRA '{name}' ({known})"),
+        ),
         RequestError::UnknownModel { .. }
         | RequestError::ModelUnavailable { .. }
         | RequestError::NoDefaultModel => (Some("model".to_string()), e.to_string()),

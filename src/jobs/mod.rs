@@ -690,6 +690,10 @@ impl Engine {
         let device = self.device(worker);
         match &result {
             Ok(_) => tracing::info!(model = name, %device, "model loaded"),
+            // A LoRA that does not fit: the request's fault, told to its jobs.
+            Err(e @ Failure::InvalidArgument(_)) => {
+                tracing::warn!(model = name, %device, error = %e, "LoRA set refused")
+            }
             Err(e) => tracing::error!(model = name, %device, error = %e, "model failed to load"),
         }
         let mut st = self.lock();

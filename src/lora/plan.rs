@@ -207,3 +207,7 @@ pub fn layer_alphas(header: &Header, layers: &[LoraLayer]) -> Result<Vec<f64>, L
     }
     Ok(alphas)
 }
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;
