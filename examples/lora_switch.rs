@@ -1,8 +1,8 @@
 //! Benchmark of LoRA sets on one model folder: what a new set costs (merging its files
 //! into the weights, building its sessions: what the daemon's loading thread does when
 //! a request names a set not loaded yet), what a generation costs on the base model and
-//! on a loaded set (the set's sessions run without ONNX Runtime's NCHWc layout
-//! transformer), and the resident memory a loaded set adds.
+//! on a loaded set (timed in turns, after one warm-up each), and the resident memory a
+//! loaded set adds.
 //!
 //! ```sh
 //! cargo run --release --example lora_switch -- --model-dir onnx/build/small \
@@ -153,22 +153,12 @@ fn write_lora(model_dir: &Path, rank: usize, out: &Path) -> Result<usize, String
     Ok(layers)
 }
 
-/// Seconds of each timed generation (after one warm-up).
-fn generate_times(
-    p: &mut Pipeline,
-    params: &GenerateParams,
-    repeats: usize,
-) -> Result<Vec<f64>, String> {
+/// Seconds of one generation.
+fn time_one(p: &mut Pipeline, params: &GenerateParams) -> Result<f64, String> {
+    let t = Instant::now();
     p.generate(params, &mut |_, _| true)
-        .map_err(|e| e.to_string())?;
-    (0..repeats)
-        .map(|_| {
-            let t = Instant::now();
-            p.generate(params, &mut |_, _| true)
-                .map(|_| t.elapsed().as_secs_f64())
-                .map_err(|e| e.to_string())
-        })
-        .collect()
+        .map(|_| t.elapsed().as_secs_f64())
+        .map_err(|e| e.to_string())
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -199,7 +189,8 @@ fn run(cli: Cli) -> Result<(), String> {
     let t = Instant::now();
     let mut base = Pipeline::from_bundle(&runtime, bundle.clone()).map_err(|e| e.to_string())?;
     let base_load = t.elapsed().as_secs_f64();
-    let base_times = generate_times(&mut base, &params, cli.repeats)?;
+    base.generate(&params, &mut |_, _| true)
+        .map_err(|e| e.to_string())?;
     let rss_base = rss();
 
     let spec = [LoraSpec::from_path(&file, 0.8)];
@@ -216,8 +207,13 @@ fn run(cli: Cli) -> Result<(), String> {
     set.generate(&params, &mut |_, _| true)
         .map_err(|e| e.to_string())?;
     let first = t.elapsed().as_secs_f64();
-    let set_times = generate_times(&mut set, &params, cli.repeats)?;
     let rss_set = rss();
+    // The base model and the set in turns, so drift affects both alike.
+    let (mut base_times, mut set_times) = (Vec::new(), Vec::new());
+    for _ in 0..cli.repeats {
+        base_times.push(time_one(&mut base, &params)?);
+        set_times.push(time_one(&mut set, &params)?);
+    }
 
     let report = json!({
         "model_dir": cli.model_dir.display().to_string(),

@@ -182,10 +182,14 @@ fn an_fp16_export_takes_the_lora_rounded_once_to_float16() {
     for folder in ["unet", "text_encoder"] {
         let f32s: std::collections::HashMap<&str, _> = merged32
             .for_folder(folder)
+            .initializers
             .iter()
             .map(|(n, v)| (n.as_str(), v))
             .collect();
-        for (name, value) in merged16.for_folder(folder) {
+        let replaced = merged16.for_folder(folder);
+        assert!(replaced.float16, "{folder}");
+        assert_eq!(replaced.conv_weights, folder == "unet", "{folder}");
+        for (name, value) in &replaced.initializers {
             let (_, got) = value
                 .try_extract_tensor::<half::f16>()
                 .unwrap_or_else(|e| panic!("{folder}/{name} is not float16: {e}"));

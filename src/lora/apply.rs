@@ -13,6 +13,8 @@ use std::sync::Arc;
 use half::f16;
 use ort::value::{DynValue, Tensor};
 
+use crate::runtime::Replacements;
+
 use super::file::FileError;
 use super::keys::{Component, KeyError};
 use super::merge::{Delta, add_delta, factor};
@@ -135,7 +137,7 @@ pub struct Applied {
 /// pairs for ONNX Runtime's `AddInitializer`, and the files they came from.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
-    by_folder: BTreeMap<String, Vec<(String, Arc<DynValue>)>>,
+    by_folder: BTreeMap<String, Replacements>,
     bytes: u64,
     applied: Vec<Applied>,
 }
@@ -147,8 +149,8 @@ impl Overrides {
     }
 
     /// The overrides of one component folder (`unet`, `text_encoder`, …).
-    pub fn for_folder(&self, folder: &str) -> &[(String, Arc<DynValue>)] {
-        self.by_folder.get(folder).map_or(&[], Vec::as_slice)
+    pub fn for_folder(&self, folder: &str) -> &Replacements {
+        self.by_folder.get(folder).unwrap_or(Replacements::NONE)
     }
 
     /// Whether nothing is overridden.
@@ -164,7 +166,7 @@ impl Overrides {
 
     /// How many initializers are overridden.
     pub fn len(&self) -> usize {
-        self.by_folder.values().map(Vec::len).sum()
+        self.by_folder.values().map(|r| r.initializers.len()).sum()
     }
 
     /// The LoRA files merged, in the order given.
@@ -240,10 +242,13 @@ fn merge_all(
         let graph = &plan.graphs[&component];
         let (value, bytes) = to_value(graph, weight, values)?;
         out.bytes += bytes;
-        out.by_folder
+        let folder = out
+            .by_folder
             .entry(component.folder().to_string())
-            .or_default()
-            .push((name, Arc::new(value)));
+            .or_default();
+        folder.conv_weights |= weight.op_type == "Conv";
+        folder.float16 |= weight.data_type == data_type::FLOAT16;
+        folder.initializers.push((name, Arc::new(value)));
     }
     Ok(out)
 }

@@ -4,18 +4,17 @@
 //! [`super::unet`] (re-exported here).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use half::f16;
 use ndarray::{Array2, Array3, ArrayD, ArrayViewD, Ix3};
 use ort::session::{RunOptions, Session, SessionInputValue};
-use ort::value::{DynValue, Tensor, TensorRef};
+use ort::value::{Tensor, TensorRef};
 
 use super::PipelineError;
 pub use super::unet::{AddedCond, Unet};
 use crate::model::signature::{self, Elem, FLOATS, IDS, Side, Spec};
-use crate::runtime::Runtime;
 use crate::runtime::tensorrt::SessionShapes;
+use crate::runtime::{Replacements, Runtime};
 
 pub(super) fn ort_err(path: &Path) -> impl Fn(ort::Error) -> PipelineError + '_ {
     move |e| PipelineError::Inference {
@@ -74,9 +73,9 @@ impl TextEncoder {
         penultimate: bool,
         pooled: Option<&str>,
         shapes: &SessionShapes,
-        initializers: &[(String, Arc<DynValue>)],
+        replaced: &Replacements,
     ) -> Result<TextEncoder, PipelineError> {
-        let session = runtime.session_with(path, shapes, initializers)?;
+        let session = runtime.session_with(path, shapes, replaced)?;
         let ids = signature::require(&session, path, Side::Input, "input_ids", IDS, &[2])?;
         let hidden_name = if penultimate {
             penultimate_hidden_state(&session, path)?

@@ -12,13 +12,12 @@
 //!   [`Runtime::cuda_graph`] each batch shape also runs as a CUDA graph of its own.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use half::f16;
 use ndarray::{ArrayD, ArrayViewD, Axis};
 use ort::memory::{AllocationDevice, Allocator};
 use ort::session::{IoBinding, RunOptions, Session, SessionInputValue};
-use ort::value::{DynValue, Tensor};
+use ort::value::Tensor;
 
 use super::PipelineError;
 use super::components::{LATENT_CHANNELS, component_name, float_input, float_output, ort_err};
@@ -26,7 +25,7 @@ use super::unet_device::{DeviceIo, DeviceIoError, HostCond, IoSpecs, RunError};
 pub use super::unet_device::{DeviceIoStats, GRAPH_WARMUP_RUNS, MAX_GRAPHS, ShapeStats};
 use crate::model::signature::{self, Elem, FLOATS, Side, Spec, TIMESTEP};
 use crate::runtime::tensorrt::SessionShapes;
-use crate::runtime::{Runtime, RuntimeError, settings::ProviderKind};
+use crate::runtime::{Replacements, Runtime, RuntimeError, settings::ProviderKind};
 
 /// Where the UNet's bound input and output tensors live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,9 +123,9 @@ impl Unet {
         path: &Path,
         sdxl: bool,
         shapes: &SessionShapes,
-        initializers: &[(String, Arc<DynValue>)],
+        replaced: &Replacements,
     ) -> Result<Unet, PipelineError> {
-        let session = runtime.session_with(path, shapes, initializers)?;
+        let session = runtime.session_with(path, shapes, replaced)?;
         let req = |side, name: &str, elems, ranks: &[usize]| {
             signature::require(&session, path, side, name, elems, ranks)
         };

@@ -311,7 +311,7 @@ impl Runtime {
     /// caches are keyed to the file ([`tensorrt::plan`]), but it has no optimization
     /// profile: pipeline components use [`Runtime::session_for`].
     pub fn session(&self, path: &Path) -> Result<Session, RuntimeError> {
-        self.create(path, None, &[])
+        self.create(path, None, Replacements::NONE)
     }
 
     /// Creates a session for one pipeline component's ONNX file. With TensorRT among the
@@ -326,30 +326,31 @@ impl Runtime {
         path: &Path,
         shapes: &tensorrt::SessionShapes,
     ) -> Result<Session, RuntimeError> {
-        self.create(path, Some(shapes), &[])
+        self.create(path, Some(shapes), Replacements::NONE)
     }
 
     /// [`Runtime::session_for`] with some of the graph's initializers replaced
     /// (ONNX Runtime's `AddInitializer`; the session keeps the values alive): how LoRA
-    /// weights are applied without rewriting the graph. ONNX Runtime's NCHWc layout
-    /// transformer and float16 initializer fusion are off in such sessions (they would
-    /// read the graph's original weights). Refused with TensorRT, whose engine caches are
-    /// keyed to the graph file alone.
+    /// weights are applied without rewriting the graph. The ONNX Runtime transformers that
+    /// would read the graph's original weights instead are off in such sessions
+    /// ([`Replacements`]). Refused with TensorRT, whose engine caches are keyed to the
+    /// graph file alone.
     pub fn session_with(
         &self,
         path: &Path,
         shapes: &tensorrt::SessionShapes,
-        initializers: &[(String, Arc<DynValue>)],
+        replaced: &Replacements,
     ) -> Result<Session, RuntimeError> {
-        self.create(path, Some(shapes), initializers)
+        self.create(path, Some(shapes), replaced)
     }
 
     fn create(
         &self,
         path: &Path,
         shapes: Option<&tensorrt::SessionShapes>,
-        initializers: &[(String, Arc<DynValue>)],
+        replaced: &Replacements,
     ) -> Result<Session, RuntimeError> {
+        let initializers = replaced.initializers.as_slice();
         let to_err = |message: String| RuntimeError::Session {
             path: path.to_path_buf(),
             message,
@@ -367,15 +368,10 @@ impl Runtime {
             None
         };
         let mut builder = self.builder_for(plan.as_ref(), shapes.map(|s| s.component))?;
-        if !initializers.is_empty() {
-            // Two of ONNX Runtime's level-`all` CPU transformers build new weights from
-            // the graph's own initializers, ignoring replaced ones: the NCHWc layout
-            // transformer (Conv weights) and the float16 initializer fusion (every weight
-            // of a float16 graph). A LoRA would silently not apply. The other
-            // optimizations see the replaced values.
+        if let Some(disabled) = replaced.disabled_optimizers() {
             builder = builder
-                .with_disabled_optimizers(STALE_INITIALIZER_TRANSFORMERS)
-                .map_err(|e| to_err(format!("disabling {STALE_INITIALIZER_TRANSFORMERS}: {e}")))?;
+                .with_disabled_optimizers(&disabled)
+                .map_err(|e| to_err(format!("disabling {disabled}: {e}")))?;
         }
         for (name, value) in initializers {
             builder = builder
@@ -388,10 +384,45 @@ impl Runtime {
     }
 }
 
-/// ONNX Runtime's transformers that read the graph's original initializers rather than
-/// those replaced at session build (`optimization.disable_specified_optimizers` syntax).
-const STALE_INITIALIZER_TRANSFORMERS: &str =
-    "NchwcTransformer;FuseFp16InitializerToFp32NodeTransformer";
+/// Initializers of a graph replaced at session build, and what they are.
+///
+/// Two of ONNX Runtime's level-`all` CPU transformers build new weights from the graph's
+/// own initializers, ignoring replaced ones: the NCHWc layout transformer (Conv weights)
+/// and the float16 initializer fusion (the float16 weights it widens to float32). A
+/// replaced weight of either kind would silently not apply, so a session with one turns
+/// that transformer off (found by the LoRA parity tests; the other optimizations see the
+/// replaced values). The NCHWc transformer speeds up convolutions on the CPU: it stays on
+/// when no Conv weight is replaced.
+#[derive(Debug, Clone, Default)]
+pub struct Replacements {
+    /// (initializer name, value) pairs.
+    pub initializers: Vec<(String, Arc<DynValue>)>,
+    /// Whether a Conv node's weight is among them.
+    pub conv_weights: bool,
+    /// Whether a float16 weight is among them.
+    pub float16: bool,
+}
+
+impl Replacements {
+    /// None: the graph as it is.
+    pub const NONE: &Replacements = &Replacements {
+        initializers: Vec::new(),
+        conv_weights: false,
+        float16: false,
+    };
+
+    /// The transformers to turn off (`optimization.disable_specified_optimizers` syntax).
+    fn disabled_optimizers(&self) -> Option<String> {
+        let off: Vec<&str> = [
+            (self.conv_weights, "NchwcTransformer"),
+            (self.float16, "FuseFp16InitializerToFp32NodeTransformer"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        (!off.is_empty()).then(|| off.join(";"))
+    }
+}
 
 fn optimization_level(s: &SessionSettings) -> GraphOptimizationLevel {
     use settings::OptimizationLevel::*;
@@ -456,5 +487,32 @@ fn release_status(status: ort::sys::OrtStatusPtr) {
     if !status.0.is_null() {
         // SAFETY: a non-null status is owned by the caller and released exactly once.
         unsafe { (ort::api().ReleaseStatus)(status.0) };
+    }
+}
+
+#[cfg(test)]
+mod replacements_tests {
+    use super::Replacements;
+
+    #[test]
+    fn only_the_transformers_that_would_miss_a_replaced_weight_are_turned_off() {
+        let r = |conv_weights, float16| Replacements {
+            initializers: Vec::new(),
+            conv_weights,
+            float16,
+        };
+        assert_eq!(r(false, false).disabled_optimizers(), None);
+        assert_eq!(
+            r(true, false).disabled_optimizers().as_deref(),
+            Some("NchwcTransformer")
+        );
+        assert_eq!(
+            r(true, true).disabled_optimizers().as_deref(),
+            Some("NchwcTransformer;FuseFp16InitializerToFp32NodeTransformer")
+        );
+        assert_eq!(
+            r(false, true).disabled_optimizers().as_deref(),
+            Some("FuseFp16InitializerToFp32NodeTransformer")
+        );
     }
 }
