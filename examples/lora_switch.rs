@@ -47,6 +47,9 @@ struct Cli {
     /// Intra-op threads (0: ONNX Runtime's default).
     #[arg(long, default_value_t = 0)]
     intra: usize,
+    /// Also put a (LoCon) layer on every resnet's 3×3 convolutions.
+    #[arg(long)]
+    conv: bool,
 }
 
 fn main() -> ExitCode {
@@ -80,8 +83,9 @@ fn noise(i: u64, seed: u64) -> f32 {
     (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
 }
 
-/// Whether a module is one a trained LoRA usually has.
-fn targeted(module: &str) -> bool {
+/// Whether a module is one a trained LoRA usually has (with `conv`, a LoCon's resnet
+/// convolutions too).
+fn targeted(module: &str, conv: bool) -> bool {
     let unet = [
         ".to_q",
         ".to_k",
@@ -94,10 +98,13 @@ fn targeted(module: &str) -> bool {
     (module.contains("transformer_blocks") && unet.iter().any(|s| module.ends_with(s)))
         || (module.starts_with("text_model.encoder.layers")
             && text.iter().any(|s| module.ends_with(s)))
+        || (conv
+            && module.contains(".resnets.")
+            && (module.ends_with(".conv1") || module.ends_with(".conv2")))
 }
 
 /// Writes the kohya LoRA file; returns its layer count.
-fn write_lora(model_dir: &Path, rank: usize, out: &Path) -> Result<usize, String> {
+fn write_lora(model_dir: &Path, rank: usize, conv: bool, out: &Path) -> Result<usize, String> {
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
     for (folder, prefix) in [
         ("unet", "lora_unet"),
@@ -114,20 +121,26 @@ fn write_lora(model_dir: &Path, rank: usize, out: &Path) -> Result<usize, String
             prefix
         };
         let map = WeightMap::from_graph(&Graph::open(&graph).map_err(|e| e.to_string())?);
-        for w in map.iter().filter(|w| targeted(&w.module)) {
+        for w in map.iter().filter(|w| targeted(&w.module, conv)) {
             let shape = w.torch_shape();
             let (out_f, in_f) = (shape[0] as usize, shape[1] as usize);
+            let kernel: Vec<usize> = shape[2..].iter().map(|&d| d as usize).collect();
+            let fan_in = in_f * kernel.iter().product::<usize>();
             let key = format!("{prefix}_{}", w.module.replace('.', "_"));
             let seed = tensors.len() as u64 * 7919;
-            let scale_a = 1.0 / (in_f as f32).sqrt();
-            let down = (0..rank * in_f)
+            let scale_a = 1.0 / (fan_in as f32).sqrt();
+            let down = (0..rank * fan_in)
                 .map(|i| noise(i as u64, seed) * scale_a)
                 .collect();
             let up = (0..out_f * rank)
                 .map(|i| noise(i as u64, seed + 1) * 0.5 / (rank as f32).sqrt())
                 .collect();
-            tensors.insert(format!("{key}.lora_down.weight"), (vec![rank, in_f], down));
-            tensors.insert(format!("{key}.lora_up.weight"), (vec![out_f, rank], up));
+            let mut down_shape = vec![rank, in_f];
+            down_shape.extend(&kernel);
+            let mut up_shape = vec![out_f, rank];
+            up_shape.extend(kernel.iter().map(|_| 1));
+            tensors.insert(format!("{key}.lora_down.weight"), (down_shape, down));
+            tensors.insert(format!("{key}.lora_up.weight"), (up_shape, up));
             tensors.insert(format!("{key}.alpha"), (vec![], vec![rank as f32 / 2.0]));
         }
     }
@@ -173,7 +186,7 @@ fn run(cli: Cli) -> Result<(), String> {
     let runtime = Runtime::init(settings).map_err(|e| e.to_string())?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let file = dir.path().join("bench.safetensors");
-    let layers = write_lora(&cli.model_dir, cli.rank, &file)?;
+    let layers = write_lora(&cli.model_dir, cli.rank, cli.conv, &file)?;
     let file_bytes = std::fs::metadata(&file).map_or(0, |m| m.len());
     let bundle = Arc::new(ModelBundle::open(&cli.model_dir).map_err(|e| e.to_string())?);
     let params = GenerateParams {
@@ -221,7 +234,7 @@ fn run(cli: Cli) -> Result<(), String> {
         "intra_threads": cli.intra,
         "steps": cli.steps,
         "size": cli.size,
-        "lora": {"rank": cli.rank, "layers": layers, "file_bytes": file_bytes,
+        "lora": {"rank": cli.rank, "conv": cli.conv, "layers": layers, "file_bytes": file_bytes,
                  "initializers_replaced": replaced, "merged_bytes": merged_bytes},
         "base": {"load_s": base_load, "generate_s": base_times, "generate_median_s": median(&base_times)},
         "new_set": {
