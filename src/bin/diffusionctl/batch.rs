@@ -114,6 +114,12 @@ pub fn run(args: BatchArgs) -> Result<(), Failure> {
                     "--config needs --local (the daemon reads its own configuration)".into(),
                 );
             }
+            if !args.flags.lora_dir.is_empty() {
+                return Err(
+                    "--lora-dir needs --local (the daemon's LoRAs are its configured folders)"
+                        .into(),
+                );
+            }
             let bus = args.bus.bus();
             daemon(&bus, |c| run_daemon(c, &args))
         }
@@ -221,6 +227,11 @@ fn run_local(args: &BatchArgs) -> Result<(), Failure> {
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
     ];
     let (_, named) = args.flags.local_loras()?;
+    for dir in &args.flags.lora_dir {
+        if !lora_dirs.contains(dir) {
+            lora_dirs.push(dir.clone());
+        }
+    }
     for (file, _) in args.flags.loras()? {
         let dir = Path::new(&file)
             .parent()

@@ -199,6 +199,11 @@ pub struct RequestFlags {
     /// folders (`diffusionctl loras` lists them).
     #[arg(long, value_name = "FILE[:SCALE]")]
     pub lora: Vec<String>,
+    /// With --local: a folder of .safetensors LoRA files that `<lora:NAME:WEIGHT>` prompt
+    /// tags (`--prompt-syntax a1111`) and manifest lines may name (repeatable; the
+    /// daemon's LoRAs are its configured folders).
+    #[arg(long, value_name = "DIR")]
+    pub lora_dir: Vec<PathBuf>,
 }
 
 impl RequestFlags {
@@ -214,8 +219,16 @@ impl RequestFlags {
     pub fn local_loras(&self) -> Result<LocalLoras, String> {
         let given = self.loras()?;
         let paths: Vec<PathBuf> = given.iter().map(|(f, _)| PathBuf::from(f)).collect();
-        let catalog = diffusiond::lora::LoraCatalog::from_files(&paths)
+        let files = diffusiond::lora::LoraCatalog::from_files(&paths)
             .map_err(|e| format!("--lora: {e}"))?;
+        // The --lora-dir folders' files, under the files given by path.
+        let (mut catalog, warnings) = diffusiond::lora::LoraCatalog::scan(&self.lora_dir);
+        if let Some(w) = warnings.into_iter().find(|w| w.starts_with("LoRA folder")) {
+            return Err(format!("--lora-dir: {w}"));
+        }
+        for entry in files.iter() {
+            catalog.insert(entry.clone());
+        }
         let named = given
             .iter()
             .zip(&paths)
@@ -422,6 +435,11 @@ fn request(args: &GenerateArgs) -> Result<GenerateRequest, String> {
 fn check_daemon_flags(args: &GenerateArgs) -> Result<(), String> {
     if args.latents.is_some() {
         return Err("--latents needs --local (the daemon draws latents from the seed)".into());
+    }
+    if !args.flags.lora_dir.is_empty() {
+        return Err(
+            "--lora-dir needs --local (the daemon's LoRAs are its configured folders)".into(),
+        );
     }
     if args.model_dir.is_some() {
         return Err("--model-dir needs --local; with the daemon, name a model with --model".into());
