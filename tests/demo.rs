@@ -132,20 +132,6 @@ fn offline_accuracy_on_the_sixty_captions_meets_the_committed_figure() {
     assert!(accuracy >= 0.9, "accuracy {accuracy} below the 90% goal");
 }
 
-/// The `parameters` text chunk of a PNG.
-fn png_parameters(png: &[u8]) -> String {
-    let reader = png::Decoder::new(std::io::Cursor::new(png))
-        .read_info()
-        .unwrap();
-    reader
-        .info()
-        .utf8_text
-        .iter()
-        .find(|c| c.keyword == "parameters")
-        .and_then(|c| c.get_text().ok())
-        .unwrap_or_default()
-}
-
 /// Four correctly drawn captions with different foreground colours, so a prompt that
 /// crossed to another job would be caught.
 fn distinct_four(cases: &[Case], start: usize) -> Vec<Case> {
@@ -226,7 +212,7 @@ fn four_clients_at_once_each_get_the_image_of_their_own_caption() {
                 let (pixels, size) = rgb(&images[0]);
                 let got = checker.analyse(&pixels, size);
                 assert_eq!(got, case.expected(), "round {round}: {:?} drew {got:?}", case.prompt);
-                let text = png_parameters(&images[0]);
+                let text = common::png_parameters(&images[0]).unwrap_or_default();
                 assert!(text.starts_with(&case.prompt), "the PNG's parameters name another prompt: {text}");
                 largest_batch = largest_batch.max(u32::try_from(&result["batch_size"]).unwrap());
                 results += 1;

@@ -73,19 +73,6 @@ fn verify_local(state: &Path, image: &Path, model: &Path, extra: &[&str]) -> Out
     ctl(state, &args)
 }
 
-/// A PNG's `parameters` text.
-fn parameters(path: &Path) -> Option<String> {
-    let reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()))
-        .read_info()
-        .unwrap();
-    reader
-        .info()
-        .utf8_text
-        .iter()
-        .find(|c| c.keyword == "parameters")
-        .and_then(|c| c.get_text().ok())
-}
-
 /// Writes RGB8 `pixels` of `size` as a PNG, with the `parameters` chunk when given.
 fn write_png(path: &Path, size: (u32, u32), pixels: &[u8], parameters: Option<&str>) {
     let file = std::fs::File::create(path).unwrap();
@@ -112,7 +99,7 @@ fn text_to_image_verifies_identical_and_edits_are_caught() {
     let state = tmp.path().join("state");
     let out = tmp.path().join("out.png");
     generate_local(&state, &out, &[]);
-    let params = parameters(&out).unwrap();
+    let params = common::png_parameters(&std::fs::read(&out).unwrap()).unwrap();
     assert!(params.contains("Model hash: "), "{params}");
     assert!(params.contains("Execution provider: cpu"), "{params}");
 
@@ -327,7 +314,7 @@ fn batch_items_verify_identical() {
     // The second image of a two-image item (Batch pos 1) and a named one.
     for name in ["00002-1.png", "named.png"] {
         let image = out.join(name);
-        let p = parameters(&image).unwrap();
+        let p = common::png_parameters(&std::fs::read(&image).unwrap()).unwrap();
         assert!(p.contains("Model hash: "), "{p}");
         let o = verify_local(&state, &image, &model, &[]);
         assert!(o.status.success(), "{name}: {}", text(&o));
@@ -387,7 +374,7 @@ fn the_documented_shell_recipe_gives_the_model_hash() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out.png");
     generate_local(&tmp.path().join("state"), &out, &[]);
-    let params = parameters(&out).unwrap();
+    let params = common::png_parameters(&std::fs::read(&out).unwrap()).unwrap();
     let recorded = hash_of(&params);
     let recipe = "{ echo model_index.json; find -L scheduler text_encoder text_encoder_2 tokenizer tokenizer_2 unet vae_decoder vae_decoder_fp32 vae_encoder -maxdepth 1 -type f ! -name '.*' 2>/dev/null; } | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-10";
     let o = std::process::Command::new("sh")

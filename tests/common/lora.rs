@@ -216,14 +216,5 @@ pub fn generate_local_with(
 
 /// A PNG's `parameters` text.
 pub fn parameters(png: &[u8]) -> String {
-    let reader = png::Decoder::new(std::io::Cursor::new(png))
-        .read_info()
-        .unwrap();
-    reader
-        .info()
-        .utf8_text
-        .iter()
-        .find(|c| c.keyword == "parameters")
-        .map(|c| c.get_text().unwrap())
-        .expect("a parameters chunk")
+    super::png_parameters(png).expect("a parameters chunk")
 }

@@ -345,6 +345,19 @@ pub fn result_pngs(result: &Dict) -> Vec<Vec<u8>> {
     Vec::<Vec<u8>>::try_from(v.try_clone().unwrap()).unwrap()
 }
 
+/// A PNG's `parameters` text chunk, if it has one.
+pub fn png_parameters(png: &[u8]) -> Option<String> {
+    let reader = png::Decoder::new(std::io::Cursor::new(png))
+        .read_info()
+        .ok()?;
+    reader
+        .info()
+        .utf8_text
+        .iter()
+        .find(|c| c.keyword == "parameters")
+        .and_then(|c| c.get_text().ok())
+}
+
 /// A PNG's pixels as RGB bytes.
 pub fn png_rgb(png: &[u8]) -> Vec<u8> {
     image::load_from_memory(png).unwrap().to_rgb8().into_raw()
