@@ -68,7 +68,7 @@ pub enum ModelError {
     Unsafe(#[from] safety::SafetyError),
     /// The pipeline class is not one diffusiond runs.
     #[error(
-        "{path}: pipeline class '{class}' is not supported (StableDiffusionPipeline, StableDiffusionXLPipeline)"
+        "{path}: pipeline class '{class}' is not supported (StableDiffusionPipeline and its image-to-image, inpainting and LCM variants, StableDiffusionXLPipeline; transformer families such as StableDiffusion3Pipeline and FluxPipeline are not served yet)"
     )]
     UnsupportedPipeline {
         /// model_index.json.
@@ -188,6 +188,18 @@ impl ModelBundle {
         let index_path = dir.join("model_index.json");
         let index: ModelIndex = read_json(&index_path)?;
         let kind = match index.class_name.as_str() {
+            // Transformer (MMDiT) families: their folders have transformer/ in place of
+            // unet/, and no UNet pipeline can run them.
+            c if c.starts_with("StableDiffusion3")
+                || c.starts_with("ORTStableDiffusion3")
+                || c.starts_with("Flux")
+                || c.starts_with("ORTFlux") =>
+            {
+                return Err(ModelError::UnsupportedPipeline {
+                    path: index_path,
+                    class: c.to_string(),
+                });
+            }
             "StableDiffusionXLPipeline" | "ORTStableDiffusionXLPipeline" => {
                 PipelineKind::StableDiffusionXl
             }
@@ -488,6 +500,25 @@ mod tests {
         std::fs::write(&file, b"").unwrap();
         let e = ModelBundle::open(&file).unwrap_err();
         assert!(e.to_string().ends_with("is not a folder"), "{e}");
+    }
+
+    #[test]
+    fn transformer_families_are_refused_by_their_class_not_read_as_unet_ones() {
+        for class in [
+            "StableDiffusion3Pipeline",
+            "ORTStableDiffusion3Img2ImgPipeline",
+            "FluxPipeline",
+            "ORTFluxPipeline",
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            let index = format!(r#"{{"_class_name": "{class}"}}"#);
+            std::fs::write(tmp.path().join("model_index.json"), index).unwrap();
+            let e = ModelBundle::open(tmp.path()).unwrap_err();
+            assert!(matches!(e, ModelError::UnsupportedPipeline { .. }), "{e:?}");
+            let msg = e.to_string();
+            assert!(msg.contains(&format!("'{class}' is not supported")), "{msg}");
+            assert!(msg.contains("not served yet"), "{msg}");
+        }
     }
 
     #[test]
