@@ -20,6 +20,8 @@ use tokenizers::{
     TruncationParams, TruncationStrategy,
 };
 
+pub mod t5;
+
 /// Errors from loading a tokenizer or encoding a prompt.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
