@@ -516,7 +516,10 @@ mod tests {
             let e = ModelBundle::open(tmp.path()).unwrap_err();
             assert!(matches!(e, ModelError::UnsupportedPipeline { .. }), "{e:?}");
             let msg = e.to_string();
-            assert!(msg.contains(&format!("'{class}' is not supported")), "{msg}");
+            assert!(
+                msg.contains(&format!("'{class}' is not supported")),
+                "{msg}"
+            );
             assert!(msg.contains("not served yet"), "{msg}");
         }
     }
