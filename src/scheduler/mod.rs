@@ -11,6 +11,7 @@ pub mod ddim;
 pub mod ddpm;
 pub mod dpm_solver;
 pub mod euler;
+pub mod flow_match;
 pub mod heun;
 pub mod lcm;
 pub mod lms;
