@@ -8,6 +8,7 @@ mod arena;
 mod arrays;
 pub mod components;
 mod denoise_loop;
+pub mod flow;
 mod guidance;
 pub mod image;
 mod latents;
