@@ -9,6 +9,7 @@ use ndarray::ArrayD;
 
 use crate::lora::LoraCatalog;
 use crate::model::ModelBundle;
+use crate::pipeline::flow::TransformerPipeline;
 use crate::pipeline::preview::PreviewSink;
 use crate::pipeline::{Pipeline, PipelineError, image};
 use crate::request::{self, GenerateRequest, Limits, ModelDefaults, ModelRef};
@@ -40,17 +41,23 @@ pub fn generate(
     let resolved = request::resolve(request, model, &Limits::unbounded(), request::random_seed)?
         .with_latents(latents, &bundle)?;
     let runtime = Runtime::init(settings)?;
-    let merged = crate::lora::prepare(model_dir, &resolved.loras)?;
-    let mut pipeline = Pipeline::with_loras(&runtime, bundle.clone(), &merged)?;
-    drop(merged);
-    pipeline.set_preview_sink(preview);
     let run_options = ort::session::RunOptions::new().map_err(|e| PipelineError::Inference {
         component: "runtime".into(),
         message: e.to_string(),
     })?;
-    let generation = pipeline
-        .run(&[&resolved], &run_options, &mut |_, _| true)?
-        .remove(0);
+    let generation = if bundle.kind.is_flow() {
+        TransformerPipeline::load(&runtime, model_dir)?
+            .run(&[&resolved], &run_options, &mut |_, _| true)?
+            .remove(0)
+    } else {
+        let merged = crate::lora::prepare(model_dir, &resolved.loras)?;
+        let mut pipeline = Pipeline::with_loras(&runtime, bundle.clone(), &merged)?;
+        drop(merged);
+        pipeline.set_preview_sink(preview);
+        pipeline
+            .run(&[&resolved], &run_options, &mut |_, _| true)?
+            .remove(0)
+    };
     let provider = crate::jobs::backend::execution_provider(&runtime);
     let provenance = request::Provenance {
         ort_version: runtime.version(),

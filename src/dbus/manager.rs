@@ -14,7 +14,7 @@ use super::job::{Entry, JobView};
 use super::{Error, Job, Registry, caller_uid, expect_args};
 use crate::batch::service::Service;
 use crate::jobs::{Engine, JobId, QueuedJob};
-use crate::model::{Catalog, PipelineKind};
+use crate::model::Catalog;
 use crate::request::{Limits, RequestError};
 use crate::wire::batch::batch_path;
 use crate::wire::reply::{LoraInfo, ModelInfo};
@@ -362,12 +362,7 @@ impl Manager {
                     path: entry.path.display().to_string(),
                     loaded: self.engine.is_loaded(name),
                     default: default == Some(name),
-                    kind: match bundle.map(|b| b.kind) {
-                        Some(PipelineKind::StableDiffusionXl) => "sdxl",
-                        Some(PipelineKind::StableDiffusion) => "sd",
-                        None => "unreadable",
-                    }
-                    .to_string(),
+                    kind: bundle.map_or("unreadable", |b| b.kind.name()).to_string(),
                     scheduler: bundle
                         .and_then(|b| b.default_scheduler)
                         .unwrap_or("")

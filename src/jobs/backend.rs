@@ -10,6 +10,7 @@ use ort::session::RunOptions;
 use super::Failure;
 use crate::lora::LoraSpec;
 use crate::model::ModelBundle;
+use crate::pipeline::flow::TransformerPipeline;
 use crate::pipeline::{Generation, Pipeline, PipelineError, ProgressFn};
 use crate::request::ResolvedRequest;
 use crate::runtime::Runtime;
@@ -159,6 +160,12 @@ impl Backend for OrtBackend {
         bundle
             .check_files()
             .map_err(|e| Failure::ModelLoad(e.to_string()))?;
+        if bundle.kind.is_flow() {
+            // The resolve step refuses LoRAs for the transformer families.
+            return TransformerPipeline::load(runtime, &bundle.dir)
+                .map(|p| Box::new(p) as Box<dyn Model>)
+                .map_err(|e| Failure::ModelLoad(e.to_string()));
+        }
         // A LoRA that cannot apply is the request's fault, not the model's.
         let merged = crate::lora::prepare(&bundle.dir, loras)
             .map_err(|e| Failure::InvalidArgument(format!("'loras': {e}")))?;
@@ -213,5 +220,22 @@ impl Model for Pipeline {
         let wrapped = interlude
             .map(|mut f| Box::new(move |p: &mut Pipeline| f(p)) as Box<crate::pipeline::Interlude>);
         Pipeline::set_interlude(self, wrapped);
+    }
+}
+
+/// The transformer families run each request of a batch in turn; they have no previews
+/// and cannot suspend a batch between steps.
+impl Model for TransformerPipeline {
+    fn generate(
+        &mut self,
+        batch: &[&ResolvedRequest],
+        control: &RunControl,
+        progress: &mut ProgressFn<'_>,
+    ) -> Result<Vec<Generation>, PipelineError> {
+        let options = control.options().ok_or_else(|| PipelineError::Inference {
+            component: "runtime".into(),
+            message: "no run options".into(),
+        })?;
+        self.run(batch, options, progress)
     }
 }

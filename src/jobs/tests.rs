@@ -43,6 +43,7 @@ pub(crate) fn resolved(model: &str, steps: usize) -> ResolvedRequest {
         keep_alive: None,
         loras: Vec::new(),
         lora_key: Vec::new(),
+        max_sequence_length: None,
     }
 }
 

@@ -134,6 +134,33 @@ impl MemoryProfile {
         }
     }
 
+    /// The figures of a transformer (flow) model: its joint attention as one level of
+    /// `inner` channels and `heads` heads over the image's tokens (`packing` x `packing`
+    /// latent cells each; the text tokens it attends to as well are left out), and its VAE.
+    pub(crate) fn transformer(
+        inner: u64,
+        heads: u64,
+        packing: u64,
+        vae: &VaeShape,
+        vae_factor: usize,
+        weights_bytes: u64,
+    ) -> MemoryProfile {
+        // Level l of the estimate holds tokens / 4^l: a 2x2 packing is level 1.
+        let levels = packing.max(1).ilog2() as usize;
+        let mut unet_levels = vec![(0, None); levels];
+        unet_levels.push((inner, Some(heads)));
+        MemoryProfile {
+            weights_bytes,
+            unet_levels,
+            vae_channels: vae
+                .block_out_channels
+                .clone()
+                .unwrap_or_else(|| vec![128, 256, 512, 512]),
+            vae_mid_attention: vae.mid_block_add_attention.unwrap_or(true),
+            vae_factor: vae_factor as u64,
+        }
+    }
+
     /// What the process needs resident with this model loaded and idle.
     pub fn baseline(&self) -> u64 {
         PROCESS_BYTES.saturating_add(self.weights_bytes)

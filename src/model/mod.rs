@@ -13,6 +13,7 @@
 //! session's inputs and outputs once it is loaded. Every error names the file.
 
 mod catalog;
+pub mod flow;
 pub mod graph_inputs;
 pub mod hash;
 pub mod memory;
@@ -85,6 +86,27 @@ pub enum PipelineKind {
     StableDiffusion,
     /// SDXL: two text encoders, pooled embeddings and micro-conditioning.
     StableDiffusionXl,
+    /// Stable Diffusion 3/3.5: two CLIP encoders, T5, an MMDiT transformer, flow matching.
+    Sd3,
+    /// FLUX.1: CLIP, T5, a transformer on packed latents, flow matching.
+    Flux,
+}
+
+impl PipelineKind {
+    /// Whether it is a transformer (flow-matching) family ([`flow`]).
+    pub fn is_flow(self) -> bool {
+        matches!(self, PipelineKind::Sd3 | PipelineKind::Flux)
+    }
+
+    /// Its name in `ListModels` (`sd`, `sdxl`, `sd3`, `flux`).
+    pub fn name(self) -> &'static str {
+        match self {
+            PipelineKind::StableDiffusion => "sd",
+            PipelineKind::StableDiffusionXl => "sdxl",
+            PipelineKind::Sd3 => "sd3",
+            PipelineKind::Flux => "flux",
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -165,6 +187,8 @@ pub struct ModelBundle {
     /// The folder's [`hash::ModelHash`] (64 hex digits), once [`ModelBundle::hashed`]
     /// computed it (the catalog and `--local` do); `None` before.
     pub model_hash: Option<String>,
+    /// The transformer families' facts (`None` for the UNet ones).
+    pub flow: Option<flow::FlowFacts>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,18 +212,11 @@ impl ModelBundle {
         let index_path = dir.join("model_index.json");
         let index: ModelIndex = read_json(&index_path)?;
         let kind = match index.class_name.as_str() {
-            // Transformer (MMDiT) families: their folders have transformer/ in place of
-            // unet/, and no UNet pipeline can run them.
-            c if c.starts_with("StableDiffusion3")
-                || c.starts_with("ORTStableDiffusion3")
-                || c.starts_with("Flux")
-                || c.starts_with("ORTFlux") =>
-            {
-                return Err(ModelError::UnsupportedPipeline {
-                    path: index_path,
-                    class: c.to_string(),
-                });
+            // Transformer (MMDiT) families: transformer/ in place of unet/.
+            c if c.starts_with("StableDiffusion3") || c.starts_with("ORTStableDiffusion3") => {
+                PipelineKind::Sd3
             }
+            c if c.starts_with("Flux") || c.starts_with("ORTFlux") => PipelineKind::Flux,
             "StableDiffusionXLPipeline" | "ORTStableDiffusionXLPipeline" => {
                 PipelineKind::StableDiffusionXl
             }
@@ -245,6 +262,33 @@ impl ModelBundle {
             None => 1,
             Some(blocks) => halvings(blocks.len(), &unet_config, "down_block_types")?,
         };
+        let vae_shape: memory::VaeShape = read_json(&vae_path)?;
+        if kind.is_flow() {
+            let shape = flow::read(dir, kind, &vae_shape, vae_scale_factor)?;
+            let bundle = ModelBundle {
+                dir: dir.to_path_buf(),
+                kind,
+                scheduler_config,
+                // The flow families' one scheduler.
+                default_scheduler: Some(crate::scheduler::flow_match::FLOW_EULER),
+                vae_scaling_factor: vae.scaling_factor,
+                vae_shift_factor: vae.shift_factor,
+                vae_scale_factor,
+                size_multiple: shape.size_multiple,
+                memory: shape.memory,
+                force_zeros_for_empty_prompt: false,
+                default_size: shape.default_size,
+                unet_in_channels: flow::LATENT_CHANNELS,
+                time_cond_proj_dim: None,
+                has_vae_encoder: dir.join("vae_encoder/model.onnx").is_file(),
+                has_vae_decoder_fp32: false,
+                preview_decoder: None,
+                model_hash: None,
+                flow: Some(shape.facts),
+            };
+            bundle.check_files()?;
+            return Ok(bundle);
+        }
         let size_multiple = vae_scale_factor * unet_downsampling;
         let sample_size = unet.sample_size.unwrap_or(64);
         let default_size = sample_size
@@ -257,11 +301,7 @@ impl ModelBundle {
                 ),
             })?;
         let unet_shape: memory::UnetShape = read_optional_json(&unet_config)?.unwrap_or_default();
-        let vae_shape: memory::VaeShape = read_json(&vae_path)?;
-        let mut components: Vec<&str> = match kind {
-            PipelineKind::StableDiffusion => vec!["text_encoder"],
-            PipelineKind::StableDiffusionXl => vec!["text_encoder", "text_encoder_2"],
-        };
+        let mut components: Vec<&str> = bundle_text_encoders(kind).to_vec();
         components.extend(["unet", "vae_decoder"]);
         let taesd = dir.join(TAESD_DIR);
         let preview_decoder = taesd.join("model.onnx").is_file().then_some(taesd);
@@ -288,6 +328,7 @@ impl ModelBundle {
             has_vae_decoder_fp32: dir.join("vae_decoder_fp32/model.onnx").is_file(),
             preview_decoder,
             model_hash: None,
+            flow: None,
         };
         bundle.check_files()?;
         Ok(bundle)
@@ -363,23 +404,32 @@ impl ModelBundle {
     pub fn tokenizer_dirs(&self) -> Vec<PathBuf> {
         match self.kind {
             PipelineKind::StableDiffusion => vec![self.dir.join("tokenizer")],
-            PipelineKind::StableDiffusionXl => {
-                vec![self.dir.join("tokenizer"), self.dir.join("tokenizer_2")]
-            }
+            _ => vec![self.dir.join("tokenizer"), self.dir.join("tokenizer_2")],
         }
     }
 
     /// The text-encoder components, in order.
     pub fn text_encoders(&self) -> &'static [&'static str] {
-        match self.kind {
-            PipelineKind::StableDiffusion => &["text_encoder"],
-            PipelineKind::StableDiffusionXl => &["text_encoder", "text_encoder_2"],
+        match (self.kind, &self.flow) {
+            (PipelineKind::Sd3, Some(f)) if f.has_t5 => {
+                &["text_encoder", "text_encoder_2", "text_encoder_3"]
+            }
+            (kind, _) => bundle_text_encoders(kind),
+        }
+    }
+
+    /// The denoiser's component: `unet`, or `transformer` for the flow families.
+    pub fn denoiser(&self) -> &'static str {
+        if self.kind.is_flow() {
+            "transformer"
+        } else {
+            "unet"
         }
     }
 
     fn required_files(&self) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = self.text_encoders().iter().map(|c| self.onnx(c)).collect();
-        files.push(self.onnx("unet"));
+        files.push(self.onnx(self.denoiser()));
         files.push(self.onnx("vae_decoder"));
         if self.has_vae_encoder {
             files.push(self.onnx("vae_encoder"));
@@ -428,6 +478,14 @@ fn check_folder(dir: &Path) -> Result<(), ModelError> {
 
 /// Reads and parses a JSON file of at most [`small_file::MAX_CONFIG_BYTES`] (a regular
 /// file only: [`small_file::read_capped`]), naming it in every error.
+/// The text encoders of a family (SD3's T5 only when the folder has it: [`ModelBundle::text_encoders`]).
+fn bundle_text_encoders(kind: PipelineKind) -> &'static [&'static str] {
+    match kind {
+        PipelineKind::StableDiffusion => &["text_encoder"],
+        _ => &["text_encoder", "text_encoder_2"],
+    }
+}
+
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
     read_optional_json(path)?.ok_or_else(|| ModelError::MissingFile(path.to_path_buf()))
 }
@@ -477,6 +535,7 @@ pub(crate) fn test_bundle() -> ModelBundle {
         has_vae_decoder_fp32: false,
         preview_decoder: None,
         model_hash: None,
+        flow: None,
     }
 }
 

@@ -181,11 +181,12 @@ impl LatentFormat {
         bias: [0.1084, -0.0175, -0.0011],
     };
 
-    /// The factors of a model family.
+    /// The factors of a model family (the flow families have no previews: the resolve
+    /// step refuses them, and SD1.5's factors stand in).
     pub fn for_kind(kind: PipelineKind) -> LatentFormat {
         match kind {
             PipelineKind::StableDiffusionXl => LatentFormat::SDXL,
-            PipelineKind::StableDiffusion => LatentFormat::SD15,
+            _ => LatentFormat::SD15,
         }
     }
 

@@ -128,6 +128,9 @@ pub fn format(r: &ResolvedRequest, p: &Provenance<'_>, image: usize) -> String {
         pairs.push(("Batch pos", image.to_string()));
     }
     pairs.push(("Prompt syntax", r.prompt_syntax.to_string()));
+    if let Some(n) = r.max_sequence_length {
+        pairs.push(("Max sequence length", n.to_string()));
+    }
     if r.prompt_syntax == PromptSyntax::A1111 && r.a1111_pad_cond_uncond {
         // webui's own key for its "Pad prompt/negative prompt" option.
         pairs.push(("Pad conds", "True".to_string()));
@@ -356,6 +359,10 @@ pub fn parse(text: &str) -> Result<Receipt, InfotextError> {
         })?),
         None => None,
     };
+    let max_sequence_length: Option<u32> = match get("Max sequence length") {
+        Some(v) => Some(value("Max sequence length", v, "a token count")?),
+        None => None,
+    };
     let model = need("Model")?.to_string();
     let owned = |key| get(key).map(str::to_string);
     let edit = mode != Mode::Txt2Img;
@@ -376,6 +383,7 @@ pub fn parse(text: &str) -> Result<Receipt, InfotextError> {
         prompt_syntax: Some(prompt_syntax),
         a1111_pad_cond_uncond: pad_conds,
         loras,
+        max_sequence_length,
         ..GenerateRequest::default()
     };
     Ok(Receipt {

@@ -107,6 +107,9 @@ pub struct GenerateRequest {
     /// come from the model's LoRA folders (`ListLoras`), or with `--local` from the files
     /// given; `prompt_syntax` `a1111` adds the prompt's `<lora:NAME:SCALE>` tags.
     pub loras: Option<Vec<(String, f64)>>,
+    /// T5 tokens of the text conditioning (SD3, FLUX): the pipelines'
+    /// `max_sequence_length` (256 for SD3, 512 for FLUX by default; at most 512).
+    pub max_sequence_length: Option<u32>,
 }
 
 /// How a live preview is decoded from the predicted clean latents.

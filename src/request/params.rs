@@ -127,6 +127,7 @@ impl GenerateParams {
             preview_method: Some(self.preview_method),
             keep_alive: None,
             loras: None,
+            max_sequence_length: None,
         }
     }
 }

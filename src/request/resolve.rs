@@ -92,6 +92,8 @@ pub struct ResolvedRequest {
     pub loras: Vec<LoraSpec>,
     /// The `loras` key as given (the prompt's `<lora:…>` tags stay in the prompt).
     pub lora_key: Vec<(String, f64)>,
+    /// The T5 sequence length of a flow model's request (`None` for the UNet families).
+    pub max_sequence_length: Option<usize>,
 }
 
 /// What an image-to-image or inpainting request starts from. The image's size (rounded
@@ -241,6 +243,7 @@ impl ResolvedRequest {
             preview_method: Some(self.preview_method),
             keep_alive: self.keep_alive.map(super::KeepAlive::as_secs),
             loras: (!self.lora_key.is_empty()).then(|| self.lora_key.clone()),
+            max_sequence_length: self.max_sequence_length.and_then(|n| u32::try_from(n).ok()),
         }
     }
 
@@ -330,6 +333,10 @@ pub fn resolve(
     };
 
     over("prompt", req.prompt.len(), limits.max_prompt_bytes)?;
+    if bundle.kind.is_flow() {
+        flow::check(req, model.name, bundle.kind)?;
+    }
+    let max_sequence_length = flow::sequence_length(req, bundle)?;
     let prompt_syntax = req.prompt_syntax.unwrap_or_default();
     let (loras, lora_key) = loras::resolve(req, prompt_syntax, model.loras, limits)?;
     // What the text encoders see: webui removes extra-network tags first.
@@ -356,10 +363,20 @@ pub fn resolve(
             None => bundle.default_size,
         };
         // The model's own limit: configured, else a multiple of its native size.
-        let model_max = configured.max_side(key).map_or(
-            bundle.default_size.saturating_mul(NATIVE_SIZE_FACTOR),
-            |m| m as usize,
-        );
+        let model_max = configured
+            .max_side(key)
+            .map_or(
+                bundle.default_size.saturating_mul(NATIVE_SIZE_FACTOR),
+                |m| m as usize,
+            )
+            // SD3's position embedding covers this much and no more.
+            .min(
+                bundle
+                    .flow
+                    .as_ref()
+                    .and_then(|f| f.max_side)
+                    .unwrap_or(usize::MAX),
+            );
         if v % multiple != 0 {
             let nearest = size::suggested_sizes(v, multiple, max.min(model_max));
             return Err(invalid(
@@ -469,6 +486,10 @@ pub fn resolve(
 
     let requested = req.scheduler.as_deref().or(configured.scheduler.as_deref());
     let scheduler = match requested {
+        _ if bundle.kind.is_flow() => flow::scheduler(requested, model.name)?,
+        Some(name) if flow::is_flow_scheduler(name) => {
+            return Err(flow::refuse_on_unet(name, model.name));
+        }
         Some(name) => scheduler::NAMES
             .iter()
             .copied()
@@ -512,9 +533,12 @@ pub fn resolve(
             });
         }
     }
-    // The scheduler's own rules decide which step counts it can run.
-    scheduler::check_steps(scheduler, &bundle.scheduler_config, steps)
-        .map_err(|e| invalid("steps", e.to_string()))?;
+    // The scheduler's own rules decide which step counts it can run (the flow-matching
+    // one runs any count from 1).
+    if !bundle.kind.is_flow() {
+        scheduler::check_steps(scheduler, &bundle.scheduler_config, steps)
+            .map_err(|e| invalid("steps", e.to_string()))?;
+    }
     let guidance_embedding = bundle.time_cond_proj_dim.is_some();
     if let (Some(e), true) = (&edit, guidance_embedding) {
         // diffusers' LCM image-to-image pipeline: the strength goes into the LCM schedule
@@ -589,6 +613,7 @@ pub fn resolve(
         keep_alive: req.keep_alive.map(super::KeepAlive::parse).transpose()?,
         loras,
         lora_key,
+        max_sequence_length,
     };
     if prompt_syntax == PromptSyntax::A1111 {
         a1111::check(&resolved)?;
@@ -728,6 +753,7 @@ fn resolve_edit(
 }
 
 mod a1111;
+mod flow;
 mod loras;
 mod size;
 #[cfg(test)]

@@ -271,6 +271,7 @@ pub const KEYS: &[Key] = &[
     key!(preview_method: PreviewMethod),
     key!(keep_alive: f64),
     key!(loras: Vec<(String, f64)>),
+    key!(max_sequence_length: u32),
     image_key!(Slot::Init),
     image_key!(Slot::Mask),
     image_fd_key!(Slot::Init),

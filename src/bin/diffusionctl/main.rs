@@ -204,6 +204,10 @@ pub struct RequestFlags {
     /// daemon's LoRAs are its configured folders).
     #[arg(long, value_name = "DIR")]
     pub lora_dir: Vec<PathBuf>,
+    /// SD3 and FLUX: T5 tokens of the text conditioning (at most 512) [default: 256 for
+    /// SD3, 512 for FLUX].
+    #[arg(long, value_name = "N")]
+    pub max_sequence_length: Option<u32>,
 }
 
 impl RequestFlags {
@@ -257,6 +261,7 @@ impl RequestFlags {
             prompt_syntax: self.prompt_syntax,
             a1111_pad_cond_uncond: self.a1111_pad_cond_uncond.then_some(true),
             keep_alive: self.keep_alive,
+            max_sequence_length: self.max_sequence_length,
             loras: match self.loras() {
                 Ok(l) if !l.is_empty() => Some(l),
                 _ => None,

@@ -21,13 +21,17 @@ use ndarray::{Array4, ArrayViewD, IxDyn};
 use ort::session::RunOptions;
 use serde_json::Value;
 
-use super::PipelineError;
+use std::time::Instant;
+
 use super::components::VaeDecoder;
 use super::image::{self, GeneratedImage};
+use super::{Generation, PipelineError, ProgressFn, StageTimings};
 use crate::model::ModelError;
+use crate::request::ResolvedRequest;
 use crate::rng::{NoiseSource, TorchGenerator};
 use crate::runtime::Runtime;
 use crate::runtime::tensorrt::{Component, SessionShapes};
+use crate::scheduler::flow_match::FLOW_EULER;
 use crate::scheduler::flow_match::{FlowMatchEuler, FlowPipeline};
 
 /// Latent channels of SD3's and FLUX's VAE.
@@ -60,6 +64,25 @@ pub struct FlowParams {
     pub true_cfg_scale: f64,
 }
 
+impl FlowParams {
+    /// A resolved request's parameters (its model's default sequence length when it has
+    /// none; FLUX's true classifier-free guidance is not a request key).
+    pub fn from_request(r: &ResolvedRequest) -> FlowParams {
+        FlowParams {
+            prompt: r.prompt.clone(),
+            negative_prompt: r.negative_prompt.clone(),
+            steps: r.steps,
+            guidance_scale: r.guidance_scale,
+            seed: r.seed,
+            width: r.width,
+            height: r.height,
+            num_images: r.num_images,
+            max_sequence_length: r.max_sequence_length.unwrap_or(256),
+            true_cfg_scale: 1.0,
+        }
+    }
+}
+
 /// One flow family's model parts around the shared loop.
 pub trait Denoiser: Send {
     /// Encodes the request's prompts; kept for the steps that follow.
@@ -89,6 +112,7 @@ pub struct TransformerPipeline {
     vae_shift_factor: f32,
     vae_scale_factor: usize,
     timesteps: Vec<f64>,
+    timings: StageTimings,
 }
 
 /// Reads a JSON file of the model folder.
@@ -165,6 +189,7 @@ impl TransformerPipeline {
             vae_shift_factor: factor("shift_factor", 0.0),
             vae_scale_factor: 1 << blocks.saturating_sub(1),
             timesteps: Vec::new(),
+            timings: StageTimings::default(),
         })
     }
 
@@ -184,6 +209,45 @@ impl TransformerPipeline {
             component: "runtime".into(),
             message: e.to_string(),
         })?;
+        self.generate_with(p, &run_options, &mut |_, _| true)
+    }
+
+    /// Generates resolved requests one after the other (each its own transformer batch),
+    /// with `run_options` (another thread may terminate a run) and `progress` after each
+    /// step (false stops).
+    pub fn run(
+        &mut self,
+        batch: &[&ResolvedRequest],
+        run_options: &RunOptions,
+        progress: &mut ProgressFn<'_>,
+    ) -> Result<Vec<Generation>, PipelineError> {
+        let steps: usize = batch.iter().map(|r| r.steps).sum();
+        let mut done = 0;
+        let mut out = Vec::with_capacity(batch.len());
+        for r in batch {
+            let params = FlowParams::from_request(r);
+            let images =
+                self.generate_with(&params, run_options, &mut |i, _| progress(done + i, steps))?;
+            done += r.steps;
+            out.push(Generation {
+                images,
+                scheduler: FLOW_EULER,
+                timesteps: self.timesteps.clone(),
+                timings: self.timings.clone(),
+                loras: Vec::new(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// [`TransformerPipeline::generate`] with run options and a progress callback
+    /// (step done, steps; false stops with [`PipelineError::Cancelled`]).
+    pub fn generate_with(
+        &mut self,
+        p: &FlowParams,
+        run_options: &RunOptions,
+        progress: &mut ProgressFn<'_>,
+    ) -> Result<Vec<GeneratedImage>, PipelineError> {
         let multiple = self.vae_scale_factor * 2;
         if !p.width.is_multiple_of(multiple)
             || !p.height.is_multiple_of(multiple)
@@ -198,9 +262,12 @@ impl TransformerPipeline {
                 ),
             });
         }
+        let mut timings = StageTimings::default();
         let mut sched = FlowMatchEuler::from_config(&self.scheduler_config)?;
         sched.set_timesteps_for(self.denoiser.pipeline(), p.steps, p.height, p.width)?;
+        let t0 = Instant::now();
         self.denoiser.condition(p)?;
+        timings.text_encoder = t0.elapsed();
         let (h, w) = (
             p.height / self.vae_scale_factor,
             p.width / self.vae_scale_factor,
@@ -210,14 +277,23 @@ impl TransformerPipeline {
         let mut generator = TorchGenerator::new(p.seed);
         generator.fill_randn(latents.as_slice_mut().expect("standard layout"));
         let timesteps: Vec<f32> = sched.timesteps().to_vec();
-        for &t in &timesteps {
-            let velocity = self.denoiser.predict(&latents, t, &run_options)?;
+        for (i, &t) in timesteps.iter().enumerate() {
+            let t0 = Instant::now();
+            let velocity = self.denoiser.predict(&latents, t, run_options)?;
+            let t1 = Instant::now();
             sched.step(
                 velocity.as_slice().expect("standard layout"),
                 latents.as_slice_mut().expect("standard layout"),
             )?;
+            timings.unet += t1 - t0;
+            timings.unet_calls += 1;
+            timings.scheduler += t1.elapsed();
+            if !progress(i + 1, timesteps.len()) {
+                return Err(PipelineError::Cancelled);
+            }
         }
         self.timesteps = timesteps.iter().map(|&t| f64::from(t)).collect();
+        let t0 = Instant::now();
         let (scale, shift) = (self.vae_scaling_factor, self.vae_shift_factor);
         latents.mapv_inplace(|x| x / scale + shift);
         let decoded = self.vae.decode(
@@ -229,8 +305,13 @@ impl TransformerPipeline {
                 component: "vae_decoder".into(),
                 message: e.to_string(),
             })?,
-            &run_options,
+            run_options,
         )?;
-        Ok(image::postprocess(decoded.view()))
+        timings.vae = t0.elapsed();
+        let t0 = Instant::now();
+        let images = image::postprocess(decoded.view());
+        timings.postprocess = t0.elapsed();
+        self.timings = timings;
+        Ok(images)
     }
 }

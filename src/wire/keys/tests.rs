@@ -33,6 +33,7 @@ fn every_key_round_trips() {
         preview_method: Some(PreviewMethod::Taesd),
         keep_alive: Some(30.0),
         loras: Some(vec![("style".into(), 0.8), ("char".into(), -1.0)]),
+        max_sequence_length: Some(77),
     };
     let owned = to_owned_dict(&req);
     // Every generation key is written but the images (bytes, never in a property);
