@@ -7,15 +7,17 @@
 //! scheduler's timesteps must be the reference's. SD3 with and without T5, guidance on and
 //! off, negative prompts, two images, non-square sizes, a prompt over 77 CLIP tokens, a
 //! shorter `max_sequence_length`; FLUX schnell-style and dev-style (guidance embedding),
-//! true classifier-free guidance. Image-to-image and inpainting cases are the next step
-//! (their references are there); a control shows the bar catches a near miss.
+//! true classifier-free guidance; SD3 image-to-image and inpainting (strengths 0.6, 0.8, 1).
+//! A control shows the bar catches a near miss.
 
 mod common;
 
 use std::path::PathBuf;
 
 use common::parity::{Diff, ort_runtime};
+use diffusiond::pipeline::flow::edit::FlowEdit;
 use diffusiond::pipeline::flow::{FlowParams, TransformerPipeline};
+use diffusiond::pipeline::preprocess;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize, Clone)]
@@ -34,6 +36,12 @@ struct Args {
     max_sequence_length: Option<usize>,
     #[serde(default)]
     true_cfg_scale: Option<f64>,
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(default)]
+    mask_image: Option<String>,
+    #[serde(default)]
+    strength: Option<f64>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -55,14 +63,34 @@ fn golden_dir() -> PathBuf {
 
 fn params(c: &Case, seed: u64) -> FlowParams {
     let a = &c.args;
+    // Image-to-image and inpainting: the init image's size (multiples of 8 here).
+    let edit = a.image.as_ref().map(|path| {
+        let rgb =
+            preprocess::decode_rgb(&std::fs::read(common::root().join(path)).unwrap()).unwrap();
+        let (h, w) = (rgb.dim().0, rgb.dim().1);
+        let mask = a.mask_image.as_ref().map(|m| {
+            let rgb =
+                preprocess::decode_rgb(&std::fs::read(common::root().join(m)).unwrap()).unwrap();
+            preprocess::latent_mask(&preprocess::mask_pixels(&rgb, w, h), 8)
+        });
+        FlowEdit {
+            init: preprocess::init_tensor(&rgb, w, h),
+            mask,
+            strength: a.strength.unwrap(),
+        }
+    });
+    let (width, height) = match &edit {
+        Some(e) => (e.init.dim().3, e.init.dim().2),
+        None => (a.width.unwrap_or(64), a.height.unwrap_or(64)),
+    };
     FlowParams {
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),
         steps: a.num_inference_steps,
         guidance_scale: a.guidance_scale,
         seed,
-        width: a.width.unwrap_or(64),
-        height: a.height.unwrap_or(64),
+        width,
+        height,
         num_images: a.num_images_per_prompt,
         // The pipelines' defaults: 256 for SD3, 512 for FLUX.
         max_sequence_length: a.max_sequence_length.unwrap_or(if c.family == "sd3" {
@@ -71,12 +99,23 @@ fn params(c: &Case, seed: u64) -> FlowParams {
             512
         }),
         true_cfg_scale: a.true_cfg_scale.unwrap_or(1.0),
+        edit,
     }
 }
 
-fn txt2img_cases() -> Vec<Case> {
+fn cases(mode: &str) -> Vec<Case> {
     let cases: Vec<Case> = common::parity::manifest_cases(&golden_dir());
-    cases.into_iter().filter(|c| c.mode == "txt2img").collect()
+    cases.into_iter().filter(|c| c.mode == mode).collect()
+}
+
+fn txt2img_cases() -> Vec<Case> {
+    cases("txt2img")
+}
+
+/// Timesteps as the float32 values the transformer is fed (the manifest's decimals read
+/// back through serde_json may miss the last bit of an f64; never of the f32 they hold).
+fn f32s(t: &[f64]) -> Vec<f32> {
+    t.iter().map(|&v| v as f32).collect()
 }
 
 fn run(c: &Case, seed: u64) -> (Diff, Vec<f64>) {
@@ -98,10 +137,34 @@ fn every_text_to_image_case_matches_optimum() {
     for c in &cases {
         let (diff, timesteps) = run(c, c.seed);
         eprintln!("{}: {diff}", c.id);
-        if timesteps != c.scheduler_timesteps {
+        if f32s(&timesteps) != f32s(&c.scheduler_timesteps) {
             failures.push(format!(
                 "{}: timesteps {timesteps:?}, want {:?}",
                 c.id, c.scheduler_timesteps
+            ));
+        }
+        if !diff.within_bar() {
+            failures.push(format!("{}: {diff}", c.id));
+        }
+    }
+    assert!(failures.is_empty(), "off the bar:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn sd3_image_to_image_and_inpainting_match_optimum() {
+    let mut edits = cases("img2img");
+    edits.extend(cases("inpaint"));
+    assert_eq!(edits.len(), 4);
+    let mut failures = Vec::new();
+    for c in &edits {
+        let (diff, timesteps) = run(c, c.seed);
+        eprintln!("{}: {diff}", c.id);
+        let begin = c.scheduler_timesteps.len() - timesteps.len();
+        if f32s(&timesteps) != f32s(&c.scheduler_timesteps[begin..]) {
+            failures.push(format!(
+                "{}: timesteps {timesteps:?}, want {:?}",
+                c.id,
+                &c.scheduler_timesteps[begin..]
             ));
         }
         if !diff.within_bar() {

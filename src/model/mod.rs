@@ -69,7 +69,7 @@ pub enum ModelError {
     Unsafe(#[from] safety::SafetyError),
     /// The pipeline class is not one diffusiond runs.
     #[error(
-        "{path}: pipeline class '{class}' is not supported (StableDiffusionPipeline and its image-to-image, inpainting and LCM variants, StableDiffusionXLPipeline; transformer families such as StableDiffusion3Pipeline and FluxPipeline are not served yet)"
+        "{path}: pipeline class '{class}' is not supported (StableDiffusionPipeline and its image-to-image, inpainting and LCM variants, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline)"
     )]
     UnsupportedPipeline {
         /// model_index.json.
@@ -562,25 +562,34 @@ mod tests {
     }
 
     #[test]
-    fn transformer_families_are_refused_by_their_class_not_read_as_unet_ones() {
-        for class in [
-            "StableDiffusion3Pipeline",
-            "ORTStableDiffusion3Img2ImgPipeline",
-            "FluxPipeline",
-            "ORTFluxPipeline",
-        ] {
-            let tmp = tempfile::tempdir().unwrap();
-            let index = format!(r#"{{"_class_name": "{class}"}}"#);
-            std::fs::write(tmp.path().join("model_index.json"), index).unwrap();
-            let e = ModelBundle::open(tmp.path()).unwrap_err();
-            assert!(matches!(e, ModelError::UnsupportedPipeline { .. }), "{e:?}");
-            let msg = e.to_string();
-            assert!(
-                msg.contains(&format!("'{class}' is not supported")),
-                "{msg}"
-            );
-            assert!(msg.contains("not served yet"), "{msg}");
-        }
+    fn transformer_folders_are_read_as_their_own_families() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx");
+        let sd3 = ModelBundle::open(&root.join("tiny-sd3")).unwrap();
+        assert_eq!(sd3.kind, PipelineKind::Sd3);
+        assert_eq!((sd3.size_multiple, sd3.default_size), (16, 64));
+        assert_eq!(sd3.default_scheduler, Some("flow-euler"));
+        let facts = sd3.flow.clone().unwrap();
+        assert!(facts.has_t5 && !facts.guidance_embeds);
+        assert_eq!(facts.max_sequence_length, 256);
+        // pos_embed_max_size 16 x patch 2 x VAE factor 8.
+        assert_eq!(facts.max_side, Some(256));
+        assert_eq!(sd3.text_encoders().len(), 3);
+        let no_t5 = ModelBundle::open(&root.join("tiny-sd3-no-t5")).unwrap();
+        assert!(!no_t5.flow.as_ref().unwrap().has_t5);
+        assert_eq!(no_t5.text_encoders(), ["text_encoder", "text_encoder_2"]);
+        let flux = ModelBundle::open(&root.join("tiny-flux-dev")).unwrap();
+        assert_eq!(flux.kind, PipelineKind::Flux);
+        let facts = flux.flow.clone().unwrap();
+        assert!(facts.guidance_embeds && facts.has_t5);
+        assert_eq!((facts.max_sequence_length, facts.max_side), (512, None));
+        assert_eq!((flux.size_multiple, flux.default_size), (16, 1024));
+        assert!(flux.memory.weights_bytes > 0);
+        // Another family is still refused by its class.
+        let tmp = tempfile::tempdir().unwrap();
+        let index = r#"{"_class_name": "KandinskyV22Pipeline"}"#;
+        std::fs::write(tmp.path().join("model_index.json"), index).unwrap();
+        let e = ModelBundle::open(tmp.path()).unwrap_err();
+        assert!(matches!(e, ModelError::UnsupportedPipeline { .. }), "{e:?}");
     }
 
     #[test]

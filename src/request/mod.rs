@@ -48,6 +48,8 @@ pub mod defaults {
     pub const SDXL_IMG2IMG_STRENGTH: f64 = 0.3;
     /// Inpainting strength (`StableDiffusionInpaintPipeline`'s default).
     pub const INPAINT_STRENGTH: f64 = 1.0;
+    /// Image-to-image and inpainting strength on SD3 (diffusers' SD3 pipelines).
+    pub const SD3_EDIT_STRENGTH: f64 = 0.6;
 }
 
 /// What a caller asks for. `None` means "the default": the model's native size, the

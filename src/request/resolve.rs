@@ -559,8 +559,11 @@ pub fn resolve(
         }
         scheduler::create_with_strength(scheduler, &bundle.scheduler_config, steps, e.strength)
             .map_err(|err| invalid("strength", err.to_string()))?;
-    } else if let Some(e) = &edit {
+    } else if let Some(e) = &edit
+        && !bundle.kind.is_flow()
+    {
         // diffusers' get_timesteps: int(steps * strength) steps run; none is an error there.
+        // (The SD3 pipelines run at least one step: steps - int(steps - steps * strength).)
         if (steps as f64 * e.strength) < 1.0 {
             return Err(invalid(
                 "strength",
@@ -722,7 +725,12 @@ fn resolve_edit(
             "this model is an inpainting model (9-channel UNet): give a mask_image with init_image",
         ));
     }
-    let f = bundle.vae_scale_factor;
+    // The transformer families' patches need their own multiple (16).
+    let f = if bundle.kind.is_flow() {
+        bundle.size_multiple
+    } else {
+        bundle.vae_scale_factor
+    };
     let (rw, rh) = (w - w % f, h - h % f);
     if rw == 0 || rh == 0 {
         return Err(invalid(
@@ -732,6 +740,8 @@ fn resolve_edit(
     }
     let strength = match req.strength {
         Some(s) => s,
+        // diffusers' SD3 image-to-image and inpainting pipelines both default to 0.6.
+        None if bundle.kind == PipelineKind::Sd3 => defaults::SD3_EDIT_STRENGTH,
         None if req.mask_image.is_some() => defaults::INPAINT_STRENGTH,
         None if bundle.kind == PipelineKind::StableDiffusionXl => defaults::SDXL_IMG2IMG_STRENGTH,
         None => defaults::IMG2IMG_STRENGTH,

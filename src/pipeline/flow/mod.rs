@@ -12,6 +12,7 @@
 //! Text to image, in process ([`TransformerPipeline::generate`]); the daemon, requests and
 //! image-to-image come on top of it.
 
+pub mod edit;
 pub mod flux;
 pub mod sd3;
 
@@ -23,8 +24,9 @@ use serde_json::Value;
 
 use std::time::Instant;
 
-use super::components::VaeDecoder;
+use super::components::{VaeDecoder, VaeEncoder};
 use super::image::{self, GeneratedImage};
+use super::preprocess;
 use super::{Generation, PipelineError, ProgressFn, StageTimings};
 use crate::model::ModelError;
 use crate::request::ResolvedRequest;
@@ -62,13 +64,44 @@ pub struct FlowParams {
     /// FLUX: with a negative prompt and a value above 1, diffusers' true classifier-free
     /// guidance (two transformer runs a step); 1 otherwise.
     pub true_cfg_scale: f64,
+    /// Image-to-image or inpainting (SD3).
+    pub edit: Option<edit::FlowEdit>,
 }
 
 impl FlowParams {
     /// A resolved request's parameters (its model's default sequence length when it has
-    /// none; FLUX's true classifier-free guidance is not a request key).
-    pub fn from_request(r: &ResolvedRequest) -> FlowParams {
-        FlowParams {
+    /// none; FLUX's true classifier-free guidance is not a request key). An edit's images
+    /// are decoded here: the init image resized to the request's size (Lanczos, as
+    /// diffusers' image processor), the mask binarized and taken at every `vae_factor`-th
+    /// pixel (nearest), as the SD3 inpainting pipeline does.
+    pub fn from_request(
+        r: &ResolvedRequest,
+        vae_factor: usize,
+    ) -> Result<FlowParams, PipelineError> {
+        let decode = |param: &'static str, bytes: &[u8]| {
+            preprocess::decode_rgb(bytes)
+                .map_err(|message| PipelineError::InvalidArgument { param, message })
+        };
+        let edit = match &r.edit {
+            None => None,
+            Some(e) => {
+                let init = decode("init_image", e.init.bytes())?;
+                let mask = match &e.mask {
+                    Some(m) => {
+                        let rgb = decode("mask_image", m.bytes())?;
+                        let pixels = preprocess::mask_pixels(&rgb, r.width, r.height);
+                        Some(preprocess::latent_mask(&pixels, vae_factor))
+                    }
+                    None => None,
+                };
+                Some(edit::FlowEdit {
+                    init: preprocess::init_tensor(&init, r.width, r.height),
+                    mask,
+                    strength: e.strength,
+                })
+            }
+        };
+        Ok(FlowParams {
             prompt: r.prompt.clone(),
             negative_prompt: r.negative_prompt.clone(),
             steps: r.steps,
@@ -79,7 +112,8 @@ impl FlowParams {
             num_images: r.num_images,
             max_sequence_length: r.max_sequence_length.unwrap_or(256),
             true_cfg_scale: 1.0,
-        }
+            edit,
+        })
     }
 }
 
@@ -108,6 +142,7 @@ pub struct TransformerPipeline {
     denoiser: Box<dyn Denoiser>,
     scheduler_config: Value,
     vae: VaeDecoder,
+    vae_encoder: Option<VaeEncoder>,
     vae_scaling_factor: f32,
     vae_shift_factor: f32,
     vae_scale_factor: usize,
@@ -180,11 +215,22 @@ impl TransformerPipeline {
             &dir.join("vae_decoder/model.onnx"),
             &shapes(Component::VaeDecoder, 77),
         )?;
+        let encoder_path = dir.join("vae_encoder/model.onnx");
+        let vae_encoder = if encoder_path.is_file() {
+            Some(VaeEncoder::load(
+                runtime,
+                &encoder_path,
+                &shapes(Component::VaeEncoder, 77),
+            )?)
+        } else {
+            None
+        };
         Ok(TransformerPipeline {
             dir: dir.to_path_buf(),
             denoiser,
             scheduler_config,
             vae,
+            vae_encoder,
             vae_scaling_factor: factor("scaling_factor", 1.0),
             vae_shift_factor: factor("shift_factor", 0.0),
             vae_scale_factor: 1 << blocks.saturating_sub(1),
@@ -225,7 +271,7 @@ impl TransformerPipeline {
         let mut done = 0;
         let mut out = Vec::with_capacity(batch.len());
         for r in batch {
-            let params = FlowParams::from_request(r);
+            let params = FlowParams::from_request(r, self.vae_scale_factor)?;
             let images =
                 self.generate_with(&params, run_options, &mut |i, _| progress(done + i, steps))?;
             done += r.steps;
@@ -272,12 +318,42 @@ impl TransformerPipeline {
             p.height / self.vae_scale_factor,
             p.width / self.vae_scale_factor,
         );
-        // One draw for the whole batch, in diffusers' latent shape (before FLUX's packing).
-        let mut latents = Array4::<f32>::zeros((p.num_images, LATENT_CHANNELS, h, w));
         let mut generator = TorchGenerator::new(p.seed);
-        generator.fill_randn(latents.as_slice_mut().expect("standard layout"));
+        let (begin, mut latents, mut blend) = match &p.edit {
+            None => {
+                // One draw for the whole batch, in diffusers' latent shape (before FLUX's
+                // packing).
+                let mut latents = Array4::<f32>::zeros((p.num_images, LATENT_CHANNELS, h, w));
+                generator.fill_randn(latents.as_slice_mut().expect("standard layout"));
+                (0, latents, None)
+            }
+            Some(e) => {
+                let begin = sched.apply_strength(e.strength)?.begin_index;
+                let encoder =
+                    self.vae_encoder
+                        .as_mut()
+                        .ok_or_else(|| PipelineError::InvalidArgument {
+                            param: "init_image",
+                            message: "the model folder has no vae_encoder".into(),
+                        })?;
+                let t0 = Instant::now();
+                let scale = (p.num_images, self.vae_scaling_factor, self.vae_shift_factor);
+                let (latents, blend) = edit::start(
+                    e,
+                    encoder,
+                    &mut generator,
+                    scale,
+                    &sched,
+                    begin,
+                    run_options,
+                )?;
+                timings.vae += t0.elapsed();
+                (begin, latents, blend)
+            }
+        };
         let timesteps: Vec<f32> = sched.timesteps().to_vec();
-        for (i, &t) in timesteps.iter().enumerate() {
+        let last = timesteps.len().saturating_sub(1);
+        for (i, &t) in timesteps.iter().enumerate().skip(begin) {
             let t0 = Instant::now();
             let velocity = self.denoiser.predict(&latents, t, run_options)?;
             let t1 = Instant::now();
@@ -285,16 +361,23 @@ impl TransformerPipeline {
                 velocity.as_slice().expect("standard layout"),
                 latents.as_slice_mut().expect("standard layout"),
             )?;
+            if let Some(b) = blend.as_mut() {
+                b.apply(&sched, i, i == last, &mut latents)?;
+            }
             timings.unet += t1 - t0;
             timings.unet_calls += 1;
             timings.scheduler += t1.elapsed();
-            if !progress(i + 1, timesteps.len()) {
+            if !progress(i + 1 - begin, timesteps.len() - begin) {
                 return Err(PipelineError::Cancelled);
             }
         }
-        self.timesteps = timesteps.iter().map(|&t| f64::from(t)).collect();
+        self.timesteps = timesteps[begin..].iter().map(|&t| f64::from(t)).collect();
         let t0 = Instant::now();
-        let (scale, shift) = (self.vae_scaling_factor, self.vae_shift_factor);
+        // diffusers' SD3 inpainting pipeline decodes `latents / scaling_factor` without the
+        // shift the other pipelines add back; the reference is followed.
+        let inpaint = p.edit.as_ref().is_some_and(|e| e.mask.is_some());
+        let shift = if inpaint { 0.0 } else { self.vae_shift_factor };
+        let scale = self.vae_scaling_factor;
         latents.mapv_inplace(|x| x / scale + shift);
         let decoded = self.vae.decode(
             ArrayViewD::from_shape(

@@ -1,7 +1,7 @@
 //! The resolve step's rules for the transformer (flow-matching) families, SD3/SD3.5 and
 //! FLUX.1: their scheduler (`flow-euler`; a UNet scheduler asked of them, or the
 //! reverse, is refused), their T5 sequence length (`max_sequence_length`), and what their
-//! pipelines do not take (yet): image-to-image and inpainting, LoRAs, live previews,
+//! pipelines do not take (yet): image-to-image and inpainting on FLUX, LoRAs, live previews,
 //! given latents, numpy's generator, `guidance_rescale`, the AUTOMATIC1111 prompt syntax
 //! (its weights scale CLIP token embeddings; with T5 in the conditioning webui has no
 //! rule to follow).
@@ -102,10 +102,12 @@ pub(super) fn check(
             ),
         )
     };
-    if req.init_image.is_some() {
+    // SD3 runs diffusers' image-to-image and inpainting pipelines; FLUX has no reference
+    // for them in Optimum.
+    if kind == PipelineKind::Flux && req.init_image.is_some() {
         return Err(unsupported("init_image", "image-to-image"));
     }
-    if req.mask_image.is_some() {
+    if kind == PipelineKind::Flux && req.mask_image.is_some() {
         return Err(unsupported("mask_image", "inpainting"));
     }
     if req.loras.as_ref().is_some_and(|l| !l.is_empty()) {
