@@ -205,11 +205,7 @@ impl Model for Pipeline {
         control: &RunControl,
         progress: &mut ProgressFn<'_>,
     ) -> Result<Vec<Generation>, PipelineError> {
-        let options = control.options().ok_or_else(|| PipelineError::Inference {
-            component: "runtime".into(),
-            message: "no run options".into(),
-        })?;
-        self.run(batch, options, progress)
+        self.run(batch, run_options(control)?, progress)
     }
 
     fn set_preview_sink(&mut self, sink: Option<crate::pipeline::preview::PreviewSink>) {
@@ -232,10 +228,14 @@ impl Model for TransformerPipeline {
         control: &RunControl,
         progress: &mut ProgressFn<'_>,
     ) -> Result<Vec<Generation>, PipelineError> {
-        let options = control.options().ok_or_else(|| PipelineError::Inference {
-            component: "runtime".into(),
-            message: "no run options".into(),
-        })?;
-        self.run(batch, options, progress)
+        self.run(batch, run_options(control)?, progress)
     }
+}
+
+/// A batch's run options (a control made without them cannot run one).
+fn run_options(control: &RunControl) -> Result<&RunOptions, PipelineError> {
+    control.options().ok_or_else(|| PipelineError::Inference {
+        component: "runtime".into(),
+        message: "no run options".into(),
+    })
 }

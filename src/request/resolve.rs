@@ -6,10 +6,11 @@ use ndarray::ArrayD;
 
 use super::{GenerateRequest, ImageInput, Limits, ModelDefaults, RequestError, defaults};
 use crate::lora::{LoraCatalog, LoraSpec};
-use crate::model::{ModelBundle, PipelineKind};
+use crate::model::ModelBundle;
 use crate::prompt_syntax::{self, PromptSyntax};
 use crate::rng::RngKind;
 use crate::scheduler;
+use edit::resolve_edit;
 
 /// The model a request runs on: its configured name (or folder, in-process), its opened
 /// bundle and its configured defaults.
@@ -639,130 +640,8 @@ fn memory_images(images: usize, parts: usize) -> usize {
     images.saturating_mul(parts.max(1) + 1).div_ceil(2)
 }
 
-/// An edit and the output size its init image gives.
-type EditAndSize = (Edit, (usize, usize));
-
-/// The edit part of a request: the init image's size from its header (rounded down to
-/// the VAE factor), the mask's size against it, the strength and its default, and what
-/// the model can do. `None` for text to image (which a 9-channel inpainting UNet refuses).
-fn resolve_edit(
-    req: &GenerateRequest,
-    bundle: &ModelBundle,
-    limits: &Limits,
-) -> Result<Option<EditAndSize>, RequestError> {
-    fn invalid(key: &'static str, message: impl Into<String>) -> RequestError {
-        RequestError::invalid(key, message)
-    }
-    let Some(init) = &req.init_image else {
-        if req.mask_image.is_some() {
-            return Err(invalid(
-                "mask_image",
-                "needs init_image: the mask says which part of the init image to repaint",
-            ));
-        }
-        if req.strength.is_some() {
-            return Err(invalid("strength", "applies only with init_image"));
-        }
-        if bundle.unet_in_channels == 9 {
-            return Err(invalid(
-                "init_image",
-                "this model is an inpainting model (9-channel UNet): give init_image and mask_image",
-            ));
-        }
-        return Ok(None);
-    };
-    for key in ["width", "height"] {
-        let given = if key == "width" {
-            req.width
-        } else {
-            req.height
-        };
-        if given.is_some() {
-            return Err(invalid(
-                key,
-                "the size comes from init_image (rounded down to a multiple of 8); leave width and height out",
-            ));
-        }
-    }
-    if !bundle.has_vae_encoder {
-        return Err(invalid(
-            "init_image",
-            format!(
-                "the model folder {} has no vae_encoder/model.onnx, which image-to-image needs",
-                bundle.dir.display()
-            ),
-        ));
-    }
-    let header = |key: &'static str, image: &ImageInput| -> Result<(usize, usize), RequestError> {
-        if image.bytes().len() > limits.max_image_bytes {
-            return Err(invalid(
-                key,
-                format!(
-                    "{} bytes is above the limit of {}",
-                    image.bytes().len(),
-                    limits.max_image_bytes
-                ),
-            ));
-        }
-        let (w, h) = image.dimensions().map_err(|e| invalid(key, e))?;
-        let (w, h) = (w as usize, h as usize);
-        // The size from the header alone: the caller checks it against the limits
-        // before anything decodes the pixels.
-        Ok((w, h))
-    };
-    let (w, h) = header("init_image", init)?;
-    if let Some(mask) = &req.mask_image {
-        let (mw, mh) = header("mask_image", mask)?;
-        if (mw, mh) != (w, h) {
-            return Err(invalid(
-                "mask_image",
-                format!("is {mw}x{mh} but init_image is {w}x{h}; they must be the same size"),
-            ));
-        }
-    } else if bundle.unet_in_channels == 9 {
-        return Err(invalid(
-            "mask_image",
-            "this model is an inpainting model (9-channel UNet): give a mask_image with init_image",
-        ));
-    }
-    // The transformer families' patches need their own multiple (16).
-    let f = if bundle.kind.is_flow() {
-        bundle.size_multiple
-    } else {
-        bundle.vae_scale_factor
-    };
-    let (rw, rh) = (w - w % f, h - h % f);
-    if rw == 0 || rh == 0 {
-        return Err(invalid(
-            "init_image",
-            format!("{w}x{h} is smaller than {f} pixels on a side"),
-        ));
-    }
-    let strength = match req.strength {
-        Some(s) => s,
-        // diffusers' SD3 image-to-image and inpainting pipelines both default to 0.6.
-        None if bundle.kind == PipelineKind::Sd3 => defaults::SD3_EDIT_STRENGTH,
-        None if req.mask_image.is_some() => defaults::INPAINT_STRENGTH,
-        None if bundle.kind == PipelineKind::StableDiffusionXl => defaults::SDXL_IMG2IMG_STRENGTH,
-        None => defaults::IMG2IMG_STRENGTH,
-    };
-    if !(strength > 0.0 && strength <= 1.0) {
-        return Err(invalid(
-            "strength",
-            format!("{} is not in (0, 1]", short_float(strength)),
-        ));
-    }
-    Ok(Some((
-        Edit {
-            init: init.clone(),
-            mask: req.mask_image.clone(),
-            strength,
-        },
-        (rw, rh),
-    )))
-}
-
 mod a1111;
+mod edit;
 mod flow;
 mod loras;
 mod size;
