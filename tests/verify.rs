@@ -376,7 +376,7 @@ fn the_documented_shell_recipe_gives_the_model_hash() {
     generate_local(&tmp.path().join("state"), &out, &[]);
     let params = common::png_parameters(&std::fs::read(&out).unwrap()).unwrap();
     let recorded = hash_of(&params);
-    let recipe = "{ echo model_index.json; find -L scheduler text_encoder text_encoder_2 tokenizer tokenizer_2 unet vae_decoder vae_decoder_fp32 vae_encoder -maxdepth 1 -type f ! -name '.*' 2>/dev/null; } | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-10";
+    let recipe = "{ echo model_index.json; find -L scheduler text_encoder text_encoder_2 text_encoder_3 tokenizer tokenizer_2 tokenizer_3 transformer unet vae_decoder vae_decoder_fp32 vae_encoder -maxdepth 1 -type f ! -name '.*' 2>/dev/null; } | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-10";
     let o = std::process::Command::new("sh")
         .arg("-c")
         .arg(recipe)
