@@ -92,7 +92,8 @@ fn params(c: &Case, seed: u64) -> FlowParams {
         width,
         height,
         num_images: a.num_images_per_prompt,
-        // The pipelines' defaults: 256 for SD3, 512 for FLUX.
+        // Sent explicitly: the references used Optimum's defaults (256 for SD3, 512 for both
+        // FLUX styles; diffusiond's own default is 256 for schnell-style FLUX).
         max_sequence_length: a.max_sequence_length.unwrap_or(if c.family == "sd3" {
             256
         } else {

@@ -16,10 +16,12 @@ const DEFAULT_SAMPLE_SIZE: usize = 128;
 /// Latent channels of SD3's and FLUX's VAE.
 pub const LATENT_CHANNELS: usize = 16;
 
-/// The T5 sequence length the pipelines use by default (`max_sequence_length`).
-pub fn default_sequence_length(kind: PipelineKind) -> usize {
+/// The T5 sequence length a request gets by default (`max_sequence_length`): 256 for SD3
+/// and schnell-style FLUX (what FLUX.1-schnell was distilled with), 512 for a dev-style
+/// FLUX model (`guidance_embeds`).
+pub fn default_sequence_length(kind: PipelineKind, guidance_embeds: bool) -> usize {
     match kind {
-        PipelineKind::Flux => 512,
+        PipelineKind::Flux if guidance_embeds => 512,
         _ => 256,
     }
 }
@@ -95,14 +97,15 @@ pub(super) fn read(
     let default_size = sample * vae_factor;
     let heads = config.num_attention_heads.unwrap_or(24);
     let inner = heads * config.attention_head_dim.unwrap_or(64);
+    let guidance_embeds = config.guidance_embeds.unwrap_or(false);
     let components = components(kind, dir);
     let weights = super::memory::weights_on_disk(dir, &components);
     let memory = MemoryProfile::transformer(inner, heads, packing as u64, vae, vae_factor, weights);
     Ok(FlowShape {
         facts: FlowFacts {
-            guidance_embeds: config.guidance_embeds.unwrap_or(false),
+            guidance_embeds,
             has_t5: kind == PipelineKind::Flux || dir.join("text_encoder_3/model.onnx").is_file(),
-            max_sequence_length: default_sequence_length(kind),
+            max_sequence_length: default_sequence_length(kind, guidance_embeds),
             max_side: config.pos_embed_max_size.map(|p| p * patch * vae_factor),
         },
         default_size,

@@ -583,6 +583,11 @@ mod tests {
         assert!(facts.guidance_embeds && facts.has_t5);
         assert_eq!((facts.max_sequence_length, facts.max_side), (512, None));
         assert_eq!((flux.size_multiple, flux.default_size), (16, 1024));
+        // Schnell-style (no guidance embedding): 256 T5 tokens by default.
+        let schnell = ModelBundle::open(&root.join("tiny-flux")).unwrap();
+        let facts = schnell.flow.clone().unwrap();
+        assert!(!facts.guidance_embeds);
+        assert_eq!(facts.max_sequence_length, 256);
         assert!(flux.memory.weights_bytes > 0);
         // Another family is still refused by its class.
         let tmp = tempfile::tempdir().unwrap();

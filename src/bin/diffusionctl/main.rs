@@ -205,7 +205,7 @@ pub struct RequestFlags {
     #[arg(long, value_name = "DIR")]
     pub lora_dir: Vec<PathBuf>,
     /// SD3 and FLUX: T5 tokens of the text conditioning (at most 512) [default: 256 for
-    /// SD3, 512 for FLUX].
+    /// SD3 and schnell-style FLUX, 512 for dev-style FLUX].
     #[arg(long, value_name = "N")]
     pub max_sequence_length: Option<u32>,
 }

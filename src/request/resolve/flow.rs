@@ -53,8 +53,8 @@ pub(super) fn refuse_on_unet(name: &str, model: &str) -> RequestError {
     )
 }
 
-/// `max_sequence_length`: the family's default, at most 512 (the pipelines raise above
-/// it); a UNet model (no T5) takes none.
+/// `max_sequence_length`: the model's default (256; 512 for dev-style FLUX), at most 512
+/// (the pipelines raise above it); a UNet model (no T5) takes none.
 pub(super) fn sequence_length(
     req: &GenerateRequest,
     bundle: &ModelBundle,
