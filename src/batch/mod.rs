@@ -62,6 +62,11 @@ fn line_error(item: &Item, e: RequestError) -> LineError {
             Some(key.to_string()),
             format!("unknown LoRA '{name}' ({known})"),
         ),
+        RequestError::Control {
+            index,
+            field,
+            message,
+        } => (Some(format!("controls[{index}].{field}")), message),
         RequestError::UnknownModel { .. }
         | RequestError::ModelUnavailable { .. }
         | RequestError::NoDefaultModel => (Some("model".to_string()), e.to_string()),

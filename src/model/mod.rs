@@ -13,6 +13,7 @@
 //! session's inputs and outputs once it is loaded. Every error names the file.
 
 mod catalog;
+pub mod controlnet;
 pub mod flow;
 pub mod graph_inputs;
 pub mod hash;
@@ -189,6 +190,11 @@ pub struct ModelBundle {
     pub model_hash: Option<String>,
     /// The transformer families' facts (`None` for the UNet ones).
     pub flow: Option<flow::FlowFacts>,
+    /// The folder's ControlNets (`controlnet/NAME/`), sorted by name.
+    pub controlnets: Vec<controlnet::ControlNetInfo>,
+    /// How many down-block residuals the UNet takes from ControlNets (0: a UNet without
+    /// ControlNet inputs, as Optimum exports it).
+    pub unet_residuals: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -285,6 +291,8 @@ impl ModelBundle {
                 preview_decoder: None,
                 model_hash: None,
                 flow: Some(shape.facts),
+                controlnets: Vec::new(),
+                unet_residuals: 0,
             };
             bundle.check_files()?;
             return Ok(bundle);
@@ -308,6 +316,18 @@ impl ModelBundle {
         if preview_decoder.is_some() {
             components.push(TAESD_DIR);
         }
+        let controlnets = controlnet::list(dir)?;
+        let unet_residuals = match controlnet::unet_residuals(&dir.join("unet/model.onnx")) {
+            Ok(n) => n,
+            // A missing UNet is reported by check_files, naming the file.
+            Err(_) if !dir.join("unet/model.onnx").is_file() => 0,
+            Err(e) => return Err(e),
+        };
+        let controlnet_dirs: Vec<String> = controlnets
+            .iter()
+            .map(|c| format!("{}/{}", controlnet::DIR, c.name))
+            .collect();
+        components.extend(controlnet_dirs.iter().map(String::as_str));
         let weights = memory::weights_on_disk(dir, &components);
         let memory = memory::MemoryProfile::new(&unet_shape, &vae_shape, vae_scale_factor, weights);
         let bundle = ModelBundle {
@@ -329,6 +349,8 @@ impl ModelBundle {
             preview_decoder,
             model_hash: None,
             flow: None,
+            controlnets,
+            unet_residuals,
         };
         bundle.check_files()?;
         Ok(bundle)
@@ -440,6 +462,11 @@ impl ModelBundle {
         if let Some(d) = &self.preview_decoder {
             files.push(d.join("model.onnx"));
         }
+        files.extend(
+            self.controlnets
+                .iter()
+                .map(controlnet::ControlNetInfo::onnx),
+        );
         files
     }
 }
@@ -536,6 +563,8 @@ pub(crate) fn test_bundle() -> ModelBundle {
         preview_decoder: None,
         model_hash: None,
         flow: None,
+        controlnets: Vec::new(),
+        unet_residuals: 0,
     }
 }
 

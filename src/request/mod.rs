@@ -23,8 +23,8 @@ pub use keep_alive::KeepAlive;
 pub use limits::{DEFAULT_MAX_GUIDANCE_SCALE, Limits};
 pub use params::GenerateParams;
 pub use resolve::{
-    Edit, LORA_SET, Mode, ModelRef, ResolvedRequest, gib as resolve_gib, random_seed, resolve,
-    short_float,
+    Control, Edit, LORA_SET, Mode, ModelRef, ResolvedRequest, gib as resolve_gib, random_seed,
+    resolve, short_float,
 };
 
 use crate::rng::RngKind;
@@ -112,6 +112,28 @@ pub struct GenerateRequest {
     /// T5 tokens of the text conditioning (SD3, FLUX): the pipelines'
     /// `max_sequence_length` (256 for SD3, 512 for FLUX by default; at most 512).
     pub max_sequence_length: Option<u32>,
+    /// ControlNets that steer this job (`controls`), each with its control image; they
+    /// need a model folder exported with them (`scripts/export-model --controlnet`).
+    pub controls: Option<Vec<ControlInput>>,
+}
+
+/// One ControlNet of a request (`controls[i]`), as the caller sent it: every field is
+/// checked by [`resolve`], which names `controls[i].FIELD` when one is missing or wrong.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ControlInput {
+    /// The ControlNet: a folder name under the model's `controlnet/` (required).
+    pub controlnet: Option<String>,
+    /// The control image (PNG or JPEG; an edge, depth or pose map made by the caller),
+    /// used as given: no preprocessor runs (required).
+    pub image: Option<ImageInput>,
+    /// What its residuals are multiplied by (diffusers' `controlnet_conditioning_scale`);
+    /// default 1.0, in [0, 2].
+    pub scale: Option<f64>,
+    /// The fraction of the steps before which it is off (`control_guidance_start`);
+    /// default 0.
+    pub start: Option<f64>,
+    /// The fraction of the steps after which it is off (`control_guidance_end`); default 1.
+    pub end: Option<f64>,
 }
 
 /// How a live preview is decoded from the predicted clean latents.
@@ -234,6 +256,17 @@ pub enum RequestError {
         name: String,
         /// The known names, or why there are none.
         known: String,
+    },
+    /// A field of one of the request's ControlNets (`controls[index].field`) is missing
+    /// or wrong.
+    #[error("'controls[{index}].{field}': {message}")]
+    Control {
+        /// The ControlNet's place in `controls`.
+        index: usize,
+        /// The field (`controlnet`, `image`, `scale`, `start`, `end`).
+        field: &'static str,
+        /// Why, and what would be accepted.
+        message: String,
     },
     /// The model name is not configured.
     #[error("unknown model '{name}' (configured: {known})")]

@@ -49,6 +49,8 @@ pub struct GenerateParams {
     pub preview_every: usize,
     /// How previews are decoded.
     pub preview_method: super::PreviewMethod,
+    /// ControlNets that steer the generation (`controls`).
+    pub controls: Vec<super::ControlInput>,
 }
 
 impl Default for GenerateParams {
@@ -73,6 +75,7 @@ impl Default for GenerateParams {
             a1111_pad_cond_uncond: false,
             preview_every: 0,
             preview_method: Default::default(),
+            controls: Vec::new(),
         }
     }
 }
@@ -128,6 +131,7 @@ impl GenerateParams {
             keep_alive: None,
             loras: None,
             max_sequence_length: None,
+            controls: (!self.controls.is_empty()).then(|| self.controls.clone()),
         }
     }
 }

@@ -95,6 +95,24 @@ pub struct ResolvedRequest {
     pub lora_key: Vec<(String, f64)>,
     /// The T5 sequence length of a flow model's request (`None` for the UNet families).
     pub max_sequence_length: Option<usize>,
+    /// The ControlNets that steer it, in request order (empty: none).
+    pub controls: Vec<Control>,
+}
+
+/// One ControlNet of a resolved request: the model folder has it and its UNet takes
+/// ControlNet residuals.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Control {
+    /// The ControlNet's folder name under the model's `controlnet/`.
+    pub controlnet: String,
+    /// The control image as sent (its header was read; it is decoded when the job runs).
+    pub image: ImageInput,
+    /// What its residuals are multiplied by, in [0, 2].
+    pub scale: f64,
+    /// The fraction of the steps before which it is off, in [0, 1).
+    pub start: f64,
+    /// The fraction of the steps after which it is off, in (start, 1].
+    pub end: f64,
 }
 
 /// What an image-to-image or inpainting request starts from. The image's size (rounded
@@ -134,8 +152,9 @@ impl Mode {
 /// What makes two requests share one UNet batch: size, steps, scheduler, guidance on/off,
 /// mode, the strength's bits (it decides where the schedule starts), and for
 /// AUTOMATIC1111 prompts a hash of the texts (their chunk count sets the length of the
-/// text conditioning, which rows of one batch share).
-pub type BatchKey = (usize, usize, usize, &'static str, bool, Mode, u64, u64);
+/// text conditioning, which rows of one batch share), and a hash of the ControlNets (the
+/// same ControlNets, scales, step ranges and control images, or none).
+pub type BatchKey = (usize, usize, usize, &'static str, bool, Mode, u64, u64, u64);
 
 impl ResolvedRequest {
     /// Whether classifier-free guidance runs (diffusers: `guidance_scale > 1`; never on an
@@ -161,7 +180,29 @@ impl ResolvedRequest {
             self.mode(),
             self.edit.as_ref().map_or(0, |e| e.strength.to_bits()),
             self.text_key(),
+            self.controls_key(),
         )
+    }
+
+    /// 0 without ControlNets; else a hash of each one's name, scale, step range and
+    /// control image.
+    fn controls_key(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        if self.controls.is_empty() {
+            return 0;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for c in &self.controls {
+            (
+                &c.controlnet,
+                c.scale.to_bits(),
+                c.start.to_bits(),
+                c.end.to_bits(),
+                c.image.sha256_hex(),
+            )
+                .hash(&mut h);
+        }
+        h.finish() | 1
     }
 
     /// 0 for diffusers' syntax; a hash of the prompt and negative prompt for a1111.
@@ -245,6 +286,18 @@ impl ResolvedRequest {
             keep_alive: self.keep_alive.map(super::KeepAlive::as_secs),
             loras: (!self.lora_key.is_empty()).then(|| self.lora_key.clone()),
             max_sequence_length: self.max_sequence_length.and_then(|n| u32::try_from(n).ok()),
+            controls: (!self.controls.is_empty()).then(|| {
+                self.controls
+                    .iter()
+                    .map(|c| super::ControlInput {
+                        controlnet: Some(c.controlnet.clone()),
+                        image: Some(c.image.clone()),
+                        scale: Some(c.scale),
+                        start: Some(c.start),
+                        end: Some(c.end),
+                    })
+                    .collect()
+            }),
         }
     }
 
@@ -429,6 +482,8 @@ pub fn resolve(
         ),
     };
     let edit = edit.map(|(e, _)| e);
+    let inpaint = edit.as_ref().is_some_and(|e| e.mask.is_some());
+    let controls = controls::resolve_controls(req, model.name, bundle, limits, inpaint)?;
     let pixels = width.saturating_mul(height);
     over("width*height", pixels, limits.max_pixels)?;
 
@@ -618,6 +673,7 @@ pub fn resolve(
         loras,
         lora_key,
         max_sequence_length,
+        controls,
     };
     if prompt_syntax == PromptSyntax::A1111 {
         a1111::check(&resolved)?;
@@ -641,6 +697,7 @@ fn memory_images(images: usize, parts: usize) -> usize {
 }
 
 mod a1111;
+mod controls;
 mod edit;
 mod flow;
 mod loras;
