@@ -44,6 +44,8 @@ pub(crate) fn resolved(model: &str, steps: usize) -> ResolvedRequest {
         loras: Vec::new(),
         lora_key: Vec::new(),
         max_sequence_length: None,
+        controls: Vec::new(),
+        control_guess_mode: false,
     }
 }
 

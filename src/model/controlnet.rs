@@ -121,6 +121,77 @@ pub fn unet_residuals(unet: &Path) -> Result<usize, ModelError> {
     }
 }
 
+/// The shape of one residual relative to the latents: `[batch, channels, h / factor,
+/// w / factor]` for latents of `h` × `w`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResidualShape {
+    /// Its channels.
+    pub channels: usize,
+    /// How much smaller than the latents it is on each side.
+    pub factor: usize,
+}
+
+impl ResidualShape {
+    /// Its dimensions for a UNet batch of `rows` latents of `h` × `w`.
+    pub fn dims(&self, rows: usize, h: usize, w: usize) -> [usize; 4] {
+        [rows, self.channels, h / self.factor, w / self.factor]
+    }
+}
+
+/// What the residual shapes are computed from (`unet/config.json`).
+#[derive(Debug, serde::Deserialize)]
+struct UnetLevels {
+    block_out_channels: Vec<usize>,
+    #[serde(default)]
+    layers_per_block: Option<super::memory::IntOrList>,
+}
+
+/// The shapes of the UNet's residuals as diffusers' `UNet2DConditionModel` collects its
+/// `down_block_res_samples`: `conv_in`'s output, then per down block one per resnet and,
+/// but for the last block, one after its downsampler; then the mid block's output.
+pub fn residual_shapes(unet_config: &Path) -> Result<Vec<ResidualShape>, ModelError> {
+    let levels: UnetLevels = super::read_json(unet_config)?;
+    let malformed = |message: String| ModelError::Malformed {
+        path: unet_config.to_path_buf(),
+        message,
+    };
+    let blocks = &levels.block_out_channels;
+    if blocks.is_empty() || blocks.len() > 8 {
+        return Err(malformed(format!(
+            "block_out_channels has {} entries",
+            blocks.len()
+        )));
+    }
+    let layers = |b: usize| -> usize {
+        match &levels.layers_per_block {
+            None => 2,
+            Some(super::memory::IntOrList::One(n)) => *n as usize,
+            Some(super::memory::IntOrList::PerLevel(v)) => v.get(b).copied().unwrap_or(2) as usize,
+        }
+    };
+    let mut shapes = vec![ResidualShape {
+        channels: blocks[0],
+        factor: 1,
+    }];
+    let mut factor = 1;
+    for (b, &channels) in blocks.iter().enumerate() {
+        let n = layers(b);
+        if n > 16 {
+            return Err(malformed(format!("layers_per_block {n} at level {b}")));
+        }
+        shapes.extend((0..n).map(|_| ResidualShape { channels, factor }));
+        if b + 1 < blocks.len() {
+            factor *= 2;
+            shapes.push(ResidualShape { channels, factor });
+        }
+    }
+    shapes.push(ResidualShape {
+        channels: blocks[blocks.len() - 1],
+        factor,
+    });
+    Ok(shapes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +206,16 @@ mod tests {
         assert!(!valid_name("a b"));
         assert_eq!(down_input(3), "down_block_additional_residual_3");
         assert_eq!(down_output(0), "down_block_res_sample_0");
+    }
+
+    #[test]
+    fn residual_shapes_follow_the_unet_config() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        // tiny-sd15: channels [32, 64], one layer per block: conv_in, resnet, downsample,
+        // resnet, then the mid block.
+        let shapes = residual_shapes(&root.join("onnx/tiny-sd15/unet/config.json")).unwrap();
+        let got: Vec<(usize, usize)> = shapes.iter().map(|s| (s.channels, s.factor)).collect();
+        assert_eq!(got, [(32, 1), (32, 1), (32, 2), (64, 2), (64, 2)]);
     }
 
     #[test]

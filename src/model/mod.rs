@@ -195,6 +195,9 @@ pub struct ModelBundle {
     /// How many down-block residuals the UNet takes from ControlNets (0: a UNet without
     /// ControlNet inputs, as Optimum exports it).
     pub unet_residuals: usize,
+    /// With ControlNet inputs: the shapes of the down-block residuals, then the mid
+    /// block's (`unet_residuals + 1` of them, from `unet/config.json`); else empty.
+    pub residual_shapes: Vec<controlnet::ResidualShape>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -293,6 +296,7 @@ impl ModelBundle {
                 flow: Some(shape.facts),
                 controlnets: Vec::new(),
                 unet_residuals: 0,
+                residual_shapes: Vec::new(),
             };
             bundle.check_files()?;
             return Ok(bundle);
@@ -323,6 +327,22 @@ impl ModelBundle {
             Err(_) if !dir.join("unet/model.onnx").is_file() => 0,
             Err(e) => return Err(e),
         };
+        let residual_shapes = if unet_residuals > 0 {
+            let shapes = controlnet::residual_shapes(&unet_config)?;
+            if shapes.len() != unet_residuals + 1 {
+                return Err(ModelError::Signature {
+                    path: dir.join("unet/model.onnx"),
+                    message: format!(
+                        "the UNet takes {unet_residuals} down-block residuals, and unet/config.json \
+                         gives {}",
+                        shapes.len() - 1
+                    ),
+                });
+            }
+            shapes
+        } else {
+            Vec::new()
+        };
         let controlnet_dirs: Vec<String> = controlnets
             .iter()
             .map(|c| format!("{}/{}", controlnet::DIR, c.name))
@@ -351,6 +371,7 @@ impl ModelBundle {
             flow: None,
             controlnets,
             unet_residuals,
+            residual_shapes,
         };
         bundle.check_files()?;
         Ok(bundle)
@@ -565,6 +586,7 @@ pub(crate) fn test_bundle() -> ModelBundle {
         flow: None,
         controlnets: Vec::new(),
         unet_residuals: 0,
+        residual_shapes: Vec::new(),
     }
 }
 

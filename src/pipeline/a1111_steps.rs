@@ -224,6 +224,7 @@ impl Steps {
                 t,
                 run.hidden.view().into_dyn(),
                 added.as_ref(),
+                None,
                 options,
             )?);
         }

@@ -168,6 +168,7 @@ impl Pipeline {
                     timestep,
                     cond.hidden.view(),
                     added,
+                    None,
                     release,
                 )
                 .map(drop),

@@ -11,6 +11,7 @@ use ort::session::RunOptions;
 
 use super::arrays::{all_finite, shape_err};
 use super::components::AddedCond;
+use super::controlnet::{Controls, owned_residuals};
 use super::guidance::{Guidance, guide};
 use super::latents::{self, Inpaint};
 use super::text::Conditioning;
@@ -27,6 +28,8 @@ pub(super) struct Start<'a> {
     pub(super) previews: &'a preview::Plan,
     /// An LCM UNet's guidance embedding, set again after an interlude.
     pub(super) embedding: Option<&'a ArrayD<f32>>,
+    /// The generation's ControlNets (none for most).
+    pub(super) controls: &'a Controls,
 }
 
 impl<'a> Start<'a> {
@@ -114,6 +117,14 @@ impl Pipeline {
             .unet
             .bind(&[rows, unet_c, h, w], cond.hidden.view(), added.as_ref())?;
         let mut own_in = (!bound).then(|| Array4::<f32>::zeros((rows, unet_c, h, w)));
+        // A ControlNet-ready UNet run on our buffers: its residual inputs are ours too.
+        let residuals = self.unet.takes_residuals();
+        let mut own_res = (residuals && !bound)
+            .then(|| owned_residuals(&self.bundle.residual_shapes, rows, (h, w)));
+        let mut own_res_zero = true;
+        // The ControlNets' input: the UNet's latent channels, copied once a step.
+        let mut cn_in =
+            (!start.controls.is_empty()).then(|| ArrayD::<f32>::zeros(IxDyn(&[rows, c, h, w])));
         if let Some(masked) = masked {
             // The same for every step (and both CFG halves): written once.
             let unet_in = match (self.unet.input_mut(), own_in.as_mut()) {
@@ -153,6 +164,47 @@ impl Pipeline {
                         second.assign(&first);
                     }
                 }
+                let tc = Instant::now();
+                if residuals {
+                    let step = (i - start.begin, end - start.begin);
+                    let mut active = false;
+                    if let Some(cn_in) = cn_in.as_mut() {
+                        match (self.unet.input_mut(), own_in.as_ref()) {
+                            (Some(v), _) => cn_in.assign(&v.slice(s![.., ..c, .., ..])),
+                            (None, Some(a)) => cn_in.assign(&a.slice(s![.., ..c, .., ..])),
+                            (None, None) => unreachable!("one UNet input buffer exists"),
+                        }
+                    }
+                    if let Some(cn_in) = cn_in.as_ref().filter(|_| start.controls.any_active(step))
+                    {
+                        let _span = tracing::trace_span!("controlnet").entered();
+                        let mut views = match (bound, own_res.as_mut()) {
+                            (true, _) => self.unet.residuals_mut().unwrap_or_default(),
+                            (false, Some(r)) => r.iter_mut().map(|a| a.view_mut()).collect(),
+                            (false, None) => Vec::new(),
+                        };
+                        active = start.controls.run_step(
+                            &mut self.controlnets,
+                            step,
+                            cn_in.view().into_dyn(),
+                            t,
+                            cond.hidden.view(),
+                            added.as_ref(),
+                            &mut views,
+                            run_options,
+                        )?;
+                        own_res_zero &= !(active && !bound);
+                    }
+                    if !active {
+                        if bound {
+                            self.unet.zero_residuals();
+                        } else if let (Some(r), false) = (own_res.as_mut(), own_res_zero) {
+                            r.iter_mut().for_each(|a| a.fill(0.0));
+                            own_res_zero = true;
+                        }
+                    }
+                    timings.controlnet += tc.elapsed();
+                }
                 let t1 = Instant::now();
                 let unet_span = tracing::trace_span!("unet").entered();
                 let owned_out;
@@ -175,6 +227,7 @@ impl Pipeline {
                         t,
                         cond.hidden.view(),
                         added.as_ref(),
+                        own_res.as_deref(),
                         step_options,
                     )?;
                     owned_out.view()
@@ -210,7 +263,7 @@ impl Pipeline {
                     noise,
                     &mut scratch,
                 )?;
-                timings.scheduler += (t1 - t0) + t2.elapsed();
+                timings.scheduler += (tc - t0) + t2.elapsed();
                 if !progress(done, total) {
                     return Err(PipelineError::Cancelled);
                 }

@@ -7,6 +7,7 @@ mod a1111_steps;
 mod arena;
 mod arrays;
 pub mod components;
+pub mod controlnet;
 mod denoise_loop;
 pub mod flow;
 mod guidance;
@@ -118,6 +119,8 @@ pub struct StageTimings {
     pub postprocess: Duration,
     /// Number of UNet runs.
     pub unet_calls: usize,
+    /// ControlNet session runs, all steps.
+    pub controlnet: Duration,
 }
 
 impl StageTimings {
@@ -128,6 +131,7 @@ impl StageTimings {
             text_encoder_ms = ms(self.text_encoder),
             unet_ms = ms(self.unet),
             unet_calls = self.unet_calls,
+            controlnet_ms = ms(self.controlnet),
             scheduler_ms = ms(self.scheduler),
             vae_ms = ms(self.vae),
             postprocess_ms = ms(self.postprocess),
@@ -190,6 +194,8 @@ pub struct Pipeline {
     interlude: Option<Box<Interlude>>,
     /// The LoRA files merged into this pipeline's weights (empty: the base model).
     loras: Vec<Applied>,
+    /// The model folder's ControlNets (a ControlNet-ready UNet's), in name order.
+    controlnets: Vec<controlnet::ControlNet>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -252,7 +258,13 @@ impl Pipeline {
             sdxl,
             &shapes(Component::Unet),
             loras.for_folder("unet"),
+            &bundle.residual_shapes,
         )?;
+        let controlnets = bundle
+            .controlnets
+            .iter()
+            .map(|c| controlnet::ControlNet::load(runtime, c, sdxl, bundle.unet_residuals))
+            .collect::<Result<Vec<_>, _>>()?;
         let decoder = shapes(Component::VaeDecoder);
         let vae = VaeDecoder::load(runtime, &bundle.onnx("vae_decoder"), &decoder)?;
         let vae_fp32 = if bundle.has_vae_decoder_fp32 {
@@ -285,6 +297,7 @@ impl Pipeline {
             preview,
             interlude: None,
             loras: loras.applied().to_vec(),
+            controlnets,
         })
     }
 
@@ -483,11 +496,26 @@ impl Pipeline {
         };
         self.unet.set_guidance_embedding(embedding.clone());
         let previews = preview::Plan::for_batch(batch);
+        let images: usize = batch.iter().map(|p| p.num_images).sum();
+        let rows = if guidance.cfg { 2 * images } else { images };
+        let controls = controlnet::Controls::prepare(
+            &first.controls,
+            &self.controlnets,
+            (rows, guidance.cfg, first.control_guess_mode),
+            (first.width, first.height),
+        )?;
+        if !controls.is_empty() && matches!(cond, TextConditioning::Scheduled(_)) {
+            return Err(PipelineError::InvalidArgument {
+                param: "controls",
+                message: "ControlNets run with prompt_syntax 'diffusers' only".into(),
+            });
+        }
         let start = Start {
             begin,
             inpaint: inpaint.as_ref(),
             previews: &previews,
             embedding: embedding.as_ref(),
+            controls: &controls,
         };
         tracing::debug_span!("denoise").in_scope(|| match cond {
             TextConditioning::Fixed(cond) => self.denoise(

@@ -23,6 +23,7 @@ use super::PipelineError;
 use super::components::{LATENT_CHANNELS, component_name, float_input, float_output, ort_err};
 use super::unet_device::{DeviceIo, DeviceIoError, HostCond, IoSpecs, RunError};
 pub use super::unet_device::{DeviceIoStats, GRAPH_WARMUP_RUNS, MAX_GRAPHS, ShapeStats};
+use crate::model::controlnet::{self, ResidualShape};
 use crate::model::signature::{self, Elem, FLOATS, Side, Spec, TIMESTEP};
 use crate::runtime::tensorrt::SessionShapes;
 use crate::runtime::{Replacements, Runtime, RuntimeError, settings::ProviderKind};
@@ -95,9 +96,14 @@ pub struct Unet {
     /// Its value for the current generation (set before [`Unet::bind`] or [`Unet::run`]).
     guidance: Option<ArrayD<f32>>,
     out: Spec,
+    /// A ControlNet-ready UNet: the shapes of its residual inputs (down blocks, then the
+    /// mid block) with their declared types; empty for a UNet without them.
+    residuals: Vec<(String, ResidualShape, Spec)>,
     /// Host placement: reused input/output buffers of the current batch shape (all-f32
     /// graphs).
     bound: Option<Bound>,
+    /// Test hook: run every graph with converted inputs, as non-f32 graphs run.
+    unbound: bool,
     /// Device placement: the device-resident buffers, one set per batch shape.
     device: Option<DeviceIo>,
 }
@@ -112,18 +118,24 @@ struct Bound {
     sample: Tensor<f32>,
     timestep: Tensor<f32>,
     out: Tensor<f32>,
+    /// The ControlNet residual inputs, bound with the others.
+    residuals: Vec<Tensor<f32>>,
+    /// Whether they hold zeros (what a step without an active ControlNet feeds).
+    residuals_zero: bool,
 }
 
 impl Unet {
     /// Loads the UNet and checks its signature; `sdxl` requires `text_embeds` and `time_ids`.
     /// `shapes` is what the pipeline feeds it (TensorRT's optimization profile);
-    /// `initializers` replace weights of the graph (a LoRA set's merged weights).
+    /// `initializers` replace weights of the graph (a LoRA set's merged weights);
+    /// `residuals`: a ControlNet-ready UNet's residual shapes (empty: none).
     pub fn load(
         runtime: &Runtime,
         path: &Path,
         sdxl: bool,
         shapes: &SessionShapes,
         replaced: &Replacements,
+        residuals: &[ResidualShape],
     ) -> Result<Unet, PipelineError> {
         let session = runtime.session_with(path, shapes, replaced)?;
         let req = |side, name: &str, elems, ranks: &[usize]| {
@@ -145,6 +157,16 @@ impl Unet {
             Some(_) => Some(req(Side::Input, "timestep_cond", FLOATS, &[2])?),
             None => None,
         };
+        let mut residual_inputs = Vec::with_capacity(residuals.len());
+        for (i, shape) in residuals.iter().enumerate() {
+            let name = if i + 1 == residuals.len() {
+                controlnet::MID_INPUT.to_string()
+            } else {
+                controlnet::down_input(i)
+            };
+            let spec = req(Side::Input, &name, FLOATS, &[4])?;
+            residual_inputs.push((name, *shape, spec));
+        }
         let timestep_fixed_one = session
             .inputs()
             .iter()
@@ -162,11 +184,27 @@ impl Unet {
             timestep_cond,
             guidance: None,
             out,
+            residuals: residual_inputs,
             bound: None,
+            unbound: false,
             device: None,
         };
         let graphs = runtime.cuda_graph();
-        unet.place(Placement::for_runtime(runtime)?, graphs)?;
+        let placement = Placement::for_runtime(runtime)?;
+        let placement = if unet.residuals.is_empty() || placement == Placement::Host {
+            placement
+        } else if graphs {
+            return Err(PipelineError::InvalidArgument {
+                param: "cuda_graph",
+                message: "a ControlNet-ready UNet runs without CUDA graphs (its residual inputs are fed from the host)".into(),
+            });
+        } else {
+            // The device path binds Optimum's inputs only: a ControlNet-ready UNet runs
+            // with its inputs converted per run, and ONNX Runtime copies them.
+            tracing::info!("ControlNet-ready UNet: inputs fed from host memory");
+            Placement::Host
+        };
+        unet.place(placement, graphs)?;
         if let Placement::Device { device, id } = unet.placement() {
             tracing::info!(
                 device = %format!("{}:{id}", device.as_str()),
@@ -226,6 +264,14 @@ impl Unet {
         self.place(placement, graphs)
     }
 
+    /// Test hook: `true` runs every step with converted inputs ([`Unet::run`]) as graphs
+    /// that are not all-f32 run, instead of on bound buffers (host placement).
+    #[doc(hidden)]
+    pub fn force_unbound(&mut self, unbound: bool) {
+        self.unbound = unbound;
+        self.bound = None;
+    }
+
     /// Test hook: what the device path did so far (`None` on the host path).
     #[doc(hidden)]
     pub fn device_io_stats(&self) -> Option<DeviceIoStats> {
@@ -263,6 +309,38 @@ impl Unet {
             && f32s(&self.out)
             && self.added.as_ref().is_none_or(|(a, b)| f32s(a) && f32s(b))
             && self.timestep_cond.as_ref().is_none_or(f32s)
+            && self.residuals.iter().all(|(_, _, s)| f32s(s))
+    }
+
+    /// Whether the UNet takes ControlNet residuals.
+    pub fn takes_residuals(&self) -> bool {
+        !self.residuals.is_empty()
+    }
+
+    /// The bound residual inputs to write a step's ControlNet residuals into (host path;
+    /// `None` when the buffers are not bound). They no longer count as zeros.
+    pub fn residuals_mut(&mut self) -> Option<Vec<ndarray::ArrayViewMutD<'_, f32>>> {
+        let b = self.bound.as_mut()?;
+        b.residuals_zero = false;
+        Some(
+            b.residuals
+                .iter_mut()
+                .map(|t| t.extract_array_mut())
+                .collect(),
+        )
+    }
+
+    /// Makes the bound residual inputs zeros (a step without an active ControlNet), unless
+    /// they are already.
+    pub fn zero_residuals(&mut self) {
+        if let Some(b) = self.bound.as_mut()
+            && !b.residuals_zero
+        {
+            for t in &mut b.residuals {
+                t.extract_array_mut().fill(0.0);
+            }
+            b.residuals_zero = true;
+        }
     }
 
     /// Whether the graph takes a guidance embedding (`timestep_cond`: LCM-distilled).
@@ -289,7 +367,7 @@ impl Unet {
         if self.device.is_some() {
             return self.bind_device(dims, hidden, added);
         }
-        if !self.all_f32() {
+        if !self.all_f32() || self.unbound {
             self.bound = None;
             return Ok(false);
         }
@@ -306,12 +384,23 @@ impl Unet {
             let mut out = Tensor::<f32>::new(&alloc, out_dims.to_vec()).map_err(&err)?;
             let mut binding = self.session.create_binding().map_err(&err)?;
             binding.bind_output("out_sample", &mut out).map_err(&err)?;
+            let mut residuals = Vec::with_capacity(self.residuals.len());
+            for (name, shape, _) in &self.residuals {
+                let mut t =
+                    Tensor::<f32>::new(&alloc, shape.dims(dims[0], dims[2], dims[3]).to_vec())
+                        .map_err(&err)?;
+                t.extract_array_mut().fill(0.0);
+                binding.bind_input(name, &t).map_err(&err)?;
+                residuals.push(t);
+            }
             self.bound = Some(Bound {
                 dims: dims.to_vec(),
                 binding,
                 sample,
                 timestep,
                 out,
+                residuals,
+                residuals_zero: true,
             });
         }
         let Some(b) = self.bound.as_mut() else {
@@ -411,17 +500,20 @@ impl Unet {
         Ok(b.out.extract_array())
     }
 
-    /// One UNet evaluation: returns `out_sample` with the shape of `sample`.
+    /// One UNet evaluation: returns `out_sample` with the shape of `sample`. A
+    /// ControlNet-ready UNet takes `residuals` (zeros when `None`).
     pub fn run(
         &mut self,
         sample: ArrayViewD<'_, f32>,
         timestep: f64,
         hidden: ArrayViewD<'_, f32>,
         added: Option<&AddedCond<'_>>,
+        residuals: Option<&[ArrayD<f32>]>,
         run_options: &RunOptions,
     ) -> Result<ArrayD<f32>, PipelineError> {
         let err = ort_err(&self.path);
         let batch = sample.len_of(Axis(0));
+        let (h, w) = (sample.shape()[2], sample.shape()[3]);
         let mut inputs = ort::inputs![
             "sample" => float_input(sample, self.sample.elem).map_err(&err)?,
             "timestep" => self.timestep_value(timestep, batch).map_err(&err)?,
@@ -441,6 +533,24 @@ impl Unet {
             inputs.push((
                 "timestep_cond".into(),
                 float_input(g.view(), spec.elem).map_err(&err)?,
+            ));
+        }
+        let zeros;
+        let residuals = match residuals {
+            Some(r) => r,
+            None => {
+                zeros = self
+                    .residuals
+                    .iter()
+                    .map(|(_, shape, _)| ArrayD::zeros(shape.dims(batch, h, w).to_vec()))
+                    .collect::<Vec<_>>();
+                &zeros
+            }
+        };
+        for ((name, _, spec), r) in self.residuals.iter().zip(residuals) {
+            inputs.push((
+                name.clone().into(),
+                float_input(r.view(), spec.elem).map_err(&err)?,
             ));
         }
         let outputs = self

@@ -49,6 +49,10 @@ pub struct Limits {
     pub max_lora_scale: f64,
 }
 
+/// Most ControlNets one request may use (`controls`): each runs every step beside the
+/// UNet. The wire reads no image of a longer list; the resolve step refuses it too.
+pub const MAX_CONTROLS: usize = 4;
+
 /// The default bound on a LoRA's scale.
 pub const DEFAULT_MAX_LORA_SCALE: f64 = 4.0;
 

@@ -20,7 +20,7 @@ mod resolve;
 pub use image::{ImageInput, header_dimensions};
 pub use infotext::{Provenance, Receipt};
 pub use keep_alive::KeepAlive;
-pub use limits::{DEFAULT_MAX_GUIDANCE_SCALE, Limits};
+pub use limits::{DEFAULT_MAX_GUIDANCE_SCALE, Limits, MAX_CONTROLS};
 pub use params::GenerateParams;
 pub use resolve::{
     Control, Edit, LORA_SET, Mode, ModelRef, ResolvedRequest, gib as resolve_gib, random_seed,
@@ -115,6 +115,10 @@ pub struct GenerateRequest {
     /// ControlNets that steer this job (`controls`), each with its control image; they
     /// need a model folder exported with them (`scripts/export-model --controlnet`).
     pub controls: Option<Vec<ControlInput>>,
+    /// diffusers' `guess_mode` for the request's ControlNets: they see only the
+    /// conditional half of the guidance batch, and their residuals are scaled from 0.1
+    /// (first down block) to 1 (mid block). Default false.
+    pub control_guess_mode: Option<bool>,
 }
 
 /// One ControlNet of a request (`controls[i]`), as the caller sent it: every field is

@@ -51,6 +51,8 @@ pub struct GenerateParams {
     pub preview_method: super::PreviewMethod,
     /// ControlNets that steer the generation (`controls`).
     pub controls: Vec<super::ControlInput>,
+    /// diffusers' `guess_mode` for the ControlNets.
+    pub control_guess_mode: bool,
 }
 
 impl Default for GenerateParams {
@@ -76,6 +78,7 @@ impl Default for GenerateParams {
             preview_every: 0,
             preview_method: Default::default(),
             controls: Vec::new(),
+            control_guess_mode: false,
         }
     }
 }
@@ -132,6 +135,7 @@ impl GenerateParams {
             loras: None,
             max_sequence_length: None,
             controls: (!self.controls.is_empty()).then(|| self.controls.clone()),
+            control_guess_mode: self.control_guess_mode.then_some(true),
         }
     }
 }

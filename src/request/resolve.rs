@@ -97,6 +97,8 @@ pub struct ResolvedRequest {
     pub max_sequence_length: Option<usize>,
     /// The ControlNets that steer it, in request order (empty: none).
     pub controls: Vec<Control>,
+    /// diffusers' `guess_mode` for them (false without ControlNets).
+    pub control_guess_mode: bool,
 }
 
 /// One ControlNet of a resolved request: the model folder has it and its UNet takes
@@ -166,7 +168,7 @@ impl ResolvedRequest {
     /// The images the memory estimate counts: each `AND` part beyond the first adds a UNet
     /// row per image, i.e. half an image of guided rows.
     pub fn memory_images(&self) -> usize {
-        memory_images(self.num_images, self.a1111_parts)
+        memory_images(self.num_images, self.a1111_parts, self.controls.len())
     }
 
     /// Requests with equal keys can share one UNet batch.
@@ -202,6 +204,7 @@ impl ResolvedRequest {
             )
                 .hash(&mut h);
         }
+        self.control_guess_mode.hash(&mut h);
         h.finish() | 1
     }
 
@@ -298,6 +301,7 @@ impl ResolvedRequest {
                     })
                     .collect()
             }),
+            control_guess_mode: self.control_guess_mode.then_some(true),
         }
     }
 
@@ -484,6 +488,9 @@ pub fn resolve(
     let edit = edit.map(|(e, _)| e);
     let inpaint = edit.as_ref().is_some_and(|e| e.mask.is_some());
     let controls = controls::resolve_controls(req, model.name, bundle, limits, inpaint)?;
+    if req.control_guess_mode == Some(true) && controls.is_empty() {
+        return Err(invalid("control_guess_mode", "applies only with controls"));
+    }
     let pixels = width.saturating_mul(height);
     over("width*height", pixels, limits.max_pixels)?;
 
@@ -567,7 +574,7 @@ pub fn resolve(
     if let Some(budget) = limits.budget() {
         let cfg = guidance_scale > 1.0;
         let memory = &bundle.memory;
-        let images = memory_images(num_images, a1111_parts);
+        let images = memory_images(num_images, a1111_parts, controls.len());
         let needed = memory.peak(width, height, images, cfg);
         if needed > budget {
             let fits = match memory.largest_square(budget, images, cfg, multiple) {
@@ -673,6 +680,7 @@ pub fn resolve(
         loras,
         lora_key,
         max_sequence_length,
+        control_guess_mode: req.control_guess_mode.unwrap_or(false),
         controls,
     };
     if prompt_syntax == PromptSyntax::A1111 {
@@ -691,9 +699,14 @@ fn text_prompt(prompt: &str, syntax: PromptSyntax) -> std::borrow::Cow<'_, str> 
 }
 
 /// Images as the memory estimate counts them: `parts` `AND` parts run `parts + 1` UNet rows
-/// per image with guidance, where one part runs 2.
-fn memory_images(images: usize, parts: usize) -> usize {
-    images.saturating_mul(parts.max(1) + 1).div_ceil(2)
+/// per image with guidance, where one part runs 2; each ControlNet runs on the same rows
+/// in a session of its own (its own arena, about a UNet's working set: docs/memory.md), so
+/// it counts the images once more.
+fn memory_images(images: usize, parts: usize, controls: usize) -> usize {
+    images
+        .saturating_mul(parts.max(1) + 1)
+        .div_ceil(2)
+        .saturating_mul(1 + controls)
 }
 
 mod a1111;

@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod cgroup;
 pub mod checker;
+pub mod controlnet;
 pub mod lora;
 pub mod parity;
 

@@ -4,9 +4,7 @@
 
 use super::{Control, GenerateRequest, Limits, ModelBundle, RequestError, short_float};
 use crate::prompt_syntax::PromptSyntax;
-
-/// Most ControlNets one request may use: each runs every step beside the UNet.
-pub const MAX_CONTROLS: usize = 4;
+use crate::request::MAX_CONTROLS;
 
 /// How to get a folder whose UNet takes ControlNet residuals.
 const HOW_TO_EXPORT: &str = "export the model with scripts/export-model SRC OUT --controlnet \
