@@ -532,7 +532,9 @@ def verify(folder: Path, work: Path) -> None:
     cmd = [ctl, "generate", "--local", "--model-dir", str(folder), "--prompt", "export check", "--steps", "1",
            "--width", str(size), "--height", str(size), "--seed", "1", "--output", str(png)]
     print("+", " ".join(cmd), flush=True)
-    r = subprocess.run(cmd, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # diffusiond reads DIFFUSIOND_* variables as configuration keys: hide this script's own ones from it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFUSIOND_EXPORT_")}
+    r = subprocess.run(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if r.returncode != 0 or not png.is_file():
         raise StepError(f"{ctl} could not generate from the folder (exit {r.returncode}):\n{r.stdout[-4000:]}")
 

@@ -61,7 +61,10 @@ Rules (what diffusers 0.39 does; the ones recorded per call are asserted below):
     torch.logspace(-1, 0, N + 1)[k] * scale * keep_i, and the unconditional half gets zero residuals.
 no_control_mean_abs_diff = mean |image - the same call of the plain pipeline (StableDiffusionPipeline,
 StableDiffusionImg2ImgPipeline, StableDiffusionXLPipeline from the same components) without ControlNet|;
-it must exceed 0.01 (asserted).
+it must exceed 0.01 (asserted). onnx_max_abs_diff = max |image - the same call with the UNet and the
+ControlNets replaced by the committed graphs in onnxruntime (CPU, one thread), the ControlNet outputs scaled
+by conditioning_scale (and guess mode's logspace) as the rules say| (asserted <= 1e-3): the graphs and the
+rules together reproduce diffusers.
 """
 
 from __future__ import annotations
@@ -351,6 +354,72 @@ class CallRecorder:
             m.forward = o
 
 
+class OnnxBackend:
+    """Runs the pipeline's UNet and ControlNets through the exported graphs (onnxruntime CPU, one thread):
+    the ControlNet graph's outputs are multiplied by conditioning_scale (and by the guess-mode logspace)
+    as the rules say, so the result checks both the graphs and the rules against the torch pipeline."""
+
+    def __init__(self, pipe, cn_models: list, overlay: Path, names: list[str]):
+        import onnxruntime as ort
+        import torch
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+
+        def sess(p):
+            return ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+
+        self.restore = []
+        unet_sess = sess(overlay / "unet" / "model.onnx")
+        unet_inputs = [i.name for i in unet_sess.get_inputs()]
+
+        def np32(t):
+            return t.detach().to(torch.float32).cpu().numpy()
+
+        def unet_fwd(sample, timestep, encoder_hidden_states=None, down_block_additional_residuals=None,
+                     mid_block_additional_residual=None, added_cond_kwargs=None, return_dict=False, **_k):
+            feeds = {"sample": np32(sample), "timestep": np.array(float(timestep), np.float32),
+                     "encoder_hidden_states": np32(encoder_hidden_states)}
+            if "text_embeds" in unet_inputs:
+                feeds["text_embeds"] = np32(added_cond_kwargs["text_embeds"])
+                feeds["time_ids"] = np32(added_cond_kwargs["time_ids"])
+            for k, r in enumerate(down_block_additional_residuals):
+                feeds[f"down_block_additional_residual_{k}"] = np32(r)
+            feeds["mid_block_additional_residual"] = np32(mid_block_additional_residual)
+            return (torch.from_numpy(unet_sess.run(None, feeds)[0]),)
+
+        self.restore.append((pipe.unet, pipe.unet.forward))
+        pipe.unet.forward = unet_fwd
+        for cn, name in zip(cn_models, names):
+            cs = sess(overlay / "controlnet" / name / "model.onnx")
+            xl = "text_embeds" in [i.name for i in cs.get_inputs()]
+
+            def cn_fwd(sample, timestep, encoder_hidden_states=None, controlnet_cond=None, conditioning_scale=1.0,
+                       guess_mode=False, added_cond_kwargs=None, return_dict=False, _cs=cs, _xl=xl, **_k):
+                feeds = {"sample": np32(sample), "timestep": np.array(float(timestep), np.float32),
+                         "encoder_hidden_states": np32(encoder_hidden_states),
+                         "controlnet_cond": np32(controlnet_cond)}
+                if _xl:
+                    feeds["text_embeds"] = np32(added_cond_kwargs["text_embeds"])
+                    feeds["time_ids"] = np32(added_cond_kwargs["time_ids"])
+                outs = [torch.from_numpy(o) for o in _cs.run(None, feeds)]
+                if guess_mode:
+                    scales = torch.logspace(-1, 0, len(outs), device=outs[0].device)
+                    outs = [o * (s * conditioning_scale) for o, s in zip(outs, scales)]
+                else:
+                    outs = [o * conditioning_scale for o in outs]
+                return outs[:-1], outs[-1]
+
+            self.restore.append((cn, cn.forward))
+            cn.forward = cn_fwd
+
+    def close(self):
+        for m, o in self.restore:
+            m.forward = o
+
+
 def run_pipe(pipe, case: dict, controls: dict, cn_models: list, with_control: bool = True):
     import torch
     from PIL import Image
@@ -489,6 +558,15 @@ def make_goldens(out_golden: Path, out_fixtures: Path, repo_root: Path, only: li
                     assert len(rec.cn_scales[j]) == n_t
             if keep != keep_rule:
                 raise RuntimeError(f"{case['id']}: recorded keep {keep} != rule {keep_rule}")
+            onnx_be = OnnxBackend(pipe, cn_models, out_fixtures / fx, names)
+            try:
+                onnx_images, onnx_rec = run_pipe(pipe, case, controls, cn_models)
+            finally:
+                onnx_be.close()
+            assert onnx_rec.unet_calls == rec.unet_calls and onnx_rec.cn_scales == rec.cn_scales
+            onnx_diff = float(np.abs(onnx_images.astype(np.float64) - images.astype(np.float64)).max())
+            if onnx_diff > 1e-3:
+                raise RuntimeError(f"{case['id']}: the exported graphs give another image (max abs diff {onnx_diff:.3g})")
             plain = plain_cls.from_pretrained(str(stage), torch_dtype=torch.float32, **extra)
             plain.set_progress_bar_config(disable=True)
             base_images, base_rec = run_pipe(plain, case, controls, [], with_control=False)
@@ -517,9 +595,10 @@ def make_goldens(out_golden: Path, out_fixtures: Path, repo_root: Path, only: li
                 pngs=pngs,
                 image_shape=list(images.shape[1:]),
                 no_control_mean_abs_diff=round(diff, 6),
+                onnx_max_abs_diff=float(f"{onnx_diff:.1g}"),
             )
             records.append(rec_case)
-            print(f"ok   {case['id']}  no_control_mean_abs_diff={diff:.4f}", flush=True)
+            print(f"ok   {case['id']}  no_control_mean_abs_diff={diff:.4f}  onnx_max_abs_diff={onnx_diff:.2g}", flush=True)
             del pipe, plain
 
     manifest = {
@@ -563,6 +642,9 @@ def make_goldens(out_golden: Path, out_fixtures: Path, repo_root: Path, only: li
             "images": "float32 HxWx3 in [0,1] (output_type='np'); pngs: (x*255).round() uint8",
             "residuals": "per fixture: the residual UNet's and the ControlNet's graph inputs/outputs (names, dims in "
             "order; strings are dynamic axes) and the residual shapes at 64x64, batch 1 (run in onnxruntime)",
+            "onnx_max_abs_diff": "max |image - the same call with the UNet and ControlNets replaced by the committed "
+            "graphs (onnxruntime CPU, 1 thread), their outputs scaled by the rules above| (1 significant digit; "
+            "asserted <= 1e-3)",
             "no_control_mean_abs_diff": "mean |image - the same call of the plain pipeline without ControlNet| (float64)",
         },
         "residuals": shapes,
