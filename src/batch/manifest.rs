@@ -5,7 +5,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::request::{GenerateRequest, ImageInput};
+use crate::request::GenerateRequest;
 use crate::wire::error::echo;
 use crate::wire::images::Slot;
 use crate::wire::keys;
@@ -117,8 +117,12 @@ pub struct Options {
 /// The keys of a manifest line that name image files (read into the request).
 pub const IMAGE_KEYS: [Slot; 2] = [Slot::Init, Slot::Mask];
 
-/// The extra keys a manifest line may hold beyond the request keys.
-const EXTRA_KEYS: &[&str] = &["name", "init_image", "mask_image"];
+pub use super::images::read_stored_images;
+use super::images::{ImageCache, read_image};
+
+/// The extra keys a manifest line may hold beyond the request keys (`controls` with image
+/// paths: [`super::controls`]).
+const EXTRA_KEYS: &[&str] = &["name", "init_image", "mask_image", "controls"];
 
 /// The extra keys of a stored item's canonical line: the name, and each image's absolute
 /// path and SHA-256.
@@ -128,31 +132,8 @@ pub const STORED_EXTRA_KEYS: &[&str] = &[
     "mask_image",
     "init_image_sha256",
     "mask_image_sha256",
+    "controls",
 ];
-
-/// Reads the images a stored canonical line names back into `request`, checking that each
-/// file still has the hash it had when the batch was submitted.
-pub fn read_stored_images(
-    object: &serde_json::Map<String, serde_json::Value>,
-    request: &mut GenerateRequest,
-) -> Result<(), String> {
-    for slot in IMAGE_KEYS {
-        let Some(serde_json::Value::String(path)) = object.get(slot.key()) else {
-            continue;
-        };
-        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-        let image = ImageInput::new(bytes);
-        let want = object.get(&format!("{}_sha256", slot.key()));
-        if want.and_then(|w| w.as_str()) != Some(image.sha256_hex().as_str()) {
-            return Err(format!(
-                "{path} ({}) changed since the batch was submitted",
-                slot.key()
-            ));
-        }
-        *slot.field(request) = Some(image);
-    }
-    Ok(())
-}
 
 /// One item of a manifest.
 #[derive(Debug, Clone, PartialEq)]
@@ -163,7 +144,8 @@ pub struct Item {
     pub name: String,
     /// The request: the line's keys, then the defaults, then the seed.
     pub request: GenerateRequest,
-    /// The image files the line names (absolute), by key.
+    /// The image files the line names (absolute), by key (control images by their
+    /// ControlNet's index).
     pub image_paths: Vec<(Slot, std::path::PathBuf)>,
 }
 
@@ -190,10 +172,16 @@ impl Item {
         // An image as its path and its hash: a rerun with a changed file is another batch,
         // and the runner checks the file is still the one submitted.
         for (slot, path) in &self.image_paths {
+            if let Slot::Control(_) = slot {
+                continue;
+            }
             object.insert(slot.key().into(), path.display().to_string().into());
             if let Some(image) = slot.field_ref(&self.request) {
                 object.insert(format!("{}_sha256", slot.key()), image.sha256_hex().into());
             }
+        }
+        if let Some(c) = super::controls::canonical(&self.request, &self.image_paths) {
+            object.insert(super::controls::KEY.into(), c);
         }
         serde_json::Value::Object(object).to_string()
     }
@@ -423,6 +411,15 @@ fn read_line(
             Err(m) => errors.push(error(Some(slot.key()), m)),
         }
     }
+    if let Some(value) = merged.get(super::controls::KEY) {
+        match super::controls::read(value, options.base_dir.as_deref(), images) {
+            Ok((controls, paths)) => {
+                request.controls = Some(controls);
+                image_paths.extend(paths);
+            }
+            Err(e) => errors.extend(e.into_iter().map(|(k, m)| error(Some(&k), m))),
+        }
+    }
     if !prompt && !merged.contains_key("prompt") {
         errors.push(error(Some("prompt"), "is required".into()));
     }
@@ -464,37 +461,6 @@ fn read_line(
         request,
         image_paths,
     })
-}
-
-/// Image files already read while parsing one manifest (lines often share an image).
-type ImageCache = std::collections::HashMap<std::path::PathBuf, ImageInput>;
-
-/// An `init_image` or `mask_image` value: a path relative to the manifest's folder, read.
-fn read_image(
-    value: &serde_json::Value,
-    base: Option<&std::path::Path>,
-    cache: &mut ImageCache,
-) -> Result<(std::path::PathBuf, ImageInput), String> {
-    let serde_json::Value::String(rel) = value else {
-        return Err(format!(
-            "expected a path (a string), got {}",
-            echo(&value.to_string())
-        ));
-    };
-    let base = base.ok_or(
-        "image paths are read by `diffusionctl batch --local` only (a daemon batch gets the manifest as bytes, without its folder)",
-    )?;
-    let path = std::fs::canonicalize(base.join(rel)).map_err(|e| {
-        let shown = base.join(rel).display().to_string();
-        format!("cannot read {}: {e}", echo(&shown))
-    })?;
-    if let Some(image) = cache.get(&path) {
-        return Ok((path, image.clone()));
-    }
-    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let image = ImageInput::new(bytes);
-    cache.insert(path.clone(), image.clone());
-    Ok((path, image))
 }
 
 /// Names, and the files they make, are unique.

@@ -3,7 +3,7 @@
 //!
 //! By concern:
 //! * [`manifest`]: reading `.jsonl`/`.txt` manifests into items (names, seeds, shards),
-//!   one error per bad line;
+//!   one error per bad line; [`controls`]: a line's ControlNets and their image paths;
 //! * [`store`]: batch and item state in SQLite; an item is done only once its files are
 //!   in place; `schema`: the database's layout and upgrades;
 //! * [`quota`]: what one uid may keep stored, and when an ended batch expires;
@@ -12,7 +12,9 @@
 //! * [`local`]: `diffusionctl batch --local`, state kept in the output folder;
 //! * [`service`]: the daemon's batches, kept in its state directory and resumed at start.
 
+pub mod controls;
 pub mod files;
+mod images;
 pub mod local;
 pub mod manifest;
 pub mod quota;

@@ -379,6 +379,9 @@ impl Manager {
                         crate::metrics::source::model_memory_bytes(&self.catalog, name, workers)
                     }),
                     lora_sets: self.engine.loaded_lora_sets(name),
+                    controlnets: bundle.map_or_else(Vec::new, |b| {
+                        b.controlnets.iter().map(|c| c.name.clone()).collect()
+                    }),
                 }
             })
             .collect())

@@ -13,13 +13,17 @@
 //!
 //! The last line holds `Key: value` pairs separated by `, `. A value with a `,`, `:`, `"`,
 //! a line break, or space at either end, or an empty one, is written as a JSON string
-//! (as AUTOMATIC1111 quotes them). Limit: a prompt with a line that starts with
+//! (as AUTOMATIC1111 quotes them). Each ControlNet of the request is one pair
+//! `ControlNet I: "Module: none, Model: NAME, Weight: S, Guidance Start: A, Guidance End:
+//! B"`, as the sd-webui-controlnet extension writes it (no preprocessor runs: `none`),
+//! after `Model` as A1111 puts its extensions' keys before `Version`; the control images
+//! are not recorded (the extension records none). Limit: a prompt with a line that starts with
 //! `Negative prompt: ` cannot be told apart from a negative prompt (the first such line
 //! starts the negative prompt).
 
 use sha2::{Digest, Sha256};
 
-use super::{GenerateRequest, Mode, ResolvedRequest, short_float};
+use super::{ControlInput, GenerateRequest, Mode, ResolvedRequest, short_float};
 use crate::prompt_syntax::PromptSyntax;
 use crate::rng::RngKind;
 
@@ -69,7 +73,8 @@ pub enum InfotextError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Receipt {
     /// The request: every key that decides the pixels (the model by the name it had;
-    /// no init image or mask: the caller gives them again, checked against the hashes).
+    /// no init image or mask: the caller gives them again, checked against the hashes;
+    /// its ControlNets without their control images, which the caller gives again).
     /// `width`/`height` are left out for image-to-image and inpainting, whose size comes
     /// from the init image.
     pub request: GenerateRequest,
@@ -100,6 +105,78 @@ pub struct Receipt {
 }
 
 const NEGATIVE: &str = "Negative prompt: ";
+
+/// The key of ControlNet `i` is this and `i` (`ControlNet 0`).
+const CONTROLNET: &str = "ControlNet ";
+
+/// The key written when the ControlNets ran in diffusers' guess mode.
+const GUESS_MODE: &str = "Control guess mode";
+
+/// A ControlNet's value, as sd-webui-controlnet writes a unit (no preprocessor: `none`).
+fn controlnet_value(c: &super::Control) -> String {
+    format!(
+        "Module: none, Model: {}, Weight: {}, Guidance Start: {}, Guidance End: {}",
+        c.controlnet,
+        short_float(c.scale),
+        short_float(c.start),
+        short_float(c.end)
+    )
+}
+
+/// The ControlNets a settings line records (`ControlNet 0`, `ControlNet 1`, … in order),
+/// without their images; `None` when it records none.
+fn read_controls(pairs: &[(String, String)]) -> Result<Option<Vec<ControlInput>>, InfotextError> {
+    let bad = |value: &str, message: String| InfotextError::Value {
+        key: "ControlNet",
+        value: value.chars().take(40).collect(),
+        message,
+    };
+    let mut found: Vec<(usize, &str)> = Vec::new();
+    for (k, v) in pairs {
+        let Some(index) = k.strip_prefix(CONTROLNET) else {
+            continue;
+        };
+        let index: usize = index
+            .parse()
+            .map_err(|_| bad(k, "is not 'ControlNet N'".into()))?;
+        found.push((index, v));
+    }
+    if found.is_empty() {
+        return Ok(None);
+    }
+    found.sort_by_key(|(i, _)| *i);
+    let mut controls = Vec::new();
+    for (n, (index, value)) in found.into_iter().enumerate() {
+        if index != n {
+            return Err(bad(
+                value,
+                format!("is ControlNet {index}, but ControlNet {n} is missing"),
+            ));
+        }
+        let fields: Vec<(&str, &str)> = value
+            .split(", ")
+            .filter_map(|f| f.split_once(": "))
+            .collect();
+        let get = |name: &str| fields.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+        let number = |name: &str| -> Result<Option<f64>, InfotextError> {
+            get(name)
+                .map(|v| {
+                    v.parse()
+                        .map_err(|_| bad(value, format!("has a {name} that is not a number")))
+                })
+                .transpose()
+        };
+        let model = get("Model").ok_or_else(|| bad(value, "names no Model".into()))?;
+        controls.push(ControlInput {
+            controlnet: Some(model.to_string()),
+            image: None,
+            scale: number("Weight")?,
+            start: number("Guidance Start")?,
+            end: number("Guidance End")?,
+        });
+    }
+    Ok(Some(controls))
+}
 
 /// The `parameters` text of image `image` (0-based) of `r`.
 pub fn format(r: &ResolvedRequest, p: &Provenance<'_>, image: usize) -> String {
@@ -157,6 +234,17 @@ pub fn format(r: &ResolvedRequest, p: &Provenance<'_>, image: usize) -> String {
         pairs.push(("Model hash", h.to_string()));
     }
     pairs.push(("Model", r.model.clone()));
+    let controls: Vec<(String, String)> = r
+        .controls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("{CONTROLNET}{i}"), controlnet_value(c)))
+        .collect();
+    pairs.extend(controls.iter().map(|(k, v)| (k.as_str(), v.clone())));
+    if r.control_guess_mode {
+        // diffusers' guess_mode (not one of webui's control modes): diffusiond's own key.
+        pairs.push((GUESS_MODE, "True".to_string()));
+    }
     pairs.push(("ONNX Runtime", p.ort_version.to_string()));
     pairs.push(("Execution provider", p.execution_provider.to_string()));
     pairs.push(("diffusiond", crate::VERSION.to_string()));
@@ -364,6 +452,18 @@ pub fn parse(text: &str) -> Result<Receipt, InfotextError> {
         None => None,
     };
     let model = need("Model")?.to_string();
+    let controls = read_controls(&pairs)?;
+    let control_guess_mode = match get(GUESS_MODE) {
+        None => None,
+        Some("True") => Some(true),
+        Some(v) => {
+            return Err(InfotextError::Value {
+                key: GUESS_MODE,
+                value: v.chars().take(40).collect(),
+                message: "is not True".into(),
+            });
+        }
+    };
     let owned = |key| get(key).map(str::to_string);
     let edit = mode != Mode::Txt2Img;
     let request = GenerateRequest {
@@ -384,6 +484,8 @@ pub fn parse(text: &str) -> Result<Receipt, InfotextError> {
         a1111_pad_cond_uncond: pad_conds,
         loras,
         max_sequence_length,
+        controls,
+        control_guess_mode,
         ..GenerateRequest::default()
     };
     Ok(Receipt {

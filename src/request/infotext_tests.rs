@@ -220,3 +220,107 @@ fn texts_that_are_not_ours_are_refused_naming_what_is_missing() {
     let broken = "p\nSteps: 2, Model: \"unterminated, diffusiond: 0.1.0";
     assert!(matches!(parse(broken), Err(InfotextError::Syntax { .. })));
 }
+
+#[test]
+fn controlnets_are_recorded_as_sd_webui_controlnet_writes_them() {
+    use crate::model::controlnet::ControlNetInfo;
+    use crate::request::ControlInput;
+    let mut b = crate::model::test_bundle();
+    b.unet_residuals = 12;
+    b.controlnets = ["canny", "depth"]
+        .map(|n| ControlNetInfo {
+            name: n.into(),
+            dir: format!("/m/controlnet/{n}").into(),
+        })
+        .to_vec();
+    let control = |name: &str, scale, start, end| ControlInput {
+        controlnet: Some(name.into()),
+        image: Some(png(64, 64)),
+        scale,
+        start,
+        end,
+    };
+    let req = GenerateRequest {
+        prompt: "a cat".into(),
+        seed: Some(5),
+        controls: Some(vec![
+            control("canny", None, None, None),
+            control("depth", Some(0.8), Some(0.1), Some(0.75)),
+        ]),
+        ..GenerateRequest::default()
+    };
+    let model = ModelRef {
+        name: "tiny",
+        bundle: &b,
+        defaults: &ModelDefaults::NONE,
+        loras: crate::lora::LoraCatalog::none(),
+    };
+    let r = resolve(&req, model, &Limits::default(), || 0).unwrap();
+    let p = Provenance {
+        ort_version: "1.32.0",
+        model_hash: Some("abcdef0123"),
+        execution_provider: "cpu",
+        loras: &[],
+    };
+    let text = format(&r, &p, 0);
+    assert_eq!(
+        text,
+        format!(
+            "a cat\nSteps: 20, Sampler: pndm, CFG scale: 7.5, Guidance rescale: 0, Seed: 5, RNG: torch, Size: 64x64, Mode: txt2img, Prompt syntax: diffusers, Model hash: abcdef0123, Model: tiny, \
+             ControlNet 0: \"Module: none, Model: canny, Weight: 1, Guidance Start: 0, Guidance End: 1\", \
+             ControlNet 1: \"Module: none, Model: depth, Weight: 0.8, Guidance Start: 0.1, Guidance End: 0.75\", \
+             ONNX Runtime: 1.32.0, Execution provider: cpu, diffusiond: {}",
+            crate::VERSION
+        )
+    );
+    // Read back: the ControlNets with their values, without their images.
+    let got = parse(&text).unwrap();
+    let without_image = |name: &str, scale, start, end| ControlInput {
+        image: None,
+        ..control(name, Some(scale), Some(start), Some(end))
+    };
+    assert_eq!(
+        got.request.controls,
+        Some(vec![
+            without_image("canny", 1.0, 0.0, 1.0),
+            without_image("depth", 0.8, 0.1, 0.75),
+        ])
+    );
+    assert_eq!(got.model, "tiny");
+    assert_eq!(got.diffusiond, crate::VERSION);
+    assert_eq!(got.request.control_guess_mode, None);
+    // Guess mode: diffusiond's own key after the ControlNets, read back.
+    let guessed = GenerateRequest {
+        control_guess_mode: Some(true),
+        ..req.clone()
+    };
+    let model = ModelRef {
+        name: "tiny",
+        bundle: &b,
+        defaults: &ModelDefaults::NONE,
+        loras: crate::lora::LoraCatalog::none(),
+    };
+    let g = format(
+        &resolve(&guessed, model, &Limits::default(), || 0).unwrap(),
+        &p,
+        0,
+    );
+    assert!(
+        g.contains("Guidance End: 0.75\", Control guess mode: True, ONNX Runtime"),
+        "{g}"
+    );
+    assert_eq!(parse(&g).unwrap().request.control_guess_mode, Some(true));
+    // A text without ControlNets reads as none.
+    let plain = text
+        .replace(", ControlNet 0: ", ", X0: ")
+        .replace(", ControlNet 1: ", ", X1: ");
+    assert_eq!(parse(&plain).unwrap().request.controls, None);
+    // A gap, and a value that is not a number, are named.
+    let gap = text.replace("ControlNet 0: ", "ControlNet 2: ");
+    let e = parse(&gap).unwrap_err().to_string();
+    assert!(e.starts_with("'ControlNet': "), "{e}");
+    assert!(e.contains("ControlNet 0 is missing"), "{e}");
+    let bad = text.replace("Weight: 0.8", "Weight: heavy");
+    let e = parse(&bad).unwrap_err().to_string();
+    assert!(e.contains("Weight that is not a number"), "{e}");
+}

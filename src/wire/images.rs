@@ -1,6 +1,8 @@
 //! The image keys of `Generate`: `init_image` and `mask_image` as bytes (`ay`), or
 //! `init_image_fd` and `mask_image_fd` as a file descriptor (`h`) of a regular file,
-//! which the daemon reads off its async threads ([`read_fds`]).
+//! which the daemon reads off its async threads ([`read_fds`]); and each ControlNet's
+//! control image (`controls[i].image` / `controls[i].image_fd`, [`super::controls`]),
+//! read the same way.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
@@ -18,22 +20,45 @@ pub enum Slot {
     Init,
     /// The mask.
     Mask,
+    /// The control image of the request's ControlNet at this index in `controls`.
+    Control(usize),
 }
 
 impl Slot {
-    /// The bytes key of this image.
+    /// The bytes key of this image: in the request dict, or (a control image) in its
+    /// ControlNet's dict.
     pub const fn key(self) -> &'static str {
         match self {
             Slot::Init => "init_image",
             Slot::Mask => "mask_image",
+            Slot::Control(_) => "image",
         }
     }
 
-    /// The file-descriptor key of this image.
+    /// The file-descriptor key of this image (in its ControlNet's dict for a control
+    /// image).
     pub const fn fd_key(self) -> &'static str {
         match self {
             Slot::Init => "init_image_fd",
             Slot::Mask => "mask_image_fd",
+            Slot::Control(_) => "image_fd",
+        }
+    }
+
+    /// The bytes key as messages name it: `init_image`, `controls[i].image`.
+    pub fn shown_key(self) -> String {
+        match self {
+            Slot::Control(i) => format!("controls[{i}].image"),
+            other => other.key().to_string(),
+        }
+    }
+
+    /// The file-descriptor key as messages name it: `init_image_fd`,
+    /// `controls[i].image_fd`.
+    pub fn shown_fd_key(self) -> String {
+        match self {
+            Slot::Control(i) => format!("controls[{i}].image_fd"),
+            other => other.fd_key().to_string(),
         }
     }
 
@@ -42,14 +67,23 @@ impl Slot {
         match self {
             Slot::Init => request.init_image.as_ref(),
             Slot::Mask => request.mask_image.as_ref(),
+            Slot::Control(i) => request.controls.as_ref()?.get(i)?.image.as_ref(),
         }
     }
 
-    /// The request field this image fills.
+    /// The request field this image fills (for a control image, `controls` grows to hold
+    /// index `i` if it is shorter).
     pub fn field(self, request: &mut GenerateRequest) -> &mut Option<ImageInput> {
         match self {
             Slot::Init => &mut request.init_image,
             Slot::Mask => &mut request.mask_image,
+            Slot::Control(i) => {
+                let controls = request.controls.get_or_insert_with(Vec::new);
+                if controls.len() <= i {
+                    controls.resize_with(i + 1, Default::default);
+                }
+                &mut controls[i].image
+            }
         }
     }
 }
@@ -108,9 +142,9 @@ pub fn read_fds(
     max_bytes: usize,
 ) -> Result<(), String> {
     for (slot, fd) in fds {
-        let key = slot.fd_key();
+        let key = slot.shown_fd_key();
         if slot.field(request).is_some() {
-            return Err(format!("give '{}' or '{key}', not both", slot.key()));
+            return Err(format!("give '{}' or '{key}', not both", slot.shown_key()));
         }
         let file = std::fs::File::from(fd);
         let meta = file

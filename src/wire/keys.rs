@@ -11,6 +11,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use zbus::zvariant::{OwnedValue, Value};
 
+use super::controls;
 use super::images::{self, Slot};
 pub use super::raw::{Field, RawDict, Sent, SentDict};
 use crate::prompt_syntax::PromptSyntax;
@@ -26,12 +27,13 @@ pub struct Incoming {
     pub output_fds: Vec<OwnedFd>,
     /// Cancel the job when the caller leaves the bus (`cancel_on_disconnect`, default true).
     pub cancel_on_disconnect: bool,
-    /// Images sent as file descriptors (`init_image_fd`, `mask_image_fd`), to read with
-    /// [`super::images::finish`] before the request is resolved.
+    /// Images sent as file descriptors (`init_image_fd`, `mask_image_fd`,
+    /// `controls[i].image_fd`), to read with [`super::images::finish`] before the request
+    /// is resolved.
     pub image_fds: Vec<(Slot, OwnedFd)>,
-    /// Images sent as bytes (`init_image`, `mask_image`), copied out of the message and
-    /// within `limits.max_image_bytes`; [`super::images::finish`] (off the async threads:
-    /// it hashes them) puts them in the request.
+    /// Images sent as bytes (`init_image`, `mask_image`, `controls[i].image`), copied out
+    /// of the message and within `limits.max_image_bytes`; [`super::images::finish`] (off
+    /// the async threads: it hashes them) puts them in the request.
     pub image_bytes: Vec<(Slot, std::sync::Arc<[u8]>)>,
 }
 
@@ -210,11 +212,7 @@ macro_rules! image_key {
                 Ok(())
             },
             write: |r, d| {
-                let image = match $slot {
-                    Slot::Init => &r.init_image,
-                    Slot::Mask => &r.mask_image,
-                };
-                if let Some(image) = image {
+                if let Some(image) = $slot.field_ref(r) {
                     d.insert($slot.key(), images::write(image));
                 }
             },
@@ -272,10 +270,29 @@ pub const KEYS: &[Key] = &[
     key!(keep_alive: f64),
     key!(loras: Vec<(String, f64)>),
     key!(max_sequence_length: u32),
+    key!(control_guess_mode: bool),
     image_key!(Slot::Init),
     image_key!(Slot::Mask),
     image_fd_key!(Slot::Init),
     image_fd_key!(Slot::Mask),
+    Key {
+        name: controls::KEY,
+        signature: controls::SIGNATURE,
+        read: |p, v| {
+            let read = controls::read(v, p.max_image_bytes)?;
+            p.incoming.request.controls = Some(read.controls);
+            p.incoming.image_bytes.extend(read.bytes);
+            p.incoming.image_fds.extend(read.fds);
+            Ok(())
+        },
+        // The property's form (images as their SHA-256); a client sends the images
+        // themselves ([`to_sent_dict`]).
+        write: |r, d| {
+            if let Some(c) = &r.controls {
+                d.insert(controls::KEY, controls::property(c));
+            }
+        },
+    },
     Key {
         name: "output_fds",
         signature: "ah",
@@ -367,16 +384,20 @@ pub fn to_dict(request: &GenerateRequest) -> Dict<'_> {
 }
 
 /// The `a{sv}` a client sends for `Generate`: [`to_dict`], with the images written as
-/// byte strings ([`Sent::Bytes`]).
+/// byte strings ([`Sent::Bytes`]), the control images too (in `controls`).
 pub fn to_sent_dict(request: &GenerateRequest) -> SentDict<'_> {
     let mut sent: SentDict<'_> = to_dict_without_images(request)
         .into_iter()
+        .filter(|(k, _)| *k != controls::KEY)
         .map(|(k, v)| (k, Sent::Value(v)))
         .collect();
     for slot in [Slot::Init, Slot::Mask] {
         if let Some(image) = slot.field_ref(request) {
             sent.insert(slot.key(), Sent::Bytes(image.bytes()));
         }
+    }
+    if let Some(c) = &request.controls {
+        sent.insert(controls::KEY, controls::sent(c));
     }
     sent
 }
@@ -393,7 +414,8 @@ fn to_dict_without_images(request: &GenerateRequest) -> Dict<'_> {
 }
 
 /// [`to_dict`] as owned values (a property's value), without the images: their rows are
-/// not even written (a `Value` array holds one `Value` per byte).
+/// not even written (a `Value` array holds one `Value` per byte); `controls` shows each
+/// control image as its SHA-256 (`image_sha256`).
 pub fn to_owned_dict(request: &GenerateRequest) -> HashMap<String, OwnedValue> {
     to_dict_without_images(request)
         .into_iter()
@@ -411,15 +433,16 @@ pub const NOT_IN_MANIFEST: &[&str] = &[
     "mask_image_fd",
 ];
 
-/// Keys a batch's `defaults` may not hold, besides [`NOT_IN_MANIFEST`]: the images, which
-/// a daemon batch does not take (a default would be silently ignored otherwise).
-pub const NOT_A_BATCH_DEFAULT: &[&str] = &["prompt", "init_image", "mask_image"];
+/// Keys a batch's `defaults` may not hold, besides [`NOT_IN_MANIFEST`]: the images (and
+/// the ControlNets, which carry images), which a daemon batch does not take (a default
+/// would be silently ignored otherwise).
+pub const NOT_A_BATCH_DEFAULT: &[&str] = &["prompt", "init_image", "mask_image", "controls"];
 
 /// Reads the defaults of a batch (`SubmitBatch`'s `defaults`): the keys a manifest line
 /// may hold, but not `prompt`, which each line gives, nor images.
 pub fn parse_defaults(raw: &RawDict<'_>) -> Result<GenerateRequest, String> {
     for (name, _) in &raw.0 {
-        if name == "init_image" || name == "mask_image" {
+        if name == "init_image" || name == "mask_image" || name == controls::KEY {
             return Err(format!(
                 "'{name}' cannot be a batch default: daemon batches take no images \
                  (run image-to-image batches with diffusionctl batch --local)"
@@ -456,7 +479,11 @@ pub fn from_json(
                 .map(|k| k.name)
                 .filter(|k| !NOT_IN_MANIFEST.contains(k))
                 .collect();
-            known.extend_from_slice(extra);
+            for e in extra {
+                if !known.contains(e) {
+                    known.push(e);
+                }
+            }
             errors.push((
                 name.clone(),
                 format!("unknown key (known: {})", known.join(", ")),

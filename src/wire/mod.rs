@@ -1,12 +1,13 @@
 //! The D-Bus contract (docs/dbus-api.md), written once for the daemon and the client:
 //! the bus name, object paths, interface and error names ([`error`]), the request keys
-//! with their D-Bus types and conversions both ways ([`keys`]), and the reply dicts
-//! ([`reply`]).
+//! with their D-Bus types and conversions both ways ([`keys`]; the ControlNets of
+//! `controls` in [`controls`]), and the reply dicts ([`reply`]).
 //!
 //! The `#[interface]` and `#[proxy]` attributes need literal names; unit tests check that
 //! those literals equal the constants here.
 
 pub mod batch;
+pub mod controls;
 pub mod error;
 pub mod images;
 pub mod keys;

@@ -10,6 +10,8 @@
 //!   message, copied only once the key's size limit has passed;
 //! * `ah` as the list of fds (a message carries a handful; the bus bounds them);
 //! * `a{sv}` (batch `defaults`) as a nested [`RawDict`], read by the same rules;
+//! * `aa{sv}` (`controls`) as a list of such dicts (a control dict's `image` is one of
+//!   [`BYTE_KEYS`]);
 //! * `a(sd)` (`loras`) as its (string, double) pairs;
 //! * a variant inside a variant as what it holds;
 //! * anything else (an unknown key's `ay`, an `as`, a struct) is skipped without being
@@ -25,9 +27,10 @@ use std::marker::PhantomData;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use zbus::zvariant::{self, Fd, OwnedFd, Signature, Value};
 
-/// Keys whose `ay` values are kept (the images of `Generate`). Bytes under any other key
-/// are never copied.
-pub const BYTE_KEYS: &[&str] = &["init_image", "mask_image"];
+/// Keys whose `ay` values are kept (the images of `Generate`, and a ControlNet's control
+/// image, `image` in its dict). Bytes under any other key are never copied; kept ones are
+/// borrowed from the message until their key's row has checked their size.
+pub const BYTE_KEYS: &[&str] = &["init_image", "mask_image", "image"];
 
 /// An `a{sv}` as sent, every entry in order: a key sent twice stays twice, so it can be
 /// refused (a map would keep one of them silently). Values borrow from the message.
@@ -45,6 +48,8 @@ pub enum Field<'m> {
     Fds(Vec<OwnedFd>),
     /// An `a{sv}`.
     Dict(RawDict<'m>),
+    /// An `aa{sv}` (`controls`).
+    Dicts(Vec<RawDict<'m>>),
     /// An `a(sd)`: (name, number) pairs (`loras`).
     Pairs(Vec<(String, f64)>),
     /// Any other value: not decoded; its D-Bus signature.
@@ -59,6 +64,7 @@ impl Field<'_> {
             Field::Bytes(_) => "ay".into(),
             Field::Fds(_) => "ah".into(),
             Field::Dict(_) => "a{sv}".into(),
+            Field::Dicts(_) => "aa{sv}".into(),
             Field::Pairs(_) => "a(sd)".into(),
             Field::Skipped(s) => s.clone(),
         }
@@ -177,6 +183,10 @@ impl<'de: 'm, 'm> Visitor<'de> for FieldSeed<'m> {
             }
             "ah" => Field::Fds(seq.next_element::<Vec<OwnedFd>>()?.ok_or_else(missing)?),
             "a{sv}" => Field::Dict(seq.next_element::<RawDict<'m>>()?.ok_or_else(missing)?),
+            "aa{sv}" => Field::Dicts(
+                seq.next_element::<Vec<RawDict<'m>>>()?
+                    .ok_or_else(missing)?,
+            ),
             "a(sd)" => Field::Pairs(
                 seq.next_element::<Vec<(String, f64)>>()?
                     .ok_or_else(missing)?,
@@ -201,6 +211,8 @@ pub enum Sent<'a> {
     Bytes(&'a [u8]),
     /// An `a{sv}` of such values.
     Dict(SentDict<'a>),
+    /// An `aa{sv}` of such values (`controls`).
+    Dicts(Vec<SentDict<'a>>),
 }
 
 /// The `a{sv}` a client sends.
@@ -233,6 +245,15 @@ impl serde::Serialize for Sent<'_> {
             Sent::Dict(d) => {
                 let mut st = s.serialize_struct("Variant", 2)?;
                 st.serialize_field("signature", <SentDict<'_> as zvariant::Type>::SIGNATURE)?;
+                st.serialize_field("value", d)?;
+                st.end()
+            }
+            Sent::Dicts(d) => {
+                let mut st = s.serialize_struct("Variant", 2)?;
+                st.serialize_field(
+                    "signature",
+                    <Vec<SentDict<'_>> as zvariant::Type>::SIGNATURE,
+                )?;
                 st.serialize_field("value", d)?;
                 st.end()
             }

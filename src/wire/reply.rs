@@ -180,6 +180,10 @@ pub struct ModelInfo {
     /// name): each is a loaded copy of the model with those weights merged.
     #[serde(with = "as_value")]
     pub lora_sets: Vec<String>,
+    /// The ControlNets requests may name in `controls` (the folders under its
+    /// `controlnet/`), sorted; empty when it has none or could not be opened.
+    #[serde(with = "as_value")]
+    pub controlnets: Vec<String>,
 }
 
 /// One LoRA file a model may use, as `ListLoras` describes it. Keys a reader does not
@@ -332,6 +336,7 @@ mod tests {
             expires_in: Some(-1.0),
             memory_bytes: Some(1 << 30),
             lora_sets: vec!["style=0.8".into()],
+            controlnets: vec!["canny".into(), "depth".into()],
         };
         let unloaded = ModelInfo {
             name: "other".into(),
@@ -350,8 +355,15 @@ mod tests {
             .try_into()
             .unwrap();
         assert_eq!(sets, ["style=0.8"]);
-        assert_eq!(dicts[0].len(), 11);
-        assert_eq!(dicts[1].len(), 9, "no expiry or memory when not loaded");
+        let controlnets: Vec<String> = dicts[0]["controlnets"]
+            .try_clone()
+            .unwrap()
+            .try_into()
+            .unwrap();
+        assert_eq!(controlnets, ["canny", "depth"]);
+        assert_eq!(dicts[0]["controlnets"].value_signature().to_string(), "as");
+        assert_eq!(dicts[0].len(), 12);
+        assert_eq!(dicts[1].len(), 10, "no expiry or memory when not loaded");
         let (back, _): (Vec<ModelInfo>, _) = bytes.deserialize().unwrap();
         assert_eq!(back, vec![info, unloaded]);
     }

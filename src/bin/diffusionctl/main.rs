@@ -2,9 +2,11 @@
 //! does the D-Bus work; this binary parses flags, shows progress and tables
 //! ([`progress`], [`output`]) and names the output files. `generate --local` runs the
 //! pipeline in-process (`diffusiond::local`); [`batch`] runs manifests; [`verify`]
-//! generates an image again from its `parameters` chunk.
+//! generates an image again from its `parameters` chunk; [`controls`] pairs the ControlNet
+//! flags.
 
 mod batch;
+mod controls;
 mod output;
 mod progress;
 mod verify;
@@ -120,6 +122,8 @@ struct GenerateArgs {
     /// Same size as the init image.
     #[arg(long, value_name = "FILE", requires = "init_image")]
     mask_image: Option<PathBuf>,
+    #[command(flatten)]
+    controls: controls::ControlFlags,
     /// Job priority: higher runs first (daemon only) [default: 0].
     #[arg(long, allow_negative_numbers = true, conflicts_with = "local")]
     priority: Option<i32>,
@@ -427,6 +431,8 @@ fn request(args: &GenerateArgs) -> Result<GenerateRequest, String> {
         priority: args.priority,
         init_image: read("--init-image", &args.init_image)?,
         mask_image: read("--mask-image", &args.mask_image)?,
+        controls: args.controls.inputs()?,
+        control_guess_mode: args.controls.guess_mode(),
         preview_every: args
             .preview
             .as_ref()

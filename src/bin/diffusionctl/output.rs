@@ -129,7 +129,8 @@ pub fn format_status(status: &Status) -> String {
     s
 }
 
-/// Formats `ListModels` as a table.
+/// Formats `ListModels` as a table, then one line per model with ControlNets
+/// (`NAME controlnets: canny, depth`; none when no model has any).
 pub fn format_models(models: &[ModelInfo]) -> String {
     let rows: Vec<[String; 6]> = models
         .iter()
@@ -144,10 +145,18 @@ pub fn format_models(models: &[ModelInfo]) -> String {
             ]
         })
         .collect();
-    table(
+    let mut text = table(
         ["NAME", "KIND", "SCHEDULER", "LOADED", "DEFAULT", "PATH"],
         &rows,
-    )
+    );
+    for m in models.iter().filter(|m| !m.controlnets.is_empty()) {
+        text.push_str(&format!(
+            "{} controlnets: {}\n",
+            printable(&m.name),
+            printable(&m.controlnets.join(", "))
+        ));
+    }
+    text
 }
 
 /// Formats `ListLoras` as a table.
@@ -256,6 +265,23 @@ mod tests {
             t,
             "JOB  STATE    STEP  PATH\n1    running  3/20  /io/github/Diffusiond1/job/1\n"
         );
+    }
+
+    #[test]
+    fn models_list_their_controlnets_under_the_table() {
+        let model = |name: &str, controlnets: &[&str]| ModelInfo {
+            name: name.into(),
+            kind: "sd".into(),
+            path: format!("/m/{name}"),
+            controlnets: controlnets.iter().map(|c| c.to_string()).collect(),
+            ..Default::default()
+        };
+        let t = format_models(&[model("plain", &[]), model("cn", &["canny", "depth"])]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        assert!(lines[0].starts_with("NAME"), "{t}");
+        assert_eq!(lines[3], "cn controlnets: canny, depth");
+        assert_eq!(format_models(&[model("plain", &[])]).lines().count(), 2);
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub struct VerifyArgs {
     /// The mask of an inpainting image, given again (checked against its `Mask hash`).
     #[arg(long, value_name = "FILE", requires = "init_image")]
     mask_image: Option<PathBuf>,
+    /// The control image of each ControlNet the image records (`ControlNet 0`, …), given
+    /// again in that order (repeatable; not checked by hash: the record has none).
+    #[arg(long, value_name = "FILE")]
+    control_image: Vec<PathBuf>,
     /// With --model-dir: a LoRA file the image names (its `Loras` or `<lora:...>` tags),
     /// given again (repeatable; checked against its `Lora hashes`).
     #[arg(long, value_name = "FILE", requires = "model_dir")]
@@ -254,6 +258,39 @@ fn attach_edit_images(
     Ok(())
 }
 
+/// The control images given again (`--control-image`), one per ControlNet the receipt's
+/// request records, in order; `what` names the PNG in messages.
+fn attach_control_images(
+    request: &mut GenerateRequest,
+    files: Vec<(&Path, Vec<u8>)>,
+    what: &str,
+) -> Result<(), String> {
+    let controls = request
+        .controls
+        .as_mut()
+        .map_or(&mut [][..], Vec::as_mut_slice);
+    if files.len() != controls.len() {
+        let names: Vec<&str> = controls
+            .iter()
+            .filter_map(|c| c.controlnet.as_deref())
+            .collect();
+        return Err(if controls.is_empty() {
+            format!("{what} was made without a ControlNet: --control-image is not used")
+        } else {
+            format!(
+                "{what} was made with {} ControlNet(s) ({}): give each one's control image again with --control-image, in that order ({} given)",
+                controls.len(),
+                names.join(", "),
+                files.len()
+            )
+        });
+    }
+    for (control, (_, bytes)) in controls.iter_mut().zip(files) {
+        control.image = Some(ImageInput::new(bytes));
+    }
+    Ok(())
+}
+
 /// `verify`: prints what was checked, then the verdict; a `different` image exits 1.
 pub fn run(args: VerifyArgs) -> Result<(), Failure> {
     let what = args.image.display().to_string();
@@ -286,6 +323,16 @@ pub fn run(args: VerifyArgs) -> Result<(), Failure> {
         read_file("--mask-image", args.mask_image.as_deref())?,
         &what,
     )?;
+    let control_images = args
+        .control_image
+        .iter()
+        .map(|p| {
+            std::fs::read(p)
+                .map(|b| (p.as_path(), b))
+                .map_err(|e| format!("--control-image {}: {e}", p.display()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    attach_control_images(&mut request, control_images, &what)?;
 
     let (pngs, source) = match &args.model_dir {
         Some(dir) => (
@@ -516,5 +563,41 @@ mod tests {
         assert!(r.mask_image.is_some());
         let e = attach(Mode::Inpaint, file(b"init"), file(b"init")).unwrap_err();
         assert!(e.contains("--mask-image f.png: its hash"), "{e}");
+    }
+
+    #[test]
+    fn control_images_are_needed_one_per_recorded_controlnet() {
+        use diffusiond::request::ControlInput;
+        let p = Path::new("c.png");
+        let recorded = |names: &[&str]| GenerateRequest {
+            controls: (!names.is_empty()).then(|| {
+                names
+                    .iter()
+                    .map(|n| ControlInput {
+                        controlnet: Some(n.to_string()),
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
+            ..Default::default()
+        };
+        let mut r = recorded(&[]);
+        assert!(attach_control_images(&mut r, vec![], "x.png").is_ok());
+        let e = attach_control_images(&mut r, vec![(p, b"a".to_vec())], "x.png").unwrap_err();
+        assert!(e.contains("without a ControlNet"), "{e}");
+        let mut r = recorded(&["canny", "depth"]);
+        let e = attach_control_images(&mut r, vec![(p, b"a".to_vec())], "x.png").unwrap_err();
+        assert!(
+            e.contains("2 ControlNet(s) (canny, depth)") && e.contains("(1 given)"),
+            "{e}"
+        );
+        attach_control_images(
+            &mut r,
+            vec![(p, b"a".to_vec()), (p, b"b".to_vec())],
+            "x.png",
+        )
+        .unwrap();
+        let controls = r.controls.unwrap();
+        assert_eq!(controls[1].image, Some(ImageInput::new(b"b".to_vec())));
     }
 }

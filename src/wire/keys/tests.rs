@@ -34,6 +34,15 @@ fn every_key_round_trips() {
         keep_alive: Some(30.0),
         loras: Some(vec![("style".into(), 0.8), ("char".into(), -1.0)]),
         max_sequence_length: Some(77),
+        // Without its image, the property's form reads back as sent.
+        controls: Some(vec![crate::request::ControlInput {
+            controlnet: Some("canny".into()),
+            image: None,
+            scale: Some(0.8),
+            start: Some(0.25),
+            end: Some(1.0),
+        }]),
+        control_guess_mode: Some(true),
     };
     let owned = to_owned_dict(&req);
     // Every generation key is written but the images (bytes, never in a property);
@@ -187,6 +196,22 @@ fn batch_defaults_refuse_images_by_name() {
         err.starts_with("'init_image' cannot be a batch default"),
         "{err}"
     );
+    let mut inner = HashMap::new();
+    inner.insert(
+        "controls",
+        Value::from(vec![HashMap::from([("controlnet", Value::from("canny"))])]),
+    );
+    let err = through_wire(vec![("defaults", Value::from(inner))], |raw| {
+        let Field::Dict(d) = &raw.0[0].1 else {
+            panic!("not a dict")
+        };
+        parse_defaults(d)
+    })
+    .unwrap_err();
+    assert!(
+        err.starts_with("'controls' cannot be a batch default: daemon batches take no images"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -252,5 +277,9 @@ fn manifest_lines_name_each_bad_key() {
     assert_eq!(message("prompt"), "expected a string, got 3");
     assert!(message("colour").starts_with("unknown key (known: prompt,"));
     assert!(message("colour").ends_with(", name)"));
+    // A key both in the table and among the extras is listed once.
+    let (_, _, errors) = from_json(line.as_object().unwrap(), &["name", "controls"]);
+    let colour = &errors.iter().find(|(k, _)| k == "colour").unwrap().1;
+    assert_eq!(colour.matches("controls").count(), 1, "{colour}");
     assert!(message("rng").contains("mt"), "{}", message("rng"));
 }
