@@ -53,7 +53,7 @@ Rules, step by step (every failure is reported as "export-model: step '<step>' f
   * Verify: the finished folder is opened by the Rust CLI (`$DIFFUSIONCTL`, else the newer of target/release/
     and target/debug/diffusionctl, else diffusionctl on PATH) with a 1-step 64x64 (or the model's native
     size) `generate --local`; skipped with a warning when there is no binary or when
-    DIFFUSIOND_EXPORT_VERIFY=0.
+    EXPORT_MODEL_VERIFY=0.
   * --add-controlnet CN_SRC[=NAME] OUT: OUT is an exported folder; the new ControlNet is exported into
     a temp copy of OUT (unchanged files hard-linked), and, when OUT's UNet has no residual inputs yet,
     the residual UNet too, which needs the torch weights: `--base SRC` (the folder or checkpoint OUT was
@@ -514,8 +514,8 @@ def find_diffusionctl() -> str | None:
 
 
 def verify(folder: Path, work: Path) -> None:
-    if os.environ.get("DIFFUSIOND_EXPORT_VERIFY", "1") == "0":
-        print("export-model: warning: DIFFUSIOND_EXPORT_VERIFY=0: the folder is not opened with diffusionctl",
+    if os.environ.get("EXPORT_MODEL_VERIFY", "1") == "0":
+        print("export-model: warning: EXPORT_MODEL_VERIFY=0: the folder is not opened with diffusionctl",
               flush=True)
         return
     ctl = find_diffusionctl()
@@ -532,9 +532,9 @@ def verify(folder: Path, work: Path) -> None:
     cmd = [ctl, "generate", "--local", "--model-dir", str(folder), "--prompt", "export check", "--steps", "1",
            "--width", str(size), "--height", str(size), "--seed", "1", "--output", str(png)]
     print("+", " ".join(cmd), flush=True)
-    # diffusiond reads DIFFUSIOND_* variables as configuration keys: hide this script's own ones from it
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFUSIOND_EXPORT_")}
-    r = subprocess.run(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # This script's own variables are named EXPORT_MODEL_*: diffusiond reads every DIFFUSIOND_*
+    # variable as a configuration key.
+    r = subprocess.run(cmd, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if r.returncode != 0 or not png.is_file():
         raise StepError(f"{ctl} could not generate from the folder (exit {r.returncode}):\n{r.stdout[-4000:]}")
 

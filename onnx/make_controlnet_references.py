@@ -27,8 +27,8 @@ torch.Generator("cpu").manual_seed(seed):
     ControlNets: tiny-sd15: canny (seed 9101), depth (seed 9102); tiny-sd2-v: canny (9201);
     tiny-sdxl: canny (9301).
 
-Fixtures: `scripts/export-model STAGE OUT --controlnet CN=NAME...` (DIFFUSIOND_EXPORT_PYTHON = this
-interpreter, DIFFUSIOND_EXPORT_VERIFY=0) per base; every file it writes except unet/model.onnx and
+Fixtures: `scripts/export-model STAGE OUT --controlnet CN=NAME...` (EXPORT_MODEL_PYTHON = this
+interpreter, EXPORT_MODEL_VERIFY=0) per base; every file it writes except unet/model.onnx and
 controlnet/** must be byte-identical to the committed onnx/<fixture> (and a plain export without
 --controlnet must reproduce every committed file it writes, unet/model.onnx included). Only the differing
 parts are written: onnx/tiny-controlnet/<fixture>/unet/{model.onnx,config.json} and
@@ -237,7 +237,7 @@ def export_model(stage: Path, out: Path, cns: list[tuple[str, Path]]) -> tuple[f
     cmd = [REPO / "scripts" / "export-model", stage, out]
     for name, d in cns:
         cmd += ["--controlnet", f"{d}={name}"]
-    env = dict(fl.deterministic_env(), DIFFUSIOND_EXPORT_PYTHON=sys.executable, DIFFUSIOND_EXPORT_VERIFY="0")
+    env = dict(fl.deterministic_env(), EXPORT_MODEL_PYTHON=sys.executable, EXPORT_MODEL_VERIFY="0")
     print("+", " ".join(str(c) for c in cmd), flush=True)
     t0 = time.monotonic()
     r = subprocess.run([str(c) for c in cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
