@@ -376,9 +376,16 @@ impl Engine {
             return Err(EngineError::ShuttingDown);
         }
         if !job.background {
-            let image_bytes = job.request.edit.as_ref().map_or(0, |e| {
+            let edit_bytes = job.request.edit.as_ref().map_or(0, |e| {
                 e.init.bytes().len() + e.mask.as_ref().map_or(0, |m| m.bytes().len())
             });
+            let control_bytes: usize = job
+                .request
+                .controls
+                .iter()
+                .map(|c| c.image.bytes().len())
+                .sum();
+            let image_bytes = edit_bytes + control_bytes;
             let bounds = admission::Bounds {
                 queue_depth: s.queue_depth,
                 per_caller: s.jobs_per_caller,

@@ -193,7 +193,7 @@ impl Pipeline {
                             &mut views,
                             run_options,
                         )?;
-                        own_res_zero &= !(active && !bound);
+                        own_res_zero &= !active || bound;
                     }
                     if !active {
                         if bound {
