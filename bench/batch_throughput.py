@@ -70,6 +70,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import make_manifest  # noqa: E402
+from run import vm_hwm  # noqa: E402
 
 RUNNERS = ("daemon", "daemon2", "local", "generate", "python")
 NAME = "io.github.Diffusiond1"
@@ -198,16 +199,6 @@ class Bus:
                             "/org/freedesktop/DBus", "org.freedesktop.DBus.NameHasOwner", f"string:{NAME}"],
                            capture_output=True, text=True, timeout=10)
         return r.returncode == 0 and "boolean true" in r.stdout
-
-
-def vm_hwm(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 class Daemon:

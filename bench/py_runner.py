@@ -34,6 +34,22 @@ def vm_hwm_kib() -> int | None:
     return None
 
 
+def session_options(intra: int, inter: int):
+    """The ONNX Runtime session options of the Python runners (this one and bench/transformer_ab.py's):
+    intra/inter-op threads as given, sequential, every graph optimization, CPU memory arena and memory
+    patterns on (ORT's defaults, set explicitly)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = intra
+    so.inter_op_num_threads = inter
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.enable_cpu_mem_arena = True
+    so.enable_mem_pattern = True
+    return so
+
+
 class Timed:
     """Wraps session.run to accumulate the seconds spent inside ONNX Runtime."""
 
@@ -82,13 +98,7 @@ def main() -> None:
     from optimum.onnxruntime import ORTDiffusionPipeline
 
     t_import = time.perf_counter() - T_START
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = args.intra
-    so.inter_op_num_threads = args.inter
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.enable_cpu_mem_arena = True
-    so.enable_mem_pattern = True
+    so = session_options(args.intra, args.inter)
     providers = [args.provider]
     provider_options = [{}]
     if args.provider == "TensorrtExecutionProvider":

@@ -36,6 +36,8 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from py_runner import session_options, vm_hwm_kib  # noqa: E402  (bench/ is on sys.path: this script's folder)
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -48,17 +50,6 @@ MODELS = {
 }
 
 
-def vm_hwm_kib() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def python_runner(args) -> None:
     """Optimum's pipeline in this process: load, warm-up (PNG written), N timed runs; one JSON line."""
     import onnxruntime as ort
@@ -66,13 +57,7 @@ def python_runner(args) -> None:
     import torch
 
     t_import = time.perf_counter() - T_START
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = args.intra
-    so.inter_op_num_threads = args.inter
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.enable_cpu_mem_arena = True
-    so.enable_mem_pattern = True
+    so = session_options(args.intra, args.inter)
     t0 = time.perf_counter()
     pipe = getattr(ortm, args.cls).from_pretrained(
         str(args.model_dir),

@@ -1,12 +1,15 @@
-"""Shared helpers for building the committed tiny fixtures.
+"""Shared helpers for building the committed tiny fixtures and their Python references.
 
 Everything here is deterministic: fixed seeds, sorted JSON, no timestamps and
-no absolute paths in the written files.
+no absolute paths in the written files. numpy and onnxruntime are imported inside
+the functions that need them, so importing this module does not load them (the
+reference scripts import _env before either).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -154,3 +157,101 @@ def copy_tree_files(src: Path, dst: Path) -> None:
     for p in sorted(src.iterdir()):
         if p.is_file():
             shutil.copyfile(p, dst / p.name)
+
+
+def sha256(p: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def select_cases(plan: list[dict], only: list[str] | None) -> list[dict]:
+    """The cases of plan whose id is in only (all of them when only is empty or None); an id that no
+    case has stops the script, naming the known ids."""
+    if only:
+        unknown = set(only) - {c["id"] for c in plan}
+        if unknown:
+            raise SystemExit(f"unknown case ids {sorted(unknown)}; known: {[c['id'] for c in plan]}")
+        plan = [c for c in plan if c["id"] in only]
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference pipelines (make_references.py, make_edit_references.py, make_transformer_references.py
+# and the scripts built on them)
+# ---------------------------------------------------------------------------------------------
+
+# How every reference pipeline's ONNX Runtime sessions are set up (load_ort_pipeline); the
+# manifests record this dict as their "session_options".
+SESSION_OPTIONS = {
+    "provider": "CPUExecutionProvider",
+    "intra_op_num_threads": 1,
+    "inter_op_num_threads": 1,
+    "execution_mode": "ORT_SEQUENTIAL",
+    "graph_optimization_level": "ORT_ENABLE_ALL",
+    "use_io_binding": False,
+    "use_deterministic_compute": True,
+}
+
+
+def load_ort_pipeline(cls, model_dir: Path):
+    """cls.from_pretrained(model_dir) for an Optimum ORT pipeline class, with SESSION_OPTIONS: one
+    intra/inter-op thread, sequential, every graph optimization, no IO binding, local files only; the
+    progress bar off."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = SESSION_OPTIONS["intra_op_num_threads"]
+    so.inter_op_num_threads = SESSION_OPTIONS["inter_op_num_threads"]
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.use_deterministic_compute", "1")  # no-op on CPU; recorded
+    pipe = cls.from_pretrained(
+        str(model_dir),
+        provider=SESSION_OPTIONS["provider"],
+        session_options=so,
+        use_io_binding=False,
+        local_files_only=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class Recorder:
+    """Wraps an ORT session's run() to record what the pipeline fed it (calls: one dict of numpy copies
+    per call) and, with keep_outputs, what the session returned (outputs: one list of copies per call).
+    restore() puts the session's own run() back."""
+
+    def __init__(self, session, keep_outputs: bool = True):
+        self.session = session
+        self.orig = session.run
+        self.keep_outputs = keep_outputs
+        self.calls = []
+        self.outputs = []
+        session.run = self.run
+
+    def run(self, output_names, feeds, *a, **kw):
+        import numpy as np
+
+        self.calls.append({k: np.array(v, copy=True) for k, v in feeds.items()})
+        out = self.orig(output_names, feeds, *a, **kw)
+        if self.keep_outputs:
+            self.outputs.append([np.array(o, copy=True) for o in out])
+        return out
+
+    def restore(self):
+        self.session.run = self.orig
+
+
+def save_images(out_dir: Path, images, pils, stem: str = "image", rel: str | None = None):
+    """For each k: out_dir/{stem}{k}.npy (images[k] as float32) and out_dir/{stem}{k}.png (pils[k], the
+    pipeline's numpy_to_pil of images). Returns (npy paths, png paths) as "rel/NAME" (rel: out_dir.name)."""
+    import numpy as np
+
+    rel = out_dir.name if rel is None else rel
+    npys, pngs = [], []
+    for k, pil in enumerate(pils):
+        np.save(out_dir / f"{stem}{k}.npy", images[k].astype(np.float32))
+        pil.save(out_dir / f"{stem}{k}.png")
+        npys.append(f"{rel}/{stem}{k}.npy")
+        pngs.append(f"{rel}/{stem}{k}.png")
+    return npys, pngs

@@ -89,26 +89,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+from _env import REPO  # first: one CPU thread, offline Hub, no CUDA (see _env.py)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-
-from golden_a1111 import BACKTRACK, CHUNK, chunk, is_break, parse_attention, weight_chunk  # noqa: E402
-from make_edit_references import Recorder, load_pipeline, pipeline_class  # noqa: E402
-from make_references import SESSION_OPTIONS  # noqa: E402
+from fixture_lib import SESSION_OPTIONS, Recorder, save_images
+from golden_a1111 import BACKTRACK, CHUNK, chunk, is_break, parse_attention, weight_chunk
+from make_edit_references import load_pipeline, pipeline_class
 
 LONG_100 = (
     "an extremely detailed matte painting of a vast ancient city built into the side of a mountain, "
@@ -357,12 +348,7 @@ def run_case(pipe, encoders, sdxl: bool, case: dict, out: Path) -> dict:
             files[name] = f"{rel}/{name}.npy"
         else:
             files[name] = None
-    imgs, pngs = [], []
-    for k, pil in enumerate(pipe.numpy_to_pil(images)):
-        np.save(d / f"image{k}.npy", images[k].astype(np.float32))
-        pil.save(d / f"image{k}.png")
-        imgs.append(f"{rel}/image{k}.npy")
-        pngs.append(f"{rel}/image{k}.png")
+    imgs, pngs = save_images(d, images, pipe.numpy_to_pil(images), rel=rel)
     rec = {key: case[key] for key in ("id", "model", "prompt", "negative_prompt", "steps", "guidance_scale",
                                       "width", "height", "num_images", "seed")}
     rec.update(

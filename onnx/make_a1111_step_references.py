@@ -55,26 +55,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+from _env import REPO  # first: one CPU thread, offline Hub, no CUDA (see _env.py)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-
-from make_a1111_references import DEMO_REP, LONG_100, make_encoders  # noqa: E402
-from make_edit_references import load_pipeline, pipeline_class  # noqa: E402
-from make_references import SESSION_OPTIONS  # noqa: E402
+from fixture_lib import SESSION_OPTIONS, save_images
+from make_a1111_references import DEMO_REP, LONG_100, make_encoders
+from make_edit_references import load_pipeline, pipeline_class
 
 INIT_64 = "tests/golden/edit/inputs/init-64x64.png"
 
@@ -302,12 +293,7 @@ def run_case(pp, pipe, encoders, sdxl, case, out: Path) -> dict:
 
     d = out / case["id"]
     d.mkdir(parents=True)
-    imgs, pngs = [], []
-    for k, pil in enumerate(pipe.numpy_to_pil(images)):
-        np.save(d / f"image{k}.npy", images[k].astype(np.float32))
-        pil.save(d / f"image{k}.png")
-        imgs.append(f"{case['id']}/image{k}.npy")
-        pngs.append(f"{case['id']}/image{k}.png")
+    imgs, pngs = save_images(d, images, pipe.numpy_to_pil(images), rel=case["id"])
     multicond = pp.get_multicond_prompt_list([case["prompt"]])
     rec = dict(case)
     rec.update(

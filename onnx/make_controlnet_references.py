@@ -70,9 +70,7 @@ rules together reproduce diffusers.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -81,20 +79,12 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+from _env import REPO  # first: one CPU thread, offline Hub, no CUDA (see _env.py)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-
-import build_fixtures as bf  # noqa: E402
-import fixture_lib as fl  # noqa: E402
+import build_fixtures as bf
+import fixture_lib as fl
 
 PROMPT = "a photograph of an astronaut riding a horse"
 NEGATIVE = "blurry, low quality"
@@ -185,10 +175,6 @@ def write_controls(d: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def sha256(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
 def build_stage(fx: str, stage: Path, tok_cache: Path) -> None:
     spec = bf.PIPELINES[fx]
     bf.save_torch_pipeline(fx, spec, stage, tok_cache)
@@ -263,7 +249,7 @@ def compare_export(export_dir: Path, committed: Path, skip) -> list[str]:
         q = committed / rel
         if not q.is_file():
             raise RuntimeError(f"the export has {rel}, the committed fixture {committed} does not")
-        if sha256(p) != sha256(q):
+        if fl.sha256(p) != fl.sha256(q):
             raise RuntimeError(f"the export differs from the committed fixture: {committed / rel}")
         checked.append(str(rel))
     return checked
@@ -462,12 +448,7 @@ def make_goldens(out_golden: Path, out_fixtures: Path, repo_root: Path, only: li
 
     torch.set_num_threads(1)
     diffusers.utils.logging.disable_progress_bar()
-    plan = case_plan()
-    if only:
-        unknown = set(only) - {c["id"] for c in plan}
-        if unknown:
-            raise SystemExit(f"unknown case ids {sorted(unknown)}; known: {[c['id'] for c in plan]}")
-        plan = [c for c in plan if c["id"] in only]
+    plan = fl.select_cases(case_plan(), only)
     if out_golden.exists():
         shutil.rmtree(out_golden)
     out_golden.mkdir(parents=True)

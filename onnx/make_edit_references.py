@@ -127,28 +127,18 @@ Decoding / output: image = vae_decoder(latents / scaling_factor); postprocess: (
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+from _env import REPO  # first: one CPU thread, offline Hub, no CUDA (see _env.py)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-
-from make_references import SESSION_OPTIONS  # noqa: E402
-from scheduler_names import SCHEDULERS  # noqa: E402
+from fixture_lib import SESSION_OPTIONS, Recorder, load_ort_pipeline, save_images, sha256
+from scheduler_names import SCHEDULERS
 
 PROMPTS = [
     "a photograph of an astronaut riding a horse",
@@ -420,43 +410,7 @@ def pipeline_class(mode: str, model_dir: Path):
 
 
 def load_pipeline(cls, model_dir: Path):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = SESSION_OPTIONS["intra_op_num_threads"]
-    so.inter_op_num_threads = SESSION_OPTIONS["inter_op_num_threads"]
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.use_deterministic_compute", "1")
-    pipe = cls.from_pretrained(
-        str(model_dir),
-        provider=SESSION_OPTIONS["provider"],
-        session_options=so,
-        use_io_binding=False,
-        local_files_only=True,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-class Recorder:
-    """Wraps an ORT session's run() to record inputs and outputs."""
-
-    def __init__(self, session):
-        self.session = session
-        self.orig = session.run
-        self.calls = []
-        self.outputs = []
-        session.run = self.run
-
-    def run(self, output_names, feeds, *a, **kw):
-        self.calls.append({k: np.array(v, copy=True) for k, v in feeds.items()})
-        out = self.orig(output_names, feeds, *a, **kw)
-        self.outputs.append([np.array(o, copy=True) for o in out])
-        return out
-
-    def restore(self):
-        self.session.run = self.orig
+    return load_ort_pipeline(cls, model_dir)
 
 
 def guidance_embedding(g: float, n: int, dim: int):
@@ -666,13 +620,7 @@ def run_case(pipe, base_cfg: dict, case: dict, edit_root: Path, out_dir: Path) -
     if is_lcm:
         np.save(out_dir / "timestep_cond.npy", unet_calls[0]["timestep_cond"])
         extra_files["timestep_cond"] = f"{rel}/timestep_cond.npy"
-    img_files, png_files = [], []
-    pils = pipe.numpy_to_pil(images)
-    for k in range(n):
-        np.save(out_dir / f"image{k}.npy", images[k].astype(np.float32))
-        pils[k].save(out_dir / f"image{k}.png")
-        img_files.append(f"{rel}/image{k}.npy")
-        png_files.append(f"{rel}/image{k}.png")
+    img_files, png_files = save_images(out_dir, images, pipe.numpy_to_pil(images))
 
     rec = {
         k: case[k]
@@ -713,10 +661,6 @@ def run_case(pipe, base_cfg: dict, case: dict, edit_root: Path, out_dir: Path) -
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def sha256(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def make_edit_goldens(out: Path, repo_root: Path, only: list[str] | None = None) -> None:

@@ -92,29 +92,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+from _env import REPO  # first: one CPU thread, offline Hub, no CUDA (see _env.py)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-
-from make_edit_references import NEGATIVES, PROMPTS, Recorder, load_pipeline  # noqa: E402
-from make_references import SESSION_OPTIONS  # noqa: E402
-from scheduler_names import SCHEDULERS  # noqa: E402
+from fixture_lib import SESSION_OPTIONS, Recorder, save_images, sha256
+from make_edit_references import NEGATIVES, PROMPTS, load_pipeline
+from scheduler_names import SCHEDULERS
 
 SRC = "onnx/tiny-sd15"
 DST = "onnx/tiny-sd15-fp16"
@@ -421,18 +411,8 @@ def run_case(pipe, base_cfg: dict, case: dict, golden: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     rel = out_dir.name
     np.save(out_dir / "latents.npy", lat.float().numpy())
-    img_files, png_files, host_files, host_pngs = [], [], [], []
-    pils = pipe.numpy_to_pil(images)
-    host_pils = pipe.numpy_to_pil(host32)
-    for k in range(n):
-        np.save(out_dir / f"image{k}.npy", images[k].astype(np.float32))
-        pils[k].save(out_dir / f"image{k}.png")
-        img_files.append(f"{rel}/image{k}.npy")
-        png_files.append(f"{rel}/image{k}.png")
-        np.save(out_dir / f"f32_host_image{k}.npy", host32[k].astype(np.float32))
-        host_pils[k].save(out_dir / f"f32_host_image{k}.png")
-        host_files.append(f"{rel}/f32_host_image{k}.npy")
-        host_pngs.append(f"{rel}/f32_host_image{k}.png")
+    img_files, png_files = save_images(out_dir, images, pipe.numpy_to_pil(images))
+    host_files, host_pngs = save_images(out_dir, host32, pipe.numpy_to_pil(host32), stem="f32_host_image")
 
     unet_calls = recs["unet"].calls
     rec = {
@@ -470,10 +450,6 @@ def run_case(pipe, base_cfg: dict, case: dict, golden: Path) -> dict:
         f32_host_diff=f32_diff,
     )
     return rec
-
-
-def sha256(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def make_references(golden: Path, repo_root: Path) -> None:

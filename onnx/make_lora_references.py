@@ -60,10 +60,8 @@ is the same call on the committed fixture without LoRA.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -71,21 +69,14 @@ import tempfile
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+from _env import REPO  # first: one CPU thread, offline Hub, no CUDA (see _env.py)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-
-import build_fixtures as bf  # noqa: E402
-import fixture_lib as fl  # noqa: E402
-from make_references import SESSION_OPTIONS, Recorder, load_pipeline  # noqa: E402
+import build_fixtures as bf
+import fixture_lib as fl
+from fixture_lib import SESSION_OPTIONS, Recorder
+from make_references import load_pipeline
 
 PROMPT = "a photograph of an astronaut riding a horse"
 NEGATIVE = "blurry, low quality"
@@ -440,10 +431,6 @@ def write_lora_files(loras_dir: Path, names: list[str], base_stages: dict) -> di
 # ---------------------------------------------------------------------------------------------
 
 
-def sha256(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
 def export(stage: Path, out: Path, fixture: str, tok_cache: Path) -> None:
     """optimum-cli export + tokenizer files + scheduler config, as build_fixtures.build_pipeline."""
     spec = bf.PIPELINES[fixture]
@@ -471,7 +458,7 @@ def check_base_export(export_dir: Path, committed: Path) -> list[str]:
         q = committed / rel
         if not q.exists():
             raise RuntimeError(f"rebuilt export has {rel}, the committed fixture {committed} does not")
-        if sha256(p) != sha256(q):
+        if fl.sha256(p) != fl.sha256(q):
             raise RuntimeError(f"rebuilt base export differs from the committed fixture: {committed / rel}")
         checked.append(str(rel))
     for need in ("unet/model.onnx", "text_encoder/model.onnx"):
@@ -482,7 +469,7 @@ def check_base_export(export_dir: Path, committed: Path) -> list[str]:
 def run_case(pipe, case: dict, out_dir: Path | None) -> tuple[np.ndarray, dict]:
     import torch
 
-    rec = Recorder(pipe.unet.session)
+    rec = Recorder(pipe.unet.session, keep_outputs=False)
     gen = torch.Generator("cpu").manual_seed(case["seed"])
     try:
         images = pipe(
@@ -510,13 +497,7 @@ def run_case(pipe, case: dict, out_dir: Path | None) -> tuple[np.ndarray, dict]:
     )
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        pils = pipe.numpy_to_pil(images)
-        imgs, pngs = [], []
-        for k in range(images.shape[0]):
-            np.save(out_dir / f"image{k}.npy", images[k].astype(np.float32))
-            pils[k].save(out_dir / f"image{k}.png")
-            imgs.append(f"{out_dir.name}/image{k}.npy")
-            pngs.append(f"{out_dir.name}/image{k}.png")
+        imgs, pngs = fl.save_images(out_dir, images, pipe.numpy_to_pil(images))
         meta.update(images=imgs, pngs=pngs, image_shape=list(images.shape[1:]))
     return images.astype(np.float32), meta
 
@@ -528,12 +509,7 @@ def make_lora_goldens(out: Path, repo_root: Path, only: list[str] | None) -> Non
 
     torch.set_num_threads(1)
     diffusers.utils.logging.disable_progress_bar()
-    plan = case_plan()
-    if only:
-        unknown = set(only) - {c["id"] for c in plan}
-        if unknown:
-            raise SystemExit(f"unknown case ids {sorted(unknown)}; known: {[c['id'] for c in plan]}")
-        plan = [c for c in plan if c["id"] in only]
+    plan = fl.select_cases(case_plan(), only)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -592,7 +568,7 @@ def make_lora_goldens(out: Path, repo_root: Path, only: list[str] | None) -> Non
         spec = d["spec"]
         files[name] = dict(
             file=f"loras/{name}.safetensors",
-            sha256=sha256(out / "loras" / f"{name}.safetensors"),
+            sha256=fl.sha256(out / "loras" / f"{name}.safetensors"),
             model=f"onnx/{spec['fixture']}",
             format=spec["format"],
             rank=spec["rank"],

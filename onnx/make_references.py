@@ -27,23 +27,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+from _env import REPO  # first: one CPU thread, offline Hub, no CUDA (see _env.py)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-
-from scheduler_names import SCHEDULERS  # noqa: E402
+from fixture_lib import SESSION_OPTIONS, Recorder, load_ort_pipeline, save_images
+from scheduler_names import SCHEDULERS
 
 PROMPTS = [
     "a photograph of an astronaut riding a horse",
@@ -57,16 +50,6 @@ PROMPTS = [
     "",
 ]
 NEGATIVES = ["blurry, low quality", "ugly, deformed, watermark 👎"]
-
-SESSION_OPTIONS = {
-    "provider": "CPUExecutionProvider",
-    "intra_op_num_threads": 1,
-    "inter_op_num_threads": 1,
-    "execution_mode": "ORT_SEQUENTIAL",
-    "graph_optimization_level": "ORT_ENABLE_ALL",
-    "use_io_binding": False,
-    "use_deterministic_compute": True,
-}
 
 
 def case_plan() -> list[dict]:
@@ -152,38 +135,9 @@ def case_plan() -> list[dict]:
 
 
 def load_pipeline(model_dir: Path):
-    import onnxruntime as ort
     from optimum.onnxruntime import ORTDiffusionPipeline
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = SESSION_OPTIONS["intra_op_num_threads"]
-    so.inter_op_num_threads = SESSION_OPTIONS["inter_op_num_threads"]
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.use_deterministic_compute", "1")  # no-op on CPU; recorded
-    pipe = ORTDiffusionPipeline.from_pretrained(
-        str(model_dir),
-        provider=SESSION_OPTIONS["provider"],
-        session_options=so,
-        use_io_binding=False,
-        local_files_only=True,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-class Recorder:
-    """Wraps an ORT session's run() to record what the pipeline fed it."""
-
-    def __init__(self, session):
-        self.session = session
-        self.orig = session.run
-        self.calls = []
-        session.run = self.run
-
-    def run(self, output_names, feeds, *a, **kw):
-        self.calls.append({k: np.array(v, copy=True) for k, v in feeds.items()})
-        return self.orig(output_names, feeds, *a, **kw)
+    return load_ort_pipeline(ORTDiffusionPipeline, model_dir)
 
 
 def run_case(pipe, base_sched_config: dict, case: dict, out_dir: Path) -> dict:
@@ -193,8 +147,8 @@ def run_case(pipe, base_sched_config: dict, case: dict, out_dir: Path) -> dict:
     cls_name, extra = SCHEDULERS[case["scheduler"]]
     pipe.scheduler = getattr(diffusers, cls_name).from_config(base_sched_config, **extra)
 
-    unet_rec = Recorder(pipe.unet.session)
-    te_rec = Recorder(pipe.text_encoder.session)
+    unet_rec = Recorder(pipe.unet.session, keep_outputs=False)
+    te_rec = Recorder(pipe.text_encoder.session, keep_outputs=False)
     captured = {}
     orig_prepare = pipe.prepare_latents
 
@@ -246,13 +200,7 @@ def run_case(pipe, base_sched_config: dict, case: dict, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     rel = out_dir.name
     np.save(out_dir / "latents.npy", latents)
-    img_files, png_files = [], []
-    pils = pipe.numpy_to_pil(images)
-    for k in range(n):
-        np.save(out_dir / f"image{k}.npy", images[k].astype(np.float32))
-        pils[k].save(out_dir / f"image{k}.png")
-        img_files.append(f"{rel}/image{k}.npy")
-        png_files.append(f"{rel}/image{k}.png")
+    img_files, png_files = save_images(out_dir, images, pipe.numpy_to_pil(images))
 
     unet_calls = unet_rec.calls
     ts = [float(c["timestep"]) for c in unet_calls]

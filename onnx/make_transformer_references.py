@@ -31,21 +31,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+from _env import REPO  # first: one CPU thread, offline Hub, no CUDA (see _env.py)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+from fixture_lib import SESSION_OPTIONS, Recorder, load_ort_pipeline, save_images
 
 PROMPTS = [
     "a photograph of an astronaut riding a horse",
@@ -60,16 +54,6 @@ PROMPTS = [
 NEGATIVES = ["blurry, low quality", "ugly, deformed, watermark 👎"]
 INIT_IMAGE = "tests/golden/edit/inputs/init-64x64.png"
 MASK_IMAGE = "tests/golden/edit/inputs/mask-64x64-hard.png"
-
-SESSION_OPTIONS = {
-    "provider": "CPUExecutionProvider",
-    "intra_op_num_threads": 1,
-    "inter_op_num_threads": 1,
-    "execution_mode": "ORT_SEQUENTIAL",
-    "graph_optimization_level": "ORT_ENABLE_ALL",
-    "use_io_binding": False,
-    "use_deterministic_compute": True,
-}
 
 PIPELINE_CLASSES = {
     ("sd3", "txt2img"): "ORTStableDiffusion3Pipeline",
@@ -156,44 +140,9 @@ def case_plan() -> list[dict]:
 
 
 def load_pipeline(model_dir: Path, class_name: str):
-    import onnxruntime as ort
     import optimum.onnxruntime as ortm
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = SESSION_OPTIONS["intra_op_num_threads"]
-    so.inter_op_num_threads = SESSION_OPTIONS["inter_op_num_threads"]
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.use_deterministic_compute", "1")  # no-op on CPU; recorded
-    pipe = getattr(ortm, class_name).from_pretrained(
-        str(model_dir),
-        provider=SESSION_OPTIONS["provider"],
-        session_options=so,
-        use_io_binding=False,
-        local_files_only=True,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-class Recorder:
-    """Wraps an ORT session's run() to record what the pipeline fed it (and the outputs)."""
-
-    def __init__(self, session):
-        self.session = session
-        self.orig = session.run
-        self.calls = []
-        self.outputs = []
-        session.run = self.run
-
-    def run(self, output_names, feeds, *a, **kw):
-        self.calls.append({k: np.array(v, copy=True) for k, v in feeds.items()})
-        out = self.orig(output_names, feeds, *a, **kw)
-        self.outputs.append([np.array(o, copy=True) for o in out])
-        return out
-
-    def restore(self):
-        self.session.run = self.orig
+    return load_ort_pipeline(getattr(ortm, class_name), model_dir)
 
 
 class Patch:
@@ -277,13 +226,7 @@ def run_case(pipe, family: str, case: dict, out_dir: Path, repo_root: Path) -> d
         return arr
 
     n = a["num_images_per_prompt"]
-    img_files, png_files = [], []
-    pils = pipe.numpy_to_pil(images)
-    for k in range(images.shape[0]):
-        np.save(out_dir / f"image{k}.npy", images[k].astype(np.float32))
-        pils[k].save(out_dir / f"image{k}.png")
-        img_files.append(f"{rel}/image{k}.npy")
-        png_files.append(f"{rel}/image{k}.png")
+    img_files, png_files = save_images(out_dir, images, pipe.numpy_to_pil(images))
 
     # --- latents and the noise behind them -------------------------------------------------
     assert len(p_lat.calls) == 1, len(p_lat.calls)
