@@ -12,6 +12,8 @@
 //!
 //! Every run reports wall seconds and the pipeline's stage timings; `local` also reports
 //! the load time, the time of the first (cold-cache) generation, and peak RSS (`VmHWM`).
+//! `local --control NAME=IMAGE` (repeatable) runs the model folder's ControlNet NAME with
+//! that control image (`bench/controlnet_ab.py`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -80,6 +82,28 @@ struct Request {
     /// Write the first generation's images here (OUT.png or OUT-0.png, OUT-1.png, ...).
     #[arg(long)]
     png_out: Option<PathBuf>,
+    /// A ControlNet of the model folder and its control image, `NAME=IMAGE` (local only;
+    /// repeatable).
+    #[arg(long = "control")]
+    controls: Vec<String>,
+}
+
+/// The `--control NAME=IMAGE` values as request controls (scale 1, all steps).
+fn controls(specs: &[String]) -> Result<Vec<diffusiond::request::ControlInput>, String> {
+    specs
+        .iter()
+        .map(|s| {
+            let (name, path) = s
+                .split_once('=')
+                .ok_or_else(|| format!("--control {s}: expected NAME=IMAGE"))?;
+            let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+            Ok(diffusiond::request::ControlInput {
+                controlnet: Some(name.to_string()),
+                image: Some(diffusiond::request::ImageInput::new(bytes)),
+                ..Default::default()
+            })
+        })
+        .collect()
 }
 
 fn main() -> ExitCode {
@@ -135,6 +159,7 @@ fn local(
         width: if req.width == 0 { native } else { req.width },
         height: if req.height == 0 { native } else { req.height },
         num_images: req.num_images,
+        controls: controls(&req.controls)?,
         ..GenerateParams::default()
     };
     let provider = diffusiond::jobs::backend::execution_provider(&runtime);
@@ -180,6 +205,7 @@ fn local(
             "text_encoder_s": tm.text_encoder.as_secs_f64(),
             "unet_s": tm.unet.as_secs_f64(),
             "unet_calls": tm.unet_calls,
+            "controlnet_s": tm.controlnet.as_secs_f64(),
             "scheduler_s": tm.scheduler.as_secs_f64(),
             "vae_s": tm.vae.as_secs_f64(),
             "postprocess_s": tm.postprocess.as_secs_f64(),
