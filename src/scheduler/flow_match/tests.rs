@@ -3,10 +3,12 @@
 //! The bit-exact comparison with diffusers lives in `tests/flow_schedulers.rs`.
 
 use ndarray::{ArrayD, IxDyn};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::*;
-use crate::scheduler::config::ConfigError;
+use crate::rng::NoiseSource;
+use crate::scheduler::Scheduler;
+use crate::scheduler::config::{ConfigError, TimeShiftType};
 
 struct NoNoise;
 
