@@ -10,10 +10,17 @@
 //! The folder is loaded once (`load_s`), then one warm-up generation runs (reported as the
 //! first run) and `--repeats` timed ones; `median_s` is the median of the timed runs. Each
 //! run is `TransformerPipeline::generate` (text encoders, the denoising loop, VAE decode
-//! and pixel conversion); PNG encoding is not timed.
+//! and pixel conversion); PNG encoding is not timed. `float_sha256` is the SHA-256 of the
+//! warm-up generation's float images (every value's f32 bits, little-endian, image after
+//! image): two builds that print the same digest made bit-identical images.
+//! `allocs_per_run` and `alloc_bytes_per_run` count the Rust heap allocations of each timed
+//! generation (a counting global allocator; ONNX Runtime's own C++ allocations are not
+//! seen): two runs with different `--steps` give the allocations per denoising step.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use clap::Parser;
@@ -21,6 +28,48 @@ use diffusiond::pipeline::flow::{FlowParams, TransformerPipeline};
 use diffusiond::pipeline::image;
 use diffusiond::runtime::{Runtime, RuntimeSettings};
 use serde_json::{Value as Json, json};
+use sha2::{Digest, Sha256};
+
+/// The system allocator, counting allocations (and reallocations) and their bytes.
+struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static ALLOC_BYTES: AtomicU64 = AtomicU64::new(0);
+
+fn count(size: usize) {
+    ALLOCS.fetch_add(1, Ordering::Relaxed);
+    ALLOC_BYTES.fetch_add(size as u64, Ordering::Relaxed);
+}
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged, so
+// `System`'s guarantees hold; the counters are atomics and never allocate.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count(layout.size());
+        // SAFETY: the caller's contract for `alloc` is `System.alloc`'s.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count(layout.size());
+        // SAFETY: as for `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator, i.e. from `System`, with `layout`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count(new_size);
+        // SAFETY: `ptr` came from `System` with `layout`; the rest is the caller's contract.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 #[derive(Debug, Parser)]
 struct Cli {
@@ -37,6 +86,15 @@ struct Cli {
     /// SD3: classifier-free guidance scale; FLUX schnell-style models ignore it.
     #[arg(long, default_value_t = 0.0)]
     guidance: f64,
+    /// The negative prompt (SD3 with guidance; FLUX with `--true-cfg-scale` above 1).
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// FLUX: true classifier-free guidance with the negative prompt (two runs a step).
+    #[arg(long, default_value_t = 1.0)]
+    true_cfg_scale: f64,
+    /// Images per generation (one batch).
+    #[arg(long, default_value_t = 1)]
+    images: usize,
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// T5 tokens; 0: the pipeline's default (SD3 256, FLUX 512).
@@ -120,25 +178,43 @@ fn bench(cli: &Cli) -> Result<Json, String> {
     };
     let params = FlowParams {
         prompt: cli.prompt.clone(),
-        negative_prompt: None,
+        negative_prompt: cli.negative_prompt.clone(),
         steps: cli.steps,
         guidance_scale: cli.guidance,
         seed: cli.seed,
         width: cli.size,
         height: cli.size,
-        num_images: 1,
+        num_images: cli.images,
         max_sequence_length,
-        true_cfg_scale: 1.0,
+        true_cfg_scale: cli.true_cfg_scale,
         edit: None,
     };
     let mut first_s = 0.0;
+    let mut digest = String::new();
     let mut runs = Vec::with_capacity(cli.repeats);
+    let mut allocs = Vec::with_capacity(cli.repeats);
+    let mut alloc_bytes = Vec::with_capacity(cli.repeats);
     for i in 0..=cli.repeats {
+        let (a0, b0) = (
+            ALLOCS.load(Ordering::Relaxed),
+            ALLOC_BYTES.load(Ordering::Relaxed),
+        );
         let t = Instant::now();
         let images = pipeline.generate(&params).map_err(|e| e.to_string())?;
         let s = t.elapsed().as_secs_f64();
+        let (a1, b1) = (
+            ALLOCS.load(Ordering::Relaxed),
+            ALLOC_BYTES.load(Ordering::Relaxed),
+        );
         if i == 0 {
             first_s = s;
+            let mut sha = Sha256::new();
+            for img in &images {
+                for v in &img.float {
+                    sha.update(v.to_le_bytes());
+                }
+            }
+            digest = format!("{:x}", sha.finalize());
             if let Some(path) = &cli.png_out {
                 let img = images.first().ok_or("no image generated")?;
                 let png = image::encode_png(&img.rgb, "").map_err(|e| e.to_string())?;
@@ -146,6 +222,8 @@ fn bench(cli: &Cli) -> Result<Json, String> {
             }
         } else {
             runs.push(s);
+            allocs.push(a1 - a0);
+            alloc_bytes.push(b1 - b0);
         }
     }
     Ok(json!({
@@ -158,6 +236,9 @@ fn bench(cli: &Cli) -> Result<Json, String> {
         "size": cli.size,
         "steps": cli.steps,
         "guidance": cli.guidance,
+        "negative_prompt": cli.negative_prompt,
+        "true_cfg_scale": cli.true_cfg_scale,
+        "images": cli.images,
         "seed": cli.seed,
         "max_sequence_length": max_sequence_length,
         "load_s": load_s,
@@ -165,5 +246,8 @@ fn bench(cli: &Cli) -> Result<Json, String> {
         "runs_s": runs,
         "median_s": median(&runs),
         "vm_hwm_kib": vm_hwm_kib(),
+        "allocs_per_run": allocs,
+        "alloc_bytes_per_run": alloc_bytes,
+        "float_sha256": digest,
     }))
 }

@@ -11,14 +11,24 @@
 //!
 //! Text to image, in process ([`TransformerPipeline::generate`]); the daemon, requests and
 //! image-to-image come on top of it.
+//!
+//! The denoising loop allocates nothing per step: once per generation, after the
+//! conditioning, [`Denoiser::prepare`] makes the transformer's buffers for the latents'
+//! shape (`io`: for an all-f32 graph its inputs and outputs bound once with an
+//! `IoBinding`, the conditioning moved into tensors without a copy), and each step
+//! refills them in place; [`Denoiser::predict`] hands back a view of the prediction for
+//! the scheduler. Graphs with other element types keep converting their inputs per run.
 
 pub mod edit;
 pub mod flux;
+mod io;
 pub mod sd3;
+#[cfg(test)]
+mod tests;
 
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array4, ArrayViewD, IxDyn};
+use ndarray::{Array4, ArrayView4, ArrayViewD, IxDyn};
 use ort::session::RunOptions;
 use serde_json::Value;
 
@@ -126,14 +136,26 @@ pub trait Denoiser: Send {
     /// `mu`).
     fn pipeline(&self) -> FlowPipeline;
 
+    /// Makes a generation's buffers for latents `dims` `[n, 16, h, w]`, after
+    /// [`Denoiser::condition`]: the transformer's inputs and outputs (bound once for an
+    /// all-f32 graph, with the conditioning) and the prediction's buffer. The steps refill
+    /// them.
+    fn prepare(&mut self, dims: [usize; 4]) -> Result<(), PipelineError>;
+
     /// The guided velocity at timestep `t` (`sigma · 1000`) for `latents`
-    /// `[n, 16, h, w]`, in the same layout.
+    /// `[n, 16, h, w]` (the prepared shape), in the same layout: a view of the
+    /// generation's buffers, valid until the next call.
     fn predict(
         &mut self,
         latents: &Array4<f32>,
         t: f32,
         run_options: &RunOptions,
-    ) -> Result<Array4<f32>, PipelineError>;
+    ) -> Result<ArrayView4<'_, f32>, PipelineError>;
+
+    /// Test hook: `true` runs all-f32 graphs with their inputs converted per run too, as
+    /// other graphs run (from the next [`Denoiser::prepare`]).
+    #[doc(hidden)]
+    fn force_converted(&mut self, converted: bool);
 }
 
 /// A loaded flow model: its family's [`Denoiser`], scheduler config and VAE decoder.
@@ -244,6 +266,13 @@ impl TransformerPipeline {
         &self.dir
     }
 
+    /// Test hook: `true` runs the transformer with its inputs converted per run, as graphs
+    /// that are not all-f32 run, instead of on bound buffers.
+    #[doc(hidden)]
+    pub fn force_converted(&mut self, converted: bool) {
+        self.denoiser.force_converted(converted);
+    }
+
     /// The timesteps the transformer saw in the last generation (`sigma · 1000`).
     pub fn last_timesteps(&self) -> &[f64] {
         &self.timesteps
@@ -351,8 +380,13 @@ impl TransformerPipeline {
                 (begin, latents, blend)
             }
         };
+        let t0 = Instant::now();
+        let (n, c, h, w) = latents.dim();
+        self.denoiser.prepare([n, c, h, w])?;
+        timings.unet += t0.elapsed();
         let timesteps: Vec<f32> = sched.timesteps().to_vec();
         let last = timesteps.len().saturating_sub(1);
+        // Each step refills the buffers `prepare` made: nothing is allocated per step.
         for (i, &t) in timesteps.iter().enumerate().skip(begin) {
             let t0 = Instant::now();
             let velocity = self.denoiser.predict(&latents, t, run_options)?;

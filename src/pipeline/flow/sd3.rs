@@ -8,13 +8,20 @@
 //! negative prompt (default empty) is encoded the same way and runs first in a doubled
 //! batch; the prediction is `uncond + g·(text − uncond)` in f32. The transformer takes
 //! the timestep as `sigma · 1000` (float), the latents unpacked.
+//!
+//! Buffers ([`Denoiser::prepare`], once per generation): for an all-f32 graph the batch
+//! input (`[2n, 16, h, w]` with guidance), the timestep and the prediction are tensors
+//! bound with the conditioning; a step copies the latents into each half of the batch,
+//! fills the timestep, runs, and writes the guided prediction into the generation's buffer
+//! (without guidance the bound output is the prediction). Nothing is allocated per step.
 
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array2, Array3, Array4, Axis, concatenate, s};
-use ort::session::{RunOptions, Session};
+use ndarray::{Array1, Array2, Array3, Array4, ArrayView4, Axis, concatenate, s};
+use ort::session::{IoBinding, RunOptions, Session};
+use ort::value::Tensor;
 
-use super::{Denoiser, FlowParams, shapes};
+use super::{Denoiser, FlowParams, io, shapes};
 use crate::model::signature::{self, FLOATS, Side, Spec};
 use crate::pipeline::PipelineError;
 use crate::pipeline::components::{TextEncoder, float_input, float_output, ort_err};
@@ -25,12 +32,44 @@ use crate::tokenizer::ClipTokenizer;
 use crate::tokenizer::t5::T5Tokenizer;
 
 /// The prompt embeddings of a batch: `[rows, 77 + L, D]` and `[rows, P]`, unconditional
-/// rows first when guidance runs.
+/// rows first when guidance runs; the encoders' arrays moved into tensors, bound once per
+/// generation.
 struct Cond {
-    hidden: Array3<f32>,
-    pooled: Array2<f32>,
+    hidden: Tensor<f32>,
+    pooled: Tensor<f32>,
     cfg: bool,
     guidance: f32,
+}
+
+/// A generation's buffers for latents `dims` `[n, 16, h, w]`, made by
+/// [`Denoiser::prepare`]: the steps refill them and allocate nothing.
+struct Io {
+    dims: [usize; 4],
+    /// The guided prediction `[n, 16, h, w]` (classifier-free guidance writes it; the
+    /// converted path copies its output here).
+    velocity: Array4<f32>,
+    run: Run,
+}
+
+/// An all-f32 graph's I/O: `hidden_states` (`[rows, 16, h, w]`, the latents once per
+/// classifier-free half), `timestep` (`[rows]`) and `out_hidden_states` bound with the
+/// conditioning, read and written in place.
+struct Bound {
+    binding: IoBinding,
+    hidden_states: Tensor<f32>,
+    timestep: Tensor<f32>,
+    out: Tensor<f32>,
+}
+
+/// How the transformer runs on a generation's buffers.
+enum Run {
+    /// An all-f32 graph: its bound tensors.
+    Bound(Box<Bound>),
+    /// Other element types: the same batch and timestep as host arrays, converted per run.
+    Converted {
+        input: Array4<f32>,
+        timestep: Array1<f32>,
+    },
 }
 
 /// A loaded SD3 folder's text encoders and transformer.
@@ -40,9 +79,14 @@ pub struct Sd3 {
     t5: Option<(T5Tokenizer, TextEncoder)>,
     transformer: Session,
     path: PathBuf,
+    /// `hidden_states`, `encoder_hidden_states`, `pooled_projections`, `timestep`.
     specs: [Spec; 4],
+    out_spec: Spec,
     joint_attention_dim: usize,
     cond: Option<Cond>,
+    io: Option<Io>,
+    /// Test hook: run f32 graphs with converted inputs too.
+    force_converted: bool,
 }
 
 impl Sd3 {
@@ -89,7 +133,7 @@ impl Sd3 {
             req("pooled_projections", &[2])?,
             req("timestep", &[1])?,
         ];
-        signature::require(
+        let out_spec = signature::require(
             &transformer,
             &path,
             Side::Output,
@@ -109,8 +153,11 @@ impl Sd3 {
             transformer,
             path,
             specs,
+            out_spec,
             joint_attention_dim,
             cond: None,
+            io: None,
+            force_converted: false,
         })
     }
 
@@ -172,6 +219,13 @@ fn repeat<D: ndarray::RemoveAxis>(
     concatenate(Axis(0), &views).map_err(shape)
 }
 
+impl Sd3 {
+    /// The graph's float inputs and output, all f32: buffers bound in place.
+    fn all_f32(&self) -> bool {
+        io::all_f32(self.specs.iter().chain([&self.out_spec])) && !self.force_converted
+    }
+}
+
 impl Denoiser for Sd3 {
     fn condition(&mut self, p: &FlowParams) -> Result<(), PipelineError> {
         let n = p.num_images;
@@ -186,9 +240,11 @@ impl Denoiser for Sd3 {
             pooled =
                 concatenate(Axis(0), &[repeat(&np, n)?.view(), pooled.view()]).map_err(shape)?;
         }
+        let err = ort_err(&self.path);
+        self.io = None;
         self.cond = Some(Cond {
-            hidden,
-            pooled,
+            hidden: io::owned_tensor(hidden, &err)?,
+            pooled: io::owned_tensor(pooled, &err)?,
             cfg,
             guidance: p.guidance_scale as f32,
         });
@@ -199,52 +255,152 @@ impl Denoiser for Sd3 {
         FlowPipeline::Sd3
     }
 
+    fn prepare(&mut self, dims: [usize; 4]) -> Result<(), PipelineError> {
+        let err = ort_err(&self.path);
+        let cond = self.cond.as_ref().ok_or_else(no_conditioning)?;
+        let rows = if cond.cfg { 2 * dims[0] } else { dims[0] };
+        let batch = [rows, dims[1], dims[2], dims[3]];
+        let run = if self.all_f32() {
+            let hidden_states = io::host_tensor(&batch, &err)?;
+            let timestep = io::host_tensor(&[rows], &err)?;
+            let mut out = io::host_tensor(&batch, &err)?;
+            let mut binding = self.transformer.create_binding().map_err(&err)?;
+            binding
+                .bind_input("hidden_states", &hidden_states)
+                .map_err(&err)?;
+            binding
+                .bind_input("encoder_hidden_states", &cond.hidden)
+                .map_err(&err)?;
+            binding
+                .bind_input("pooled_projections", &cond.pooled)
+                .map_err(&err)?;
+            binding.bind_input("timestep", &timestep).map_err(&err)?;
+            binding
+                .bind_output("out_hidden_states", &mut out)
+                .map_err(&err)?;
+            Run::Bound(Box::new(Bound {
+                binding,
+                hidden_states,
+                timestep,
+                out,
+            }))
+        } else {
+            Run::Converted {
+                input: Array4::zeros(batch),
+                timestep: Array1::zeros(rows),
+            }
+        };
+        self.io = Some(Io {
+            dims,
+            velocity: Array4::zeros(dims),
+            run,
+        });
+        Ok(())
+    }
+
     fn predict(
         &mut self,
         latents: &Array4<f32>,
         t: f32,
         run_options: &RunOptions,
-    ) -> Result<Array4<f32>, PipelineError> {
-        let cond = self.cond.as_ref().ok_or_else(|| PipelineError::Inference {
-            component: "transformer".into(),
-            message: "no conditioning".into(),
-        })?;
-        let err = ort_err(&self.path);
-        let n = latents.dim().0;
-        let input = if cond.cfg {
-            concatenate(Axis(0), &[latents.view(), latents.view()]).map_err(shape)?
-        } else {
-            latents.clone()
-        };
-        let rows = input.dim().0;
-        let timestep = ndarray::Array1::<f32>::from_elem(rows, t);
-        let [hs, ehs, pp, ts] = &self.specs;
-        let outputs = self
-            .transformer
-            .run_with_options(
-                ort::inputs![
-                    "hidden_states" => float_input(input.view().into_dyn(), hs.elem).map_err(&err)?,
-                    "encoder_hidden_states" => float_input(cond.hidden.view().into_dyn(), ehs.elem).map_err(&err)?,
-                    "pooled_projections" => float_input(cond.pooled.view().into_dyn(), pp.elem).map_err(&err)?,
-                    "timestep" => float_input(timestep.view().into_dyn(), ts.elem).map_err(&err)?,
-                ],
-                run_options,
-            )
-            .map_err(&err)?;
-        let out = float_output(&outputs["out_hidden_states"], hs.elem)
-            .map_err(&err)?
-            .into_dimensionality::<ndarray::Ix4>()
-            .map_err(shape)?;
-        if !cond.cfg {
-            return Ok(out);
+    ) -> Result<ArrayView4<'_, f32>, PipelineError> {
+        let Sd3 {
+            transformer,
+            path,
+            specs,
+            out_spec,
+            cond,
+            io,
+            ..
+        } = self;
+        let err = ort_err(path);
+        let cond = cond.as_ref().ok_or_else(no_conditioning)?;
+        let io = io.as_mut().ok_or_else(not_prepared)?;
+        let (n, c, h, w) = latents.dim();
+        if [n, c, h, w] != io.dims {
+            return Err(not_prepared());
         }
-        let g = cond.guidance;
-        let uncond = out.slice(s![..n, .., .., ..]);
-        let text = out.slice(s![n.., .., .., ..]);
-        let mut guided = uncond.to_owned();
-        ndarray::Zip::from(&mut guided)
-            .and(&text)
-            .for_each(|u, &t| *u += g * (t - *u));
-        Ok(guided)
+        let src = latents.as_slice().expect("standard layout");
+        let velocity = io.velocity.as_slice_mut().expect("standard layout");
+        match &mut io.run {
+            Run::Bound(b) => {
+                let Bound {
+                    binding,
+                    hidden_states,
+                    timestep,
+                    out,
+                } = &mut **b;
+                io::repeat_into(hidden_states.extract_tensor_mut().1, src);
+                timestep.extract_tensor_mut().1.fill(t);
+                drop(
+                    transformer
+                        .run_binding_with_options(binding, run_options)
+                        .map_err(&err)?,
+                );
+                let out = out.extract_tensor().1;
+                if !cond.cfg {
+                    return ArrayView4::from_shape(io.dims, out).map_err(shape);
+                }
+                let (uncond, text) = out.split_at(src.len());
+                io::guide(uncond, text, cond.guidance, velocity);
+            }
+            Run::Converted { input, timestep } => {
+                io::repeat_into(input.as_slice_mut().expect("standard layout"), src);
+                timestep.fill(t);
+                let [hs, ehs, pp, ts] = &*specs;
+                let outputs = transformer
+                    .run_with_options(
+                        ort::inputs![
+                            "hidden_states" => float_input(input.view().into_dyn(), hs.elem).map_err(&err)?,
+                            "encoder_hidden_states" => float_input(cond.hidden.extract_array(), ehs.elem).map_err(&err)?,
+                            "pooled_projections" => float_input(cond.pooled.extract_array(), pp.elem).map_err(&err)?,
+                            "timestep" => float_input(timestep.view().into_dyn(), ts.elem).map_err(&err)?,
+                        ],
+                        run_options,
+                    )
+                    .map_err(&err)?;
+                let out = float_output(&outputs["out_hidden_states"], out_spec.elem)
+                    .map_err(&err)?
+                    .into_dimensionality::<ndarray::Ix4>()
+                    .map_err(shape)?;
+                if out.dim() != input.dim() {
+                    return Err(PipelineError::Inference {
+                        component: "transformer".into(),
+                        message: format!(
+                            "out_hidden_states {:?}, want {:?}",
+                            out.dim(),
+                            input.dim()
+                        ),
+                    });
+                }
+                let out = out.as_slice().expect("standard layout");
+                if cond.cfg {
+                    let (uncond, text) = out.split_at(src.len());
+                    io::guide(uncond, text, cond.guidance, velocity);
+                } else {
+                    velocity.copy_from_slice(out);
+                }
+            }
+        }
+        Ok(io.velocity.view())
+    }
+
+    fn force_converted(&mut self, converted: bool) {
+        self.force_converted = converted;
+        self.io = None;
+    }
+}
+
+fn no_conditioning() -> PipelineError {
+    PipelineError::Inference {
+        component: "transformer".into(),
+        message: "no conditioning".into(),
+    }
+}
+
+fn not_prepared() -> PipelineError {
+    PipelineError::Inference {
+        component: "transformer".into(),
+        message: "no buffers for these latents (prepare first)".into(),
     }
 }
