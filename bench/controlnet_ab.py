@@ -18,6 +18,10 @@ runs one warm-up generation and N timed ones:
   control   the same with `--control canny=IMAGE` (the ControlNet every step)
   torch     diffusers' StableDiffusionControlNetPipeline on the torch weights (CPU, float32,
             torch threads = --threads), same prompt, size, steps, guidance and seed
+  python-ort  the same Python pipeline loop with its UNet and ControlNet calls running the
+            exported graphs in onnxruntime (make_controlnet_references.OnnxBackend: --threads
+            intra-op threads, sequential): a Python loop over the same ONNX Runtime kernels
+            (the text encoder and VAE stay torch: Optimum has no ControlNet pipeline)
 
 ONNX Runtime: --threads intra-op threads, 1 inter-op, as the config written here says. The
 first round's warm-up images of `control` and `torch` are compared (max per-channel level).
@@ -116,7 +120,8 @@ def run_rust(folder: Path, args, control: Path | None, png: Path, config: Path) 
 
 
 def python_runner(args) -> None:
-    """The torch side, in its own process (--_torch-runner)."""
+    """The Python side, in its own process (--_torch-runner; --_ort: UNet and ControlNet in
+    onnxruntime)."""
     import numpy as np
     import torch
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
@@ -129,6 +134,10 @@ def python_runner(args) -> None:
         str(torch_dir / "pipeline"), controlnet=cn, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False, torch_dtype=torch.float32,
     )
+    if args.ort:
+        import make_controlnet_references as mcr
+
+        mcr.OnnxBackend(pipe, [cn], BUILD / "small-controlnet", ["canny"], threads=args.threads)
     image = Image.open(args.control).convert("RGB")
     times = []
     for i in range(args.repeats + 1):
@@ -151,10 +160,12 @@ def python_runner(args) -> None:
     print(json.dumps(dict(times=times, vm_hwm_mib=hwm)))
 
 
-def run_torch(args, control: Path, png: Path) -> dict:
+def run_torch(args, control: Path, png: Path, ort: bool = False) -> dict:
     cmd = [PY, __file__, "--_torch-runner", "--control", str(control), "--png", str(png),
            "--steps", str(args.steps), "--size", str(args.size), "--seed", str(args.seed),
            "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    if ort:
+        cmd.append("--_ort")
     r = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -178,6 +189,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--_torch-runner", dest="torch_runner", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--_ort", dest="ort", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--control", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--png", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -191,7 +203,7 @@ def main() -> None:
     control_image(args.size, control)
     config = work / "bench.toml"
     config.write_text(f"[runtime.session]\nintra_threads = {args.threads}\ninter_threads = 1\n")
-    runners = ["stock", "ready", "control", "torch"]
+    runners = ["stock", "ready", "control", "torch", "python-ort"]
     results = {r: [] for r in runners}
     pixel = None
     for rnd in range(args.rounds):
@@ -204,12 +216,15 @@ def main() -> None:
                 res = run_rust(folder, args, None, png, config)
             elif r == "control":
                 res = run_rust(folder, args, control, png, config)
-            else:
+            elif r == "torch":
                 res = run_torch(args, control, png)
+            else:
+                res = run_torch(args, control, png, ort=True)
             results[r].append(res)
             print(f"round {rnd} {r}: {statistics.median(res['times']):.3f} s", flush=True)
         if rnd == 0:
             pixel = max_level_diff(work / "control-0.png", work / "torch-0.png")
+            pixel_ort = max_level_diff(work / "control-0.png", work / "python-ort-0.png")
             plain_same = max_level_diff(work / "stock-0.png", work / "ready-0.png")
     med = {r: statistics.median([t for x in results[r] for t in x["times"]]) for r in runners}
     summary = dict(
@@ -217,11 +232,13 @@ def main() -> None:
         control_over_ready=med["control"] / med["ready"],
         ready_over_stock=med["ready"] / med["stock"],
         torch_over_control=med["torch"] / med["control"],
+        python_ort_over_control=med["python-ort"] / med["control"],
         controlnet_share=statistics.median(
             [c / t for x in results["control"] for c, t in zip(x["controlnet"], x["times"])]
         ),
         vm_hwm_mib={r: max(x["vm_hwm_mib"] for x in results[r]) for r in runners},
         control_vs_torch_max_level=pixel,
+        control_vs_python_ort_max_level=pixel_ort,
         stock_vs_ready_max_level=plain_same,
     )
     out = dict(

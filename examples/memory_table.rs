@@ -9,6 +9,13 @@
 //! Each size runs `diffusionctl generate --local` (1 step, guidance 7.5, one ONNX Runtime
 //! thread) in a process of its own under `/usr/bin/time`, whose maximum resident set size
 //! is the measured peak. Prints a Markdown table on stderr and JSON on stdout.
+//!
+//! `--control NAME=IMAGE` (before the folders) adds that ControlNet to every run, and the
+//! estimate counts it as the resolve step does (the images once more per ControlNet):
+//!
+//! ```sh
+//! target/release/examples/memory_table --control canny=edges.png /tmp/tiny-sd15-controlnet
+//! ```
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,7 +25,16 @@ use diffusiond::model::ModelBundle;
 const SIDES: [usize; 6] = [64, 128, 256, 384, 512, 640];
 
 fn main() {
-    let models: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut control: Option<(String, String)> = None;
+    if args.first().is_some_and(|a| a == "--control") && args.len() > 1 {
+        let spec = args.remove(1);
+        args.remove(0);
+        let (name, image) = spec.split_once('=').expect("--control NAME=IMAGE");
+        control = Some((name.to_string(), image.to_string()));
+    }
+    let models: Vec<PathBuf> = args.into_iter().map(PathBuf::from).collect();
+    let images = 1 + usize::from(control.is_some());
     let exe = std::env::current_exe().expect("own path");
     let ctl = exe
         .parent()
@@ -32,11 +48,12 @@ fn main() {
     eprintln!("|---|---|---|---|---|");
     for dir in &models {
         let bundle = ModelBundle::open(dir).expect("model folder");
-        for side in SIDES {
-            let estimated = bundle.memory.peak(side, side, 1, true);
+        // Sizes the model takes (8 x its native size unless configured otherwise).
+        for side in SIDES.into_iter().filter(|&s| s <= 8 * bundle.default_size) {
+            let estimated = bundle.memory.peak(side, side, images, true);
             let out = std::env::temp_dir().join("memory-table.png");
-            let run = Command::new("/usr/bin/time")
-                .args(["-f", "%M"])
+            let mut cmd = Command::new("/usr/bin/time");
+            cmd.args(["-f", "%M"])
                 .arg(&ctl)
                 .args(["generate", "--local", "--model-dir"])
                 .arg(dir)
@@ -51,9 +68,11 @@ fn main() {
                 .arg("--output")
                 .arg(&out)
                 .env("DIFFUSIOND_RUNTIME__SESSION__INTRA_THREADS", "1")
-                .env("DIFFUSIOND_RUNTIME__SESSION__INTER_THREADS", "1")
-                .output()
-                .expect("run diffusionctl");
+                .env("DIFFUSIOND_RUNTIME__SESSION__INTER_THREADS", "1");
+            if let Some((name, image)) = &control {
+                cmd.args(["--controlnet", name, "--control-image", image]);
+            }
+            let run = cmd.output().expect("run diffusionctl");
             assert!(
                 run.status.success(),
                 "{}",

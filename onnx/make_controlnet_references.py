@@ -345,12 +345,13 @@ class OnnxBackend:
     the ControlNet graph's outputs are multiplied by conditioning_scale (and by the guess-mode logspace)
     as the rules say, so the result checks both the graphs and the rules against the torch pipeline."""
 
-    def __init__(self, pipe, cn_models: list, overlay: Path, names: list[str]):
+    def __init__(self, pipe, cn_models: list, overlay: Path, names: list[str], threads: int = 1):
         import onnxruntime as ort
         import torch
 
         so = ort.SessionOptions()
-        so.intra_op_num_threads = so.inter_op_num_threads = 1
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
 

@@ -51,7 +51,9 @@ impl ControlNet {
         residuals: usize,
     ) -> Result<ControlNet, PipelineError> {
         let path = info.onnx();
-        let session = runtime.session(&path)?;
+        // It runs in turn with the UNet every step: threads that sleep between runs
+        // leave the cores to the UNet's (docs/controlnet.md).
+        let session = runtime.session_without_spinning(&path)?;
         let req = |side, name: &str, elems, ranks: &[usize]| {
             signature::require(&session, &path, side, name, elems, ranks)
         };

@@ -137,7 +137,10 @@ impl Unet {
         replaced: &Replacements,
         residuals: &[ResidualShape],
     ) -> Result<Unet, PipelineError> {
-        let session = runtime.session_with(path, shapes, replaced)?;
+        // A ControlNet-ready UNet runs in turn with the ControlNets every step: its
+        // threads sleep between runs rather than spin on the cores theirs need.
+        let spinning = residuals.is_empty();
+        let session = runtime.session_with_spinning(path, shapes, replaced, spinning)?;
         let req = |side, name: &str, elems, ranks: &[usize]| {
             signature::require(&session, path, side, name, elems, ranks)
         };

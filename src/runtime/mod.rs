@@ -258,7 +258,7 @@ impl Runtime {
     /// no optimization profile and no caches here (their folders are keyed to a graph):
     /// use [`Runtime::session`] or [`Runtime::session_for`] for those.
     pub fn session_builder(&self) -> Result<SessionBuilder, RuntimeError> {
-        self.builder_for(None, None)
+        self.builder_for(None, None, true)
     }
 
     /// A session builder for one session's TensorRT plan and pipeline component.
@@ -266,6 +266,7 @@ impl Runtime {
         &self,
         plan: Option<&tensorrt::SessionPlan>,
         component: Option<tensorrt::Component>,
+        spinning: bool,
     ) -> Result<SessionBuilder, RuntimeError> {
         let s = &self.settings.session;
         let mut b = Session::builder(&self.env)?
@@ -282,6 +283,9 @@ impl Runtime {
             b = b
                 .with_inter_threads(s.inter_threads)
                 .map_err(ort::Error::from)?;
+        }
+        if !spinning {
+            b = b.with_intra_op_spinning(false).map_err(ort::Error::from)?;
         }
         Ok(self.apply_providers(b, plan, component))
     }
@@ -311,7 +315,15 @@ impl Runtime {
     /// caches are keyed to the file ([`tensorrt::plan`]), but it has no optimization
     /// profile: pipeline components use [`Runtime::session_for`].
     pub fn session(&self, path: &Path) -> Result<Session, RuntimeError> {
-        self.create(path, None, Replacements::NONE)
+        self.create(path, None, Replacements::NONE, true)
+    }
+
+    /// [`Runtime::session`] whose intra-op threads sleep when a run ends instead of
+    /// spinning for more work: for sessions that run in turn with another session every
+    /// step (a ControlNet and its UNet), where one session's spinning threads would take
+    /// the cores the other's need (measured in docs/controlnet.md).
+    pub fn session_without_spinning(&self, path: &Path) -> Result<Session, RuntimeError> {
+        self.create(path, None, Replacements::NONE, false)
     }
 
     /// Creates a session for one pipeline component's ONNX file. With TensorRT among the
@@ -326,7 +338,7 @@ impl Runtime {
         path: &Path,
         shapes: &tensorrt::SessionShapes,
     ) -> Result<Session, RuntimeError> {
-        self.create(path, Some(shapes), Replacements::NONE)
+        self.create(path, Some(shapes), Replacements::NONE, true)
     }
 
     /// [`Runtime::session_for`] with some of the graph's initializers replaced
@@ -341,7 +353,19 @@ impl Runtime {
         shapes: &tensorrt::SessionShapes,
         replaced: &Replacements,
     ) -> Result<Session, RuntimeError> {
-        self.create(path, Some(shapes), replaced)
+        self.create(path, Some(shapes), replaced, true)
+    }
+
+    /// [`Runtime::session_with`]; `spinning` false: its intra-op threads sleep when a run
+    /// ends ([`Runtime::session_without_spinning`]).
+    pub fn session_with_spinning(
+        &self,
+        path: &Path,
+        shapes: &tensorrt::SessionShapes,
+        replaced: &Replacements,
+        spinning: bool,
+    ) -> Result<Session, RuntimeError> {
+        self.create(path, Some(shapes), replaced, spinning)
     }
 
     fn create(
@@ -349,6 +373,7 @@ impl Runtime {
         path: &Path,
         shapes: Option<&tensorrt::SessionShapes>,
         replaced: &Replacements,
+        spinning: bool,
     ) -> Result<Session, RuntimeError> {
         let initializers = replaced.initializers.as_slice();
         let to_err = |message: String| RuntimeError::Session {
@@ -367,7 +392,7 @@ impl Runtime {
         } else {
             None
         };
-        let mut builder = self.builder_for(plan.as_ref(), shapes.map(|s| s.component))?;
+        let mut builder = self.builder_for(plan.as_ref(), shapes.map(|s| s.component), spinning)?;
         if let Some(disabled) = replaced.disabled_optimizers() {
             builder = builder
                 .with_disabled_optimizers(&disabled)
