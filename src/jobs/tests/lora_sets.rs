@@ -35,20 +35,24 @@ fn sorted_batches(h: &Harness) -> Vec<Vec<u64>> {
 #[test]
 fn jobs_batch_only_with_jobs_of_the_same_lora_set() {
     let mut h = Harness::new(8);
-    h.fake.gate.open();
+    // Job 7 on model b holds the one worker at the gate until every job below is queued,
+    // so the batches do not depend on how fast the worker picks the first one up.
+    h.submit_with(7, resolved("b", 4), None);
+    h.wait_started(7);
     h.submit_with(1, resolved("a", 4), None);
     h.submit_with(2, with_loras("a", &[("x", 0.8)]), None);
     h.submit_with(3, resolved("a", 4), None);
     h.submit_with(4, with_loras("a", &[("x", 0.8)]), None);
     h.submit_with(5, with_loras("a", &[("x", 0.5)]), None);
     h.submit_with(6, with_loras("a", &[("x", 0.8), ("y", 1.0)]), None);
-    h.wait_finished(&[1, 2, 3, 4, 5, 6]);
-    for id in 1..=6 {
+    h.fake.gate.open();
+    h.wait_finished(&[1, 2, 3, 4, 5, 6, 7]);
+    for id in 1..=7 {
         assert_eq!(h.state(id), JobState::Succeeded, "job {id}");
     }
     assert_eq!(
         sorted_batches(&h),
-        [vec![1, 3], vec![2, 4], vec![5], vec![6]]
+        [vec![1, 3], vec![2, 4], vec![5], vec![6], vec![7]]
     );
     let mut loads = h.fake.loads.lock().unwrap().clone();
     loads.sort();
@@ -60,6 +64,7 @@ fn jobs_batch_only_with_jobs_of_the_same_lora_set() {
             ("a".to_string(), names(&["x"])),
             ("a".to_string(), names(&["x"])),
             ("a".to_string(), names(&["x", "y"])),
+            ("b".to_string(), names(&[])),
         ],
         "one load per set (x at 0.8 and at 0.5 are two sets)"
     );
