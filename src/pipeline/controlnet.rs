@@ -13,11 +13,24 @@
 //! * the UNet adds them to its skip connections (`down_block_additional_residuals`) and
 //!   its mid block (`mid_block_additional_residual`); with none active it gets zeros, which
 //!   leave its output bit for bit what a UNet without those inputs computes.
+//!
+//! A generation binds its ControlNets' inputs and outputs once ([`Controls::bind`]), as the
+//! UNet's are bound: for an all-f32 graph, ONNX Runtime tensors bound with an
+//! [`IoBinding`] (the `sample` the loop copies the UNet's latent channels into, shared by
+//! the ControlNets; the timestep; the text conditioning, shared; the control image; the
+//! residual outputs). A step writes `sample` and the timestep in place, runs the bindings
+//! and adds each scaled residual into the UNet's residual buffers in place, which it
+//! visits one at a time ([`ResidualSink`]): nothing is allocated per step. Other graphs
+//! (fp16) run with their inputs converted per run. The bindings belong to the generation,
+//! so a generation that runs in an interlude between two steps binds its own and leaves
+//! the suspended one's as they were.
 
 use std::path::PathBuf;
 
-use ndarray::{Array4, ArrayD, ArrayViewD, ArrayViewMutD, Axis, IxDyn, Zip};
-use ort::session::{RunOptions, Session};
+use ndarray::{Array4, ArrayD, ArrayViewD, ArrayViewMutD, Axis, CowArray, IxDyn, Zip};
+use ort::memory::Allocator;
+use ort::session::{IoBinding, RunOptions, Session};
+use ort::value::Tensor;
 
 use super::PipelineError;
 use super::components::{AddedCond, float_input, float_output, ort_err};
@@ -109,11 +122,95 @@ impl ControlNet {
         &self.name
     }
 
-    /// One evaluation on the UNet's input `sample` (its latent channels), adding
-    /// `scales[i]` times residual `i` to `acc[i]` (`assign`: overwrite instead of adding:
-    /// the first active ControlNet of a step).
+    /// Whether every tensor it exchanges is f32, so its inputs and outputs can be bound in
+    /// place.
+    fn all_f32(&self) -> bool {
+        let f32s = |s: &Spec| s.elem == signature::Elem::F32;
+        f32s(&self.sample)
+            && f32s(&self.timestep)
+            && f32s(&self.hidden)
+            && f32s(&self.cond)
+            && self.added.as_ref().is_none_or(|(a, b)| f32s(a) && f32s(b))
+            && self.outputs.iter().all(|(_, s)| f32s(s))
+    }
+
+    /// Binds a generation's inputs (`shared`, its `image`) and allocates its residual
+    /// outputs, `shapes` at `rows` rows of `h` × `w` latents.
+    fn bind(
+        &self,
+        shared: &Shared,
+        image: &Tensor<f32>,
+        shapes: &[ResidualShape],
+        (rows, h, w): (usize, usize, usize),
+    ) -> Result<BoundNet, PipelineError> {
+        let err = ort_err(&self.path);
+        let alloc = Allocator::default();
+        let mut binding = self.session.create_binding().map_err(&err)?;
+        // The timestep as the graph declares it: a scalar, or one per row.
+        let ts_dims = if self.timestep.rank == 0 {
+            vec![]
+        } else {
+            vec![rows]
+        };
+        let timestep = Tensor::<f32>::new(&alloc, ts_dims).map_err(&err)?;
+        binding.bind_input("sample", &shared.sample).map_err(&err)?;
+        binding.bind_input("timestep", &timestep).map_err(&err)?;
+        binding
+            .bind_input("encoder_hidden_states", &shared.hidden)
+            .map_err(&err)?;
+        binding.bind_input("controlnet_cond", image).map_err(&err)?;
+        if let (Some((te, ti)), Some(_)) = (shared.added.as_ref(), self.added) {
+            binding.bind_input("text_embeds", te).map_err(&err)?;
+            binding.bind_input("time_ids", ti).map_err(&err)?;
+        }
+        let mut outputs = Vec::with_capacity(self.outputs.len());
+        for ((name, _), shape) in self.outputs.iter().zip(shapes) {
+            let mut t =
+                Tensor::<f32>::new(&alloc, shape.dims(rows, h, w).to_vec()).map_err(&err)?;
+            binding.bind_output(name.as_str(), &mut t).map_err(&err)?;
+            outputs.push(t);
+        }
+        Ok(BoundNet {
+            binding,
+            timestep,
+            outputs,
+        })
+    }
+
+    /// One evaluation on its bound I/O `b`: the timestep is written in place, and the
+    /// residuals are read from the bound outputs in place and added into the UNet's
+    /// ([`add_residuals`]).
+    fn run_bound(
+        &mut self,
+        b: &mut BoundNet,
+        timestep: f64,
+        scales: &[f32],
+        acc: &mut ResidualSink<'_>,
+        modes: (bool, bool),
+        run_options: &RunOptions,
+    ) -> Result<(), PipelineError> {
+        let err = ort_err(&self.path);
+        b.timestep.extract_tensor_mut().1.fill(timestep as f32);
+        drop(
+            self.session
+                .run_binding_with_options(&b.binding, run_options)
+                .map_err(&err)?,
+        );
+        let outputs = &b.outputs;
+        let names = &self.outputs;
+        add_residuals(&self.name, acc, scales, modes, &|i| {
+            Ok((
+                names[i].0.as_str(),
+                CowArray::from(outputs[i].extract_array()),
+            ))
+        })
+    }
+
+    /// One evaluation with converted inputs (graphs that are not all-f32) on the
+    /// ControlNets' `sample` (the UNet's latent channels), adding `scales[i]` times
+    /// residual `i` into the UNet's residual `i` ([`add_residuals`]).
     #[allow(clippy::too_many_arguments)]
-    pub fn run_into(
+    fn run_converted(
         &mut self,
         sample: ArrayViewD<'_, f32>,
         timestep: f64,
@@ -121,8 +218,8 @@ impl ControlNet {
         image: ArrayViewD<'_, f32>,
         added: Option<&AddedCond<'_>>,
         scales: &[f32],
-        acc: &mut [ArrayViewMutD<'_, f32>],
-        assign: bool,
+        acc: &mut ResidualSink<'_>,
+        modes: (bool, bool),
         run_options: &RunOptions,
     ) -> Result<(), PipelineError> {
         let err = ort_err(&self.path);
@@ -147,40 +244,83 @@ impl ControlNet {
             .session
             .run_with_options(inputs, run_options)
             .map_err(&err)?;
-        for (((name, spec), dst), &scale) in self.outputs.iter().zip(acc.iter_mut()).zip(scales) {
+        let names = &self.outputs;
+        add_residuals(&self.name, acc, scales, modes, &|i| {
+            let (name, spec) = &names[i];
             let out = &outputs[name.as_str()];
             // f32 graphs are read in place; others converted once.
-            let owned;
             let view = match spec.elem {
-                signature::Elem::F32 => out.try_extract_array::<f32>().map_err(&err)?,
-                elem => {
-                    owned = float_output(out, elem).map_err(&err)?;
-                    owned.view()
+                signature::Elem::F32 => {
+                    CowArray::from(out.try_extract_array::<f32>().map_err(&err)?)
                 }
+                elem => CowArray::from(float_output(out, elem).map_err(&err)?),
             };
-            if view.shape() != dst.shape() {
-                return Err(PipelineError::Inference {
-                    component: format!("controlnet/{}", self.name),
-                    message: format!(
-                        "{name} has shape {:?}, and the UNet takes {:?}",
-                        view.shape(),
-                        dst.shape()
-                    ),
-                });
-            }
-            // diffusers: `residual * conditioning_scale`, then the ControlNets' sum.
+            Ok((name.as_str(), view))
+        })
+    }
+}
+
+/// The UNet's residual inputs a step writes into: called with a function, it calls it with
+/// each residual's index and buffer in the UNet's order (down blocks, then the mid block),
+/// and stops at its first error. The loop visits the buffers in place, so a step builds no
+/// list of views.
+pub(super) type ResidualSink<'s> = dyn FnMut(&mut ResidualFn<'_>) -> Result<(), PipelineError> + 's;
+
+/// What a [`ResidualSink`] calls per residual buffer.
+pub(super) type ResidualFn<'f> =
+    dyn FnMut(usize, ArrayViewMutD<'_, f32>) -> Result<(), PipelineError> + 'f;
+
+/// ControlNet residual `i` with its output name, as [`add_residuals`] reads it.
+type Residual<'a> = Result<(&'a str, CowArray<'a, f32, IxDyn>), PipelineError>;
+
+/// Adds `scales[i]` times residual `i` (`output(i)`) into the UNet's residual `i`
+/// through `acc`. `(assign, only)`: `assign` overwrites instead of adding (the first active
+/// ControlNet of a step); `only`: the residuals are the conditional (second) half of the
+/// UNet's rows, and the first half is made zeros (guess mode with guidance).
+fn add_residuals<'a>(
+    net: &str,
+    acc: &mut ResidualSink<'_>,
+    scales: &[f32],
+    (assign, only): (bool, bool),
+    output: &dyn Fn(usize) -> Residual<'a>,
+) -> Result<(), PipelineError> {
+    acc(&mut |i, dst| {
+        let Some(&scale) = scales.get(i) else {
+            return Ok(());
+        };
+        let mut dst = if only {
+            let rows = dst.len_of(Axis(0));
+            let (mut uncond, cond) = dst.split_at(Axis(0), rows / 2);
             if assign {
-                Zip::from(&mut *dst)
-                    .and(&view)
-                    .for_each(|d, &r| *d = r * scale);
-            } else {
-                Zip::from(&mut *dst)
-                    .and(&view)
-                    .for_each(|d, &r| *d += r * scale);
+                uncond.fill(0.0);
             }
+            cond
+        } else {
+            dst
+        };
+        let (name, view) = output(i)?;
+        if view.shape() != dst.shape() {
+            return Err(PipelineError::Inference {
+                component: format!("controlnet/{net}"),
+                message: format!(
+                    "{name} has shape {:?}, and the UNet takes {:?}",
+                    view.shape(),
+                    dst.shape()
+                ),
+            });
+        }
+        // diffusers: `residual * conditioning_scale`, then the ControlNets' sum.
+        if assign {
+            Zip::from(&mut dst)
+                .and(&view)
+                .for_each(|d, &r| *d = r * scale);
+        } else {
+            Zip::from(&mut dst)
+                .and(&view)
+                .for_each(|d, &r| *d += r * scale);
         }
         Ok(())
-    }
+    })
 }
 
 /// The timestep as the graph declares it (as the UNet's: a scalar, or one per row).
@@ -190,7 +330,6 @@ fn timestep_value(
     batch: usize,
 ) -> Result<ort::session::SessionInputValue<'static>, ort::Error> {
     use half::f16;
-    use ort::value::Tensor;
     let shape: Vec<usize> = if spec.rank == 0 { vec![] } else { vec![batch] };
     let n = shape.iter().product::<usize>().max(1);
     Ok(match spec.elem {
@@ -214,10 +353,52 @@ pub(super) struct Controls {
 
 struct Entry {
     net: usize,
-    image: Array4<f32>,
+    /// The control image, moved into a tensor to bind as it is.
+    image: Tensor<f32>,
     /// What each residual is multiplied by (down blocks, then the mid block).
     scales: Vec<f32>,
     control: Control,
+}
+
+/// A generation's ControlNet I/O ([`Controls::bind`]), made once and refilled each step.
+pub(super) struct ControlIo {
+    /// The ControlNets' `sample`: the UNet's latent channels (the conditional half in guess
+    /// mode), written on the steps where a ControlNet runs; shared by their bindings.
+    sample: Tensor<f32>,
+    /// Guess mode with guidance ([`Controls`]).
+    cond_rows_only: bool,
+    /// Per entry of the [`Controls`]: its bound I/O, or `None` where it runs with
+    /// converted inputs.
+    bound: Vec<Option<BoundNet>>,
+}
+
+/// The inputs a generation's bound ControlNets share: `sample`, and the conditioning
+/// copied once per generation (the conditional half in guess mode).
+struct Shared {
+    sample: Tensor<f32>,
+    hidden: Tensor<f32>,
+    added: Option<(Tensor<f32>, Tensor<f32>)>,
+}
+
+/// One ControlNet's I/O for a generation, bound with an [`IoBinding`] that also holds
+/// the shared inputs and the control image: the timestep is written in place each step and
+/// the residuals read from the bound outputs in place.
+struct BoundNet {
+    binding: IoBinding,
+    timestep: Tensor<f32>,
+    /// Its residual outputs, in the UNet's order.
+    outputs: Vec<Tensor<f32>>,
+}
+
+impl ControlIo {
+    /// Copies the UNet's input `unet_in` (`[rows, C, h, w]`)'s latent channels into the
+    /// ControlNets' `sample` (the conditional half of its rows in guess mode).
+    pub(super) fn fill_sample(&mut self, unet_in: ArrayViewD<'_, f32>) {
+        let mut dst = self.sample.extract_array_mut();
+        let c = dst.len_of(Axis(1));
+        let src = unet_in.slice_axis_move(Axis(1), (..c).into());
+        dst.assign(&cond_half(src, self.cond_rows_only));
+    }
 }
 
 /// `torch.logspace(-1, 0, n)` in float32 as PyTorch's CPU kernel computes it (each half
@@ -298,6 +479,7 @@ impl Controls {
             } else {
                 vec![c.scale as f32; residuals]
             };
+            let image = Tensor::from_array(image).map_err(ort_err(&nets[net].path))?;
             entries.push(Entry {
                 net,
                 image,
@@ -321,19 +503,77 @@ impl Controls {
         self.entries.iter().any(|e| e.control.active_at(i, n))
     }
 
+    /// Makes the generation's ControlNet I/O for a UNet batch `[rows, c, h, w]` (`c`
+    /// latent channels) whose residual inputs have `shapes`, with its text conditioning
+    /// (the UNet's rows); `None` without ControlNets. `bind`: all-f32 ControlNets run on
+    /// bound buffers (the loop passes whether the UNet does, so the UNet's test hook that
+    /// runs it with converted inputs runs the ControlNets so too); others are converted
+    /// per run.
+    pub(super) fn bind(
+        &self,
+        nets: &[ControlNet],
+        [rows, c, h, w]: [usize; 4],
+        shapes: &[ResidualShape],
+        (hidden, added): (ArrayViewD<'_, f32>, Option<&AddedCond<'_>>),
+        bind: bool,
+    ) -> Result<Option<ControlIo>, PipelineError> {
+        let Some(first) = self.entries.first() else {
+            return Ok(None);
+        };
+        let only = self.cond_rows_only;
+        let rows = if only { rows / 2 } else { rows };
+        let err = ort_err(&nets[first.net].path);
+        let sample = Tensor::<f32>::new(&Allocator::default(), vec![rows, c, h, w]);
+        let sample = sample.map_err(&err)?;
+        let is_bound = |e: &Entry| bind && nets[e.net].all_f32();
+        let mut bound = Vec::with_capacity(self.entries.len());
+        if self.entries.iter().any(is_bound) {
+            let owned = |v: ArrayViewD<'_, f32>| Tensor::from_array(cond_half(v, only).to_owned());
+            let shared = Shared {
+                hidden: owned(hidden).map_err(&err)?,
+                added: match added {
+                    Some(a) => Some((
+                        owned(a.text_embeds.view()).map_err(&err)?,
+                        owned(a.time_ids.view()).map_err(&err)?,
+                    )),
+                    None => None,
+                },
+                sample,
+            };
+            for e in &self.entries {
+                bound.push(match is_bound(e) {
+                    true => Some(nets[e.net].bind(&shared, &e.image, shapes, (rows, h, w))?),
+                    false => None,
+                });
+            }
+            return Ok(Some(ControlIo {
+                sample: shared.sample,
+                cond_rows_only: only,
+                bound,
+            }));
+        }
+        bound.resize_with(self.entries.len(), || None);
+        Ok(Some(ControlIo {
+            sample,
+            cond_rows_only: only,
+            bound,
+        }))
+    }
+
     /// Runs the ControlNets active at step `i` of `n` (counted from the first step that
-    /// runs) and writes their summed residuals into `acc`; `false` when none is active
-    /// (then `acc` is left as it was: the caller makes it zeros).
+    /// runs) on `io` (its `sample` filled: [`ControlIo::fill_sample`]) and writes their
+    /// summed residuals into the UNet's through `acc`; `false` when none is active (then
+    /// they are left as they were: the caller makes them zeros). `hidden` and `added` (the
+    /// UNet's rows) are what ControlNets with converted inputs take.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn run_step(
         &self,
         nets: &mut [ControlNet],
+        io: &mut ControlIo,
         (i, n): (usize, usize),
-        sample: ArrayViewD<'_, f32>,
         timestep: f64,
-        hidden: ArrayViewD<'_, f32>,
-        added: Option<&AddedCond<'_>>,
-        acc: &mut [ArrayViewMutD<'_, f32>],
+        (hidden, added): (ArrayViewD<'_, f32>, Option<&AddedCond<'_>>),
+        acc: &mut ResidualSink<'_>,
         run_options: &RunOptions,
     ) -> Result<bool, PipelineError> {
         if !self.any_active((i, n)) {
@@ -342,39 +582,33 @@ impl Controls {
         // Guess mode with guidance: the conditional half in, zeros for the other half.
         let only = self.cond_rows_only;
         let half = |v| cond_half(v, only);
-        let added = added.map(|a| AddedCond {
-            text_embeds: half(a.text_embeds.view()),
-            time_ids: half(a.time_ids.view()),
-        });
-        let mut cond_acc: Vec<ArrayViewMutD<'_, f32>> = acc
-            .iter_mut()
-            .map(|a| {
-                let rows = a.len_of(Axis(0));
-                if self.cond_rows_only {
-                    let (mut uncond, cond) = a.view_mut().split_at(Axis(0), rows / 2);
-                    uncond.fill(0.0);
-                    cond
-                } else {
-                    a.view_mut()
-                }
-            })
-            .collect();
         let mut any = false;
-        for e in &self.entries {
+        for (e, bound) in self.entries.iter().zip(io.bound.iter_mut()) {
             if !e.control.active_at(i, n) {
                 continue;
             }
-            nets[e.net].run_into(
-                half(sample.view()),
-                timestep,
-                half(hidden.view()),
-                e.image.view().into_dyn(),
-                added.as_ref(),
-                &e.scales,
-                &mut cond_acc,
-                !any,
-                run_options,
-            )?;
+            let net = &mut nets[e.net];
+            let modes = (!any, only);
+            match bound {
+                Some(b) => net.run_bound(b, timestep, &e.scales, acc, modes, run_options)?,
+                None => {
+                    let added = added.map(|a| AddedCond {
+                        text_embeds: half(a.text_embeds.view()),
+                        time_ids: half(a.time_ids.view()),
+                    });
+                    net.run_converted(
+                        io.sample.extract_array(),
+                        timestep,
+                        half(hidden.view()),
+                        e.image.extract_array(),
+                        added.as_ref(),
+                        &e.scales,
+                        acc,
+                        modes,
+                        run_options,
+                    )?
+                }
+            }
             any = true;
         }
         Ok(any)

@@ -11,7 +11,7 @@ use ort::session::RunOptions;
 
 use super::arrays::{all_finite, shape_err};
 use super::components::AddedCond;
-use super::controlnet::{Controls, owned_residuals};
+use super::controlnet::{Controls, ResidualFn, owned_residuals};
 use super::guidance::{Guidance, guide};
 use super::latents::{self, Inpaint};
 use super::text::Conditioning;
@@ -122,9 +122,15 @@ impl Pipeline {
         let mut own_res = (residuals && !bound)
             .then(|| owned_residuals(&self.bundle.residual_shapes, rows, (h, w)));
         let mut own_res_zero = true;
-        // The ControlNets' input: the UNet's latent channels, copied once a step.
-        let mut cn_in =
-            (!start.controls.is_empty()).then(|| ArrayD::<f32>::zeros(IxDyn(&[rows, c, h, w])));
+        // The ControlNets' inputs and outputs, bound once for this generation (its own: a
+        // generation in an interlude binds its own and leaves these as they are).
+        let mut cn_io = start.controls.bind(
+            &self.controlnets,
+            [rows, c, h, w],
+            &self.bundle.residual_shapes,
+            (cond.hidden.view(), added.as_ref()),
+            bound,
+        )?;
         if let Some(masked) = masked {
             // The same for every step (and both CFG halves): written once.
             let unet_in = match (self.unet.input_mut(), own_in.as_mut()) {
@@ -168,29 +174,30 @@ impl Pipeline {
                 if residuals {
                     let step = (i - start.begin, end - start.begin);
                     let mut active = false;
-                    if let Some(cn_in) = cn_in.as_mut() {
+                    if let Some(io) = cn_io.as_mut().filter(|_| start.controls.any_active(step)) {
+                        let _span = tracing::trace_span!("controlnet").entered();
+                        // Their `sample`: the UNet's latent channels, copied in place.
                         match (self.unet.input_mut(), own_in.as_ref()) {
-                            (Some(v), _) => cn_in.assign(&v.slice(s![.., ..c, .., ..])),
-                            (None, Some(a)) => cn_in.assign(&a.slice(s![.., ..c, .., ..])),
+                            (Some(v), _) => io.fill_sample(v.view()),
+                            (None, Some(a)) => io.fill_sample(a.view().into_dyn()),
                             (None, None) => unreachable!("one UNet input buffer exists"),
                         }
-                    }
-                    if let Some(cn_in) = cn_in.as_ref().filter(|_| start.controls.any_active(step))
-                    {
-                        let _span = tracing::trace_span!("controlnet").entered();
-                        let mut views = match (bound, own_res.as_mut()) {
-                            (true, _) => self.unet.residuals_mut().unwrap_or_default(),
-                            (false, Some(r)) => r.iter_mut().map(|a| a.view_mut()).collect(),
-                            (false, None) => Vec::new(),
+                        // The residuals go into the UNet's buffers, visited in place.
+                        let unet = &mut self.unet;
+                        let mut sink = |f: &mut ResidualFn<'_>| match own_res.as_mut() {
+                            Some(r) => r
+                                .iter_mut()
+                                .enumerate()
+                                .try_for_each(|(i, a)| f(i, a.view_mut())),
+                            None => unet.for_each_residual(f).map(drop),
                         };
                         active = start.controls.run_step(
                             &mut self.controlnets,
+                            io,
                             step,
-                            cn_in.view().into_dyn(),
                             t,
-                            cond.hidden.view(),
-                            added.as_ref(),
-                            &mut views,
+                            (cond.hidden.view(), added.as_ref()),
+                            &mut sink,
                             run_options,
                         )?;
                         own_res_zero &= !active || bound;
@@ -269,7 +276,8 @@ impl Pipeline {
                 }
                 if i + 1 < end && self.interlude()? {
                     // Another generation ran on this pipeline: its conditioning (and, if it
-                    // had this shape, its latents) are in the bound buffers now.
+                    // had this shape, its latents) are in the UNet's bound buffers now. The
+                    // ControlNets' bindings are this generation's own and kept theirs.
                     self.unet.set_guidance_embedding(start.embedding.cloned());
                     if bound {
                         let dims = [rows, unet_c, h, w];

@@ -320,17 +320,22 @@ impl Unet {
         !self.residuals.is_empty()
     }
 
-    /// The bound residual inputs to write a step's ControlNet residuals into (host path;
-    /// `None` when the buffers are not bound). They no longer count as zeros.
-    pub fn residuals_mut(&mut self) -> Option<Vec<ndarray::ArrayViewMutD<'_, f32>>> {
-        let b = self.bound.as_mut()?;
+    /// Calls `f` with each bound residual input in order (down blocks, then the mid block)
+    /// to write a step's ControlNet residuals into, in place, stopping at its first error;
+    /// `Ok(false)` when the buffers are not bound (host path). They no longer count as
+    /// zeros.
+    pub fn for_each_residual<E>(
+        &mut self,
+        mut f: impl FnMut(usize, ndarray::ArrayViewMutD<'_, f32>) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        let Some(b) = self.bound.as_mut() else {
+            return Ok(false);
+        };
         b.residuals_zero = false;
-        Some(
-            b.residuals
-                .iter_mut()
-                .map(|t| t.extract_array_mut())
-                .collect(),
-        )
+        for (i, t) in b.residuals.iter_mut().enumerate() {
+            f(i, t.extract_array_mut())?;
+        }
+        Ok(true)
     }
 
     /// Makes the bound residual inputs zeros (a step without an active ControlNet), unless
