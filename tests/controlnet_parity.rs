@@ -8,7 +8,8 @@
 //! One and two ControlNets, scale 0.5, a start/end window, a control image of another
 //! size (resized), guess mode, image to image, SD2 v-prediction and SDXL. Controls: the same request
 //! without its control image, or at a 10% smaller scale, misses the reference; a plain
-//! request on the ControlNet-ready folder gives the stock export's pixels.
+//! request on the ControlNet-ready folder gives the stock export's pixels; a generation
+//! with ControlNets keeps its pixels when others run between its steps.
 
 mod common;
 
@@ -237,6 +238,92 @@ fn plain_requests_on_a_controlnet_ready_folder_give_the_stock_pixels() {
             eprintln!("{fixture}: stock vs ControlNet-ready: float max {worst:.2e}");
             assert_eq!(a.rgb, b.rgb, "{fixture}: PNG bytes differ");
             assert_eq!(worst, 0.0, "{fixture}: float images differ");
+        }
+    }
+}
+
+fn control(net: &str, image_file: &str, scale: f64, range: (f64, f64)) -> ControlInput {
+    ControlInput {
+        controlnet: Some(net.into()),
+        image: Some(image(image_file)),
+        scale: Some(scale),
+        start: Some(range.0),
+        end: Some(range.1),
+    }
+}
+
+fn float_bits(p: &mut Pipeline, params: &GenerateParams) -> Vec<u32> {
+    let r = p.generate(params, &mut |_, _| true).unwrap();
+    r.images
+        .iter()
+        .flat_map(|i| i.float.iter().map(|v| v.to_bits()))
+        .collect()
+}
+
+#[test]
+fn a_generation_with_controlnets_survives_interludes() {
+    // What the engine does when an interactive job runs between two steps of a batch: the
+    // suspended generation's ControlNet bindings and residuals must come back unchanged,
+    // and the generation run in between must get its own: both images bit for bit as
+    // when each runs alone, on the bound and the converted paths, with guess mode and
+    // another size in between.
+    let dir = common::controlnet::ready_model("tiny-sd15");
+    let bundle = Arc::new(ModelBundle::open(dir.path()).unwrap());
+    for unbound in [false, true] {
+        let mut p = Pipeline::from_bundle(ort_runtime(), bundle.clone()).unwrap();
+        p.unet_mut().force_unbound(unbound);
+        let outer = GenerateParams {
+            prompt: "a photograph of an astronaut riding a horse".into(),
+            negative_prompt: Some("blurry".into()),
+            steps: 5,
+            seed: 11,
+            width: 64,
+            height: 64,
+            controls: vec![
+                control("canny", "controls/canny.png", 1.0, (0.0, 1.0)),
+                control("depth", "controls/depth.png", 0.7, (0.2, 0.9)),
+            ],
+            ..GenerateParams::default()
+        };
+        let want_outer = float_bits(&mut p, &outer);
+        for (guess, w, h) in [(true, 64, 48), (false, 64, 64)] {
+            let inner = GenerateParams {
+                prompt: "a red cube".into(),
+                steps: 3,
+                guidance_scale: 5.0,
+                seed: 3,
+                width: w,
+                height: h,
+                controls: vec![control("depth", "controls/depth.png", 0.8, (0.0, 1.0))],
+                control_guess_mode: guess,
+                ..GenerateParams::default()
+            };
+            let want_inner = float_bits(&mut p, &inner);
+            let got_inner = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let seen = got_inner.clone();
+            let mut calls = 0;
+            p.set_interlude(Some(Box::new(move |p: &mut Pipeline| {
+                calls += 1;
+                if calls == 2 || calls == 3 {
+                    let bits = float_bits(p, &inner);
+                    seen.lock().unwrap().push(bits);
+                    return Ok(true);
+                }
+                Ok(false)
+            })));
+            let got_outer = float_bits(&mut p, &outer);
+            p.set_interlude(None);
+            let what = format!("guess mode {guess}, {w}x{h} in between, unbound {unbound}");
+            assert!(
+                got_outer == want_outer,
+                "the suspended image changed: {what}"
+            );
+            let got = got_inner.lock().unwrap();
+            assert_eq!(got.len(), 2, "{what}");
+            assert!(
+                got.iter().all(|g| *g == want_inner),
+                "the image made in between differs: {what}"
+            );
         }
     }
 }
