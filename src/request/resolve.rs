@@ -10,6 +10,7 @@ use crate::model::ModelBundle;
 use crate::prompt_syntax::{self, PromptSyntax};
 use crate::rng::RngKind;
 use crate::scheduler;
+pub use controls::Control;
 use edit::resolve_edit;
 
 /// The model a request runs on: its configured name (or folder, in-process), its opened
@@ -101,22 +102,6 @@ pub struct ResolvedRequest {
     pub control_guess_mode: bool,
 }
 
-/// One ControlNet of a resolved request: the model folder has it and its UNet takes
-/// ControlNet residuals.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Control {
-    /// The ControlNet's folder name under the model's `controlnet/`.
-    pub controlnet: String,
-    /// The control image as sent (its header was read; it is decoded when the job runs).
-    pub image: ImageInput,
-    /// What its residuals are multiplied by, in [0, 2].
-    pub scale: f64,
-    /// The fraction of the steps before which it is off, in [0, 1).
-    pub start: f64,
-    /// The fraction of the steps after which it is off, in (start, 1].
-    pub end: f64,
-}
-
 /// What an image-to-image or inpainting request starts from. The image's size (rounded
 /// down to the VAE factor) is the request's `width` × `height`.
 #[derive(Debug, Clone, PartialEq)]
@@ -184,28 +169,6 @@ impl ResolvedRequest {
             self.text_key(),
             self.controls_key(),
         )
-    }
-
-    /// 0 without ControlNets; else a hash of each one's name, scale, step range and
-    /// control image.
-    fn controls_key(&self) -> u64 {
-        use std::hash::{Hash, Hasher};
-        if self.controls.is_empty() {
-            return 0;
-        }
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        for c in &self.controls {
-            (
-                &c.controlnet,
-                c.scale.to_bits(),
-                c.start.to_bits(),
-                c.end.to_bits(),
-                c.image.sha256_hex(),
-            )
-                .hash(&mut h);
-        }
-        self.control_guess_mode.hash(&mut h);
-        h.finish() | 1
     }
 
     /// 0 for diffusers' syntax; a hash of the prompt and negative prompt for a1111.

@@ -2,7 +2,9 @@
 //! the model folder (its ControlNets, its UNet's residual inputs) and the limits, with
 //! defaults filled in. Every refusal names `controls[i].FIELD`.
 
-use super::{Control, GenerateRequest, Limits, ModelBundle, RequestError, short_float};
+use super::{
+    GenerateRequest, ImageInput, Limits, ModelBundle, RequestError, ResolvedRequest, short_float,
+};
 use crate::prompt_syntax::PromptSyntax;
 use crate::request::MAX_CONTROLS;
 
@@ -10,6 +12,46 @@ use crate::request::MAX_CONTROLS;
 const HOW_TO_EXPORT: &str = "export the model with scripts/export-model SRC OUT --controlnet \
      CN_SRC[=NAME] (or add one to an exported folder with scripts/export-model \
      --add-controlnet CN_SRC[=NAME] OUT)";
+
+/// One ControlNet of a resolved request: the model folder has it and its UNet takes
+/// ControlNet residuals.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Control {
+    /// The ControlNet's folder name under the model's `controlnet/`.
+    pub controlnet: String,
+    /// The control image as sent (its header was read; it is decoded when the job runs).
+    pub image: ImageInput,
+    /// What its residuals are multiplied by, in [0, 2].
+    pub scale: f64,
+    /// The fraction of the steps before which it is off, in [0, 1).
+    pub start: f64,
+    /// The fraction of the steps after which it is off, in (start, 1].
+    pub end: f64,
+}
+
+impl ResolvedRequest {
+    /// The batch key's ControlNet part: 0 without ControlNets; else a hash of each one's
+    /// name, scale, step range and control image, and guess mode.
+    pub(super) fn controls_key(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        if self.controls.is_empty() {
+            return 0;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for c in &self.controls {
+            (
+                &c.controlnet,
+                c.scale.to_bits(),
+                c.start.to_bits(),
+                c.end.to_bits(),
+                c.image.sha256_hex(),
+            )
+                .hash(&mut h);
+        }
+        self.control_guess_mode.hash(&mut h);
+        h.finish() | 1
+    }
+}
 
 /// The request's ControlNets, checked, in request order (empty: none).
 pub(super) fn resolve_controls(
