@@ -41,6 +41,40 @@ pub(super) fn float_input<'v>(
     })
 }
 
+/// A timestep as a graph declares it, filled with `t` in `shape` (a scalar when empty).
+/// diffusers hands the scheduler's value to Optimum, which casts it to the input's type
+/// (`astype`): float → f32 (or f16), int → i64.
+pub(super) fn timestep_input(
+    elem: Elem,
+    shape: Vec<usize>,
+    t: f64,
+) -> Result<SessionInputValue<'static>, ort::Error> {
+    let n = shape.iter().product::<usize>().max(1);
+    Ok(match elem {
+        Elem::I64 => Tensor::from_array((shape, vec![t as i64; n]))?.into(),
+        Elem::F16 => Tensor::from_array((shape, vec![f16::from_f32(t as f32); n]))?.into(),
+        _ => Tensor::from_array((shape, vec![t as f32; n]))?.into(),
+    })
+}
+
+/// SDXL's `text_embeds` and `time_ids`, as the declared float types, for a UNet-like
+/// graph (the UNet, a ControlNet) that takes them.
+pub(super) fn added_inputs<'v>(
+    added: &'v super::unet::AddedCond<'_>,
+    (text_embeds, time_ids): (Spec, Spec),
+) -> Result<[(std::borrow::Cow<'static, str>, SessionInputValue<'v>); 2], ort::Error> {
+    Ok([
+        (
+            "text_embeds".into(),
+            float_input(added.text_embeds.view(), text_embeds.elem)?,
+        ),
+        (
+            "time_ids".into(),
+            float_input(added.time_ids.view(), time_ids.elem)?,
+        ),
+    ])
+}
+
 /// Reads a float output as f32, whatever float type the graph produced.
 pub(super) fn float_output(
     value: &ort::value::DynValue,

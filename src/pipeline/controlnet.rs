@@ -33,7 +33,9 @@ use ort::session::{IoBinding, RunOptions, Session};
 use ort::value::Tensor;
 
 use super::PipelineError;
-use super::components::{AddedCond, float_input, float_output, ort_err};
+use super::components::{
+    AddedCond, added_inputs, float_input, float_output, ort_err, timestep_input,
+};
 use super::preprocess;
 use crate::model::controlnet::{self, ControlNetInfo, ResidualShape};
 use crate::model::signature::{self, FLOATS, Side, Spec, TIMESTEP};
@@ -226,19 +228,13 @@ impl ControlNet {
         let batch = sample.len_of(Axis(0));
         let mut inputs = ort::inputs![
             "sample" => float_input(sample, self.sample.elem).map_err(&err)?,
-            "timestep" => timestep_value(self.timestep, timestep, batch).map_err(&err)?,
+            "timestep" => timestep_input(self.timestep.elem, timestep_dims(self.timestep, batch), timestep)
+                .map_err(&err)?,
             "encoder_hidden_states" => float_input(hidden, self.hidden.elem).map_err(&err)?,
             "controlnet_cond" => float_input(image, self.cond.elem).map_err(&err)?,
         ];
-        if let (Some(a), Some((te, ti))) = (added, self.added) {
-            inputs.push((
-                "text_embeds".into(),
-                float_input(a.text_embeds.view(), te.elem).map_err(&err)?,
-            ));
-            inputs.push((
-                "time_ids".into(),
-                float_input(a.time_ids.view(), ti.elem).map_err(&err)?,
-            ));
+        if let (Some(a), Some(specs)) = (added, self.added) {
+            inputs.extend(added_inputs(a, specs).map_err(&err)?);
         }
         let outputs = self
             .session
@@ -323,22 +319,9 @@ fn add_residuals<'a>(
     })
 }
 
-/// The timestep as the graph declares it (as the UNet's: a scalar, or one per row).
-fn timestep_value(
-    spec: Spec,
-    t: f64,
-    batch: usize,
-) -> Result<ort::session::SessionInputValue<'static>, ort::Error> {
-    use half::f16;
-    let shape: Vec<usize> = if spec.rank == 0 { vec![] } else { vec![batch] };
-    let n = shape.iter().product::<usize>().max(1);
-    Ok(match spec.elem {
-        signature::Elem::I64 => Tensor::from_array((shape, vec![t as i64; n]))?.into(),
-        signature::Elem::F16 => {
-            Tensor::from_array((shape, vec![f16::from_f32(t as f32); n]))?.into()
-        }
-        _ => Tensor::from_array((shape, vec![t as f32; n]))?.into(),
-    })
+/// The timestep's shape: a scalar, or one value per row.
+fn timestep_dims(spec: Spec, batch: usize) -> Vec<usize> {
+    if spec.rank == 0 { vec![] } else { vec![batch] }
 }
 
 /// A generation's ControlNets, ready to run: the index of each one's session, its

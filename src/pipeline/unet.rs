@@ -13,14 +13,16 @@
 
 use std::path::{Path, PathBuf};
 
-use half::f16;
 use ndarray::{ArrayD, ArrayViewD, Axis};
 use ort::memory::{AllocationDevice, Allocator};
-use ort::session::{IoBinding, RunOptions, Session, SessionInputValue};
+use ort::session::{IoBinding, RunOptions, Session};
 use ort::value::Tensor;
 
 use super::PipelineError;
-use super::components::{LATENT_CHANNELS, component_name, float_input, float_output, ort_err};
+use super::components::{
+    LATENT_CHANNELS, added_inputs, component_name, float_input, float_output, ort_err,
+    timestep_input,
+};
 use super::unet_device::{DeviceIo, DeviceIoError, HostCond, IoSpecs, RunError};
 pub use super::unet_device::{DeviceIoStats, GRAPH_WARMUP_RUNS, MAX_GRAPHS, ShapeStats};
 use crate::model::controlnet::{self, ResidualShape};
@@ -524,18 +526,12 @@ impl Unet {
         let (h, w) = (sample.shape()[2], sample.shape()[3]);
         let mut inputs = ort::inputs![
             "sample" => float_input(sample, self.sample.elem).map_err(&err)?,
-            "timestep" => self.timestep_value(timestep, batch).map_err(&err)?,
+            "timestep" => timestep_input(self.timestep.elem, self.timestep_dims(batch), timestep)
+                .map_err(&err)?,
             "encoder_hidden_states" => float_input(hidden, self.hidden.elem).map_err(&err)?,
         ];
-        if let (Some(a), Some((te, ti))) = (added, self.added) {
-            inputs.push((
-                "text_embeds".into(),
-                float_input(a.text_embeds.view(), te.elem).map_err(&err)?,
-            ));
-            inputs.push((
-                "time_ids".into(),
-                float_input(a.time_ids.view(), ti.elem).map_err(&err)?,
-            ));
+        if let (Some(a), Some(specs)) = (added, self.added) {
+            inputs.extend(added_inputs(a, specs).map_err(&err)?);
         }
         if let (Some(spec), Some(g)) = (self.timestep_cond, self.guidance.as_ref()) {
             inputs.push((
@@ -566,22 +562,6 @@ impl Unet {
             .run_with_options(inputs, run_options)
             .map_err(&err)?;
         float_output(&outputs["out_sample"], self.out.elem).map_err(&err)
-    }
-
-    /// The timestep as the graph declares it. diffusers hands the scheduler's value to
-    /// Optimum, which casts it to the input's type (`astype`): float → f32, int → i64.
-    fn timestep_value(
-        &self,
-        t: f64,
-        batch: usize,
-    ) -> Result<SessionInputValue<'static>, ort::Error> {
-        let shape = self.timestep_dims(batch);
-        let n = shape.iter().product::<usize>().max(1);
-        Ok(match self.timestep.elem {
-            Elem::I64 => Tensor::from_array((shape, vec![t as i64; n]))?.into(),
-            Elem::F16 => Tensor::from_array((shape, vec![f16::from_f32(t as f32); n]))?.into(),
-            _ => Tensor::from_array((shape, vec![t as f32; n]))?.into(),
-        })
     }
 }
 

@@ -572,7 +572,7 @@ fn graph_options(path: &Path, id: i32) -> Result<RunOptions, DeviceIoError> {
     Ok(options)
 }
 
-/// Writes the timestep as the graph declares it, as `Unet::timestep_value` does: float → f32
+/// Writes the timestep as the graph declares it, as `components::timestep_input` does: float → f32
 /// (or f16), int → i64.
 fn fill_timestep(host: &mut DynTensor, t: f64) -> Result<(), ort::Error> {
     if let Ok(mut a) = host.try_extract_array_mut::<f32>() {

@@ -674,6 +674,8 @@ fn memory_images(images: usize, parts: usize, controls: usize) -> usize {
 
 mod a1111;
 mod controls;
+#[cfg(test)]
+mod controls_tests;
 mod edit;
 mod flow;
 mod loras;
